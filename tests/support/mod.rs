@@ -1,0 +1,4 @@
+//! Shared test support: a programmable fake llama-server and a real one.
+#![allow(dead_code)]
+pub mod fake_llama;
+pub mod llama;
