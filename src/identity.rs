@@ -1,0 +1,550 @@
+//! Who is a completion for? Resolves a request's chat, character and
+//! generation kind from the explicit channel (headers or a `kvgate` body
+//! object) or, failing that, from the active [`Policy`]'s inference rules.
+//!
+//! Pure: takes the parsed body and header values, returns an [`Identity`].
+//! The one piece of history it needs (the tenant's previous prompt, to tell a
+//! swipe from a new message) is passed in by the caller.
+//!
+//! # What inferred chat keys can and cannot tell apart
+//! SillyTavern sends no chat id. The inferred chat key is the sorted roster:
+//! the speaker plus every `\nName:` stop string (the user and the other group
+//! members). It is the same for every speaker of one group chat, in "swap
+//! character cards" mode too, and it does not depend on the history, which
+//! SillyTavern trims from the front once the context is full. It cannot tell
+//! apart two chats with the same roster (two 1:1 chats with Alice under the
+//! same persona share a key): those share a slot and their saves, and the
+//! persistence layer picks among saves by the longest common token prefix with
+//! the new prompt, so the right chat's save still wins. A persona rename or a
+//! member joining a group changes the key (a new chat, as far as kvgate knows).
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde_json::Value;
+
+use crate::hash::fnv1a64;
+use crate::policy::{Policy, TextRules};
+use crate::slots::Tenant;
+
+/// The kind of generation, as SillyTavern names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// A new message.
+    Normal,
+    /// The last message generated again.
+    Regenerate,
+    /// Another alternative for the last message (same prompt as before).
+    Swipe,
+    /// The last message extended.
+    Continue,
+    /// A background prompt (summary, image prompt, …).
+    Quiet,
+    /// The model writes the user's message.
+    Impersonate,
+}
+
+impl Kind {
+    /// The lowercase wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Normal => "normal",
+            Kind::Regenerate => "regenerate",
+            Kind::Swipe => "swipe",
+            Kind::Continue => "continue",
+            Kind::Quiet => "quiet",
+            Kind::Impersonate => "impersonate",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Kind {
+    type Err = IdentityError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s.trim().to_ascii_lowercase().as_str() {
+            "normal" | "group_chat" => Kind::Normal,
+            "regenerate" => Kind::Regenerate,
+            "swipe" => Kind::Swipe,
+            "continue" => Kind::Continue,
+            "quiet" => Kind::Quiet,
+            "impersonate" => Kind::Impersonate,
+            _ => return Err(IdentityError::BadKind(s.to_string())),
+        })
+    }
+}
+
+/// Which API shape the body has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Api {
+    /// `prompt` (`/completion`, `/completions`, `/v1/completions`).
+    Text,
+    /// `messages` (`/chat/completions`, `/v1/chat/completions`).
+    Chat,
+}
+
+/// A malformed explicit identity: the client asked for something precise and
+/// gets a 400 rather than a silent guess.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    /// `kind` is not one of the known kinds.
+    #[error("unknown generation kind {0:?} (expected normal, regenerate, swipe, continue, quiet or impersonate)")]
+    BadKind(String),
+    /// The `kvgate` body member is not an object of strings.
+    #[error("the \"kvgate\" body member must be an object with string fields chat, character, kind ({0})")]
+    BadObject(&'static str),
+    /// An explicit name that is empty or contains control characters.
+    #[error("invalid {0} name: it must be 1 to 1000 characters without control characters")]
+    BadName(&'static str),
+}
+
+/// Identity the client stated itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Explicit {
+    /// Chat id.
+    pub chat: Option<String>,
+    /// Character name.
+    pub character: Option<String>,
+    /// Generation kind.
+    pub kind: Option<Kind>,
+}
+
+impl Explicit {
+    /// Reads `X-Kvgate-Chat`, `X-Kvgate-Character`, `X-Kvgate-Kind` through
+    /// `get` (a case-insensitive header lookup returning UTF-8 values).
+    pub fn from_headers<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Result<Self, IdentityError> {
+        Ok(Explicit {
+            chat: get("x-kvgate-chat")
+                .map(|s| check_name("chat", s))
+                .transpose()?,
+            character: get("x-kvgate-character")
+                .map(|s| check_name("character", s))
+                .transpose()?,
+            kind: get("x-kvgate-kind").map(str::parse).transpose()?,
+        })
+    }
+
+    /// Removes the top-level `kvgate` member from `body` (it must never reach
+    /// llama-server) and returns what it said. Absent member: all `None`.
+    pub fn take_from_body(body: &mut Value) -> Result<Self, IdentityError> {
+        let Some(obj) = body.as_object_mut() else {
+            return Ok(Explicit::default());
+        };
+        let Some(v) = obj.remove("kvgate") else {
+            return Ok(Explicit::default());
+        };
+        let Value::Object(m) = v else {
+            return Err(IdentityError::BadObject("not an object"));
+        };
+        let field = |k: &'static str| -> Result<Option<String>, IdentityError> {
+            match m.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s.clone())),
+                Some(_) => Err(IdentityError::BadObject("a field is not a string")),
+            }
+        };
+        Ok(Explicit {
+            chat: field("chat")?.map(|s| check_name("chat", &s)).transpose()?,
+            character: field("character")?
+                .map(|s| check_name("character", &s))
+                .transpose()?,
+            kind: field("kind")?.as_deref().map(str::parse).transpose()?,
+        })
+    }
+
+    /// Fields of `self` win; `other` fills the gaps (headers over body).
+    pub fn or(self, other: Explicit) -> Explicit {
+        Explicit {
+            chat: self.chat.or(other.chat),
+            character: self.character.or(other.character),
+            kind: self.kind.or(other.kind),
+        }
+    }
+}
+
+fn check_name(what: &'static str, s: &str) -> Result<String, IdentityError> {
+    let t = s.trim();
+    if t.is_empty() || t.chars().count() > 1000 || t.chars().any(char::is_control) {
+        return Err(IdentityError::BadName(what));
+    }
+    Ok(t.to_string())
+}
+
+/// Where the identity came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// Headers or the `kvgate` body object named the character.
+    Explicit,
+    /// The policy read it off the request.
+    Inferred,
+    /// Nobody could tell: an anonymous tenant.
+    Anonymous,
+}
+
+/// The resolved identity of one request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    /// Slot owner the request runs as.
+    pub tenant: Tenant,
+    /// Generation kind.
+    pub kind: Kind,
+    /// Where the character came from.
+    pub source: Source,
+    /// The user's name, when the prompt shows it.
+    pub user: Option<String>,
+    /// Everyone in the chat (sorted, deduplicated), when known.
+    pub roster: Vec<String>,
+    /// Fingerprint of the prompt (or messages), for swipe detection.
+    pub prompt_hash: u64,
+}
+
+/// What the prompt alone says.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Reading {
+    character: Option<String>,
+    kind: Option<Kind>,
+    user: Option<String>,
+    roster: Vec<String>,
+    chat: Option<String>,
+}
+
+/// Resolves the identity of a completion request. `explicit` must already
+/// have been taken out of `body`. `previous_prompt` returns the prompt hash of
+/// the tenant's last request, if kvgate remembers one.
+pub fn resolve(
+    api: Api,
+    body: &Value,
+    explicit: &Explicit,
+    policy: &Policy,
+    previous_prompt: impl Fn(&Tenant) -> Option<u64>,
+) -> Identity {
+    let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let (reading, prompt_hash, anon_basis) = match api {
+        Api::Text => {
+            let prompt = body.get("prompt");
+            let hash = hash_value(prompt);
+            match prompt.and_then(Value::as_str) {
+                Some(p) => (
+                    read_text(p, &stop_strings(body), stream, &policy.text),
+                    hash,
+                    prefix(p, policy.anonymous.prefix_chars),
+                ),
+                None => (Reading::default(), hash, value_prefix(prompt, policy)),
+            }
+        }
+        Api::Chat => {
+            let messages = body.get("messages");
+            let hash = hash_value(messages);
+            (
+                read_chat(body, policy),
+                hash,
+                chat_prefix(messages, policy.anonymous.prefix_chars),
+            )
+        }
+    };
+
+    let (character, source) = match (&explicit.character, &reading.character) {
+        (Some(c), _) => (Some(c.clone()), Source::Explicit),
+        (None, Some(c)) => (Some(c.clone()), Source::Inferred),
+        (None, None) => (None, Source::Anonymous),
+    };
+    let mut roster = reading.roster.clone();
+    if let Some(c) = &character {
+        if !roster.contains(c) {
+            roster.push(c.clone());
+        }
+    }
+    roster.sort();
+    roster.dedup();
+
+    let tenant = match character {
+        Some(name) => {
+            let chat = explicit
+                .chat
+                .clone()
+                .or(reading.chat.clone())
+                .unwrap_or_else(|| roster_key(&roster));
+            Tenant::Character { chat, name }
+        }
+        None => Tenant::Anonymous {
+            key: anonymous_key(&anon_basis, policy.anonymous.prefix_chars),
+        },
+    };
+
+    let kind = match explicit.kind {
+        Some(k) => k,
+        None => {
+            let k = reading.kind.unwrap_or(if stream {
+                Kind::Normal
+            } else if matches!(source, Source::Anonymous) && policy.text.non_stream_is_quiet {
+                Kind::Quiet
+            } else {
+                Kind::Normal
+            });
+            // The same prompt again for the same tenant is a swipe (or a
+            // regenerate: on the wire the two are identical).
+            if k == Kind::Normal && previous_prompt(&tenant) == Some(prompt_hash) {
+                Kind::Swipe
+            } else {
+                k
+            }
+        }
+    };
+
+    Identity {
+        tenant,
+        kind,
+        source,
+        user: reading.user,
+        roster,
+        prompt_hash,
+    }
+}
+
+/// The chat key derived from a roster.
+pub fn roster_key(roster: &[String]) -> String {
+    if roster.is_empty() {
+        "default".to_string()
+    } else {
+        roster.join("+")
+    }
+}
+
+fn anonymous_key(basis: &str, prefix_chars: usize) -> String {
+    if prefix_chars == 0 {
+        "anonymous".to_string()
+    } else {
+        format!("anon-{:016x}", fnv1a64(basis.as_bytes()))
+    }
+}
+
+fn hash_value(v: Option<&Value>) -> u64 {
+    match v {
+        Some(Value::String(s)) => fnv1a64(s.as_bytes()),
+        Some(other) => fnv1a64(other.to_string().as_bytes()),
+        None => 0,
+    }
+}
+
+fn prefix(s: &str, chars: usize) -> String {
+    s.chars().take(chars).collect()
+}
+
+fn value_prefix(v: Option<&Value>, policy: &Policy) -> String {
+    v.map(|v| prefix(&v.to_string(), policy.anonymous.prefix_chars))
+        .unwrap_or_default()
+}
+
+fn chat_prefix(messages: Option<&Value>, chars: usize) -> String {
+    let mut out = String::new();
+    if let Some(list) = messages.and_then(Value::as_array) {
+        for m in list {
+            if let Some(c) = m.get("content").and_then(Value::as_str) {
+                out.push_str(c);
+                out.push('\n');
+            }
+            if out.chars().count() >= chars {
+                break;
+            }
+        }
+    }
+    prefix(&out, chars)
+}
+
+/// `stop`, or SillyTavern's `stopping_strings` when `stop` is absent.
+fn stop_strings(body: &Value) -> Vec<String> {
+    let v = body.get("stop").or_else(|| body.get("stopping_strings"));
+    match v {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_string)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn valid_name<'a>(candidate: &'a str, rules: &TextRules) -> Option<&'a str> {
+    let n = candidate.chars().count();
+    if n == 0
+        || n > rules.max_name_chars
+        || candidate.contains(':')
+        || candidate.trim() != candidate
+        || candidate.chars().any(char::is_control)
+        || rules
+            .ignore_name_prefixes
+            .iter()
+            .any(|p| !p.is_empty() && candidate.starts_with(p.as_str()))
+    {
+        return None;
+    }
+    Some(candidate)
+}
+
+/// The `Name` of a `\nName:` stop string.
+fn stop_name<'a>(stop: &'a str, rules: &TextRules) -> Option<&'a str> {
+    let inner = stop.strip_prefix('\n')?.strip_suffix(':')?;
+    valid_name(inner, rules)
+}
+
+/// The speaker named at the very end of the prompt: `\nName:` (trailing
+/// spaces allowed), or `Name:` right after an instruct output sequence.
+fn speaker_tail<'a>(prompt: &'a str, rules: &TextRules) -> Option<&'a str> {
+    let body = prompt.trim_end_matches([' ', '\t']).strip_suffix(':')?;
+    let (line_start, line) = match body.rfind('\n') {
+        Some(i) => (i + 1, &body[i + 1..]),
+        None => (0, body),
+    };
+    if line_start > 0 {
+        if let Some(name) = valid_name(line, rules) {
+            return Some(name);
+        }
+    }
+    rules.output_sequences.iter().find_map(|seq| {
+        let at = line.rfind(seq.as_str())?;
+        valid_name(line[at + seq.len()..].trim_start(), rules)
+    })
+}
+
+fn read_text(prompt: &str, stops: &[String], stream: bool, rules: &TextRules) -> Reading {
+    let mut stop_names: Vec<String> = Vec::new();
+    if rules.stop_names {
+        for s in stops {
+            if let Some(n) = stop_name(s, rules) {
+                if !stop_names.iter().any(|x| x == n) {
+                    stop_names.push(n.to_string());
+                }
+            }
+        }
+    }
+    let tail = if rules.speaker_tail {
+        speaker_tail(prompt, rules)
+    } else {
+        None
+    };
+    let mut r = Reading {
+        roster: stop_names.clone(),
+        ..Reading::default()
+    };
+    match tail {
+        Some(t) if !stop_names.iter().any(|s| s == t) => {
+            r.roster.push(t.to_string());
+            r.character = Some(t.to_string());
+            r.user = stop_names.first().cloned();
+            r.kind = Some(Kind::Normal);
+        }
+        Some(t) => {
+            // The tail is a stop name: the model speaks as the user. The
+            // character whose card wrote the prompt is the first other stop.
+            r.user = Some(t.to_string());
+            r.character = stop_names.iter().find(|s| *s != t).cloned();
+            r.kind = Some(Kind::Impersonate);
+        }
+        None => {
+            let continued = if rules.detect_continue && !stop_names.is_empty() {
+                continued_speaker(prompt, rules, stream)
+                    .filter(|n| !stop_names.iter().any(|s| s == n))
+            } else {
+                None
+            };
+            if let Some(name) = continued {
+                r.character = Some(name.to_string());
+                r.user = stop_names.first().cloned();
+                r.kind = Some(Kind::Continue);
+            } else if !stream && rules.non_stream_is_quiet {
+                r.kind = Some(Kind::Quiet);
+            }
+        }
+    }
+    r
+}
+
+/// How far back a continue's speaker line is searched (a message being
+/// continued may span lines).
+const CONTINUE_SCAN_LINES: usize = 64;
+
+/// The speaker of the message a continue extends: SillyTavern 1.18 writes
+/// `\nBob:Bob: text…` (the forced name glued to the message's own), 1.12
+/// `\nBob: text…`. The text may span lines, so the nearest line that starts
+/// with `Name:` decides.
+///
+/// A non-streaming request is only taken as a continue when the evidence is
+/// strong (the doubled form, or the speaker line is the last line): a quiet
+/// prompt appended after the chat would otherwise pass for a continue.
+fn continued_speaker<'a>(prompt: &'a str, rules: &TextRules, stream: bool) -> Option<&'a str> {
+    for (i, line) in prompt.rsplit('\n').take(CONTINUE_SCAN_LINES).enumerate() {
+        let Some((name, rest)) = line.split_once(':') else {
+            continue;
+        };
+        if let Some(name) = valid_name(name, rules) {
+            let doubled = rest.strip_prefix(name).is_some_and(|r| r.starts_with(':'));
+            if doubled || rest.is_empty() || rest.starts_with(' ') {
+                return (stream || doubled || i == 0).then_some(name);
+            }
+        }
+    }
+    None
+}
+
+fn read_chat(body: &Value, policy: &Policy) -> Reading {
+    let rules = &policy.chat;
+    let string_field = |names: &[String]| {
+        names.iter().find_map(|f| {
+            body.get(f)
+                .and_then(Value::as_str)
+                .map(str::trim)
+                .filter(|s| !s.is_empty() && !s.chars().any(char::is_control))
+                .map(str::to_string)
+        })
+    };
+    let messages = body
+        .get("messages")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let name_of = |m: &Value| {
+        m.get("name")
+            .and_then(Value::as_str)
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+    };
+    let mut r = Reading {
+        chat: string_field(&rules.chat_fields),
+        ..Reading::default()
+    };
+    for m in &messages {
+        if let Some(n) = name_of(m) {
+            if !r.roster.contains(&n) {
+                r.roster.push(n.clone());
+            }
+            if m.get("role").and_then(Value::as_str) == Some("user") {
+                r.user = Some(n);
+            }
+        }
+    }
+    r.character = string_field(&rules.character_fields);
+    if r.character.is_none() && rules.assistant_name {
+        // A final assistant message is the turn being generated (a prefill
+        // or a continue); its name is the speaker.
+        if let Some(last) = messages.last() {
+            if last.get("role").and_then(Value::as_str) == Some("assistant") {
+                r.character = name_of(last);
+                if r.character.is_some() {
+                    r.kind = Some(Kind::Continue);
+                }
+            }
+        }
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests;

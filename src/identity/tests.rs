@@ -1,0 +1,364 @@
+//! Identity tests on real SillyTavern 1.18.0 bodies (the recorded group chat
+//! in `tests/fixtures/`) and on hand-built bodies in the shapes SillyTavern's
+//! code produces for cases the recording lacks (instruct, quiet, chat
+//! completion, 1.12's continue).
+
+use serde_json::{json, Value};
+
+use super::*;
+
+const RECORDING: &str = include_str!("../../tests/fixtures/st-1.18.0-completions.jsonl");
+
+/// The recorded `/completion` bodies by sequence number.
+fn recorded(seq: u64) -> Value {
+    RECORDING
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("fixture line is JSON"))
+        .find(|v| v["seq"] == seq)
+        .map(|v| v["body"].clone())
+        .unwrap_or_else(|| panic!("no recorded request {seq}"))
+}
+
+fn st() -> Policy {
+    Policy::sillytavern()
+}
+
+fn resolve_text(body: &Value) -> Identity {
+    resolve(Api::Text, body, &Explicit::default(), &st(), |_| None)
+}
+
+fn character(id: &Identity) -> (&str, &str) {
+    match &id.tenant {
+        Tenant::Character { chat, name } => (chat.as_str(), name.as_str()),
+        Tenant::Anonymous { key } => panic!("expected a character, got anonymous {key}"),
+    }
+}
+
+const GROUP: &str = "Alice+Bob+Carol+User";
+
+#[test]
+fn recorded_group_turns_name_the_speaker_and_share_one_chat_key() {
+    // (seq, speaker) for every normal group turn of the recording.
+    let turns = [
+        (10, "Alice"),
+        (16, "Bob"),
+        (22, "Carol"),
+        (26, "Carol"),
+        (29, "Bob"),
+        (32, "Alice"),
+        (36, "Bob"),
+        (39, "Alice"),
+        (42, "Carol"),
+        (46, "Alice"),
+        (49, "Carol"),
+        (52, "Bob"),
+        (55, "Bob"),
+    ];
+    for (seq, speaker) in turns {
+        let id = resolve_text(&recorded(seq));
+        assert_eq!(character(&id), (GROUP, speaker), "request {seq}");
+        assert_eq!(id.kind, Kind::Normal, "request {seq}");
+        assert_eq!(id.source, Source::Inferred);
+        assert_eq!(id.user.as_deref(), Some("User"));
+        assert_eq!(id.roster, ["Alice", "Bob", "Carol", "User"]);
+    }
+}
+
+#[test]
+fn recorded_swipe_is_the_same_prompt_again() {
+    let first = resolve_text(&recorded(55));
+    let swipe = recorded(56);
+    assert_eq!(
+        swipe["prompt"],
+        recorded(55)["prompt"],
+        "the recording's swipe"
+    );
+    let id = resolve(Api::Text, &swipe, &Explicit::default(), &st(), |t| {
+        (t == &first.tenant).then_some(first.prompt_hash)
+    });
+    assert_eq!(character(&id), (GROUP, "Bob"));
+    assert_eq!(id.kind, Kind::Swipe);
+    // Another character's memory does not make it a swipe.
+    let other = resolve(Api::Text, &swipe, &Explicit::default(), &st(), |_| Some(1));
+    assert_eq!(other.kind, Kind::Normal);
+}
+
+#[test]
+fn recorded_continue_is_bobs_despite_a_multiline_message() {
+    let body = recorded(60);
+    let prompt = body["prompt"].as_str().unwrap();
+    assert!(prompt.contains("\nBob:Bob: "), "1.18's doubled name");
+    assert!(!prompt.ends_with(':'));
+    let id = resolve_text(&body);
+    assert_eq!(character(&id), (GROUP, "Bob"));
+    assert_eq!(id.kind, Kind::Continue);
+}
+
+#[test]
+fn recorded_impersonation_runs_as_the_card_owner() {
+    let id = resolve_text(&recorded(64));
+    assert_eq!(id.kind, Kind::Impersonate);
+    assert_eq!(
+        character(&id),
+        (GROUP, "Bob"),
+        "Bob's card wrote the prompt"
+    );
+    assert_eq!(id.user.as_deref(), Some("User"));
+}
+
+#[test]
+fn recorded_solo_chat_has_its_own_key() {
+    let id = resolve_text(&recorded(77));
+    assert_eq!(character(&id), ("Alice+User", "Alice"));
+    assert_eq!(id.kind, Kind::Normal);
+}
+
+#[test]
+fn group_key_survives_history_trimming_and_speaker_changes() {
+    // Turn 1 and turn 10 of Alice: by turn 10 SillyTavern has dropped old
+    // history lines, so the prompts differ after the card; the key does not.
+    let a1 = resolve_text(&recorded(10));
+    let a10 = resolve_text(&recorded(46));
+    let p1 = recorded(10)["prompt"].as_str().unwrap().to_string();
+    let p10 = recorded(46)["prompt"].as_str().unwrap().to_string();
+    assert!(!p10.starts_with(&p1), "history was trimmed");
+    assert_eq!(a1.tenant, a10.tenant);
+    assert_ne!(a1.prompt_hash, a10.prompt_hash);
+}
+
+fn body(prompt: &str, stop: &[&str], stream: bool) -> Value {
+    json!({"prompt": prompt, "stop": stop, "stopping_strings": stop, "stream": stream, "n_predict": 100})
+}
+
+#[test]
+fn instruct_chatml_with_names_always() {
+    let b = body(
+        "<|im_start|>system\nYou are Alice.<|im_end|>\n<|im_start|>user\nUser: Hi<|im_end|>\n<|im_start|>assistant\nAlice:",
+        &["\nUser:", "<|im_end|>", "\n<|im_start|>user"],
+        true,
+    );
+    let id = resolve_text(&b);
+    assert_eq!(character(&id), ("Alice+User", "Alice"));
+}
+
+#[test]
+fn instruct_name_after_output_sequence_on_the_same_line() {
+    let b = body(
+        "[INST] User: Hello there [/INST] Alice:",
+        &["\nUser:", "[INST]"],
+        true,
+    );
+    let id = resolve_text(&b);
+    assert_eq!(character(&id), ("Alice+User", "Alice"));
+    let b = body(
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant Bob:",
+        &["\nUser:"],
+        true,
+    );
+    assert_eq!(character(&resolve_text(&b)).1, "Bob");
+}
+
+#[test]
+fn markup_stop_strings_are_not_names() {
+    let b = body(
+        "### Instruction:\nUser: hi\n### Response:\nAlice:",
+        &["\n### Instruction:", "\nUser:", "\n<|eot_id|>:"],
+        true,
+    );
+    let id = resolve_text(&b);
+    assert_eq!(id.roster, ["Alice", "User"]);
+}
+
+#[test]
+fn instruct_one_on_one_without_a_name_is_anonymous_by_prefix() {
+    // names_behavior "force" in a 1:1 chat: the prompt ends at the output
+    // sequence, no name.
+    // The key fingerprints the first 256 characters: card-sized system
+    // prompts are longer than that.
+    let card = "Alice Marlowe keeps the Lantern and Quill. ".repeat(8);
+    let p1 = &format!("<|im_start|>system\nWrite Alice's next reply. {card}<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+    let id1 = resolve_text(&body(p1, &["\nUser:"], true));
+    let id2 = resolve_text(&body(
+        &format!("{p1}Hello!<|im_end|>\n<|im_start|>user\nMore<|im_end|>\n<|im_start|>assistant\n"),
+        &["\nUser:"],
+        true,
+    ));
+    assert!(matches!(id1.tenant, Tenant::Anonymous { .. }));
+    assert_eq!(id1.tenant, id2.tenant, "same conversation, same prefix key");
+    assert_eq!(id1.source, Source::Anonymous);
+    assert_eq!(id1.kind, Kind::Normal);
+    let other = resolve_text(&body(
+        "<|im_start|>system\nWrite Bob's next reply.<|im_end|>\n<|im_start|>assistant\n",
+        &["\nUser:"],
+        true,
+    ));
+    assert_ne!(id1.tenant, other.tenant);
+}
+
+#[test]
+fn quiet_prompt_is_non_streaming_without_a_tail() {
+    let b = json!({
+        "prompt": "Alice: Hello\nUser: Hi\n[Pause your roleplay. Summarize the most important facts so far.]\n",
+        "stop": ["\nUser:"],
+    });
+    let id = resolve_text(&b);
+    assert_eq!(id.kind, Kind::Quiet);
+    assert!(matches!(id.tenant, Tenant::Anonymous { .. }));
+}
+
+#[test]
+fn continue_in_sillytavern_1_12_form() {
+    let b = body(
+        "Alice: Hello\nUser: Hi\nAlice: Well, I was thinking",
+        &["\nUser:"],
+        true,
+    );
+    let id = resolve_text(&b);
+    assert_eq!(character(&id), ("Alice+User", "Alice"));
+    assert_eq!(id.kind, Kind::Continue);
+    // Non-streaming, a multi-line message, no doubled name: not enough
+    // evidence, so it is a quiet prompt.
+    let b = body(
+        "Alice: Hello\nUser: Hi\nAlice: Well,\nI was thinking",
+        &["\nUser:"],
+        false,
+    );
+    assert_eq!(resolve_text(&b).kind, Kind::Quiet);
+}
+
+#[test]
+fn user_line_last_is_not_a_continue() {
+    let b = body("Alice: Hello\nUser: Hi there", &["\nUser:"], true);
+    let id = resolve_text(&b);
+    assert!(matches!(id.tenant, Tenant::Anonymous { .. }));
+    assert_eq!(id.kind, Kind::Normal);
+}
+
+#[test]
+fn explicit_headers_win_and_chat_defaults_to_roster() {
+    let b = recorded(10);
+    let headers = [("x-kvgate-character", "Zed"), ("x-kvgate-kind", "swipe")];
+    let ex =
+        Explicit::from_headers(|k| headers.iter().find(|(h, _)| *h == k).map(|(_, v)| *v)).unwrap();
+    let id = resolve(Api::Text, &b, &ex, &st(), |_| None);
+    assert_eq!(character(&id), ("Alice+Bob+Carol+User+Zed", "Zed"));
+    assert_eq!(id.kind, Kind::Swipe);
+    assert_eq!(id.source, Source::Explicit);
+}
+
+#[test]
+fn explicit_body_object_is_removed_and_validated() {
+    let mut b = json!({"prompt": "hi", "kvgate": {"chat": "chat-7", "character": "Алиса", "kind": "impersonate"}});
+    let ex = Explicit::take_from_body(&mut b).unwrap();
+    assert!(b.get("kvgate").is_none(), "stripped before forwarding");
+    let id = resolve(Api::Text, &b, &ex, &st(), |_| None);
+    assert_eq!(character(&id), ("chat-7", "Алиса"));
+    assert_eq!(id.kind, Kind::Impersonate);
+
+    for bad in [
+        json!({"kvgate": "Alice"}),
+        json!({"kvgate": {"character": 3}}),
+        json!({"kvgate": {"kind": "dance"}}),
+        json!({"kvgate": {"character": "a\u{0}b"}}),
+    ] {
+        let mut b = bad.clone();
+        assert!(Explicit::take_from_body(&mut b).is_err(), "{bad}");
+    }
+    // Headers over body.
+    let h = Explicit {
+        character: Some("H".into()),
+        ..Explicit::default()
+    };
+    let merged = h.or(Explicit {
+        character: Some("B".into()),
+        chat: Some("c".into()),
+        kind: None,
+    });
+    assert_eq!(merged.character.as_deref(), Some("H"));
+    assert_eq!(merged.chat.as_deref(), Some("c"));
+}
+
+#[test]
+fn chat_completion_prefill_names_the_speaker() {
+    let b = json!({
+        "messages": [
+            {"role": "system", "content": "Write Bob's next reply."},
+            {"role": "user", "name": "User", "content": "Hi all"},
+            {"role": "assistant", "name": "Alice", "content": "Hello!"},
+            {"role": "assistant", "name": "Bob", "content": "Well"}
+        ],
+        "stream": true
+    });
+    let id = resolve(Api::Chat, &b, &Explicit::default(), &st(), |_| None);
+    assert_eq!(character(&id), ("Alice+Bob+User", "Bob"));
+    assert_eq!(id.kind, Kind::Continue);
+    assert_eq!(id.user.as_deref(), Some("User"));
+}
+
+#[test]
+fn chat_completion_without_names_is_anonymous_by_prefix_and_policy_fields_work() {
+    let b = json!({
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "Hi"}
+        ],
+        "user": "session-42"
+    });
+    let id = resolve(Api::Chat, &b, &Explicit::default(), &st(), |_| None);
+    assert!(matches!(id.tenant, Tenant::Anonymous { .. }));
+    assert_eq!(id.kind, Kind::Quiet, "non-streaming and anonymous");
+    let generic = Policy::load("generic").unwrap();
+    let mut with_char = generic.clone();
+    with_char.chat.character_fields = vec!["character".into()];
+    let mut b2 = b.clone();
+    b2["character"] = json!("Alice");
+    let id = resolve(Api::Chat, &b2, &Explicit::default(), &with_char, |_| None);
+    assert_eq!(character(&id), ("session-42", "Alice"));
+}
+
+#[test]
+fn generic_policy_does_not_read_sillytavern_tails() {
+    let generic = Policy::load("generic").unwrap();
+    let id = resolve(
+        Api::Text,
+        &recorded(10),
+        &Explicit::default(),
+        &generic,
+        |_| None,
+    );
+    assert!(matches!(id.tenant, Tenant::Anonymous { .. }));
+}
+
+#[test]
+fn odd_prompts_never_panic() {
+    let cases = [
+        json!({"prompt": ""}),
+        json!({"prompt": ":"}),
+        json!({"prompt": "\n:"}),
+        json!({"prompt": "\n\n\n"}),
+        json!({"prompt": [1, 2, 3]}),
+        json!({"prompt": {"prompt_string": "x"}}),
+        json!({"prompt": "x", "stop": 5}),
+        json!({"prompt": "x\n🦀:", "stop": ["\n🦀:", "\n", ":", "\n:"]}),
+        json!({"messages": "nope"}),
+        json!([1, 2]),
+        json!(null),
+    ];
+    for c in cases {
+        let _ = resolve(Api::Text, &c, &Explicit::default(), &st(), |_| None);
+        let _ = resolve(Api::Chat, &c, &Explicit::default(), &st(), |_| None);
+    }
+    let long = format!("x\n{}:", "N".repeat(10_000));
+    let id = resolve_text(&json!({"prompt": long, "stream": true}));
+    assert!(
+        matches!(id.tenant, Tenant::Anonymous { .. }),
+        "over max_name_chars"
+    );
+}
+
+#[test]
+fn kinds_parse() {
+    assert_eq!("Swipe".parse::<Kind>().unwrap(), Kind::Swipe);
+    assert_eq!("group_chat".parse::<Kind>().unwrap(), Kind::Normal);
+    assert!("x".parse::<Kind>().is_err());
+}
