@@ -1,2 +1,3 @@
+mod smoke;
 #[path = "../support/mod.rs"]
 mod support;
