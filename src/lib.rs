@@ -1,8 +1,222 @@
 //! kvgate: a reverse proxy for llama.cpp's `llama-server` that pins every
-//! completion to a slot and keeps each character's KV cache on disk.
+//! completion to a slot (`id_slot`) per chat and character, and keeps each
+//! character's KV cache on disk.
+//!
+//! # Layout
+//! - [`config`]: flags, env vars and TOML file → validated [`config::Config`].
+//! - [`policy`]: identity rules per client, from `policies/*.toml` (pure).
+//! - [`identity`]: request → chat, character, generation kind (pure).
+//! - [`slots`]: the slot table: residency, usage-counting eviction, FIFO
+//!   waiters (pure, no I/O).
+//! - [`lease`]: async leases over the table; one operation per slot at a time.
+//! - [`upstream`]: pooled client to llama-server and its typed slot calls.
+//! - [`monitor`]: slot count, outages and restarts of llama-server.
+//! - [`proxy`]: the front port: passthrough, and the completion lifecycle.
+//! - [`sse`]: relays response bodies untouched while observing their end.
+//! - [`hooks`]: where the cache layer acts (saves of every kind, restore).
+//! - [`persist`]: the real hooks: checked saves, longest-prefix restores.
+//! - [`cache_store`]: the save directory: names, metadata, index, rotation.
+//! - [`admin`]: the side port.
+//! - [`server`]: accept loop with graceful shutdown, shared by both ports.
+//! - [`slot_file`], [`tiny_model`], [`hash`], [`error`], [`body`]: helpers.
+
+pub mod admin;
+pub mod app;
+pub mod body;
+pub mod cache_store;
+pub mod config;
+pub mod error;
 pub mod hash;
+pub mod hooks;
 pub mod identity;
+pub mod lease;
+pub mod monitor;
+pub mod persist;
 pub mod policy;
+pub mod proxy;
+pub mod server;
 pub mod slot_file;
 pub mod slots;
+pub mod sse;
 pub mod tiny_model;
+pub mod upstream;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::app::App;
+use crate::cache_store::CacheStore;
+use crate::config::Config;
+use crate::hooks::{CacheHooks, NoCache};
+use crate::persist::Persistence;
+use crate::policy::{Policy, PolicyError};
+
+/// Why kvgate could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The policy could not be loaded.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// A port could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The save directory is unusable.
+    #[error("save directory {0}")]
+    SaveDir(String),
+}
+
+/// A configured kvgate, ready to serve.
+#[derive(Debug)]
+pub struct Gateway {
+    app: Arc<App>,
+}
+
+// === impl Gateway ===
+
+impl Gateway {
+    /// Builds kvgate from its configuration: with a save directory, caches
+    /// are saved and restored there; without one kvgate only pins slots.
+    pub fn new(cfg: Config) -> Result<Gateway, StartError> {
+        let hooks: Arc<dyn CacheHooks> = match &cfg.save_dir {
+            Some(dir) => {
+                let store =
+                    CacheStore::open(dir).map_err(|e| StartError::SaveDir(e.to_string()))?;
+                info!(dir = %dir.display(), saves = store.list().len(), "save directory");
+                let upstream = upstream::Upstream::new(cfg.upstream.clone(), cfg.upstream_timeout);
+                Arc::new(Persistence::new(
+                    Arc::new(store),
+                    upstream,
+                    cfg.cache.clone(),
+                ))
+            }
+            None => {
+                warn!("no --save-dir: kvgate pins slots but saves and restores nothing");
+                Arc::new(NoCache)
+            }
+        };
+        Self::with_hooks(cfg, hooks)
+    }
+
+    /// Builds kvgate with explicit cache hooks (tests plug in fakes).
+    pub fn with_hooks(cfg: Config, hooks: Arc<dyn CacheHooks>) -> Result<Gateway, StartError> {
+        let policy = Policy::load(&cfg.policy)?;
+        Ok(Gateway {
+            app: App::new(cfg, policy, hooks),
+        })
+    }
+
+    /// The shared state (for tests and embedding).
+    pub fn app(&self) -> &Arc<App> {
+        &self.app
+    }
+
+    /// Serves the front and admin ports until `shutdown` resolves, then
+    /// drains: stops accepting, lets in-flight streams finish within the
+    /// grace period, waits for their saves, and returns.
+    pub async fn serve(
+        self,
+        front: TcpListener,
+        admin: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) {
+        let app = self.app;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let stopped = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let grace = app.cfg.shutdown_grace;
+
+        let monitor = tokio::spawn(monitor::run(Arc::clone(&app), stopped(stop_rx.clone())));
+        let admin_app = Arc::clone(&app);
+        let admin_task = tokio::spawn(server::serve(
+            "admin",
+            admin,
+            move |req, _peer| admin::handle(Arc::clone(&admin_app), req),
+            stopped(stop_rx.clone()),
+            grace,
+        ));
+        let front_app = Arc::clone(&app);
+        let front_task = tokio::spawn(server::serve(
+            "front",
+            front,
+            move |req, peer| proxy::handle(Arc::clone(&front_app), req, peer),
+            stopped(stop_rx.clone()),
+            grace,
+        ));
+
+        shutdown.await;
+        info!("shutting down: no new connections; letting streams finish");
+        let _ = stop_tx.send(true);
+        let _ = front_task.await;
+        if tokio::time::timeout(grace, app.tasks.wait_idle())
+            .await
+            .is_err()
+        {
+            warn!(
+                running = app.tasks.running(),
+                "lifecycle tasks still running after the grace period"
+            );
+        }
+        shutdown_saves(&app).await;
+        app.pool.close();
+        let _ = admin_task.await;
+        let _ = monitor.await;
+        info!("kvgate stopped");
+    }
+}
+
+/// Saves every slot with unsaved messages before kvgate exits.
+async fn shutdown_saves(app: &Arc<App>) {
+    let due: Vec<(usize, slots::Tenant)> = app
+        .pool
+        .snapshot()
+        .into_iter()
+        .enumerate()
+        .filter(|(_, s)| s.usage >= 1 && s.live)
+        .filter_map(|(id, s)| s.owner.filter(slots::Tenant::is_character).map(|t| (id, t)))
+        .collect();
+    for (slot, tenant) in due {
+        let Ok(lease) = app
+            .pool
+            .acquire(slots::Want::Hold(slot), app.cfg.shutdown_grace)
+            .await
+        else {
+            warn!(slot, %tenant, "shutdown: slot still busy; not saved");
+            continue;
+        };
+        if app
+            .hooks
+            .save(slot, &tenant, cache_store::SaveKind::Shutdown, None)
+            .await
+            .is_some()
+        {
+            app.pool.with_table(|t| t.mark_saved(slot));
+        }
+        lease.release(slots::Outcome::Untouched);
+    }
+}
+
+/// Binds the configured ports and serves until `shutdown`.
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), StartError> {
+    let bind = |addr: SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })
+    };
+    let front = bind(cfg.listen).await?;
+    let admin = bind(cfg.admin_listen).await?;
+    info!(front = %cfg.listen, admin = %cfg.admin_listen, upstream = %cfg.upstream, "kvgate listening");
+    let gw = Gateway::new(cfg)?;
+    gw.serve(front, admin, shutdown).await;
+    Ok(())
+}

@@ -84,9 +84,13 @@ impl fmt::Display for Tenant {
 pub enum Want {
     /// A slot for this tenant, chosen by kvgate.
     Tenant(Tenant),
-    /// Exactly this slot, because the client chose it (`id_slot` ≥ 0) or an
-    /// admin action targets it. Afterwards the slot's contents are unknown.
+    /// Exactly this slot, because the client chose it (`id_slot` ≥ 0) or a
+    /// client's slot action targets it. The grant takes the slot from its
+    /// owner (reported as evicted); afterwards its contents are unknown.
     Pinned(SlotId),
+    /// Exclusive use of this slot without changing its owner (a save, an
+    /// inspection); the release outcome says what changed.
+    Hold(SlotId),
 }
 
 /// Handle of a queued request.
@@ -247,7 +251,7 @@ impl SlotTable {
         if self.slots.is_empty() {
             return Err(TableError::NoSlots);
         }
-        if let Want::Pinned(s) = want {
+        if let Want::Pinned(s) | Want::Hold(s) = want {
             if s >= self.slots.len() {
                 return Err(TableError::NoSuchSlot(s));
             }
@@ -284,13 +288,27 @@ impl SlotTable {
         lease: LeaseId,
         outcome: Outcome,
     ) -> Vec<(Ticket, Grant)> {
-        let Some(s) = self.slots.get_mut(slot) else {
-            return Vec::new();
-        };
-        if s.lease != Some(lease) {
+        if !self.apply(slot, lease, outcome) {
             return Vec::new();
         }
-        s.lease = None;
+        self.slots[slot].lease = None;
+        self.dispatch()
+    }
+
+    /// Whether `ticket` still waits in the queue.
+    pub fn is_queued(&self, ticket: Ticket) -> bool {
+        self.queue.iter().any(|w| w.ticket == ticket)
+    }
+
+    /// Applies an outcome to a leased slot without releasing it (the holder
+    /// has more to do, such as an autosave). Returns false for a stale lease.
+    pub fn apply(&mut self, slot: SlotId, lease: LeaseId, outcome: Outcome) -> bool {
+        let Some(s) = self.slots.get_mut(slot) else {
+            return false;
+        };
+        if s.lease != Some(lease) {
+            return false;
+        }
         match outcome {
             Outcome::Generated(kind) => {
                 s.live = true;
@@ -306,7 +324,7 @@ impl SlotTable {
                 s.usage = 0;
             }
         }
-        self.dispatch()
+        true
     }
 
     /// Records a successful save of the slot's cache: nothing is unsaved.
@@ -341,6 +359,27 @@ impl SlotTable {
         }
     }
 
+    /// Reconciles with llama-server's `/slots`: a slot kvgate believes holds
+    /// a live cache but llama-server reports empty has lost it (a restart
+    /// between polls, or idle-slot clearing). `observed_empty[i]` is what the
+    /// poll saw; `ticks_before[i]` is slot i's `last_used` when the poll was
+    /// sent, so a slot granted since then is left alone. Returns the slots
+    /// marked lost; their unsaved messages are gone with the cache.
+    pub fn reconcile(&mut self, observed_empty: &[bool], ticks_before: &[u64]) -> Vec<SlotId> {
+        let mut lost = Vec::new();
+        for (id, s) in self.slots.iter_mut().enumerate() {
+            let (Some(&empty), Some(&tick)) = (observed_empty.get(id), ticks_before.get(id)) else {
+                continue;
+            };
+            if empty && s.live && s.lease.is_none() && s.last_used == tick {
+                s.live = false;
+                s.usage = 0;
+                lost.push(id);
+            }
+        }
+        lost
+    }
+
     /// Adopts a new slot count (first contact, or an upstream restarted with
     /// another `-np`). Existing leases on removed slots are dropped from the
     /// table; their holders' releases become no-ops. Returns the grants the
@@ -349,7 +388,7 @@ impl SlotTable {
         self.slots.resize_with(n, Slot::default);
         let len = self.slots.len();
         self.queue
-            .retain(|w| !matches!(w.want, Want::Pinned(s) if s >= len));
+            .retain(|w| !matches!(w.want, Want::Pinned(s) | Want::Hold(s) if s >= len));
         self.dispatch()
     }
 
@@ -376,7 +415,7 @@ impl SlotTable {
         let mut i = 0;
         while i < self.queue.len() {
             let target = match &self.queue[i].want {
-                Want::Pinned(s) => Some(*s),
+                Want::Pinned(s) | Want::Hold(s) => Some(*s),
                 Want::Tenant(t) => self.resident(t),
             };
             match target {
@@ -457,6 +496,7 @@ impl SlotTable {
                     (false, ev)
                 }
             }
+            Want::Hold(_) => (s.live, None),
             // A pinned request takes the slot from its owner: report the owner
             // so unsaved messages can be saved first.
             Want::Pinned(_) => {
@@ -647,6 +687,25 @@ mod tests {
     }
 
     #[test]
+    fn hold_keeps_the_owner_and_serialises() {
+        let mut t = SlotTable::new(1, 4);
+        let a = take(&mut t, want("A"));
+        let (th, g) = t.enqueue(Want::Hold(0)).unwrap();
+        assert!(g.is_empty(), "waits for A's generation");
+        let grants = finish(&mut t, &a, Kind::Normal);
+        assert_eq!(grants[0].0, th);
+        let h = &grants[0].1;
+        assert_eq!(h.evicted, None);
+        assert!(h.resident);
+        t.mark_saved(0);
+        t.release(h.slot, h.lease, Outcome::Untouched);
+        assert_eq!(t.slots()[0].owner, Some(ch("A")));
+        assert_eq!(t.slots()[0].usage, 0);
+        let a2 = take(&mut t, want("A"));
+        assert!(a2.resident);
+    }
+
+    #[test]
     fn stale_release_changes_nothing() {
         let mut t = SlotTable::new(1, 4);
         let a = take(&mut t, want("A"));
@@ -670,6 +729,24 @@ mod tests {
         let a = take(&mut t, want("A"));
         assert_eq!(a.slot, 0, "affinity survives a restart");
         assert!(!a.resident);
+    }
+
+    #[test]
+    fn reconcile_marks_only_untouched_live_slots_lost() {
+        let mut t = SlotTable::new(3, 4);
+        for n in ["A", "B", "C"] {
+            let g = take(&mut t, want(n));
+            finish(&mut t, &g, Kind::Normal);
+        }
+        let ticks: Vec<u64> = t.slots().iter().map(|s| s.last_used).collect();
+        // B is used again after the poll was sent: its emptiness is stale.
+        let b = take(&mut t, want("B"));
+        finish(&mut t, &b, Kind::Normal);
+        let lost = t.reconcile(&[true, true, false], &ticks);
+        assert_eq!(lost, vec![0]);
+        assert!(!t.slots()[0].live);
+        assert_eq!(t.slots()[0].usage, 0);
+        assert!(t.slots()[1].live && t.slots()[2].live);
     }
 
     #[test]

@@ -1,4 +1,6 @@
 //! Shared test support: a programmable fake llama-server and a real one.
 #![allow(dead_code)]
 pub mod fake_llama;
+pub mod kvgate;
 pub mod llama;
+pub mod st_chat;

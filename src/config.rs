@@ -1,0 +1,450 @@
+//! Configuration: command-line flags, their environment variables, and an
+//! optional TOML file, merged in that order of precedence (flag > env > file >
+//! default), then validated. A bad value yields one [`ConfigError`] line naming
+//! it; `main` exits with code 64 (EX_USAGE).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use hyper::Uri;
+use serde::Deserialize;
+
+/// Command-line interface. Every flag has an environment variable.
+#[derive(Debug, Clone, Default, Parser)]
+#[command(name = "kvgate", version, about = "Persistent, per-character KV cache for llama.cpp's llama-server", long_about = None)]
+pub struct Cli {
+    /// Front port that clients (SillyTavern) use instead of llama-server.
+    #[arg(long, env = "KVGATE_LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// llama-server's base URL.
+    #[arg(long, env = "KVGATE_UPSTREAM", value_name = "URL")]
+    pub upstream: Option<String>,
+    /// Admin side port.
+    #[arg(long, env = "KVGATE_ADMIN_LISTEN", value_name = "ADDR")]
+    pub admin_listen: Option<String>,
+    /// llama-server's --slot-save-path (also KV_SAVE_DIR, as the seed plugin).
+    #[arg(long, env = "KVGATE_SAVE_DIR", value_name = "DIR")]
+    pub save_dir: Option<PathBuf>,
+    /// Identity policy: a built-in name (sillytavern, generic) or a TOML file.
+    #[arg(long, env = "KVGATE_POLICY", value_name = "NAME|FILE")]
+    pub policy: Option<String>,
+    /// TOML configuration file (keys as the long flags, with underscores).
+    #[arg(long, env = "KVGATE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Largest completion body kvgate reads (bytes).
+    #[arg(long, env = "KVGATE_MAX_BODY_BYTES", value_name = "BYTES")]
+    pub max_body_bytes: Option<u64>,
+    /// How many requests may wait for a slot before 503.
+    #[arg(long, env = "KVGATE_MAX_QUEUE", value_name = "N")]
+    pub max_queue: Option<usize>,
+    /// Longest wait for a slot before 503 (seconds).
+    #[arg(long, env = "KVGATE_QUEUE_TIMEOUT", value_name = "SECS")]
+    pub queue_timeout: Option<f64>,
+    /// Longest wait for llama-server's response headers (it sends them once the
+    /// prompt is processed), in seconds.
+    #[arg(long, env = "KVGATE_UPSTREAM_TIMEOUT", value_name = "SECS")]
+    pub upstream_timeout: Option<f64>,
+    /// How often llama-server's health and slots are polled (seconds).
+    #[arg(long, env = "KVGATE_HEALTH_INTERVAL", value_name = "SECS")]
+    pub health_interval: Option<f64>,
+    /// Autosave after every `save_every` messages (true/false).
+    #[arg(long, env = "KVGATE_AUTOSAVE", value_name = "BOOL")]
+    pub autosave: Option<bool>,
+    /// Messages per character between autosaves.
+    #[arg(long, env = "KVGATE_SAVE_EVERY", value_name = "N")]
+    pub save_every: Option<u32>,
+    /// Autosaves kept per chat and character (tagged saves are never rotated).
+    #[arg(long, env = "KVGATE_MAX_FILES", value_name = "N")]
+    pub max_files: Option<u32>,
+    /// Save and release a client's slots when it moves to another chat.
+    #[arg(long, env = "KVGATE_CLEAR_ON_CHAT_CHANGE", value_name = "BOOL")]
+    pub clear_on_chat_change: Option<bool>,
+    /// Reject saves smaller than this many bytes (0: off).
+    #[arg(long, env = "KVGATE_MIN_SAVE_BYTES", value_name = "BYTES")]
+    pub min_save_bytes: Option<u64>,
+    /// On shutdown, how long in-flight streams may take to finish (seconds).
+    #[arg(long, env = "KVGATE_SHUTDOWN_GRACE", value_name = "SECS")]
+    pub shutdown_grace: Option<f64>,
+    /// Log filter (tracing's EnvFilter syntax), e.g. `info,kvgate=debug`.
+    #[arg(long, env = "KVGATE_LOG", value_name = "FILTER")]
+    pub log: Option<String>,
+}
+
+/// The same settings as a TOML file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    listen: Option<String>,
+    upstream: Option<String>,
+    admin_listen: Option<String>,
+    save_dir: Option<PathBuf>,
+    policy: Option<String>,
+    max_body_bytes: Option<u64>,
+    max_queue: Option<usize>,
+    queue_timeout: Option<f64>,
+    upstream_timeout: Option<f64>,
+    health_interval: Option<f64>,
+    autosave: Option<bool>,
+    save_every: Option<u32>,
+    max_files: Option<u32>,
+    clear_on_chat_change: Option<bool>,
+    min_save_bytes: Option<u64>,
+    shutdown_grace: Option<f64>,
+    log: Option<String>,
+}
+
+/// Cache policy knobs the seed extension exposed, plus kvgate's own.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheSettings {
+    /// Autosave enabled.
+    pub autosave: bool,
+    /// Messages between autosaves.
+    pub save_every: u32,
+    /// Autosaves kept per (chat, character).
+    pub max_files: u32,
+    /// Save and release a client's slots on a chat switch.
+    pub clear_on_chat_change: bool,
+    /// Saves below this size are treated as failed (0 = off).
+    pub min_save_bytes: u64,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        CacheSettings {
+            autosave: true,
+            save_every: 5,
+            max_files: 10,
+            clear_on_chat_change: true,
+            min_save_bytes: 0,
+        }
+    }
+}
+
+/// The validated configuration kvgate runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Front port address.
+    pub listen: SocketAddr,
+    /// llama-server base URL (scheme, authority, optional path prefix).
+    pub upstream: Uri,
+    /// Admin port address.
+    pub admin_listen: SocketAddr,
+    /// Where slot files live (llama-server's --slot-save-path).
+    pub save_dir: Option<PathBuf>,
+    /// Identity policy name or path.
+    pub policy: String,
+    /// Body limit for intercepted completions.
+    pub max_body_bytes: u64,
+    /// Wait-queue bound.
+    pub max_queue: usize,
+    /// Wait-queue timeout.
+    pub queue_timeout: Duration,
+    /// Upstream response-header timeout.
+    pub upstream_timeout: Duration,
+    /// Upstream polling interval.
+    pub health_interval: Duration,
+    /// Cache policy knobs.
+    pub cache: CacheSettings,
+    /// Drain bound at shutdown.
+    pub shutdown_grace: Duration,
+    /// Log filter.
+    pub log: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:8080".parse().expect("constant address"),
+            upstream: Uri::from_static("http://127.0.0.1:8081"),
+            admin_listen: "127.0.0.1:8090".parse().expect("constant address"),
+            save_dir: None,
+            policy: "sillytavern".into(),
+            max_body_bytes: 64 * 1024 * 1024,
+            max_queue: 64,
+            queue_timeout: Duration::from_secs(300),
+            upstream_timeout: Duration::from_secs(600),
+            health_interval: Duration::from_secs(2),
+            cache: CacheSettings::default(),
+            shutdown_grace: Duration::from_secs(30),
+            log: "info".into(),
+        }
+    }
+}
+
+/// A setting that can't be used; the message names it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A value failed to parse or is out of range.
+    #[error("invalid {name} {value:?}: {reason}")]
+    Invalid {
+        /// Flag / key name.
+        name: &'static str,
+        /// The offending value.
+        value: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The config file can't be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// Its path.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML or has unknown keys.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// Its path.
+        path: PathBuf,
+        /// The parser's complaint (first line).
+        message: String,
+    },
+}
+
+fn invalid(name: &'static str, value: impl ToString, reason: impl ToString) -> ConfigError {
+    ConfigError::Invalid {
+        name,
+        value: value.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+// === impl Config ===
+
+impl Config {
+    /// Merges flags (with their env vars, as clap read them), `KV_SAVE_DIR`
+    /// (`kv_save_dir`), the config file, and defaults; then validates.
+    pub fn from_cli(cli: Cli, kv_save_dir: Option<PathBuf>) -> Result<Config, ConfigError> {
+        let file = match &cli.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        let d = Config::default();
+        let secs = |name: &'static str,
+                    v: Option<f64>,
+                    default: Duration|
+         -> Result<Duration, ConfigError> {
+            match v {
+                None => Ok(default),
+                Some(s) if s.is_finite() && s > 0.0 && s < 1e9 => Ok(Duration::from_secs_f64(s)),
+                Some(s) => Err(invalid(name, s, "must be a positive number of seconds")),
+            }
+        };
+        let addr = |name: &'static str,
+                    v: Option<String>,
+                    default: SocketAddr|
+         -> Result<SocketAddr, ConfigError> {
+            match v {
+                None => Ok(default),
+                Some(s) => s
+                    .parse()
+                    .map_err(|_| invalid(name, &s, "expected IP:PORT, e.g. 127.0.0.1:8080")),
+            }
+        };
+        let upstream = match cli.upstream.or(file.upstream) {
+            None => d.upstream,
+            Some(s) => parse_upstream(&s)?,
+        };
+        let cache = CacheSettings {
+            autosave: cli.autosave.or(file.autosave).unwrap_or(d.cache.autosave),
+            save_every: cli
+                .save_every
+                .or(file.save_every)
+                .unwrap_or(d.cache.save_every),
+            max_files: cli
+                .max_files
+                .or(file.max_files)
+                .unwrap_or(d.cache.max_files),
+            clear_on_chat_change: cli
+                .clear_on_chat_change
+                .or(file.clear_on_chat_change)
+                .unwrap_or(d.cache.clear_on_chat_change),
+            min_save_bytes: cli
+                .min_save_bytes
+                .or(file.min_save_bytes)
+                .unwrap_or(d.cache.min_save_bytes),
+        };
+        let cfg = Config {
+            listen: addr("--listen", cli.listen.or(file.listen), d.listen)?,
+            upstream,
+            admin_listen: addr(
+                "--admin-listen",
+                cli.admin_listen.or(file.admin_listen),
+                d.admin_listen,
+            )?,
+            save_dir: cli.save_dir.or(kv_save_dir).or(file.save_dir),
+            policy: cli.policy.or(file.policy).unwrap_or(d.policy),
+            max_body_bytes: cli
+                .max_body_bytes
+                .or(file.max_body_bytes)
+                .unwrap_or(d.max_body_bytes),
+            max_queue: cli.max_queue.or(file.max_queue).unwrap_or(d.max_queue),
+            queue_timeout: secs(
+                "--queue-timeout",
+                cli.queue_timeout.or(file.queue_timeout),
+                d.queue_timeout,
+            )?,
+            upstream_timeout: secs(
+                "--upstream-timeout",
+                cli.upstream_timeout.or(file.upstream_timeout),
+                d.upstream_timeout,
+            )?,
+            health_interval: secs(
+                "--health-interval",
+                cli.health_interval.or(file.health_interval),
+                d.health_interval,
+            )?,
+            cache,
+            shutdown_grace: secs(
+                "--shutdown-grace",
+                cli.shutdown_grace.or(file.shutdown_grace),
+                d.shutdown_grace,
+            )?,
+            log: cli.log.or(file.log).unwrap_or(d.log),
+        };
+        cfg.validate()
+    }
+
+    /// Range checks that parsing can't express.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        if self.max_body_bytes < 1024 {
+            return Err(invalid(
+                "--max-body-bytes",
+                self.max_body_bytes,
+                "must be at least 1024",
+            ));
+        }
+        if self.cache.save_every == 0 {
+            return Err(invalid("--save-every", 0, "must be at least 1"));
+        }
+        if self.cache.max_files == 0 {
+            return Err(invalid("--max-files", 0, "must be at least 1"));
+        }
+        if let Some(dir) = &self.save_dir {
+            if dir.as_os_str().is_empty() {
+                return Err(invalid("--save-dir", "", "must not be empty"));
+            }
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log).is_err() {
+            return Err(invalid("--log", &self.log, "not a valid log filter"));
+        }
+        Ok(self)
+    }
+}
+
+impl FileConfig {
+    /// Reads and parses a config file.
+    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e
+                .to_string()
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+                + &e.to_string()
+                    .lines()
+                    .last()
+                    .map(|l| format!(" ({})", l.trim()))
+                    .unwrap_or_default(),
+        })
+    }
+}
+
+/// Parses an upstream base URL: http only (llama-server speaks plain HTTP),
+/// with an authority, optionally a path prefix; a trailing `/` is dropped.
+pub fn parse_upstream(s: &str) -> Result<Uri, ConfigError> {
+    let trimmed = s.trim().trim_end_matches('/');
+    let uri: Uri = trimmed
+        .parse()
+        .map_err(|e| invalid("--upstream", s, format!("not a URL ({e})")))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(invalid(
+            "--upstream",
+            s,
+            "must start with http:// (llama-server speaks plain HTTP)",
+        ));
+    }
+    if uri.authority().is_none() {
+        return Err(invalid(
+            "--upstream",
+            s,
+            "needs a host, e.g. http://127.0.0.1:8081",
+        ));
+    }
+    if uri.query().is_some() {
+        return Err(invalid("--upstream", s, "must not have a query"));
+    }
+    Ok(uri)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        let mut v = vec!["kvgate"];
+        v.extend_from_slice(args);
+        Cli::try_parse_from(v).unwrap()
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::from_cli(Cli::default(), None).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.upstream.to_string(), "http://127.0.0.1:8081/");
+        assert_eq!(c.cache, CacheSettings::default());
+        assert_eq!(c.max_body_bytes, 64 << 20);
+    }
+
+    #[test]
+    fn flags_override_file_and_kv_save_dir_fills_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("k.toml");
+        std::fs::write(
+            &f,
+            "listen = \"127.0.0.1:9000\"\nsave_every = 3\nupstream = \"http://10.0.0.1:1/\"\n",
+        )
+        .unwrap();
+        let c = Config::from_cli(
+            cli(&[
+                "--config",
+                f.to_str().unwrap(),
+                "--upstream",
+                "http://127.0.0.1:7000/",
+            ]),
+            Some("/tmp/kv".into()),
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.cache.save_every, 3);
+        assert_eq!(c.upstream.authority().unwrap().as_str(), "127.0.0.1:7000");
+        assert_eq!(c.save_dir.as_deref(), Some(Path::new("/tmp/kv")));
+    }
+
+    #[test]
+    fn bad_values_name_themselves() {
+        let e = Config::from_cli(cli(&["--listen", "nope"]), None).unwrap_err();
+        assert!(e.to_string().contains("--listen"), "{e}");
+        let e = Config::from_cli(cli(&["--upstream", "https://x"]), None).unwrap_err();
+        assert!(e.to_string().contains("--upstream"), "{e}");
+        let e = Config::from_cli(cli(&["--queue-timeout=-1"]), None).unwrap_err();
+        assert!(e.to_string().contains("--queue-timeout"), "{e}");
+        let e = Config::from_cli(cli(&["--save-every", "0"]), None).unwrap_err();
+        assert!(e.to_string().contains("--save-every"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("k.toml");
+        std::fs::write(&f, "lisen = \"x\"\n").unwrap();
+        let e = Config::from_cli(cli(&["--config", f.to_str().unwrap()]), None).unwrap_err();
+        assert!(e.to_string().contains("lisen"), "{e}");
+    }
+}

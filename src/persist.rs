@@ -1,0 +1,244 @@
+//! The cache hooks for real: saves go through llama-server's slot actions
+//! into a temporary name, are checked and committed by the
+//! [`CacheStore`]; restores pick the save sharing the longest token prefix
+//! with the new prompt, under the same model fingerprint.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use hyper::Method;
+use serde_json::Value;
+use tracing::{debug, info, warn};
+
+use crate::cache_store::{choose_best, CacheStore, Fingerprint, NewSave, SaveKind};
+use crate::config::CacheSettings;
+use crate::hooks::{BoxFuture, CacheHooks, Generation, Restore};
+use crate::slots::{SlotId, Tenant};
+use crate::upstream::{SlotAction, Upstream};
+
+/// Bound on one save or restore (a large cache takes a while to write).
+const SLOT_IO_TIMEOUT: Duration = Duration::from_secs(300);
+/// Bound on tokenizing a prompt for the restore decision.
+const TOKENIZE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Saves and restores through llama-server into a [`CacheStore`].
+#[derive(Debug)]
+pub struct Persistence {
+    store: Arc<CacheStore>,
+    upstream: Upstream,
+    fingerprint: RwLock<Option<Fingerprint>>,
+    settings: RwLock<CacheSettings>,
+}
+
+// === impl Persistence ===
+
+impl Persistence {
+    /// Hooks over `store`, talking to `upstream`.
+    pub fn new(store: Arc<CacheStore>, upstream: Upstream, settings: CacheSettings) -> Persistence {
+        store.min_bytes.store(
+            settings.min_save_bytes,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        Persistence {
+            store,
+            upstream,
+            fingerprint: RwLock::new(None),
+            settings: RwLock::new(settings),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<CacheStore> {
+        &self.store
+    }
+
+    /// Current settings.
+    pub fn settings(&self) -> CacheSettings {
+        self.settings
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The model fingerprint in force, once known.
+    pub fn fingerprint(&self) -> Option<Fingerprint> {
+        self.fingerprint
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    async fn do_save(
+        &self,
+        slot: SlotId,
+        tenant: &Tenant,
+        kind: SaveKind,
+        tag: Option<&str>,
+    ) -> Option<String> {
+        let (Some(chat), Some(character)) = (tenant.chat(), tenant.character()) else {
+            return None;
+        };
+        let Some(fp) = self.fingerprint() else {
+            warn!(slot, %tenant, "not saving: llama-server's model is not known yet");
+            return None;
+        };
+        let temp = self.store.temp_name();
+        let reply = match self
+            .upstream
+            .slot_action(slot, SlotAction::Save, Some(&temp), SLOT_IO_TIMEOUT)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                // llama-server may have written part of the file.
+                self.store.discard_temp(&temp);
+                warn!(slot, %tenant, kind = kind.as_str(), error = %e, "save failed; the usage counter is kept so the next save retries");
+                return None;
+            }
+        };
+        let new = NewSave {
+            chat,
+            character,
+            tag,
+            kind,
+            fingerprint: Some(&fp),
+            n_saved: reply.n_saved.unwrap_or(0),
+            n_written: reply.n_written.unwrap_or(0),
+        };
+        match self.store.commit(&temp, &new) {
+            Ok(meta) => {
+                info!(slot, %tenant, kind = kind.as_str(), file = %meta.file, tokens = meta.n_tokens, bytes = meta.bytes, "saved");
+                if tag.is_none() {
+                    let keep = self.settings().max_files as usize;
+                    let deleted = self.store.rotate(chat, character, keep);
+                    if !deleted.is_empty() {
+                        debug!(?deleted, "rotation");
+                    }
+                }
+                Some(meta.file)
+            }
+            Err(e) => {
+                warn!(slot, %tenant, kind = kind.as_str(), error = %e, "save rejected; nothing kept");
+                None
+            }
+        }
+    }
+
+    /// Tokenizes the new prompt the way `/completion` will.
+    async fn prompt_tokens(&self, g: &Generation<'_>) -> Option<Vec<i32>> {
+        let text = match (g.prompt, g.messages) {
+            (Some(p), _) => p.to_string(),
+            (None, Some(messages)) => {
+                let body = serde_json::json!({ "messages": messages });
+                let (status, v) = self
+                    .upstream
+                    .call_json(
+                        Method::POST,
+                        "/apply-template",
+                        Some(&body),
+                        TOKENIZE_TIMEOUT,
+                    )
+                    .await
+                    .ok()?;
+                if !status.is_success() {
+                    return None;
+                }
+                v.get("prompt")?.as_str()?.to_string()
+            }
+            (None, None) => return None,
+        };
+        match self.upstream.tokenize(&text, TOKENIZE_TIMEOUT).await {
+            Ok(t) => Some(t),
+            Err(e) => {
+                debug!(error = %e, "tokenize failed; choosing the newest save");
+                None
+            }
+        }
+    }
+
+    async fn do_restore(&self, g: Generation<'_>) -> Restore {
+        let tenant = &g.identity.tenant;
+        let (Some(chat), Some(character)) = (tenant.chat(), tenant.character()) else {
+            return Restore::Skipped;
+        };
+        let Some(fp) = self.fingerprint() else {
+            return Restore::Skipped;
+        };
+        let candidates = self.store.candidates(chat, character, &fp.id);
+        if candidates.is_empty() {
+            return Restore::Skipped;
+        }
+        let chosen = match self.prompt_tokens(&g).await {
+            Some(prompt) => {
+                let with_tokens: Vec<_> = candidates
+                    .into_iter()
+                    .filter_map(|m| self.store.tokens(&m.file).ok().map(|t| (m, t)))
+                    .collect();
+                // A restore must beat what the slot already holds, and more
+                // than the BOS token.
+                let at_least = usize::try_from(g.resident_tokens)
+                    .unwrap_or(usize::MAX)
+                    .max(1);
+                choose_best(&with_tokens, &prompt, at_least).map(|(m, lcp)| (m.file.clone(), lcp))
+            }
+            None => candidates
+                .iter()
+                .max_by_key(|m| (m.created, m.file.clone()))
+                .map(|m| (m.file.clone(), 0)),
+        };
+        let Some((file, lcp)) = chosen else {
+            return Restore::Skipped;
+        };
+        match self
+            .upstream
+            .slot_action(g.slot, SlotAction::Restore, Some(&file), SLOT_IO_TIMEOUT)
+            .await
+        {
+            Ok(r) => {
+                let tokens = r.n_restored.unwrap_or(0);
+                info!(slot = g.slot, %tenant, %file, tokens, shared_prefix = lcp, "restored");
+                Restore::Restored { file, tokens }
+            }
+            Err(e) => Restore::Failed(format!("{file}: {e}")),
+        }
+    }
+}
+
+impl CacheHooks for Persistence {
+    fn save<'a>(
+        &'a self,
+        slot: SlotId,
+        tenant: &'a Tenant,
+        kind: SaveKind,
+        tag: Option<&'a str>,
+    ) -> BoxFuture<'a, Option<String>> {
+        Box::pin(self.do_save(slot, tenant, kind, tag))
+    }
+
+    fn restore<'a>(&'a self, generation: Generation<'a>) -> BoxFuture<'a, Restore> {
+        Box::pin(self.do_restore(generation))
+    }
+
+    fn autosave_due(&self, usage: u32) -> bool {
+        let s = self.settings();
+        s.autosave && usage >= s.save_every
+    }
+
+    fn set_fingerprint(&self, fingerprint: Fingerprint) {
+        let mut fp = self.fingerprint.write().unwrap_or_else(|e| e.into_inner());
+        if fp.as_ref() != Some(&fingerprint) {
+            info!(model = %fingerprint.model, id = %fingerprint.id, "model fingerprint");
+            *fp = Some(fingerprint);
+        }
+    }
+}
+
+/// The fingerprint of the model llama-server serves (from `/props` and
+/// `/v1/models`).
+pub async fn fetch_fingerprint(upstream: &Upstream, props: &Value) -> Option<Fingerprint> {
+    let models = upstream
+        .get_json("/v1/models", Duration::from_secs(5))
+        .await
+        .ok()?;
+    Some(Fingerprint::from_upstream(props, &models))
+}

@@ -1,0 +1,587 @@
+//! The front port. Completions go through the named steps
+//! `classify → read → resolve → acquire → evict-save → restore → forward →
+//! relay → (autosave) → release`; everything else passes through untouched.
+//!
+//! Once response headers are sent, a lifecycle task owns the slot's lease
+//! until the relayed body reports its end; only then does it autosave and
+//! release, so a save never races the generation it saves.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderMap, HeaderValue, ACCEPT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::Value;
+use tracing::{debug, info, warn};
+
+use crate::app::{App, Metrics};
+use crate::body::{boxed, full, ProxyBody};
+use crate::cache_store::SaveKind;
+use crate::error::ApiError;
+use crate::hooks::{Generation, Restore};
+use crate::identity::{self, Api, Explicit, Identity};
+use crate::lease::{AcquireError, Lease};
+use crate::slots::{Outcome, Tenant, Want};
+use crate::sse::{Observed, StreamEnd};
+use crate::upstream::{strip_hop_by_hop, UpstreamError};
+
+/// Response header: the slot kvgate used.
+pub const H_SLOT: &str = "x-kvgate-slot";
+/// Response header: the character (percent-encoded UTF-8) when known.
+pub const H_CHARACTER: &str = "x-kvgate-character";
+/// Response header: the file restored before the generation.
+pub const H_RESTORED: &str = "x-kvgate-restored";
+
+/// Which completion API a path is, if kvgate intercepts it.
+pub fn completion_api(method: &Method, path: &str) -> Option<Api> {
+    if method != Method::POST {
+        return None;
+    }
+    match path {
+        "/completion" | "/completions" | "/v1/completions" => Some(Api::Text),
+        "/chat/completions" | "/v1/chat/completions" => Some(Api::Chat),
+        _ => None,
+    }
+}
+
+/// Serves one front-port request from `peer`.
+pub async fn handle(
+    app: Arc<App>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<ProxyBody> {
+    if let Some(api) = completion_api(req.method(), req.uri().path()) {
+        return match completion(&app, req, api, peer).await {
+            Ok(resp) => resp,
+            Err(e) => e.into_response(),
+        };
+    }
+    if let Some(slot) = slot_action_target(req.method(), req.uri().path()) {
+        return slot_action(&app, req, slot).await;
+    }
+    passthrough(&app, req).await
+}
+
+/// `POST /slots/{id}`: a client's own slot action (save, restore, erase).
+fn slot_action_target(method: &Method, path: &str) -> Option<usize> {
+    if method != Method::POST {
+        return None;
+    }
+    path.strip_prefix("/slots/")?.parse().ok()
+}
+
+/// Passes a client's slot action through while holding the slot, then
+/// updates the table: after an erase the slot is empty, after a restore its
+/// contents are unknown to kvgate; a save changes nothing.
+async fn slot_action(app: &Arc<App>, req: Request<Incoming>, id: usize) -> Response<ProxyBody> {
+    let n = app.pool.len();
+    if n == 0 {
+        return passthrough(app, req).await;
+    }
+    let slot = id % n;
+    let is_save = req
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|kv| kv == "action=save"));
+    let want = if is_save {
+        Want::Hold(slot)
+    } else {
+        Want::Pinned(slot)
+    };
+    let lease = match acquire(app, want).await {
+        Ok(l) => l,
+        Err(e) => return e.into_response(),
+    };
+    // The owner's unsaved messages go to disk before its cache is replaced.
+    if let Some(ev) = lease.grant().evicted.clone() {
+        if ev.usage >= 1 && ev.live && ev.tenant.is_character() {
+            app.hooks
+                .save(slot, &ev.tenant, SaveKind::Eviction, None)
+                .await;
+        }
+    }
+    let (parts, body) = req.into_parts();
+    let resp = app.upstream.forward(parts, boxed(body)).await;
+    let outcome = if is_save {
+        Outcome::Untouched
+    } else {
+        Outcome::Cleared
+    };
+    match resp {
+        Ok(resp) => {
+            // llama-server answers a slot action once it is done: read the
+            // answer before releasing the slot.
+            let (mut parts, body) = resp.into_parts();
+            let bytes = match body.collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => {
+                    lease.release(Outcome::Cleared);
+                    return ApiError::bad_gateway(format!(
+                        "llama-server broke off its answer: {e}"
+                    ))
+                    .into_response();
+                }
+            };
+            lease.release(outcome);
+            strip_hop_by_hop(&mut parts.headers);
+            Response::from_parts(parts, full(bytes))
+        }
+        Err(e) => {
+            lease.release(Outcome::Cleared);
+            upstream_failure(app, e).into_response()
+        }
+    }
+}
+
+/// Forwards a request as is and relays the response as it arrives.
+async fn passthrough(app: &Arc<App>, req: Request<Incoming>) -> Response<ProxyBody> {
+    Metrics::inc(&app.metrics.passthrough);
+    let (parts, body) = req.into_parts();
+    match app.upstream.forward(parts, boxed(body)).await {
+        Ok(resp) => relay(resp),
+        Err(e) => upstream_failure(app, e).into_response(),
+    }
+}
+
+/// Copies status and end-to-end headers; the body streams through.
+fn relay(resp: Response<Incoming>) -> Response<ProxyBody> {
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, boxed(body))
+}
+
+fn upstream_failure(app: &App, e: UpstreamError) -> ApiError {
+    Metrics::inc(&app.metrics.upstream_errors);
+    if e.is_connect() {
+        app.monitor_kick.notify_one();
+    }
+    warn!(error = %e, "upstream request failed");
+    match e {
+        UpstreamError::Timeout { .. } => ApiError::timeout(e.to_string()),
+        _ => ApiError::bad_gateway(e.to_string()),
+    }
+}
+
+/// Reads the body within the configured limit.
+async fn read_body(app: &App, headers: &HeaderMap, body: Incoming) -> Result<Bytes, ApiError> {
+    let limit = app.cfg.max_body_bytes;
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::too_large(limit));
+    }
+    let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
+    match Limited::new(body, limit_usize).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(ApiError::too_large(limit))
+        }
+        Err(e) => Err(ApiError::bad_request(format!(
+            "could not read the request body: {e}"
+        ))),
+    }
+}
+
+/// What the client asked for regarding slots.
+enum SlotRequest {
+    /// kvgate chooses.
+    Ours,
+    /// The client chose this slot (`id_slot` ≥ 0).
+    Client(usize),
+}
+
+fn slot_request(body: &Value) -> SlotRequest {
+    match body.get("id_slot").and_then(Value::as_i64) {
+        Some(n) if n >= 0 => SlotRequest::Client(usize::try_from(n).unwrap_or(usize::MAX)),
+        _ => SlotRequest::Ours,
+    }
+}
+
+async fn completion(
+    app: &Arc<App>,
+    req: Request<Incoming>,
+    api: Api,
+    peer: SocketAddr,
+) -> Result<Response<ProxyBody>, ApiError> {
+    Metrics::inc(&app.metrics.completions);
+    let (mut parts, body) = req.into_parts();
+    let raw = read_body(app, &parts.headers, body).await?;
+
+    // A body that is not a JSON object goes through untouched, so the client
+    // sees llama-server's own error.
+    let mut json = match serde_json::from_slice::<Value>(&raw) {
+        Ok(v @ Value::Object(_)) => v,
+        _ => {
+            debug!("completion body is not a JSON object; forwarding untouched");
+            return match app.upstream.forward(parts, full(raw)).await {
+                Ok(resp) => Ok(relay(resp)),
+                Err(e) => Err(upstream_failure(app, e)),
+            };
+        }
+    };
+    // `id_slot` of the wrong type: llama-server rejects it with 400; kvgate
+    // must not guess a slot for it.
+    if json
+        .get("id_slot")
+        .is_some_and(|v| !v.is_null() && !v.is_i64() && !v.is_u64())
+    {
+        return match app.upstream.forward(parts, full(raw)).await {
+            Ok(resp) => Ok(relay(resp)),
+            Err(e) => Err(upstream_failure(app, e)),
+        };
+    }
+
+    let explicit = explicit_identity(&parts.headers, &mut json)?;
+    let identity = identity::resolve(api, &json, &explicit, &app.policy, |t| {
+        app.previous_prompt(t)
+    });
+    let want = match slot_request(&json) {
+        SlotRequest::Ours => Want::Tenant(identity.tenant.clone()),
+        SlotRequest::Client(n) => {
+            // llama-server wraps large ids around (id % n_slots); serialise on
+            // the slot it will really use.
+            let len = app.pool.len();
+            if len == 0 {
+                return Err(ApiError::unavailable(
+                    "llama-server's slots are not known yet",
+                ));
+            }
+            Want::Pinned(n % len)
+        }
+    };
+    let pinned = matches!(want, Want::Pinned(_));
+
+    if let (Tenant::Character { chat, .. }, false) = (&identity.tenant, pinned) {
+        let client = client_key(&parts.headers, peer);
+        if let Some(previous) = app.note_client_chat(&client, chat) {
+            if app.cfg.cache.clear_on_chat_change {
+                chat_switch(app, &client, &previous).await;
+            }
+        }
+    }
+
+    let lease = acquire(app, want).await?;
+    let slot = lease.slot();
+    app.remember_prompt(&identity.tenant, identity.prompt_hash);
+    info!(
+        slot,
+        tenant = %identity.tenant,
+        kind = %identity.kind,
+        source = ?identity.source,
+        resident = lease.grant().resident,
+        "completion"
+    );
+
+    // Evict-save: the previous owner's unsaved messages go to disk first.
+    if let Some(ev) = lease.grant().evicted.clone() {
+        Metrics::inc(&app.metrics.evictions);
+        if ev.usage >= 1
+            && ev.tenant.is_character()
+            && ev.live
+            && app
+                .hooks
+                .save(slot, &ev.tenant, SaveKind::Eviction, None)
+                .await
+                .is_some()
+        {
+            Metrics::inc(&app.metrics.eviction_saves);
+        }
+    }
+
+    // Restore: bring the tenant's best save in, right before the generation.
+    let mut restored = None;
+    if lease.grant().resident {
+        Metrics::inc(&app.metrics.resident_hits);
+    } else if !pinned && identity.tenant.is_character() {
+        let gen = Generation {
+            slot,
+            identity: &identity,
+            prompt: json.get("prompt").and_then(Value::as_str),
+            messages: json.get("messages"),
+            resident_tokens: 0,
+        };
+        match app.hooks.restore(gen).await {
+            Restore::Restored { file, .. } => {
+                Metrics::inc(&app.metrics.restores);
+                lease.pool().with_table(|t| t.mark_restored(slot));
+                restored = Some(file);
+            }
+            Restore::Failed(reason) => {
+                Metrics::inc(&app.metrics.restore_failures);
+                warn!(slot, %reason, "restore failed; generating on an empty slot");
+                lease.pool().with_table(|t| t.mark_empty(slot));
+            }
+            Restore::Skipped => {}
+        }
+    }
+
+    if !pinned {
+        json["id_slot"] = Value::from(slot);
+    }
+    let bytes =
+        Bytes::from(serde_json::to_vec(&json).map_err(|e| ApiError::internal(e.to_string()))?);
+    parts
+        .headers
+        .insert(CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    // kvgate reads the stream: it must not arrive compressed.
+    parts.headers.remove(ACCEPT_ENCODING);
+
+    let resp = match app.upstream.forward(parts, full(bytes)).await {
+        Ok(r) => r,
+        Err(e) => {
+            let outcome = if e.is_connect() {
+                Outcome::Untouched
+            } else {
+                Outcome::Failed
+            };
+            lease.release(outcome);
+            return Err(upstream_failure(app, e));
+        }
+    };
+
+    let (mut rparts, rbody) = resp.into_parts();
+    strip_hop_by_hop(&mut rparts.headers);
+    let sse = rparts
+        .headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let status = rparts.status;
+    let (observed, end) = Observed::new(rbody, sse);
+    add_identity_headers(&mut rparts.headers, slot, &identity, restored.as_deref());
+
+    let guard = app.tasks.start();
+    let app2 = Arc::clone(app);
+    tokio::spawn(async move {
+        let _guard = guard;
+        let end = end
+            .await
+            .unwrap_or(StreamEnd::ClientGone(Default::default()));
+        finish(&app2, lease, &identity, pinned, status, end).await;
+    });
+    Ok(Response::from_parts(rparts, boxed(observed)))
+}
+
+/// After the body's end: decide what the slot holds, autosave, release.
+async fn finish(
+    app: &App,
+    lease: Lease,
+    identity: &Identity,
+    pinned: bool,
+    status: StatusCode,
+    end: StreamEnd,
+) {
+    let slot = lease.slot();
+    let outcome = if pinned {
+        // A client-managed slot: kvgate no longer knows what it holds.
+        Outcome::Cleared
+    } else if status.is_client_error() {
+        // Refused before any work (bad parameters, context too small).
+        Outcome::Untouched
+    } else if status.is_server_error() {
+        Outcome::Failed
+    } else {
+        match &end {
+            StreamEnd::Complete(s) if s.error.is_none() => Outcome::Generated(identity.kind),
+            StreamEnd::Complete(_) => Outcome::Failed,
+            // A stopped generation (SillyTavern's Stop button) leaves a valid
+            // prefix in the slot, and the partial message is kept by the client.
+            StreamEnd::ClientGone(_) => Outcome::Generated(identity.kind),
+            StreamEnd::UpstreamError(e, _) => {
+                Metrics::inc(&app.metrics.upstream_errors);
+                warn!(slot, error = %e, "upstream broke off the stream");
+                app.monitor_kick.notify_one();
+                Outcome::Failed
+            }
+        }
+    };
+    let summary = end.summary();
+    debug!(
+        slot,
+        ?outcome,
+        cache_n = summary.cache_n(),
+        prompt_n = summary.prompt_n(),
+        bytes = summary.bytes,
+        "generation ended"
+    );
+    lease.apply(outcome);
+    if let (Outcome::Generated(_), Tenant::Character { .. }) = (outcome, &identity.tenant) {
+        // The client already has its last byte; the slot stays leased until
+        // the save is done, so the next request for this character can't
+        // race it.
+        if app.hooks.autosave_due(lease.usage())
+            && app
+                .hooks
+                .save(slot, &identity.tenant, SaveKind::Autosave, None)
+                .await
+                .is_some()
+        {
+            Metrics::inc(&app.metrics.autosaves);
+            lease.pool().with_table(|t| t.mark_saved(slot));
+        }
+    }
+    lease.release(Outcome::Untouched);
+}
+
+async fn acquire(app: &Arc<App>, want: Want) -> Result<Lease, ApiError> {
+    match app.pool.acquire(want, app.cfg.queue_timeout).await {
+        Ok(l) => Ok(l),
+        Err(e) => {
+            Metrics::inc(&app.metrics.queue_rejections);
+            Err(match e {
+                AcquireError::Table(crate::slots::TableError::NoSuchSlot(_)) => {
+                    ApiError::bad_request(e.to_string())
+                }
+                _ => ApiError::unavailable(e.to_string()),
+            })
+        }
+    }
+}
+
+/// Who a client is, for chat-switch tracking: its API key when it sends one
+/// (hashed, never logged), else its address.
+fn client_key(headers: &HeaderMap, peer: SocketAddr) -> String {
+    let key = headers
+        .get(hyper::header::AUTHORIZATION)
+        .or_else(|| headers.get("x-api-key"))
+        .map(|v| v.as_bytes());
+    match key {
+        Some(k) => format!("key-{:016x}", crate::hash::fnv1a64(k)),
+        None => format!("addr-{}", peer.ip()),
+    }
+}
+
+/// The client moved from `previous` to another chat: save every slot of the
+/// previous chat that has unsaved messages, and release those slots.
+async fn chat_switch(app: &Arc<App>, client: &str, previous: &str) {
+    let slots: Vec<(usize, Tenant)> = app
+        .pool
+        .snapshot()
+        .into_iter()
+        .enumerate()
+        .filter_map(|(id, s)| {
+            s.owner
+                .filter(|t| t.chat() == Some(previous))
+                .map(|t| (id, t))
+        })
+        .collect();
+    if slots.is_empty() {
+        return;
+    }
+    info!(
+        client,
+        previous_chat = previous,
+        slots = slots.len(),
+        "chat switch: saving and releasing the previous chat's slots"
+    );
+    for (slot, tenant) in slots {
+        let Ok(lease) = app
+            .pool
+            .acquire(Want::Hold(slot), app.cfg.queue_timeout)
+            .await
+        else {
+            continue;
+        };
+        let state = app.pool.snapshot()[slot].clone();
+        if state.owner.as_ref() != Some(&tenant) {
+            // Someone else took the slot meanwhile.
+            lease.release(Outcome::Untouched);
+            continue;
+        }
+        if state.usage >= 1
+            && state.live
+            && app
+                .hooks
+                .save(slot, &tenant, SaveKind::ChatSwitch, None)
+                .await
+                .is_none()
+        {
+            // The save failed: keep the slot and its unsaved messages.
+            lease.release(Outcome::Untouched);
+            continue;
+        }
+        lease.release(Outcome::Cleared);
+    }
+}
+
+fn explicit_identity(headers: &HeaderMap, json: &mut Value) -> Result<Explicit, ApiError> {
+    let from_headers = Explicit::from_headers(|k| {
+        headers
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s as &str)
+    })
+    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let from_body =
+        Explicit::take_from_body(json).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    Ok(from_headers.or(from_body))
+}
+
+fn add_identity_headers(
+    headers: &mut HeaderMap,
+    slot: usize,
+    identity: &Identity,
+    restored: Option<&str>,
+) {
+    headers.insert(H_SLOT, HeaderValue::from(slot));
+    if let Some(name) = identity.tenant.character() {
+        if let Ok(v) = HeaderValue::from_str(&percent_encode(name)) {
+            headers.insert(H_CHARACTER, v);
+        }
+    }
+    if let Some(file) = restored {
+        if let Ok(v) = HeaderValue::from_str(&percent_encode(file)) {
+            headers.insert(H_RESTORED, v);
+        }
+    }
+}
+
+/// Percent-encodes everything but visible ASCII (and `%` itself), so any
+/// name fits a header value and decodes back to the exact UTF-8.
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x21..0x7f).contains(&b) && b != b'%' || b == b' ' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intercepted_paths() {
+        for p in ["/completion", "/completions", "/v1/completions"] {
+            assert_eq!(completion_api(&Method::POST, p), Some(Api::Text));
+        }
+        for p in ["/chat/completions", "/v1/chat/completions"] {
+            assert_eq!(completion_api(&Method::POST, p), Some(Api::Chat));
+        }
+        assert_eq!(completion_api(&Method::GET, "/completion"), None);
+        assert_eq!(completion_api(&Method::POST, "/tokenize"), None);
+        assert_eq!(
+            completion_api(&Method::POST, "/v1/chat/completions/control"),
+            None
+        );
+    }
+
+    #[test]
+    fn percent_encoding_round_trips_utf8() {
+        assert_eq!(percent_encode("Alice Marlowe"), "Alice Marlowe");
+        assert_eq!(percent_encode("Алиса"), "%D0%90%D0%BB%D0%B8%D1%81%D0%B0");
+        assert_eq!(percent_encode("50%\n"), "50%25%0A");
+    }
+}

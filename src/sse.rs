@@ -1,0 +1,352 @@
+//! Relays a completion's response body frame by frame, untouched, while
+//! watching it: the final chunk's `timings` / `id_slot` / `tokens_cached`, an
+//! error event, and how the stream ended (completed, client gone, upstream
+//! broke). The end is reported once over a oneshot, so the task holding the
+//! slot's lease can save and release after the client has its last byte.
+//!
+//! The scanner only parses `data:` lines that can matter (they mention
+//! `"timings"`, `"stop":true`, `"error"` or `"finish_reason"`), so relaying a
+//! token chunk costs a substring search, not a JSON parse.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use crate::body::BoxError;
+
+/// Longest SSE line kept for inspection; longer lines are relayed but not
+/// parsed (llama-server's final chunk holds the whole prompt, so be generous).
+const MAX_LINE: usize = 64 * 1024 * 1024;
+
+/// Largest non-SSE (plain JSON) body buffered for inspection.
+const MAX_JSON: usize = 64 * 1024 * 1024;
+
+/// What the watched body saw.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Summary {
+    /// The final result object (SSE final chunk, or the whole JSON body).
+    pub final_chunk: Option<Value>,
+    /// An `{"error": …}` event or body.
+    pub error: Option<Value>,
+    /// Bytes relayed.
+    pub bytes: u64,
+    /// `data:` events seen.
+    pub events: u64,
+}
+
+impl Summary {
+    /// `timings.cache_n` of the final chunk.
+    pub fn cache_n(&self) -> Option<u64> {
+        self.timing("cache_n")
+    }
+
+    /// `timings.prompt_n` of the final chunk.
+    pub fn prompt_n(&self) -> Option<u64> {
+        self.timing("prompt_n")
+    }
+
+    fn timing(&self, key: &str) -> Option<u64> {
+        self.final_chunk
+            .as_ref()?
+            .get("timings")?
+            .get(key)?
+            .as_u64()
+    }
+
+    /// `id_slot` of the final chunk.
+    pub fn id_slot(&self) -> Option<i64> {
+        self.final_chunk.as_ref()?.get("id_slot")?.as_i64()
+    }
+}
+
+/// How the relayed body ended.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StreamEnd {
+    /// The upstream finished and the client received everything.
+    Complete(Summary),
+    /// The client went away before the end.
+    ClientGone(Summary),
+    /// The upstream body broke off.
+    UpstreamError(String, Summary),
+}
+
+impl StreamEnd {
+    /// The summary, however it ended.
+    pub fn summary(&self) -> &Summary {
+        match self {
+            StreamEnd::Complete(s) | StreamEnd::ClientGone(s) | StreamEnd::UpstreamError(_, s) => s,
+        }
+    }
+}
+
+/// Incremental scanner over the body bytes.
+#[derive(Debug, Default)]
+struct Scanner {
+    sse: bool,
+    line: Vec<u8>,
+    overflow: bool,
+    summary: Summary,
+}
+
+impl Scanner {
+    fn feed(&mut self, chunk: &[u8]) {
+        self.summary.bytes += chunk.len() as u64;
+        if !self.sse {
+            if self.line.len() + chunk.len() <= MAX_JSON {
+                self.line.extend_from_slice(chunk);
+            } else {
+                self.overflow = true;
+            }
+            return;
+        }
+        let mut rest = chunk;
+        while let Some(i) = rest.iter().position(|&b| b == b'\n') {
+            if !self.overflow {
+                self.line.extend_from_slice(&rest[..i]);
+                let line = std::mem::take(&mut self.line);
+                self.line_done(&line);
+            }
+            self.line.clear();
+            self.overflow = false;
+            rest = &rest[i + 1..];
+        }
+        if !self.overflow {
+            if self.line.len() + rest.len() > MAX_LINE {
+                self.overflow = true;
+                self.line.clear();
+            } else {
+                self.line.extend_from_slice(rest);
+            }
+        }
+    }
+
+    fn line_done(&mut self, line: &[u8]) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(data) = line.strip_prefix(b"data:") else {
+            return;
+        };
+        self.summary.events += 1;
+        let data = data.strip_prefix(b" ").unwrap_or(data);
+        if !interesting(data) {
+            return;
+        }
+        if let Ok(v) = serde_json::from_slice::<Value>(data) {
+            self.observe(v);
+        }
+    }
+
+    fn observe(&mut self, v: Value) {
+        if v.get("error").is_some() {
+            self.summary.error = Some(v);
+        } else if v.get("timings").is_some()
+            || v.get("stop").and_then(Value::as_bool) == Some(true)
+            || v.get("id_slot")
+                .and_then(Value::as_i64)
+                .is_some_and(|s| s >= 0)
+        {
+            self.summary.final_chunk = Some(v);
+        }
+    }
+
+    fn finish(&mut self) -> Summary {
+        if self.sse {
+            if !self.line.is_empty() && !self.overflow {
+                let line = std::mem::take(&mut self.line);
+                self.line_done(&line);
+            }
+        } else if !self.overflow && !self.line.is_empty() {
+            if let Ok(v) = serde_json::from_slice::<Value>(&self.line) {
+                self.observe(v);
+            }
+        }
+        self.line.clear();
+        std::mem::take(&mut self.summary)
+    }
+}
+
+fn interesting(data: &[u8]) -> bool {
+    const NEEDLES: [&[u8]; 4] = [
+        b"\"timings\"",
+        b"\"stop\":true",
+        b"\"error\"",
+        b"\"finish_reason\":\"",
+    ];
+    NEEDLES
+        .iter()
+        .any(|n| data.windows(n.len()).any(|w| w == *n))
+}
+
+pin_project! {
+    /// A body relayed as is, reporting its end on a oneshot.
+    pub struct Observed<B> {
+        #[pin]
+        inner: B,
+        scanner: Scanner,
+        tx: Option<oneshot::Sender<StreamEnd>>,
+    }
+
+    impl<B> PinnedDrop for Observed<B> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(tx) = this.tx.take() {
+                let _ = tx.send(StreamEnd::ClientGone(this.scanner.finish()));
+            }
+        }
+    }
+}
+
+impl<B> std::fmt::Debug for Observed<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Observed").finish_non_exhaustive()
+    }
+}
+
+impl<B> Observed<B> {
+    /// Wraps `inner`; `sse` selects event-stream scanning (else the body is
+    /// one JSON document). The receiver gets exactly one [`StreamEnd`].
+    pub fn new(inner: B, sse: bool) -> (Self, oneshot::Receiver<StreamEnd>) {
+        let (tx, rx) = oneshot::channel();
+        (
+            Observed {
+                inner,
+                scanner: Scanner {
+                    sse,
+                    ..Scanner::default()
+                },
+                tx: Some(tx),
+            },
+            rx,
+        )
+    }
+}
+
+impl<B> Body for Observed<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.scanner.feed(data);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let e: BoxError = e.into();
+                if let Some(tx) = this.tx.take() {
+                    let _ = tx.send(StreamEnd::UpstreamError(
+                        e.to_string(),
+                        this.scanner.finish(),
+                    ));
+                }
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(None) => {
+                if let Some(tx) = this.tx.take() {
+                    let _ = tx.send(StreamEnd::Complete(this.scanner.finish()));
+                }
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // Never claim the end early: the end must be observed in poll_frame
+        // so it is reported as Complete, not as a client disconnect.
+        false
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use std::collections::VecDeque;
+
+    /// A body that yields the given chunks, one frame each.
+    struct Chunks(VecDeque<Bytes>);
+
+    impl Body for Chunks {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
+        }
+    }
+
+    fn body_of(chunks: Vec<&'static [u8]>) -> Chunks {
+        Chunks(chunks.into_iter().map(Bytes::from_static).collect())
+    }
+
+    #[tokio::test]
+    async fn relays_bytes_and_finds_final_chunk_split_across_frames() {
+        let chunks: Vec<&'static [u8]> = vec![
+            b"data: {\"content\":\"Hi\",\"stop\":false,\"id_slot\":-1}\n\nda",
+            b"ta: {\"content\":\"\",\"stop\":true,\"id_slot\":1,\"timings\":{\"cache_n\":7,\"pro",
+            b"mpt_n\":3}}\n\n",
+        ];
+        let expected: Vec<u8> = chunks.concat();
+        let (obs, rx) = Observed::new(body_of(chunks), true);
+        let got = obs.collect().await.unwrap().to_bytes();
+        assert_eq!(&got[..], &expected[..]);
+        let StreamEnd::Complete(s) = rx.await.unwrap() else {
+            panic!("not complete")
+        };
+        assert_eq!(s.events, 2);
+        assert_eq!(s.cache_n(), Some(7));
+        assert_eq!(s.prompt_n(), Some(3));
+        assert_eq!(s.id_slot(), Some(1));
+    }
+
+    #[tokio::test]
+    async fn error_event_and_plain_json() {
+        let (obs, rx) = Observed::new(
+            body_of(vec![
+                b"data: {\"error\":{\"code\":500,\"message\":\"x\"}}\n\n",
+            ]),
+            true,
+        );
+        obs.collect().await.unwrap();
+        assert!(rx.await.unwrap().summary().error.is_some());
+        let (obs, rx) = Observed::new(
+            body_of(vec![
+                b"{\"content\":\"a\",\"id_slot\":0,",
+                b"\"timings\":{\"cache_n\":2}}",
+            ]),
+            false,
+        );
+        obs.collect().await.unwrap();
+        assert_eq!(rx.await.unwrap().summary().cache_n(), Some(2));
+    }
+
+    #[tokio::test]
+    async fn dropped_early_is_client_gone() {
+        let (obs, rx) = Observed::new(body_of(vec![b"data: {}\n\n", b"data: {}\n\n"]), true);
+        let mut obs = Box::pin(obs);
+        let _ = obs.frame().await;
+        drop(obs);
+        assert!(matches!(rx.await.unwrap(), StreamEnd::ClientGone(_)));
+    }
+}

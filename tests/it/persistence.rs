@@ -1,0 +1,416 @@
+//! Cache files against the fake llama-server, which writes real slot files:
+//! checked saves, restores before the generation, autosave and rotation,
+//! chat switches, failures that must leave nothing behind.
+
+use std::path::Path;
+use std::time::Duration;
+
+use kvgate::cache_store::{SaveKind, SaveMeta, META_SUFFIX, TEMP_PREFIX};
+use serde_json::{json, Value};
+
+use crate::support::fake_llama::FakeLlama;
+use crate::support::kvgate::{post_json, sse_events, Kvgate};
+
+const ROSTER: [&str; 4] = ["Alice", "Bob", "Carol", "Dave"];
+
+/// A SillyTavern-shaped group turn; `history` makes prompts grow like a chat.
+fn turn(speaker: &str, history: &str) -> Value {
+    let mut stop = vec!["\nUser:".to_string()];
+    stop.extend(
+        ROSTER
+            .iter()
+            .filter(|n| **n != speaker)
+            .map(|o| format!("\n{o}:")),
+    );
+    json!({
+        "prompt": format!("Write {speaker}'s next reply in a fictional chat.\n{speaker}'s card.\n***\n{history}\n{speaker}:"),
+        "stop": stop,
+        "stream": true,
+        "n_predict": 8,
+        "cache_prompt": true,
+    })
+}
+
+struct Setup {
+    fake: FakeLlama,
+    kv: Kvgate,
+    dir: tempfile::TempDir,
+}
+
+async fn setup(slots: usize, tweak: impl FnOnce(&mut kvgate::config::Config)) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeLlama::builder()
+        .slots(slots)
+        .events(3)
+        .save_dir(dir.path())
+        .build()
+        .await;
+    let path = dir.path().to_path_buf();
+    let mut tw = Some(tweak);
+    let gw = {
+        let mut cfg = kvgate::config::Config {
+            upstream: kvgate::config::parse_upstream(&fake.url()).unwrap(),
+            health_interval: Duration::from_millis(100),
+            save_dir: Some(path),
+            ..Default::default()
+        };
+        (tw.take().unwrap())(&mut cfg);
+        kvgate::Gateway::new(cfg).unwrap()
+    };
+    let kv = Kvgate::serve(gw).await;
+    // Wait for the model fingerprint (first monitor contact).
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    Setup { fake, kv, dir }
+}
+
+fn saves(dir: &Path) -> Vec<SaveMeta> {
+    let mut v: Vec<SaveMeta> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(META_SUFFIX))
+        .map(|e| serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap())
+        .collect();
+    v.sort_by(|a, b| a.created.cmp(&b.created).then(a.file.cmp(&b.file)));
+    v
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Slot actions llama-server performed (without kvgate's start-up probe,
+/// a save with an empty name that llama-server refuses).
+fn slot_actions(fake: &FakeLlama) -> Vec<(usize, String, Option<String>)> {
+    fake.slot_actions()
+        .into_iter()
+        .filter(|a| a.2.as_deref() != Some(""))
+        .collect()
+}
+
+async fn say(s: &Setup, speaker: &str, history: &str) -> (u16, hyper::HeaderMap, Vec<Value>) {
+    let (status, headers, body) = post_json(
+        &format!("{}/completion", s.kv.url),
+        &[],
+        &turn(speaker, history),
+    )
+    .await;
+    s.kv.wait_idle().await;
+    (status, headers, sse_events(&body))
+}
+
+#[tokio::test]
+async fn evicted_character_is_saved_then_restored_with_cache_reuse() {
+    let s = setup(2, |_| {}).await;
+    let h1 = "User: Hello!";
+    say(&s, "Alice", h1).await;
+    say(&s, "Bob", h1).await;
+    assert!(saves(s.dir.path()).is_empty(), "nothing saved yet");
+    // Carol evicts the least used (Alice, usage 1, older): Alice is saved
+    // first, inside Carol's lease, before Carol's generation.
+    let (_, h, _) = say(&s, "Carol", h1).await;
+    assert_eq!(h["x-kvgate-slot"], "0");
+    let v = saves(s.dir.path());
+    assert_eq!(v.len(), 1, "{v:?}");
+    assert_eq!(
+        (v[0].character.as_str(), v[0].kind, v[0].chat.as_str()),
+        ("Alice", SaveKind::Eviction, "Alice+Bob+Carol+Dave+User")
+    );
+    assert!(v[0].n_tokens > 10);
+    assert!(v[0].fingerprint.is_some());
+    let actions = slot_actions(&s.fake);
+    assert_eq!(actions.len(), 1);
+    assert_eq!((actions[0].0, actions[0].1.as_str()), (0, "save"));
+    assert!(
+        actions[0].2.as_deref().unwrap().starts_with(TEMP_PREFIX),
+        "llama-server writes a temporary name"
+    );
+
+    // Alice comes back (history grew): her save is restored into the slot
+    // she gets, right before her generation, and llama-server reuses it.
+    let h2 = "User: Hello!\nBob: Hi.\nCarol: Hey.";
+    let (status, h, events) = say(&s, "Alice", h2).await;
+    assert_eq!(status, 200);
+    assert_eq!(h["x-kvgate-restored"], v[0].file.as_str());
+    let slot: usize = h["x-kvgate-slot"].to_str().unwrap().parse().unwrap();
+    let actions = slot_actions(&s.fake);
+    let restore = actions
+        .iter()
+        .find(|a| a.1 == "restore")
+        .expect("a restore");
+    assert_eq!(
+        (restore.0, restore.2.as_deref()),
+        (slot, Some(v[0].file.as_str()))
+    );
+    let last = events.last().unwrap();
+    assert!(
+        last["timings"]["cache_n"].as_u64().unwrap() > 10,
+        "restored prefix reused: {last}"
+    );
+    // The restore happened after Alice's slot's previous owner was saved and
+    // before Alice's completion reached llama-server.
+    let calls = s.fake.calls();
+    let restore_at = calls
+        .iter()
+        .position(|c| c.query.as_deref() == Some("action=restore"))
+        .unwrap();
+    let alice_again = calls.iter().rposition(|c| c.is_completion()).unwrap();
+    assert!(restore_at < alice_again);
+    assert_eq!(
+        s.kv.app.pool.snapshot()[slot].usage,
+        1,
+        "restore resets, the new message counts"
+    );
+}
+
+#[tokio::test]
+async fn autosave_every_n_messages_with_rotation() {
+    let s = setup(1, |c| {
+        c.cache.save_every = 2;
+        c.cache.max_files = 3;
+    })
+    .await;
+    let mut history = String::from("User: Hi");
+    for i in 0..10 {
+        history.push_str(&format!("\nUser: message {i}"));
+        say(&s, "Alice", &history).await;
+    }
+    let v = saves(s.dir.path());
+    assert_eq!(v.len(), 3, "5 autosaves, rotated down to 3: {v:?}");
+    assert!(v
+        .iter()
+        .all(|m| m.kind == SaveKind::Autosave && m.character == "Alice"));
+    assert_eq!(
+        slot_actions(&s.fake)
+            .iter()
+            .filter(|a| a.1 == "save")
+            .count(),
+        5
+    );
+    // Tokens grow from save to save: the newest holds the longest history.
+    assert!(v[0].n_tokens < v[2].n_tokens);
+    let bins: Vec<String> = names(s.dir.path())
+        .into_iter()
+        .filter(|n| n.ends_with(".bin"))
+        .collect();
+    assert_eq!(bins.len(), 3, "{bins:?}");
+    assert_eq!(
+        s.kv.app.pool.snapshot()[0].usage,
+        0,
+        "the 10th message was just saved"
+    );
+}
+
+#[tokio::test]
+async fn failed_save_keeps_no_file_and_no_reset_then_retries() {
+    let s = setup(1, |c| c.cache.save_every = 2).await;
+    say(&s, "Alice", "User: one").await;
+    s.fake.fail_next_save(500);
+    say(&s, "Alice", "User: one\nUser: two").await;
+    assert!(saves(s.dir.path()).is_empty());
+    assert!(
+        !names(s.dir.path())
+            .iter()
+            .any(|n| n.ends_with(".bin") || n.starts_with(TEMP_PREFIX)),
+        "{:?}",
+        names(s.dir.path())
+    );
+    assert_eq!(
+        s.kv.app.pool.snapshot()[0].usage,
+        2,
+        "counter not reset by a failed save"
+    );
+    say(&s, "Alice", "User: one\nUser: two\nUser: three").await;
+    let v = saves(s.dir.path());
+    assert_eq!(v.len(), 1, "the next autosave retried");
+    assert_eq!(s.kv.app.pool.snapshot()[0].usage, 0);
+}
+
+#[tokio::test]
+async fn failed_restore_still_generates_on_an_empty_slot() {
+    let s = setup(1, |_| {}).await;
+    say(&s, "Alice", "User: a").await;
+    say(&s, "Bob", "User: a").await; // evicts and saves Alice
+    assert_eq!(saves(s.dir.path()).len(), 1);
+    s.fake.fail_next_restore();
+    let (status, h, events) = say(&s, "Alice", "User: a\nBob: b").await; // evicts Bob, restores Alice
+    assert_eq!(status, 200);
+    assert!(h.get("x-kvgate-restored").is_none());
+    assert_eq!(events.last().unwrap()["stop"], true);
+    assert_eq!(
+        s.kv.app
+            .metrics
+            .restore_failures
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
+
+#[tokio::test]
+async fn chat_switch_saves_and_releases_the_previous_chat_but_speaker_changes_do_not() {
+    let s = setup(3, |_| {}).await;
+    // A group chat: speakers change, history is trimmed from the front (as
+    // SillyTavern does once the context is full) — never a chat switch.
+    say(&s, "Alice", "User: Hi all\nAlice: Hello").await;
+    say(&s, "Bob", "User: Hi all\nAlice: Hello\nBob: Hey").await;
+    say(&s, "Alice", "Bob: Hey\nUser: trimmed history").await;
+    assert!(
+        saves(s.dir.path()).is_empty(),
+        "no chat switch inside one group chat"
+    );
+    // The same client opens a 1:1 chat with Carol: a different roster.
+    let solo = json!({
+        "prompt": "Write Carol's next reply.\nUser: Hi Carol\nCarol:",
+        "stop": ["\nUser:", "\n***"],
+        "stream": true,
+        "n_predict": 4,
+    });
+    let (status, h, _) = post_json(&format!("{}/completion", s.kv.url), &[], &solo).await;
+    s.kv.wait_idle().await;
+    assert_eq!(status, 200);
+    let v = saves(s.dir.path());
+    let mut who: Vec<(&str, SaveKind)> = v.iter().map(|m| (m.character.as_str(), m.kind)).collect();
+    who.sort();
+    assert_eq!(
+        who,
+        vec![
+            ("Alice", SaveKind::ChatSwitch),
+            ("Bob", SaveKind::ChatSwitch)
+        ]
+    );
+    assert_eq!(
+        h["x-kvgate-slot"], "0",
+        "the previous chat's slots were released"
+    );
+    let owners: Vec<Option<String>> =
+        s.kv.app
+            .pool
+            .snapshot()
+            .iter()
+            .map(|x| {
+                x.owner
+                    .as_ref()
+                    .and_then(|t| t.character().map(str::to_string))
+            })
+            .collect();
+    assert_eq!(owners, vec![Some("Carol".to_string()), None, None]);
+
+    // Another client (another API key) in another chat is no switch for the first.
+    let before = saves(s.dir.path()).len();
+    let (status, _, _) = post_json(
+        &format!("{}/completion", s.kv.url),
+        &[("authorization", "Bearer other-user")],
+        &turn("Dave", "User: hi"),
+    )
+    .await;
+    s.kv.wait_idle().await;
+    assert_eq!(status, 200);
+    assert_eq!(saves(s.dir.path()).len(), before);
+}
+
+#[tokio::test]
+async fn restart_of_llama_server_means_restore_from_disk() {
+    let s = setup(2, |c| c.cache.save_every = 1).await;
+    say(&s, "Alice", "User: a").await; // autosaved
+    assert_eq!(saves(s.dir.path()).len(), 1);
+    s.fake.restart().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while s.kv.app.pool.snapshot()[0].live {
+        assert!(std::time::Instant::now() < deadline, "restart not noticed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, h, events) = say(&s, "Alice", "User: a\nBob: b").await;
+    assert_eq!(status, 200);
+    assert!(
+        h.get("x-kvgate-restored").is_some(),
+        "restored after the restart"
+    );
+    assert!(
+        events.last().unwrap()["timings"]["cache_n"]
+            .as_u64()
+            .unwrap()
+            > 5
+    );
+}
+
+#[tokio::test]
+async fn saves_of_another_model_are_listed_but_never_restored() {
+    let s = setup(1, |c| c.cache.save_every = 1).await;
+    say(&s, "Alice", "User: a").await;
+    assert_eq!(saves(s.dir.path()).len(), 1);
+    // llama-server comes back with another model.
+    s.fake.set_model_path("/models/other.gguf");
+    s.fake.restart().await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (status, h, _) = say(&s, "Alice", "User: a\nBob: b").await;
+    assert_eq!(status, 200);
+    assert!(
+        h.get("x-kvgate-restored").is_none(),
+        "a save of another model must not be restored"
+    );
+    assert!(slot_actions(&s.fake).iter().all(|a| a.1 != "restore"));
+    assert_eq!(
+        saves(s.dir.path()).len(),
+        2,
+        "the old save stays, a new one is made under the new model"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_saves_every_slot_with_unsaved_messages() {
+    let s = setup(2, |_| {}).await;
+    say(&s, "Alice", "User: a").await;
+    say(&s, "Bob", "User: a").await;
+    assert!(saves(s.dir.path()).is_empty());
+    let Setup { fake, kv, dir } = s;
+    kv.stop().await;
+    let v = saves(dir.path());
+    let mut who: Vec<(&str, SaveKind)> = v.iter().map(|m| (m.character.as_str(), m.kind)).collect();
+    who.sort();
+    assert_eq!(
+        who,
+        vec![("Alice", SaveKind::Shutdown), ("Bob", SaveKind::Shutdown)]
+    );
+    drop(fake);
+}
+
+#[tokio::test]
+async fn client_slot_actions_pass_through_and_update_the_table() {
+    let s = setup(2, |_| {}).await;
+    say(&s, "Alice", "User: a").await;
+    // A client erases slot 0 itself: Alice's unsaved message is saved first,
+    // then the slot is empty as far as kvgate knows.
+    let (status, _, body) = post_json(
+        &format!("{}/slots/0?action=erase", s.kv.url),
+        &[],
+        &json!({}),
+    )
+    .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    s.kv.wait_idle().await;
+    assert_eq!(s.kv.app.pool.snapshot()[0].owner, None);
+    assert_eq!(saves(s.dir.path()).len(), 1);
+    assert_eq!(saves(s.dir.path())[0].kind, SaveKind::Eviction);
+    // A client's own save goes through and leaves ownership alone.
+    say(&s, "Bob", "User: b").await;
+    let (status, _, _) = post_json(
+        &format!("{}/slots/0?action=save", s.kv.url),
+        &[],
+        &json!({"filename": "mine.bin"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(s.dir.path().join("mine.bin").exists());
+    assert_eq!(
+        s.kv.app.pool.snapshot()[0]
+            .owner
+            .as_ref()
+            .and_then(|t| t.character()),
+        Some("Bob")
+    );
+}

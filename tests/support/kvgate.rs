@@ -1,0 +1,179 @@
+//! Runs kvgate in-process on port-0 listeners, plus a small HTTP client that
+//! streams response bodies chunk by chunk and reports exact bytes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use kvgate::app::App;
+use kvgate::config::Config;
+use kvgate::hooks::{CacheHooks, NoCache};
+use kvgate::Gateway;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// A running kvgate.
+pub struct Kvgate {
+    /// Front port base URL.
+    pub url: String,
+    /// Admin port base URL.
+    pub admin_url: String,
+    /// Shared state, to inspect the slot table.
+    pub app: Arc<App>,
+    stop: Option<oneshot::Sender<()>>,
+    join: Option<JoinHandle<()>>,
+}
+
+impl Kvgate {
+    /// Starts kvgate in front of `upstream` with test-friendly settings,
+    /// `tweak` applied last; waits until it knows the upstream's slots.
+    pub async fn start(upstream: &str, tweak: impl FnOnce(&mut Config)) -> Kvgate {
+        Self::start_with_hooks(upstream, Arc::new(NoCache), tweak).await
+    }
+
+    /// As [`Kvgate::start`], with explicit cache hooks.
+    pub async fn start_with_hooks(
+        upstream: &str,
+        hooks: Arc<dyn CacheHooks>,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Kvgate {
+        let mut cfg = Config {
+            upstream: kvgate::config::parse_upstream(upstream).expect("upstream url"),
+            health_interval: Duration::from_millis(100),
+            queue_timeout: Duration::from_secs(20),
+            shutdown_grace: Duration::from_secs(5),
+            ..Config::default()
+        };
+        tweak(&mut cfg);
+        let gw = Gateway::with_hooks(cfg, hooks).expect("gateway");
+        Self::serve(gw).await
+    }
+
+    /// Serves an already built gateway.
+    pub async fn serve(gw: Gateway) -> Kvgate {
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", front.local_addr().unwrap());
+        let admin_url = format!("http://{}", admin.local_addr().unwrap());
+        let app = Arc::clone(gw.app());
+        let (tx, rx) = oneshot::channel::<()>();
+        let join = tokio::spawn(gw.serve(front, admin, async {
+            let _ = rx.await;
+        }));
+        let k = Kvgate {
+            url,
+            admin_url,
+            app,
+            stop: Some(tx),
+            join: Some(join),
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while k.app.pool.is_empty() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "kvgate never saw the upstream's slots"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        k
+    }
+
+    /// Shuts down gracefully and waits.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(j) = self.join.take() {
+            tokio::time::timeout(Duration::from_secs(30), j)
+                .await
+                .expect("kvgate stops within 30 s")
+                .unwrap();
+        }
+    }
+
+    /// Waits until no lease is held and nobody waits (lifecycle tasks may
+    /// finish just after the client's last byte).
+    pub async fn wait_idle(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !(self.app.pool.is_idle() && self.app.tasks.running() == 0) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "slot table still busy: {:?}",
+                self.app.pool.snapshot()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+impl Drop for Kvgate {
+    fn drop(&mut self) {
+        if let Some(j) = self.join.take() {
+            j.abort();
+        }
+    }
+}
+
+/// A fresh (non-pooled) client, so each test controls its connections.
+pub fn client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build_http()
+}
+
+/// Sends a request and returns the response with its body unread.
+pub async fn send(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Response<Incoming> {
+    let mut req = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(body.into())).unwrap();
+    client().request(req).await.expect("request")
+}
+
+/// POSTs JSON and returns status, headers and the whole body.
+pub async fn post_json(
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &Value,
+) -> (u16, hyper::HeaderMap, Bytes) {
+    let mut h = vec![("content-type", "application/json")];
+    h.extend_from_slice(headers);
+    let resp = send("POST", url, &h, body.to_string()).await;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, headers, bytes)
+}
+
+/// The `data:` JSON events of an SSE body (`[DONE]` skipped).
+pub fn sse_events(body: &[u8]) -> Vec<Value> {
+    String::from_utf8_lossy(body)
+        .split("\n\n")
+        .filter_map(|e| e.trim().strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).expect("event is JSON"))
+        .collect()
+}
+
+/// Reads the next data frame of a streaming body.
+pub async fn next_chunk(body: &mut Incoming) -> Option<Bytes> {
+    loop {
+        let frame = body.frame().await?.ok()?;
+        if let Ok(data) = frame.into_data() {
+            return Some(data);
+        }
+    }
+}
