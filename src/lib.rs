@@ -87,6 +87,8 @@ impl Gateway {
     /// Builds kvgate from its configuration: with a save directory, caches
     /// are saved and restored there; without one kvgate only pins slots.
     pub fn new(cfg: Config) -> Result<Gateway, StartError> {
+        // Policy errors first, before anything is opened or logged.
+        Policy::load(&cfg.policy)?;
         let hooks: Arc<dyn CacheHooks> = match &cfg.save_dir {
             Some(dir) => {
                 let store =
@@ -206,17 +208,21 @@ async fn shutdown_saves(app: &Arc<App>) {
     }
 }
 
-/// Binds the configured ports and serves until `shutdown`.
+/// Checks the configuration's files (policy, save directory), binds the
+/// configured ports and serves until `shutdown`.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), StartError> {
+    let (listen, admin_listen, upstream) = (cfg.listen, cfg.admin_listen, cfg.upstream.clone());
+    // Problems with the policy or the save directory are reported before
+    // anything is bound.
+    let gw = Gateway::new(cfg)?;
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr)
             .await
             .map_err(|source| StartError::Bind { addr, source })
     };
-    let front = bind(cfg.listen).await?;
-    let admin = bind(cfg.admin_listen).await?;
-    info!(front = %cfg.listen, admin = %cfg.admin_listen, upstream = %cfg.upstream, "kvgate listening");
-    let gw = Gateway::new(cfg)?;
+    let front = bind(listen).await?;
+    let admin = bind(admin_listen).await?;
+    info!(front = %listen, admin = %admin_listen, %upstream, "kvgate listening");
     gw.serve(front, admin, shutdown).await;
     Ok(())
 }

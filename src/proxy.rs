@@ -26,7 +26,7 @@ use crate::identity::{self, Api, Explicit, Identity};
 use crate::lease::{AcquireError, Lease};
 use crate::slots::{Outcome, Tenant, Want};
 use crate::sse::{Observed, StreamEnd};
-use crate::upstream::{strip_hop_by_hop, UpstreamError};
+use crate::upstream::{strip_hop_by_hop, Reuse, UpstreamError};
 
 /// Response header: the slot kvgate used.
 pub const H_SLOT: &str = "x-kvgate-slot";
@@ -334,7 +334,11 @@ async fn completion(
     // kvgate reads the stream: it must not arrive compressed.
     parts.headers.remove(ACCEPT_ENCODING);
 
-    let resp = match app.upstream.forward(parts, full(bytes)).await {
+    let resp = match app
+        .upstream
+        .forward_with(parts, full(bytes), Reuse::Fresh)
+        .await
+    {
         Ok(r) => r,
         Err(e) => {
             let outcome = if e.is_connect() {

@@ -127,6 +127,18 @@ pub struct SlotInfo {
     pub n_prompt_tokens: Option<u64>,
 }
 
+/// Whether a forwarded request's connection may go back to the pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reuse {
+    /// Keep-alive as usual.
+    Pooled,
+    /// `Connection: close`: used for completions, because llama-server closes
+    /// the connection after a streamed response although it announced
+    /// keep-alive, and a pooled connection it is closing would fail the next
+    /// request. A loopback connect costs far less than a failed generation.
+    Fresh,
+}
+
 /// The pooled client for one llama-server.
 #[derive(Clone, Debug)]
 pub struct Upstream {
@@ -212,6 +224,17 @@ impl Upstream {
         parts: hyper::http::request::Parts,
         body: ProxyBody,
     ) -> Result<Response<Incoming>, UpstreamError> {
+        self.forward_with(parts, body, Reuse::Pooled).await
+    }
+
+    /// As [`Upstream::forward`], choosing whether the connection may be
+    /// pooled afterwards.
+    pub async fn forward_with(
+        &self,
+        parts: hyper::http::request::Parts,
+        body: ProxyBody,
+        reuse: Reuse,
+    ) -> Result<Response<Incoming>, UpstreamError> {
         let pq = parts
             .uri
             .path_and_query()
@@ -223,6 +246,10 @@ impl Upstream {
         *req.uri_mut() = uri;
         *req.headers_mut() = parts.headers;
         strip_hop_by_hop(req.headers_mut());
+        if reuse == Reuse::Fresh {
+            req.headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+        }
         if let Some(auth) = self.base.authority() {
             if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
                 req.headers_mut().insert(HOST, v);

@@ -1,3 +1,5 @@
+mod group_chat;
+mod persistence;
 mod smoke;
 #[path = "../support/mod.rs"]
 mod support;

@@ -1,6 +1,7 @@
+mod cli;
 mod fake_selftest;
-#[path = "../support/mod.rs"]
-mod support;
+mod persistence;
 mod proxy;
 mod st_chat_shape;
-mod persistence;
+#[path = "../support/mod.rs"]
+mod support;

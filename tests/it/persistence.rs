@@ -414,3 +414,38 @@ async fn client_slot_actions_pass_through_and_update_the_table() {
         Some("Bob")
     );
 }
+
+#[tokio::test]
+async fn a_save_that_dies_midway_leaves_no_file() {
+    let s = setup(1, |c| c.cache.save_every = 1).await;
+    s.fake.set_save_delay(Duration::from_millis(400));
+    let url = format!("{}/completion", s.kv.url);
+    let (status, _, _) = post_json(&url, &[], &turn("Alice", "User: a")).await;
+    assert_eq!(
+        status, 200,
+        "the client's stream is complete before the autosave"
+    );
+    // The autosave is under way (llama-server is slow to write): kill it.
+    assert!(
+        s.fake
+            .wait_for(Duration::from_secs(5), |f| f
+                .slot_actions()
+                .iter()
+                .any(|a| a.1 == "save" && a.2.as_deref() != Some("")))
+            .await
+    );
+    s.fake.kill().await;
+    s.kv.wait_idle().await;
+    let left = names(s.dir.path());
+    assert!(
+        !left
+            .iter()
+            .any(|n| n.ends_with(".bin") || n.starts_with(TEMP_PREFIX) || n.ends_with(META_SUFFIX)),
+        "nothing of the broken save stays: {left:?}"
+    );
+    assert_eq!(
+        s.kv.app.pool.snapshot()[0].usage,
+        1,
+        "the message is still unsaved"
+    );
+}

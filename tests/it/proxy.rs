@@ -181,6 +181,10 @@ async fn completion_is_pinned_and_otherwise_unchanged() {
         sent, expected,
         "only id_slot was added and the kvgate object removed"
     );
+    // llama-server closes a connection after streaming although it announced
+    // keep-alive: completions must never reuse a pooled connection.
+    let call = fake.calls_to("/completion").pop().unwrap();
+    assert_eq!(call.header("connection"), Some("close"));
     kv.wait_idle().await;
     let slot = &kv.app.pool.snapshot()[0];
     assert_eq!(

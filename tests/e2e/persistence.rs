@@ -1,0 +1,224 @@
+//! Cache files against a REAL llama-server: an evicted character comes back
+//! with its cache restored from disk (`timings.cache_n` > 0), a restarted
+//! llama-server is refilled from disk, and SIGTERM to the kvgate binary saves
+//! every slot that has unsaved messages.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use kvgate::cache_store::{SaveKind, SaveMeta, META_SUFFIX};
+use serde_json::Value;
+
+use crate::support::kvgate::{post_json, sse_events, Kvgate};
+use crate::support::llama::{LlamaOpts, LlamaServer};
+use crate::support::st_chat::GroupChat;
+
+fn saves(dir: &Path) -> Vec<SaveMeta> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(META_SUFFIX))
+        .map(|e| serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap())
+        .collect()
+}
+
+/// One streamed turn through kvgate at `url`; returns headers and the final
+/// chunk. A fixed reply goes into the history so prompts are deterministic.
+async fn turn(url: &str, chat: &mut GroupChat, speaker: &str) -> (hyper::HeaderMap, Value) {
+    let body = chat.body_for(speaker, true, 4);
+    let (status, headers, bytes) = post_json(&format!("{url}/completion"), &[], &body).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&bytes));
+    let last = sse_events(&bytes).pop().expect("events");
+    assert_eq!(last["stop"], true);
+    chat.push(
+        speaker,
+        &format!("{speaker} answers, turn {}.", chat.history.len()),
+    );
+    (headers, last)
+}
+
+async fn start_pair(save_every: u32) -> Option<(LlamaServer, Kvgate)> {
+    let llama = LlamaServer::start(LlamaOpts {
+        slots: 2,
+        ..LlamaOpts::default()
+    })
+    .await?;
+    let save_dir = llama.save_dir.clone();
+    let kv = Kvgate::serve(
+        kvgate::Gateway::new(kvgate::config::Config {
+            upstream: kvgate::config::parse_upstream(&llama.base_url).unwrap(),
+            health_interval: Duration::from_millis(100),
+            save_dir: Some(save_dir),
+            cache: kvgate::config::CacheSettings {
+                save_every,
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .unwrap(),
+    )
+    .await;
+    // Let the monitor read the model fingerprint.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    Some((llama, kv))
+}
+
+#[tokio::test]
+async fn evicted_character_comes_back_from_disk_with_cache_reuse() {
+    let Some((llama, kv)) = start_pair(5).await else {
+        return;
+    };
+    let mut chat = GroupChat::demo(3);
+    let names = chat.names();
+    let (a, b, c) = (names[0].clone(), names[1].clone(), names[2].clone());
+    turn(&kv.url, &mut chat, &a).await;
+    turn(&kv.url, &mut chat, &b).await;
+    // The third character evicts the first (least usage, least recent):
+    // the first is saved before the slot changes hands.
+    turn(&kv.url, &mut chat, &c).await;
+    kv.wait_idle().await;
+    let v = saves(&llama.save_dir);
+    assert_eq!(v.len(), 1, "{v:?}");
+    assert_eq!(
+        (v[0].character.as_str(), v[0].kind),
+        (a.as_str(), SaveKind::Eviction)
+    );
+    assert!(v[0].n_tokens > 500, "a card-sized cache: {}", v[0].n_tokens);
+
+    // The first character returns: its save is restored into the slot it
+    // gets, and llama-server reuses the restored prefix.
+    let (h, last) = turn(&kv.url, &mut chat, &a).await;
+    assert_eq!(h["x-kvgate-restored"], v[0].file.as_str());
+    let cache_n = last["timings"]["cache_n"].as_u64().unwrap();
+    let prompt_n = last["timings"]["prompt_n"].as_u64().unwrap();
+    assert!(
+        cache_n > 500,
+        "restored tokens reused: cache_n={cache_n} prompt_n={prompt_n}"
+    );
+    assert_eq!(
+        last["id_slot"].as_u64().unwrap().to_string(),
+        h["x-kvgate-slot"].to_str().unwrap()
+    );
+    kv.wait_idle().await;
+}
+
+#[tokio::test]
+async fn after_llama_server_restarts_the_next_request_restores_from_disk() {
+    let Some((mut llama, kv)) = start_pair(1).await else {
+        return;
+    };
+    let mut chat = GroupChat::demo(2);
+    let a = chat.names()[0].clone();
+    turn(&kv.url, &mut chat, &a).await; // autosaved (save_every = 1)
+    kv.wait_idle().await;
+    assert_eq!(saves(&llama.save_dir).len(), 1);
+
+    llama.restart().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while kv.app.pool.snapshot().iter().any(|s| s.live) {
+        assert!(
+            Instant::now() < deadline,
+            "kvgate did not notice the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (h, last) = turn(&kv.url, &mut chat, &a).await;
+    assert!(h.get("x-kvgate-restored").is_some(), "restored from disk");
+    let cache_n = last["timings"]["cache_n"].as_u64().unwrap();
+    assert!(cache_n > 500, "cache_n={cache_n}");
+    kv.wait_idle().await;
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn sigterm_saves_every_slot_with_unsaved_messages() {
+    let Some(llama) = LlamaServer::start(LlamaOpts {
+        slots: 2,
+        ..LlamaOpts::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let (front, admin) = (free_port(), free_port());
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kvgate"))
+        .args(["--listen", &format!("127.0.0.1:{front}")])
+        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+        .args(["--upstream", &llama.base_url])
+        .arg("--save-dir")
+        .arg(&llama.save_dir)
+        .args(["--health-interval", "0.1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("kvgate binary");
+    let url = format!("http://127.0.0.1:{front}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ready = tokio::net::TcpStream::connect(("127.0.0.1", admin))
+            .await
+            .is_ok()
+            && {
+                let (_, v) = crate::support::llama::http_json(
+                    "GET",
+                    &format!("http://127.0.0.1:{admin}/health"),
+                    None,
+                )
+                .await;
+                v["slots"].as_u64() == Some(2)
+            };
+        if ready {
+            break;
+        }
+        assert!(Instant::now() < deadline, "kvgate did not become ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut chat = GroupChat::demo(2);
+    let names = chat.names();
+    turn(&url, &mut chat, &names[0]).await;
+    turn(&url, &mut chat, &names[1]).await;
+    assert!(
+        saves(&llama.save_dir).is_empty(),
+        "nothing saved before shutdown (save_every 5)"
+    );
+
+    let pid = child.id().expect("pid").to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("kvgate exits after SIGTERM")
+        .unwrap();
+    assert!(exit.success(), "exit status {exit:?}");
+    let mut who: Vec<(String, SaveKind)> = saves(&llama.save_dir)
+        .into_iter()
+        .map(|m| (m.character, m.kind))
+        .collect();
+    who.sort();
+    let mut expected: Vec<(String, SaveKind)> = names
+        .iter()
+        .map(|n| (n.clone(), SaveKind::Shutdown))
+        .collect();
+    expected.sort();
+    assert_eq!(who, expected);
+    for m in saves(&llama.save_dir) {
+        let size = std::fs::metadata(llama.save_dir.join(&m.file))
+            .unwrap()
+            .len();
+        assert_eq!(size, m.bytes, "complete file for {}", m.file);
+    }
+}
