@@ -15,5 +15,14 @@ LLAMA_SERVER="$(bash scripts/build-llama-server.sh)"
 export LLAMA_SERVER
 echo "test.sh: using llama-server at $LLAMA_SERVER" >&2
 
-# Two cores: keep test binaries from starving each other's real servers.
-cargo test --locked --no-fail-fast -- --test-threads 4
+# Unit, integration and end-to-end tests (there are no doc-tests). The last
+# line sums cargo's per-binary results so the run closes on its real total.
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --locked --no-fail-fast --lib --bins --tests -- --test-threads 4 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "total: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
