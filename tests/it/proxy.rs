@@ -12,7 +12,7 @@ use kvgate::slots::{SlotId, Tenant};
 use serde_json::{json, Value};
 
 use crate::support::fake_llama::{self, FakeLlama};
-use crate::support::kvgate::{next_chunk, post_json, send, sse_events, Kvgate};
+use crate::support::kvgate::{next_chunk, post_json, send, spawn_post, sse_events, Kvgate};
 
 fn st_body(speaker: &str, others: &[&str], stream: bool) -> Value {
     let mut stop = vec!["\nUser:".to_string()];
@@ -297,10 +297,7 @@ async fn same_character_is_serialised_different_characters_run_in_parallel() {
         .await;
     let kv = Kvgate::start(&fake.url(), |_| {}).await;
     let url = format!("{}/completion", kv.url);
-    let post = |b: Value| {
-        let url = url.clone();
-        tokio::spawn(async move { post_json(&url, &[], &b).await })
-    };
+    let post = |b: Value| spawn_post(&url, b);
     let a1 = post(group("Alice"));
     assert!(
         fake.wait_for(Duration::from_secs(5), |f| f.active_requests() == 1)
@@ -374,15 +371,12 @@ async fn client_disconnect_cancels_upstream_and_frees_the_slot() {
     // Disconnect while still queued: no lease leaks either.
     fake.set_gate(true);
     let url = format!("{}/completion", kv.url);
-    let holder = tokio::spawn({
-        let url = url.clone();
-        async move { post_json(&url, &[], &group("Bob")).await }
-    });
+    let holder = spawn_post(&url, group("Bob"));
     assert!(
         fake.wait_for(Duration::from_secs(5), |f| f.active_requests() == 1)
             .await
     );
-    let queued = tokio::spawn(async move { post_json(&url, &[], &group("Carol")).await });
+    let queued = spawn_post(&url, group("Carol"));
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(kv.app.pool.with_table(|t| t.queued()), 1);
     queued.abort();
@@ -512,10 +506,7 @@ async fn full_table_makes_a_newcomer_wait_for_the_first_free_slot() {
     let rec = Arc::new(Recorder::default());
     let kv = Kvgate::start_with_hooks(&fake.url(), rec.clone(), |_| {}).await;
     let url = format!("{}/completion", kv.url);
-    let spawn = |who: &'static str| {
-        let url = url.clone();
-        tokio::spawn(async move { post_json(&url, &[], &group(who)).await })
-    };
+    let spawn = |who: &'static str| spawn_post(&url, group(who));
     let a = spawn("Alice");
     let b = spawn("Bob");
     assert!(
@@ -576,18 +567,12 @@ async fn queue_bound_gives_503_json() {
         .await;
     let kv = Kvgate::start(&fake.url(), |c| c.max_queue = 1).await;
     let url = format!("{}/completion", kv.url);
-    let first = tokio::spawn({
-        let url = url.clone();
-        async move { post_json(&url, &[], &group("Alice")).await }
-    });
+    let first = spawn_post(&url, group("Alice"));
     assert!(
         fake.wait_for(Duration::from_secs(5), |f| f.active_requests() == 1)
             .await
     );
-    let second = tokio::spawn({
-        let url = url.clone();
-        async move { post_json(&url, &[], &group("Bob")).await }
-    });
+    let second = spawn_post(&url, group("Bob"));
     tokio::time::sleep(Duration::from_millis(50)).await;
     let (status, _, body) = post_json(&url, &[], &group("Carol")).await;
     assert_eq!(status, 503);
@@ -614,10 +599,7 @@ async fn queue_timeout_gives_503_and_leaves_nothing_queued() {
     })
     .await;
     let url = format!("{}/completion", kv.url);
-    let first = tokio::spawn({
-        let url = url.clone();
-        async move { post_json(&url, &[], &group("Alice")).await }
-    });
+    let first = spawn_post(&url, group("Alice"));
     assert!(
         fake.wait_for(Duration::from_secs(5), |f| f.active_requests() == 1)
             .await
@@ -713,10 +695,7 @@ async fn client_chosen_id_slot_is_honoured_and_serialised() {
     let kv = Kvgate::start(&fake.url(), |_| {}).await;
     let url = format!("{}/completion", kv.url);
     // Alice in slot 0, busy.
-    let a = tokio::spawn({
-        let url = url.clone();
-        async move { post_json(&url, &[], &group("Alice")).await }
-    });
+    let a = spawn_post(&url, group("Alice"));
     assert!(
         fake.wait_for(Duration::from_secs(5), |f| f.active_requests() == 1)
             .await
@@ -724,11 +703,7 @@ async fn client_chosen_id_slot_is_honoured_and_serialised() {
     // A client pins slot 0 itself (as the seed extension did): it waits in
     // kvgate, not inside llama-server.
     let mut pinned = json!({"prompt": "raw prompt", "n_predict": 2, "id_slot": 0});
-    let p = tokio::spawn({
-        let url = url.clone();
-        let b = pinned.clone();
-        async move { post_json(&url, &[], &b).await }
-    });
+    let p = spawn_post(&url, pinned.clone());
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(
         fake.completions().len(),
@@ -808,7 +783,7 @@ async fn shutdown_lets_a_stream_finish() {
         .await;
     let kv = Kvgate::start(&fake.url(), |_| {}).await;
     let url = format!("{}/completion", kv.url);
-    let req = tokio::spawn(async move { post_json(&url, &[], &group("Alice")).await });
+    let req = spawn_post(&url, group("Alice"));
     assert!(
         fake.wait_for(Duration::from_secs(5), |f| f.active_requests() == 1)
             .await

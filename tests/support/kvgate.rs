@@ -158,6 +158,12 @@ pub async fn post_json(
     (status, headers, bytes)
 }
 
+/// POSTs JSON in a task of its own (for requests that must wait).
+pub fn spawn_post(url: &str, body: Value) -> JoinHandle<(u16, hyper::HeaderMap, Bytes)> {
+    let url = url.to_string();
+    tokio::spawn(async move { post_json(&url, &[], &body).await })
+}
+
 /// The `data:` JSON events of an SSE body (`[DONE]` skipped).
 pub fn sse_events(body: &[u8]) -> Vec<Value> {
     String::from_utf8_lossy(body)
