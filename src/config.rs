@@ -67,6 +67,22 @@ pub struct Cli {
     /// On shutdown, how long in-flight streams may take to finish (seconds).
     #[arg(long, env = "KVGATE_SHUTDOWN_GRACE", value_name = "SECS")]
     pub shutdown_grace: Option<f64>,
+    /// Seconds a group preload may spend on one character.
+    #[arg(long, env = "KVGATE_PRELOAD_TIMEOUT", value_name = "SECS")]
+    pub preload_timeout: Option<u64>,
+    /// Key the admin port requires (`X-Admin-Key` or `Authorization: Bearer`).
+    #[arg(long, env = "KVGATE_ADMIN_KEY", value_name = "KEY", hide_env_values = true)]
+    pub admin_key: Option<String>,
+    /// File holding the admin key (first line).
+    #[arg(long, env = "KVGATE_ADMIN_KEY_FILE", value_name = "FILE")]
+    pub admin_key_file: Option<PathBuf>,
+    /// Clients file (TOML `[[client]]` with id, key, trusted): when given,
+    /// front-port requests need a known, trusted key.
+    #[arg(long, env = "KVGATE_CLIENTS", value_name = "FILE")]
+    pub clients: Option<PathBuf>,
+    /// Key kvgate sends to llama-server (its `--api-key`).
+    #[arg(long, env = "KVGATE_UPSTREAM_API_KEY", value_name = "KEY", hide_env_values = true)]
+    pub upstream_api_key: Option<String>,
     /// Log filter (tracing's EnvFilter syntax), e.g. `info,kvgate=debug`.
     #[arg(long, env = "KVGATE_LOG", value_name = "FILTER")]
     pub log: Option<String>,
@@ -92,6 +108,11 @@ pub struct FileConfig {
     clear_on_chat_change: Option<bool>,
     min_save_bytes: Option<u64>,
     shutdown_grace: Option<f64>,
+    preload_timeout: Option<u64>,
+    admin_key: Option<String>,
+    admin_key_file: Option<PathBuf>,
+    clients: Option<PathBuf>,
+    upstream_api_key: Option<String>,
     log: Option<String>,
 }
 
@@ -108,6 +129,8 @@ pub struct CacheSettings {
     pub clear_on_chat_change: bool,
     /// Saves below this size are treated as failed (0 = off).
     pub min_save_bytes: u64,
+    /// Seconds a preload may spend on one character.
+    pub preload_timeout_s: u64,
 }
 
 impl Default for CacheSettings {
@@ -118,6 +141,7 @@ impl Default for CacheSettings {
             max_files: 10,
             clear_on_chat_change: true,
             min_save_bytes: 0,
+            preload_timeout_s: 20 * 60,
         }
     }
 }
@@ -149,6 +173,12 @@ pub struct Config {
     pub cache: CacheSettings,
     /// Drain bound at shutdown.
     pub shutdown_grace: Duration,
+    /// Admin key, when the admin port requires one.
+    pub admin_key: Option<String>,
+    /// Front-port clients file.
+    pub clients: Option<PathBuf>,
+    /// Key kvgate sends to llama-server.
+    pub upstream_api_key: Option<String>,
     /// Log filter.
     pub log: String,
 }
@@ -168,6 +198,9 @@ impl Default for Config {
             health_interval: Duration::from_secs(2),
             cache: CacheSettings::default(),
             shutdown_grace: Duration::from_secs(30),
+            admin_key: None,
+            clients: None,
+            upstream_api_key: None,
             log: "info".into(),
         }
     }
@@ -266,6 +299,15 @@ impl Config {
                 .min_save_bytes
                 .or(file.min_save_bytes)
                 .unwrap_or(d.cache.min_save_bytes),
+            preload_timeout_s: cli
+                .preload_timeout
+                .or(file.preload_timeout)
+                .unwrap_or(d.cache.preload_timeout_s),
+        };
+        let admin_key = match (cli.admin_key.or(file.admin_key), cli.admin_key_file.or(file.admin_key_file)) {
+            (Some(k), _) => Some(k),
+            (None, Some(path)) => Some(read_key_file(&path)?),
+            (None, None) => None,
         };
         let cfg = Config {
             listen: addr("--listen", cli.listen.or(file.listen), d.listen)?,
@@ -303,6 +345,9 @@ impl Config {
                 cli.shutdown_grace.or(file.shutdown_grace),
                 d.shutdown_grace,
             )?,
+            admin_key,
+            clients: cli.clients.or(file.clients),
+            upstream_api_key: cli.upstream_api_key.or(file.upstream_api_key),
             log: cli.log.or(file.log).unwrap_or(d.log),
         };
         cfg.validate()
@@ -327,6 +372,21 @@ impl Config {
             if dir.as_os_str().is_empty() {
                 return Err(invalid("--save-dir", "", "must not be empty"));
             }
+        }
+        if self.cache.preload_timeout_s == 0 {
+            return Err(invalid("--preload-timeout", 0, "must be at least 1 second"));
+        }
+        if let Some(k) = &self.admin_key {
+            if k.trim().is_empty() {
+                return Err(invalid("--admin-key", "", "must not be empty"));
+            }
+        }
+        if self.admin_key.is_none() && !self.admin_listen.ip().is_loopback() {
+            return Err(invalid(
+                "--admin-listen",
+                self.admin_listen,
+                "a non-loopback admin port needs an admin key (--admin-key or --admin-key-file)",
+            ));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log).is_err() {
             return Err(invalid("--log", &self.log, "not a valid log filter"));
@@ -358,6 +418,16 @@ impl FileConfig {
                     .unwrap_or_default(),
         })
     }
+}
+
+/// Reads a key file: its first line, trimmed.
+fn read_key_file(path: &Path) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| invalid("--admin-key-file", path.display(), e))?;
+    let key = text.lines().next().unwrap_or("").trim().to_string();
+    if key.is_empty() {
+        return Err(invalid("--admin-key-file", path.display(), "the file holds no key"));
+    }
+    Ok(key)
 }
 
 /// Parses an upstream base URL: http only (llama-server speaks plain HTTP),
