@@ -1,28 +1,70 @@
-//! The state every request handler shares: configuration, policy, the slot
-//! pool, the upstream client, the cache hooks, and a little memory (each
-//! tenant's last prompt, for swipe detection).
+//! The state every handler shares: configuration, policy, the slot pool, the
+//! upstream client, the cache hooks and store, live settings, metrics and
+//! events, and a little memory (each tenant's last prompt, each client's
+//! chat, what llama-server last said about its slots).
 
+use std::collections::HashMap;
 use std::num::NonZeroUsize;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use lru::LruCache;
 use tokio::sync::Notify;
 
-use crate::config::Config;
+use crate::cache_store::{CacheStore, Fingerprint};
+use crate::clients::Clients;
+use crate::config::{CacheSettings, Config};
+use crate::events::Events;
 use crate::hooks::CacheHooks;
 use crate::lease::Pool;
+use crate::metrics::{Metrics, Occupancy};
 use crate::policy::Policy;
+use crate::preload::Preloads;
 use crate::slots::Tenant;
-use crate::upstream::Upstream;
+use crate::upstream::{SlotInfo, Upstream};
 
-/// How many tenants' last prompts are remembered.
-const PROMPT_MEMORY: usize = 4096;
+/// How many tenants' prompt fingerprints and clients' chats are remembered.
+const MEMORY: usize = 4096;
+/// How many full prompts are kept for preloads.
+const PROMPTS_KEPT: usize = 64;
+/// Longest prompt kept for preloads (bytes).
+const PROMPT_KEPT_MAX: usize = 4 << 20;
+
+/// Settings shared between the admin port (which changes them) and the
+/// proxy and cache layer (which read them).
+pub type Settings = Arc<RwLock<CacheSettings>>;
+
+/// The pieces built before the [`App`] and shared with the cache hooks.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    /// Counters and histograms.
+    pub metrics: Arc<Metrics>,
+    /// The live event stream.
+    pub events: Arc<Events>,
+    /// Live cache settings.
+    pub settings: Settings,
+    /// The save directory, when configured.
+    pub store: Option<Arc<CacheStore>>,
+}
+
+impl Shared {
+    /// Fresh metrics and events over `settings`.
+    pub fn new(settings: CacheSettings, store: Option<Arc<CacheStore>>) -> Shared {
+        let metrics = Arc::new(Metrics::default());
+        Shared {
+            events: Arc::new(Events::new(Arc::clone(&metrics))),
+            metrics,
+            settings: Arc::new(RwLock::new(settings)),
+            store,
+        }
+    }
+}
 
 /// Shared state of one kvgate instance.
 #[derive(Debug)]
 pub struct App {
-    /// Validated configuration.
+    /// Validated configuration (its `cache` part is the start value of
+    /// [`App::settings`]).
     pub cfg: Config,
     /// Identity policy in force.
     pub policy: Policy,
@@ -32,51 +74,50 @@ pub struct App {
     pub upstream: Upstream,
     /// Cache actions around generations.
     pub hooks: Arc<dyn CacheHooks>,
-    /// Last prompt fingerprint per tenant (bounded, least recently used out).
-    prompts: Mutex<LruCache<Tenant, u64>>,
+    /// The save directory, when configured.
+    pub store: Option<Arc<CacheStore>>,
+    /// Live cache settings.
+    pub settings: Settings,
+    /// Counters and histograms.
+    pub metrics: Arc<Metrics>,
+    /// The live event stream.
+    pub events: Arc<Events>,
+    /// Front-port clients, when a clients file is configured.
+    pub clients: Option<Clients>,
     /// Lifecycle tasks still holding a lease (streams, saves).
     pub tasks: Arc<TaskCounter>,
-    /// Wakes the upstream monitor for an immediate check (after a connection
-    /// failure).
+    /// Wakes the upstream monitor for an immediate check.
     pub monitor_kick: Notify,
-    /// Counters.
-    pub metrics: Metrics,
-    /// Last chat of each client (API key or address), for chat switches.
-    clients: Mutex<LruCache<String, String>>,
+    /// Running and finished preload jobs.
+    pub preloads: Preloads,
+    /// What the monitor last learned about llama-server.
+    pub upstream_state: RwLock<UpstreamState>,
+    memory: Mutex<Memory>,
 }
 
-/// Plain counters, exposed on the admin port.
-#[derive(Debug, Default)]
-pub struct Metrics {
-    /// Completions intercepted.
-    pub completions: AtomicU64,
-    /// Requests passed through.
-    pub passthrough: AtomicU64,
-    /// Completions that found their cache live in the slot.
-    pub resident_hits: AtomicU64,
-    /// Evictions.
-    pub evictions: AtomicU64,
-    /// Saves made before an eviction.
-    pub eviction_saves: AtomicU64,
-    /// Restores that loaded a file.
-    pub restores: AtomicU64,
-    /// Restores that failed.
-    pub restore_failures: AtomicU64,
-    /// Autosaves.
-    pub autosaves: AtomicU64,
-    /// Requests refused because no slot could be had.
-    pub queue_rejections: AtomicU64,
-    /// Upstream errors (unreachable, timeout, broken stream).
-    pub upstream_errors: AtomicU64,
-    /// Upstream restarts detected.
-    pub upstream_restarts: AtomicU64,
+/// llama-server as last seen by the monitor.
+#[derive(Debug, Default, Clone)]
+pub struct UpstreamState {
+    /// Whether it answered the last poll.
+    pub up: bool,
+    /// Its slots, as `/slots` reported them.
+    pub slots: Vec<SlotInfo>,
+    /// The model's fingerprint.
+    pub fingerprint: Option<Fingerprint>,
 }
 
-impl Metrics {
-    /// Adds one to a counter.
-    pub fn inc(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
+#[derive(Debug)]
+struct Memory {
+    prompt_hashes: LruCache<Tenant, u64>,
+    prompts: LruCache<Tenant, Arc<str>>,
+    client_chats: LruCache<String, String>,
+    character_chats: LruCache<String, String>,
+    restored_from: HashMap<usize, String>,
+    last_used: HashMap<usize, u64>,
+}
+
+fn lru<K: std::hash::Hash + Eq, V>(n: usize) -> LruCache<K, V> {
+    LruCache::new(NonZeroUsize::new(n).expect("nonzero constant"))
 }
 
 // === impl App ===
@@ -84,8 +125,15 @@ impl Metrics {
 impl App {
     /// Builds the shared state. The pool starts with no slots; the upstream
     /// monitor sizes it from llama-server's `/slots`.
-    pub fn new(cfg: Config, policy: Policy, hooks: Arc<dyn CacheHooks>) -> Arc<App> {
-        let upstream = Upstream::new(cfg.upstream.clone(), cfg.upstream_timeout);
+    pub fn new(
+        cfg: Config,
+        policy: Policy,
+        hooks: Arc<dyn CacheHooks>,
+        shared: Shared,
+        clients: Option<Clients>,
+    ) -> Arc<App> {
+        let upstream = Upstream::new(cfg.upstream.clone(), cfg.upstream_timeout)
+            .with_api_key(cfg.upstream_api_key.clone());
         let pool = Pool::new(0, cfg.max_queue);
         Arc::new(App {
             cfg,
@@ -93,43 +141,121 @@ impl App {
             pool,
             upstream,
             hooks,
-            prompts: Mutex::new(LruCache::new(
-                NonZeroUsize::new(PROMPT_MEMORY).expect("nonzero constant"),
-            )),
+            store: shared.store,
+            settings: shared.settings,
+            metrics: shared.metrics,
+            events: shared.events,
+            clients,
             tasks: Arc::default(),
             monitor_kick: Notify::new(),
-            metrics: Metrics::default(),
-            clients: Mutex::new(LruCache::new(
-                NonZeroUsize::new(PROMPT_MEMORY).expect("nonzero constant"),
-            )),
+            preloads: Preloads::default(),
+            upstream_state: RwLock::new(UpstreamState::default()),
+            memory: Mutex::new(Memory {
+                prompt_hashes: lru(MEMORY),
+                prompts: lru(PROMPTS_KEPT),
+                client_chats: lru(MEMORY),
+                character_chats: lru(MEMORY),
+                restored_from: HashMap::new(),
+                last_used: HashMap::new(),
+            }),
         })
+    }
+
+    fn memory(&self) -> std::sync::MutexGuard<'_, Memory> {
+        self.memory.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Current cache settings.
+    pub fn settings(&self) -> CacheSettings {
+        self.settings
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The tenant's previous prompt fingerprint.
     pub fn previous_prompt(&self, tenant: &Tenant) -> Option<u64> {
-        self.prompts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .peek(tenant)
-            .copied()
+        self.memory().prompt_hashes.peek(tenant).copied()
+    }
+
+    /// Remembers a request: its prompt fingerprint, its text (for preloads),
+    /// the chat its character was last seen in.
+    pub fn remember_prompt(&self, tenant: &Tenant, hash: u64, text: Option<&str>) {
+        let mut m = self.memory();
+        m.prompt_hashes.put(tenant.clone(), hash);
+        if let (Tenant::Character { chat, name }, Some(t)) = (tenant, text) {
+            m.character_chats.put(name.clone(), chat.clone());
+            if t.len() <= PROMPT_KEPT_MAX {
+                m.prompts.put(tenant.clone(), Arc::from(t));
+            }
+        }
+    }
+
+    /// The last prompt kvgate saw for a tenant.
+    pub fn last_prompt(&self, tenant: &Tenant) -> Option<Arc<str>> {
+        self.memory().prompts.peek(tenant).cloned()
+    }
+
+    /// The chat kvgate last saw a character in.
+    pub fn last_chat_of(&self, character: &str) -> Option<String> {
+        self.memory().character_chats.peek(character).cloned()
     }
 
     /// Records that `client` now talks to `chat`; returns the previous chat
     /// when it was another one (a chat switch).
     pub fn note_client_chat(&self, client: &str, chat: &str) -> Option<String> {
-        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        match clients.put(client.to_string(), chat.to_string()) {
+        match self
+            .memory()
+            .client_chats
+            .put(client.to_string(), chat.to_string())
+        {
             Some(prev) if prev != chat => Some(prev),
             _ => None,
         }
     }
 
-    /// Remembers the tenant's prompt fingerprint.
-    pub fn remember_prompt(&self, tenant: &Tenant, hash: u64) {
-        self.prompts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .put(tenant.clone(), hash);
+    /// Records which file a slot was restored from (`None`: it was not).
+    pub fn set_restored_from(&self, slot: usize, file: Option<String>) {
+        let mut m = self.memory();
+        match file {
+            Some(f) => m.restored_from.insert(slot, f),
+            None => m.restored_from.remove(&slot),
+        };
+    }
+
+    /// The file a slot was last restored from.
+    pub fn restored_from(&self, slot: usize) -> Option<String> {
+        self.memory().restored_from.get(&slot).cloned()
+    }
+
+    /// Records the wall-clock time a slot was used.
+    pub fn touch_slot(&self, slot: usize) {
+        let now = crate::cache_store::now_unix();
+        self.memory().last_used.insert(slot, now);
+    }
+
+    /// Unix seconds a slot was last used.
+    pub fn slot_used_at(&self, slot: usize) -> Option<u64> {
+        self.memory().last_used.get(&slot).copied()
+    }
+
+    /// Slot occupancy now.
+    pub fn occupancy(&self) -> Occupancy {
+        let slots = self.pool.snapshot();
+        let mut o = Occupancy {
+            queued: self.pool.with_table(|t| t.queued()) as u64,
+            ..Occupancy::default()
+        };
+        for s in slots {
+            if s.lease.is_some() {
+                o.busy += 1;
+            } else if s.owner.is_some() {
+                o.owned += 1;
+            } else {
+                o.free += 1;
+            }
+        }
+        o
     }
 }
 

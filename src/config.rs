@@ -71,7 +71,12 @@ pub struct Cli {
     #[arg(long, env = "KVGATE_PRELOAD_TIMEOUT", value_name = "SECS")]
     pub preload_timeout: Option<u64>,
     /// Key the admin port requires (`X-Admin-Key` or `Authorization: Bearer`).
-    #[arg(long, env = "KVGATE_ADMIN_KEY", value_name = "KEY", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "KVGATE_ADMIN_KEY",
+        value_name = "KEY",
+        hide_env_values = true
+    )]
     pub admin_key: Option<String>,
     /// File holding the admin key (first line).
     #[arg(long, env = "KVGATE_ADMIN_KEY_FILE", value_name = "FILE")]
@@ -81,7 +86,12 @@ pub struct Cli {
     #[arg(long, env = "KVGATE_CLIENTS", value_name = "FILE")]
     pub clients: Option<PathBuf>,
     /// Key kvgate sends to llama-server (its `--api-key`).
-    #[arg(long, env = "KVGATE_UPSTREAM_API_KEY", value_name = "KEY", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "KVGATE_UPSTREAM_API_KEY",
+        value_name = "KEY",
+        hide_env_values = true
+    )]
     pub upstream_api_key: Option<String>,
     /// Log filter (tracing's EnvFilter syntax), e.g. `info,kvgate=debug`.
     #[arg(long, env = "KVGATE_LOG", value_name = "FILTER")]
@@ -304,7 +314,10 @@ impl Config {
                 .or(file.preload_timeout)
                 .unwrap_or(d.cache.preload_timeout_s),
         };
-        let admin_key = match (cli.admin_key.or(file.admin_key), cli.admin_key_file.or(file.admin_key_file)) {
+        let admin_key = match (
+            cli.admin_key.or(file.admin_key),
+            cli.admin_key_file.or(file.admin_key_file),
+        ) {
             (Some(k), _) => Some(k),
             (None, Some(path)) => Some(read_key_file(&path)?),
             (None, None) => None,
@@ -422,10 +435,15 @@ impl FileConfig {
 
 /// Reads a key file: its first line, trimmed.
 fn read_key_file(path: &Path) -> Result<String, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| invalid("--admin-key-file", path.display(), e))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid("--admin-key-file", path.display(), e))?;
     let key = text.lines().next().unwrap_or("").trim().to_string();
     if key.is_empty() {
-        return Err(invalid("--admin-key-file", path.display(), "the file holds no key"));
+        return Err(invalid(
+            "--admin-key-file",
+            path.display(),
+            "the file holds no key",
+        ));
     }
     Ok(key)
 }

@@ -16,7 +16,10 @@
 //! - [`hooks`]: where the cache layer acts (saves of every kind, restore).
 //! - [`persist`]: the real hooks: checked saves, longest-prefix restores.
 //! - [`cache_store`]: the save directory: names, metadata, index, rotation.
-//! - [`admin`]: the side port.
+//! - [`admin`]: the side port: files, saves, slots, load, preload, settings.
+//! - [`events`], [`metrics`]: the live event stream and Prometheus metrics.
+//! - [`preload`]: group warm-up jobs.
+//! - [`clients`]: front-port clients file and key checks.
 //! - [`server`]: accept loop with graceful shutdown, shared by both ports.
 //! - [`slot_file`], [`tiny_model`], [`hash`], [`error`], [`body`]: helpers.
 
@@ -24,15 +27,19 @@ pub mod admin;
 pub mod app;
 pub mod body;
 pub mod cache_store;
+pub mod clients;
 pub mod config;
 pub mod error;
+pub mod events;
 pub mod hash;
 pub mod hooks;
 pub mod identity;
 pub mod lease;
+pub mod metrics;
 pub mod monitor;
 pub mod persist;
 pub mod policy;
+pub mod preload;
 pub mod proxy;
 pub mod server;
 pub mod slot_file;
@@ -49,8 +56,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::app::App;
+use crate::app::{App, Shared};
 use crate::cache_store::CacheStore;
+use crate::clients::Clients;
 use crate::config::Config;
 use crate::hooks::{CacheHooks, NoCache};
 use crate::persist::Persistence;
@@ -73,6 +81,9 @@ pub enum StartError {
     /// The save directory is unusable.
     #[error("save directory {0}")]
     SaveDir(String),
+    /// The clients file is unusable.
+    #[error("{0}")]
+    Clients(String),
 }
 
 /// A configured kvgate, ready to serve.
@@ -85,35 +96,53 @@ pub struct Gateway {
 
 impl Gateway {
     /// Builds kvgate from its configuration: with a save directory, caches
-    /// are saved and restored there; without one kvgate only pins slots.
+    /// are saved and restored there (and live settings persisted there
+    /// override the configured ones); without one kvgate only pins slots.
     pub fn new(cfg: Config) -> Result<Gateway, StartError> {
         // Policy errors first, before anything is opened or logged.
         Policy::load(&cfg.policy)?;
-        let hooks: Arc<dyn CacheHooks> = match &cfg.save_dir {
+        let clients = load_clients(&cfg)?;
+        let mut settings = cfg.cache.clone();
+        let store = match &cfg.save_dir {
             Some(dir) => {
                 let store =
                     CacheStore::open(dir).map_err(|e| StartError::SaveDir(e.to_string()))?;
+                if admin::load_persisted_settings(dir, &mut settings)
+                    .map_err(StartError::SaveDir)?
+                {
+                    info!(settings = %admin::settings_json(&settings), "settings persisted by the admin API");
+                }
                 info!(dir = %dir.display(), saves = store.list().len(), "save directory");
-                let upstream = upstream::Upstream::new(cfg.upstream.clone(), cfg.upstream_timeout);
-                Arc::new(Persistence::new(
-                    Arc::new(store),
-                    upstream,
-                    cfg.cache.clone(),
-                ))
+                Some(Arc::new(store))
             }
             None => {
                 warn!("no --save-dir: kvgate pins slots but saves and restores nothing");
-                Arc::new(NoCache)
+                None
             }
         };
-        Self::with_hooks(cfg, hooks)
-    }
-
-    /// Builds kvgate with explicit cache hooks (tests plug in fakes).
-    pub fn with_hooks(cfg: Config, hooks: Arc<dyn CacheHooks>) -> Result<Gateway, StartError> {
+        let shared = Shared::new(settings, store.clone());
+        let hooks: Arc<dyn CacheHooks> = match store {
+            Some(store) => {
+                let upstream = upstream::Upstream::new(cfg.upstream.clone(), cfg.upstream_timeout)
+                    .with_api_key(cfg.upstream_api_key.clone());
+                Arc::new(Persistence::new(store, upstream, &shared))
+            }
+            None => Arc::new(NoCache),
+        };
         let policy = Policy::load(&cfg.policy)?;
         Ok(Gateway {
-            app: App::new(cfg, policy, hooks),
+            app: App::new(cfg, policy, hooks, shared, clients),
+        })
+    }
+
+    /// Builds kvgate with explicit cache hooks and no save directory (tests
+    /// plug in fakes).
+    pub fn with_hooks(cfg: Config, hooks: Arc<dyn CacheHooks>) -> Result<Gateway, StartError> {
+        let policy = Policy::load(&cfg.policy)?;
+        let clients = load_clients(&cfg)?;
+        let shared = Shared::new(cfg.cache.clone(), None);
+        Ok(Gateway {
+            app: App::new(cfg, policy, hooks, shared, clients),
         })
     }
 
@@ -174,6 +203,17 @@ impl Gateway {
         let _ = admin_task.await;
         let _ = monitor.await;
         info!("kvgate stopped");
+    }
+}
+
+fn load_clients(cfg: &Config) -> Result<Option<Clients>, StartError> {
+    match &cfg.clients {
+        Some(path) => {
+            let c = Clients::load(path).map_err(|e| StartError::Clients(e.to_string()))?;
+            info!(file = %path.display(), "front-port clients file: keys required");
+            Ok(Some(c))
+        }
+        None => Ok(None),
     }
 }
 

@@ -55,9 +55,9 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("kvgate: {e}");
             match e {
-                kvgate::StartError::Policy(_) | kvgate::StartError::SaveDir(_) => {
-                    ExitCode::from(EXIT_USAGE)
-                }
+                kvgate::StartError::Policy(_)
+                | kvgate::StartError::SaveDir(_)
+                | kvgate::StartError::Clients(_) => ExitCode::from(EXIT_USAGE),
                 kvgate::StartError::Bind { .. } => ExitCode::FAILURE,
             }
         }

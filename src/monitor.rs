@@ -11,7 +11,10 @@ use hyper::StatusCode;
 use serde_json::Value;
 use tracing::{info, warn};
 
-use crate::app::{App, Metrics};
+use serde_json::json;
+
+use crate::app::App;
+use crate::metrics;
 use crate::upstream::UpstreamError;
 
 /// Timeout of one poll.
@@ -93,14 +96,18 @@ async fn poll(app: &App, seen: &mut Seen) {
     if first || changed || !seen.fingerprinted {
         seen.fingerprinted = false;
         if let Some(fp) = crate::persist::fetch_fingerprint(&app.upstream, &props).await {
-            app.hooks.set_fingerprint(fp);
+            app.hooks.set_fingerprint(fp.clone());
+            app.upstream_state
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .fingerprint = Some(fp);
             seen.fingerprinted = true;
         }
     }
     if first {
         first_contact(app, &props, n).await;
     } else if was_down || changed || went_back {
-        Metrics::inc(&app.metrics.upstream_restarts);
+        metrics::inc(&app.metrics.upstream_restarts);
         warn!(
             was_down,
             props_changed = changed,
@@ -126,6 +133,23 @@ async fn poll(app: &App, seen: &mut Seen) {
         info!(slots = n, "adopting llama-server's slot count");
         app.pool.resize(n);
     }
+    if seen.up != Some(true) {
+        app.events.emit(
+            "upstream_up",
+            json!({"url": app.upstream.base().to_string(), "slots": n}),
+        );
+    }
+    app.metrics
+        .upstream_up
+        .store(1, std::sync::atomic::Ordering::Relaxed);
+    {
+        let mut st = app
+            .upstream_state
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        st.up = true;
+        st.slots = slots.clone().unwrap_or_default();
+    }
     seen.up = Some(true);
     seen.props_key = Some(key);
     seen.max_task = max_task;
@@ -137,6 +161,19 @@ fn down(app: &App, seen: &mut Seen, e: &UpstreamError) {
     }
     // Only a real outage counts as down (a slow answer under load does not).
     if e.is_connect() || seen.up.is_none() {
+        if seen.up != Some(false) {
+            app.events.emit(
+                "upstream_down",
+                json!({"url": app.upstream.base().to_string(), "error": e.to_string()}),
+            );
+        }
+        app.metrics
+            .upstream_up
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+        app.upstream_state
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .up = false;
         seen.up = Some(false);
     }
 }

@@ -4,15 +4,18 @@
 //! with the new prompt, under the same model fingerprint.
 
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::Method;
-use serde_json::Value;
+use serde_json::{json, Value};
 use tracing::{debug, info, warn};
 
+use crate::app::{Settings, Shared};
 use crate::cache_store::{choose_best, CacheStore, Fingerprint, NewSave, SaveKind};
 use crate::config::CacheSettings;
+use crate::events::Events;
 use crate::hooks::{BoxFuture, CacheHooks, Generation, Restore};
+use crate::metrics::{self, Metrics};
 use crate::slots::{SlotId, Tenant};
 use crate::upstream::{SlotAction, Upstream};
 
@@ -27,23 +30,32 @@ pub struct Persistence {
     store: Arc<CacheStore>,
     upstream: Upstream,
     fingerprint: RwLock<Option<Fingerprint>>,
-    settings: RwLock<CacheSettings>,
+    settings: Settings,
+    events: Arc<Events>,
+    metrics: Arc<Metrics>,
 }
 
 // === impl Persistence ===
 
 impl Persistence {
-    /// Hooks over `store`, talking to `upstream`.
-    pub fn new(store: Arc<CacheStore>, upstream: Upstream, settings: CacheSettings) -> Persistence {
-        store.min_bytes.store(
-            settings.min_save_bytes,
-            std::sync::atomic::Ordering::Relaxed,
-        );
+    /// Hooks over `store`, talking to `upstream`, sharing settings, events
+    /// and metrics with the rest of kvgate.
+    pub fn new(store: Arc<CacheStore>, upstream: Upstream, shared: &Shared) -> Persistence {
+        let min = shared
+            .settings
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .min_save_bytes;
+        store
+            .min_bytes
+            .store(min, std::sync::atomic::Ordering::Relaxed);
         Persistence {
             store,
             upstream,
             fingerprint: RwLock::new(None),
-            settings: RwLock::new(settings),
+            settings: Arc::clone(&shared.settings),
+            events: Arc::clone(&shared.events),
+            metrics: Arc::clone(&shared.metrics),
         }
     }
 
@@ -82,7 +94,15 @@ impl Persistence {
             warn!(slot, %tenant, "not saving: llama-server's model is not known yet");
             return None;
         };
+        let started = Instant::now();
         let temp = self.store.temp_name();
+        let fail = |reason: String| {
+            metrics::inc(&self.metrics.save_failures);
+            self.events.emit(
+                "save_failed",
+                json!({"slot": slot, "chat": chat, "character": character, "kind": kind.as_str(), "reason": reason}),
+            );
+        };
         let reply = match self
             .upstream
             .slot_action(slot, SlotAction::Save, Some(&temp), SLOT_IO_TIMEOUT)
@@ -93,6 +113,7 @@ impl Persistence {
                 // llama-server may have written part of the file.
                 self.store.discard_temp(&temp);
                 warn!(slot, %tenant, kind = kind.as_str(), error = %e, "save failed; the usage counter is kept so the next save retries");
+                fail(e.to_string());
                 return None;
             }
         };
@@ -108,6 +129,12 @@ impl Persistence {
         match self.store.commit(&temp, &new) {
             Ok(meta) => {
                 info!(slot, %tenant, kind = kind.as_str(), file = %meta.file, tokens = meta.n_tokens, bytes = meta.bytes, "saved");
+                let took = started.elapsed();
+                self.metrics.saved(kind.as_str(), meta.bytes, took);
+                self.events.emit(
+                    "saved",
+                    json!({"slot": slot, "chat": chat, "character": character, "kind": kind.as_str(), "file": meta.file, "tag": tag, "tokens": meta.n_tokens, "bytes": meta.bytes, "ms": took.as_secs_f64() * 1000.0}),
+                );
                 if tag.is_none() {
                     let keep = self.settings().max_files as usize;
                     let deleted = self.store.rotate(chat, character, keep);
@@ -119,6 +146,7 @@ impl Persistence {
             }
             Err(e) => {
                 warn!(slot, %tenant, kind = kind.as_str(), error = %e, "save rejected; nothing kept");
+                fail(e.to_string());
                 None
             }
         }
@@ -189,6 +217,7 @@ impl Persistence {
         let Some((file, lcp)) = chosen else {
             return Restore::Skipped;
         };
+        let started = Instant::now();
         match self
             .upstream
             .slot_action(g.slot, SlotAction::Restore, Some(&file), SLOT_IO_TIMEOUT)
@@ -196,10 +225,24 @@ impl Persistence {
         {
             Ok(r) => {
                 let tokens = r.n_restored.unwrap_or(0);
+                metrics::inc(&self.metrics.restores);
+                metrics::add_time(&self.metrics.restore_micros, started.elapsed());
+                self.events.emit(
+                    "restored",
+                    json!({"slot": g.slot, "chat": chat, "character": character, "file": file, "tokens": tokens, "shared_prefix": lcp, "ms": started.elapsed().as_secs_f64() * 1000.0}),
+                );
                 info!(slot = g.slot, %tenant, %file, tokens, shared_prefix = lcp, "restored");
                 Restore::Restored { file, tokens }
             }
-            Err(e) => Restore::Failed(format!("{file}: {e}")),
+            Err(e) => {
+                metrics::inc(&self.metrics.restore_failures);
+                let reason = format!("{file}: {e}");
+                self.events.emit(
+                    "restore_failed",
+                    json!({"slot": g.slot, "chat": chat, "character": character, "file": file, "reason": reason}),
+                );
+                Restore::Failed(reason)
+            }
         }
     }
 }

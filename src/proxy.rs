@@ -8,22 +8,26 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderValue, ACCEPT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
-use serde_json::Value;
+use serde_json::{json, Value};
 use tracing::{debug, info, warn};
 
-use crate::app::{App, Metrics};
+use crate::app::App;
 use crate::body::{boxed, full, ProxyBody};
 use crate::cache_store::SaveKind;
+use crate::clients::Refusal;
 use crate::error::ApiError;
+use crate::error::ErrorType;
 use crate::hooks::{Generation, Restore};
 use crate::identity::{self, Api, Explicit, Identity};
 use crate::lease::{AcquireError, Lease};
+use crate::metrics;
 use crate::slots::{Outcome, Tenant, Want};
 use crate::sse::{Observed, StreamEnd};
 use crate::upstream::{strip_hop_by_hop, Reuse, UpstreamError};
@@ -53,16 +57,50 @@ pub async fn handle(
     req: Request<Incoming>,
     peer: SocketAddr,
 ) -> Response<ProxyBody> {
+    let route = metrics::route_label(req.uri().path());
+    let resp = route_request(&app, req, peer).await;
+    app.metrics.request(route, resp.status().as_u16());
+    resp
+}
+
+async fn route_request(
+    app: &Arc<App>,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<ProxyBody> {
+    // With a clients file kvgate is the gatekeeper: it checks the client's
+    // key and talks to llama-server with its own.
+    let client = match &app.clients {
+        Some(clients) => match clients.authenticate(req.headers()) {
+            Ok(c) => {
+                let id = format!("client-{}", c.id);
+                app.upstream.substitute_credentials(req.headers_mut());
+                id
+            }
+            Err(refusal) => {
+                let why = match refusal {
+                    Refusal::Missing => {
+                        "an API key is required (Authorization: Bearer or X-Api-Key)"
+                    }
+                    Refusal::Unknown => "Invalid API Key",
+                    Refusal::Untrusted => "this client is not trusted",
+                };
+                return ApiError::new(StatusCode::UNAUTHORIZED, ErrorType::Authentication, why)
+                    .into_response();
+            }
+        },
+        None => client_key(req.headers(), peer),
+    };
     if let Some(api) = completion_api(req.method(), req.uri().path()) {
-        return match completion(&app, req, api, peer).await {
+        return match completion(app, req, api, &client).await {
             Ok(resp) => resp,
             Err(e) => e.into_response(),
         };
     }
     if let Some(slot) = slot_action_target(req.method(), req.uri().path()) {
-        return slot_action(&app, req, slot).await;
+        return slot_action(app, req, slot).await;
     }
-    passthrough(&app, req).await
+    passthrough(app, req).await
 }
 
 /// `POST /slots/{id}`: a client's own slot action (save, restore, erase).
@@ -94,15 +132,8 @@ async fn slot_action(app: &Arc<App>, req: Request<Incoming>, id: usize) -> Respo
     let lease = match acquire(app, want).await {
         Ok(l) => l,
         Err(e) => return e.into_response(),
-    };
-    // The owner's unsaved messages go to disk before its cache is replaced.
-    if let Some(ev) = lease.grant().evicted.clone() {
-        if ev.usage >= 1 && ev.live && ev.tenant.is_character() {
-            app.hooks
-                .save(slot, &ev.tenant, SaveKind::Eviction, None)
-                .await;
-        }
-    }
+    }; // The owner's unsaved messages go to disk before its cache is replaced.
+    take_over(app, &lease).await;
     let (parts, body) = req.into_parts();
     let resp = app.upstream.forward(parts, boxed(body)).await;
     let outcome = if is_save {
@@ -138,7 +169,6 @@ async fn slot_action(app: &Arc<App>, req: Request<Incoming>, id: usize) -> Respo
 
 /// Forwards a request as is and relays the response as it arrives.
 async fn passthrough(app: &Arc<App>, req: Request<Incoming>) -> Response<ProxyBody> {
-    Metrics::inc(&app.metrics.passthrough);
     let (parts, body) = req.into_parts();
     match app.upstream.forward(parts, boxed(body)).await {
         Ok(resp) => relay(resp),
@@ -154,7 +184,7 @@ fn relay(resp: Response<Incoming>) -> Response<ProxyBody> {
 }
 
 fn upstream_failure(app: &App, e: UpstreamError) -> ApiError {
-    Metrics::inc(&app.metrics.upstream_errors);
+    metrics::inc(&app.metrics.upstream_errors);
     if e.is_connect() {
         app.monitor_kick.notify_one();
     }
@@ -209,9 +239,9 @@ async fn completion(
     app: &Arc<App>,
     req: Request<Incoming>,
     api: Api,
-    peer: SocketAddr,
+    client: &str,
 ) -> Result<Response<ProxyBody>, ApiError> {
-    Metrics::inc(&app.metrics.completions);
+    let started = Instant::now();
     let (mut parts, body) = req.into_parts();
     let raw = read_body(app, &parts.headers, body).await?;
 
@@ -258,19 +288,34 @@ async fn completion(
         }
     };
     let pinned = matches!(want, Want::Pinned(_));
-
     if let (Tenant::Character { chat, .. }, false) = (&identity.tenant, pinned) {
-        let client = client_key(&parts.headers, peer);
-        if let Some(previous) = app.note_client_chat(&client, chat) {
-            if app.cfg.cache.clear_on_chat_change {
-                chat_switch(app, &client, &previous).await;
+        if let Some(previous) = app.note_client_chat(client, chat) {
+            if app.settings().clear_on_chat_change {
+                chat_switch(app, client, &previous).await;
             }
         }
     }
 
     let lease = acquire(app, want).await?;
+    app.metrics.queue_wait.observe(started.elapsed());
     let slot = lease.slot();
-    app.remember_prompt(&identity.tenant, identity.prompt_hash);
+    app.touch_slot(slot);
+    app.remember_prompt(
+        &identity.tenant,
+        identity.prompt_hash,
+        json.get("prompt").and_then(Value::as_str),
+    );
+    app.events.emit(
+        "slot_assigned",
+        json!({
+            "slot": slot,
+            "chat": identity.tenant.chat(),
+            "character": identity.tenant.character(),
+            "kind": identity.kind.as_str(),
+            "resident": lease.grant().resident,
+            "client": client,
+        }),
+    );
     info!(
         slot,
         tenant = %identity.tenant,
@@ -281,25 +326,12 @@ async fn completion(
     );
 
     // Evict-save: the previous owner's unsaved messages go to disk first.
-    if let Some(ev) = lease.grant().evicted.clone() {
-        Metrics::inc(&app.metrics.evictions);
-        if ev.usage >= 1
-            && ev.tenant.is_character()
-            && ev.live
-            && app
-                .hooks
-                .save(slot, &ev.tenant, SaveKind::Eviction, None)
-                .await
-                .is_some()
-        {
-            Metrics::inc(&app.metrics.eviction_saves);
-        }
-    }
+    take_over(app, &lease).await;
 
     // Restore: bring the tenant's best save in, right before the generation.
     let mut restored = None;
     if lease.grant().resident {
-        Metrics::inc(&app.metrics.resident_hits);
+        metrics::inc(&app.metrics.resident_hits);
     } else if !pinned && identity.tenant.is_character() {
         let gen = Generation {
             slot,
@@ -310,12 +342,11 @@ async fn completion(
         };
         match app.hooks.restore(gen).await {
             Restore::Restored { file, .. } => {
-                Metrics::inc(&app.metrics.restores);
                 lease.pool().with_table(|t| t.mark_restored(slot));
+                app.set_restored_from(slot, Some(file.clone()));
                 restored = Some(file);
             }
             Restore::Failed(reason) => {
-                Metrics::inc(&app.metrics.restore_failures);
                 warn!(slot, %reason, "restore failed; generating on an empty slot");
                 lease.pool().with_table(|t| t.mark_empty(slot));
             }
@@ -361,7 +392,10 @@ async fn completion(
     let status = rparts.status;
     let (observed, end) = Observed::new(rbody, sse);
     add_identity_headers(&mut rparts.headers, slot, &identity, restored.as_deref());
-
+    app.events.emit(
+        "generation_started",
+        json!({"slot": slot, "chat": identity.tenant.chat(), "character": identity.tenant.character(), "status": status.as_u16()}),
+    );
     let guard = app.tasks.start();
     let app2 = Arc::clone(app);
     tokio::spawn(async move {
@@ -369,7 +403,7 @@ async fn completion(
         let end = end
             .await
             .unwrap_or(StreamEnd::ClientGone(Default::default()));
-        finish(&app2, lease, &identity, pinned, status, end).await;
+        finish(&app2, lease, &identity, pinned, status, end, started).await;
     });
     Ok(Response::from_parts(rparts, boxed(observed)))
 }
@@ -382,6 +416,7 @@ async fn finish(
     pinned: bool,
     status: StatusCode,
     end: StreamEnd,
+    started: Instant,
 ) {
     let slot = lease.slot();
     let outcome = if pinned {
@@ -400,7 +435,7 @@ async fn finish(
             // prefix in the slot, and the partial message is kept by the client.
             StreamEnd::ClientGone(_) => Outcome::Generated(identity.kind),
             StreamEnd::UpstreamError(e, _) => {
-                Metrics::inc(&app.metrics.upstream_errors);
+                metrics::inc(&app.metrics.upstream_errors);
                 warn!(slot, error = %e, "upstream broke off the stream");
                 app.monitor_kick.notify_one();
                 Outcome::Failed
@@ -408,6 +443,33 @@ async fn finish(
         }
     };
     let summary = end.summary();
+    let ttft = summary
+        .first_byte
+        .map(|t| t.saturating_duration_since(started));
+    if let Some(t) = ttft {
+        app.metrics.ttft.observe(t);
+    }
+    if let (Some(c), Some(p)) = (summary.cache_n(), summary.prompt_n()) {
+        metrics::add(&app.metrics.prompt_cached, c);
+        metrics::add(&app.metrics.prompt_evaluated, p);
+    }
+    app.events.emit(
+        "generation_finished",
+        json!({
+            "slot": slot,
+            "chat": identity.tenant.chat(),
+            "character": identity.tenant.character(),
+            "kind": identity.kind.as_str(),
+            "outcome": match (&end, outcome) {
+                (StreamEnd::ClientGone(_), Outcome::Generated(_)) => "stopped",
+                (_, Outcome::Generated(_)) => "completed",
+                _ => "failed",
+            },
+            "cache_n": summary.cache_n(),
+            "prompt_n": summary.prompt_n(),
+            "ttft_ms": ttft.map(|t| t.as_secs_f64() * 1000.0),
+        }),
+    );
     debug!(
         slot,
         ?outcome,
@@ -428,18 +490,38 @@ async fn finish(
                 .await
                 .is_some()
         {
-            Metrics::inc(&app.metrics.autosaves);
             lease.pool().with_table(|t| t.mark_saved(slot));
         }
     }
     lease.release(Outcome::Untouched);
 }
 
+/// A grant that takes a slot from another tenant: count it, tell the
+/// monitors, and save the previous owner's unsaved messages first (inside the
+/// new owner's lease, so nothing can run on the slot meanwhile).
+pub(crate) async fn take_over(app: &App, lease: &Lease) {
+    let Some(ev) = lease.grant().evicted.clone() else {
+        return;
+    };
+    let slot = lease.slot();
+    metrics::inc(&app.metrics.evictions);
+    app.set_restored_from(slot, None);
+    app.events.emit(
+        "evicted",
+        json!({"slot": slot, "chat": ev.tenant.chat(), "character": ev.tenant.character(), "usage": ev.usage}),
+    );
+    if ev.usage >= 1 && ev.tenant.is_character() && ev.live {
+        app.hooks
+            .save(slot, &ev.tenant, SaveKind::Eviction, None)
+            .await;
+    }
+}
+
 async fn acquire(app: &Arc<App>, want: Want) -> Result<Lease, ApiError> {
     match app.pool.acquire(want, app.cfg.queue_timeout).await {
         Ok(l) => Ok(l),
         Err(e) => {
-            Metrics::inc(&app.metrics.queue_rejections);
+            metrics::inc(&app.metrics.queue_rejections);
             Err(match e {
                 AcquireError::Table(crate::slots::TableError::NoSuchSlot(_)) => {
                     ApiError::bad_request(e.to_string())

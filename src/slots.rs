@@ -157,6 +157,9 @@ pub struct Slot {
     pub last_used: u64,
     /// The lease in force, if any.
     pub lease: Option<LeaseId>,
+    /// Restored but not generated on since: llama-server's `/slots` shows
+    /// no task for such a slot, which must not be mistaken for a lost cache.
+    pub fresh: bool,
 }
 
 /// A queued request.
@@ -312,6 +315,7 @@ impl SlotTable {
         match outcome {
             Outcome::Generated(kind) => {
                 s.live = true;
+                s.fresh = false;
                 if s.owner.as_ref().is_some_and(Tenant::is_character) {
                     s.usage = next_usage(s.usage, kind);
                 }
@@ -322,6 +326,7 @@ impl SlotTable {
                 s.owner = None;
                 s.live = false;
                 s.usage = 0;
+                s.fresh = false;
             }
         }
         true
@@ -340,6 +345,7 @@ impl SlotTable {
         if let Some(s) = self.slots.get_mut(slot) {
             s.usage = 0;
             s.live = true;
+            s.fresh = true;
         }
     }
 
@@ -371,7 +377,7 @@ impl SlotTable {
             let (Some(&empty), Some(&tick)) = (observed_empty.get(id), ticks_before.get(id)) else {
                 continue;
             };
-            if empty && s.live && s.lease.is_none() && s.last_used == tick {
+            if empty && s.live && !s.fresh && s.lease.is_none() && s.last_used == tick {
                 s.live = false;
                 s.usage = 0;
                 lost.push(id);

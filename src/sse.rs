@@ -37,6 +37,8 @@ pub struct Summary {
     pub bytes: u64,
     /// `data:` events seen.
     pub events: u64,
+    /// When the first byte of the body arrived.
+    pub first_byte: Option<std::time::Instant>,
 }
 
 impl Summary {
@@ -95,6 +97,9 @@ struct Scanner {
 
 impl Scanner {
     fn feed(&mut self, chunk: &[u8]) {
+        if self.summary.first_byte.is_none() && !chunk.is_empty() {
+            self.summary.first_byte = Some(std::time::Instant::now());
+        }
         self.summary.bytes += chunk.len() as u64;
         if !self.sse {
             if self.line.len() + chunk.len() <= MAX_JSON {

@@ -145,6 +145,9 @@ pub struct Upstream {
     base: Uri,
     client: Client<HttpConnector, ProxyBody>,
     timeout: Duration,
+    /// `Authorization: Bearer` kvgate sends on its own calls (llama-server's
+    /// `--api-key`), and instead of the client's when clients are managed.
+    api_key: Option<HeaderValue>,
 }
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
@@ -196,6 +199,23 @@ impl Upstream {
             base,
             client,
             timeout,
+            api_key: None,
+        }
+    }
+
+    /// Uses `key` for llama-server's `--api-key`.
+    pub fn with_api_key(mut self, key: Option<String>) -> Self {
+        self.api_key = key.and_then(|k| HeaderValue::from_str(&format!("Bearer {k}")).ok());
+        self
+    }
+
+    /// Replaces the client's credentials with kvgate's own upstream key (or
+    /// none): used when kvgate manages the front port's clients itself.
+    pub fn substitute_credentials(&self, headers: &mut HeaderMap) {
+        headers.remove(hyper::header::AUTHORIZATION);
+        headers.remove("x-api-key");
+        if let Some(k) = &self.api_key {
+            headers.insert(hyper::header::AUTHORIZATION, k.clone());
         }
     }
 
@@ -294,6 +314,10 @@ impl Upstream {
         if body.is_some() {
             req.headers_mut()
                 .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        }
+        if let Some(k) = &self.api_key {
+            req.headers_mut()
+                .insert(hyper::header::AUTHORIZATION, k.clone());
         }
         let fut = async {
             let resp = self.send(req, &what).await?;

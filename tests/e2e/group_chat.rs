@@ -303,12 +303,42 @@ async fn three_characters_share_two_slots_in_a_swap_cards_group_chat() {
     }
     assert_ne!(slots[0]["character"], slots[1]["character"]);
 
-    let (status, metrics) = http_json("GET", &format!("{}/metrics", kv.admin_url), None).await;
-    assert_eq!(status, 200, "{metrics}");
-    assert_eq!(metrics["completions"], json!(order.len()), "{metrics}");
-    assert_eq!(metrics["resident_hits"], json!(resident_turns), "{metrics}");
-    assert_eq!(metrics["evictions"], json!(evictions), "{metrics}");
-    assert_eq!(metrics["upstream_errors"], 0, "{metrics}");
+    let resp = crate::support::kvgate::send(
+        "GET",
+        &format!("{}/metrics", kv.admin_url),
+        &[],
+        bytes::Bytes::new(),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let text = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let text = String::from_utf8_lossy(&text).into_owned();
+    let metric = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing in\n{text}"))
+    };
+    assert_eq!(
+        metric("kvgate_requests_total{route=\"/completion\",status=\"200\"}"),
+        order.len() as u64,
+        "{text}"
+    );
+    assert_eq!(
+        metric("kvgate_resident_hits_total"),
+        resident_turns,
+        "{text}"
+    );
+    assert_eq!(metric("kvgate_evictions_total"), evictions, "{text}");
+    assert_eq!(metric("kvgate_upstream_errors_total"), 0, "{text}");
+    assert_eq!(
+        metric("kvgate_ttft_seconds_count"),
+        order.len() as u64,
+        "{text}"
+    );
     kv.stop().await;
 }
 

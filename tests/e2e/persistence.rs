@@ -174,7 +174,7 @@ async fn sigterm_saves_every_slot_with_unsaved_messages() {
                     None,
                 )
                 .await;
-                v["slots"].as_u64() == Some(2)
+                v["upstream"]["slots"].as_u64() == Some(2)
             };
         if ready {
             break;
