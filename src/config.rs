@@ -46,6 +46,10 @@ pub struct Cli {
     /// prompt is processed), in seconds.
     #[arg(long, env = "KVGATE_UPSTREAM_TIMEOUT", value_name = "SECS")]
     pub upstream_timeout: Option<f64>,
+    /// Longest silence inside a streamed answer before kvgate ends it with an
+    /// error event (seconds).
+    #[arg(long, env = "KVGATE_STREAM_IDLE_TIMEOUT", value_name = "SECS")]
+    pub stream_idle_timeout: Option<f64>,
     /// How often llama-server's health and slots are polled (seconds).
     #[arg(long, env = "KVGATE_HEALTH_INTERVAL", value_name = "SECS")]
     pub health_interval: Option<f64>,
@@ -111,6 +115,7 @@ pub struct FileConfig {
     max_queue: Option<usize>,
     queue_timeout: Option<f64>,
     upstream_timeout: Option<f64>,
+    stream_idle_timeout: Option<f64>,
     health_interval: Option<f64>,
     autosave: Option<bool>,
     save_every: Option<u32>,
@@ -177,6 +182,8 @@ pub struct Config {
     pub queue_timeout: Duration,
     /// Upstream response-header timeout.
     pub upstream_timeout: Duration,
+    /// Longest silence inside a streamed answer.
+    pub stream_idle_timeout: Duration,
     /// Upstream polling interval.
     pub health_interval: Duration,
     /// Cache policy knobs.
@@ -206,6 +213,7 @@ impl Default for Config {
             queue_timeout: Duration::from_secs(300),
             upstream_timeout: Duration::from_secs(600),
             health_interval: Duration::from_secs(2),
+            stream_idle_timeout: Duration::from_secs(300),
             cache: CacheSettings::default(),
             shutdown_grace: Duration::from_secs(30),
             admin_key: None,
@@ -346,6 +354,11 @@ impl Config {
                 "--upstream-timeout",
                 cli.upstream_timeout.or(file.upstream_timeout),
                 d.upstream_timeout,
+            )?,
+            stream_idle_timeout: secs(
+                "--stream-idle-timeout",
+                cli.stream_idle_timeout.or(file.stream_idle_timeout),
+                d.stream_idle_timeout,
             )?,
             health_interval: secs(
                 "--health-interval",

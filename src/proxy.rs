@@ -390,7 +390,8 @@ async fn completion(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
     let status = rparts.status;
-    let (observed, end) = Observed::new(rbody, sse);
+    let (observed, end) =
+        Observed::with_idle_timeout(rbody, sse, Some(app.cfg.stream_idle_timeout));
     add_identity_headers(&mut rparts.headers, slot, &identity, restored.as_deref());
     app.events.emit(
         "generation_started",

@@ -8,14 +8,17 @@
 //! `"timings"`, `"stop":true`, `"error"` or `"finish_reason"`), so relaying a
 //! token chunk costs a substring search, not a JSON parse.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use serde_json::Value;
 use tokio::sync::oneshot;
+use tokio::time::Sleep;
 
 use crate::body::BoxError;
 
@@ -193,6 +196,12 @@ pin_project! {
         inner: B,
         scanner: Scanner,
         tx: Option<oneshot::Sender<StreamEnd>>,
+        // Bound on silence between two frames (None: no bound).
+        idle: Option<Duration>,
+        #[pin]
+        idle_timer: Option<Sleep>,
+        // Set once the relayed body is over (after a closing error event).
+        done: bool,
     }
 
     impl<B> PinnedDrop for Observed<B> {
@@ -215,6 +224,16 @@ impl<B> Observed<B> {
     /// Wraps `inner`; `sse` selects event-stream scanning (else the body is
     /// one JSON document). The receiver gets exactly one [`StreamEnd`].
     pub fn new(inner: B, sse: bool) -> (Self, oneshot::Receiver<StreamEnd>) {
+        Self::with_idle_timeout(inner, sse, None)
+    }
+
+    /// As [`Observed::new`], ending the stream when the upstream stays silent
+    /// for longer than `idle`.
+    pub fn with_idle_timeout(
+        inner: B,
+        sse: bool,
+        idle: Option<Duration>,
+    ) -> (Self, oneshot::Receiver<StreamEnd>) {
         let (tx, rx) = oneshot::channel();
         (
             Observed {
@@ -224,10 +243,22 @@ impl<B> Observed<B> {
                     ..Scanner::default()
                 },
                 tx: Some(tx),
+                idle,
+                idle_timer: None,
+                done: false,
             },
             rx,
         )
     }
+}
+
+/// The closing event of a stream llama-server broke off, in llama.cpp's
+/// own mid-stream error shape, so clients show the message and stop cleanly.
+fn error_event(message: &str) -> Bytes {
+    let v = serde_json::json!({
+        "error": { "code": 502, "message": message, "type": "server_error" }
+    });
+    Bytes::from(format!("data: {v}\n\n"))
 }
 
 impl<B> Body for Observed<B>
@@ -242,31 +273,61 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        match this.inner.poll_frame(cx) {
-            Poll::Pending => Poll::Pending,
+        let mut this = self.project();
+        if *this.done {
+            return Poll::Ready(None);
+        }
+        let polled = this.inner.as_mut().poll_frame(cx);
+        let failure = match polled {
+            Poll::Pending => {
+                let Some(idle) = *this.idle else {
+                    return Poll::Pending;
+                };
+                if this.idle_timer.is_none() {
+                    this.idle_timer.set(Some(tokio::time::sleep(idle)));
+                }
+                let timer = this.idle_timer.as_mut().as_pin_mut().expect("set above");
+                match timer.poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(()) => format!(
+                        "llama-server sent nothing for {} s; kvgate ended the stream",
+                        idle.as_secs()
+                    ),
+                }
+            }
             Poll::Ready(Some(Ok(frame))) => {
+                this.idle_timer.set(None);
                 if let Some(data) = frame.data_ref() {
                     this.scanner.feed(data);
                 }
-                Poll::Ready(Some(Ok(frame)))
+                return Poll::Ready(Some(Ok(frame)));
             }
             Poll::Ready(Some(Err(e))) => {
                 let e: BoxError = e.into();
-                if let Some(tx) = this.tx.take() {
-                    let _ = tx.send(StreamEnd::UpstreamError(
-                        e.to_string(),
-                        this.scanner.finish(),
-                    ));
-                }
-                Poll::Ready(Some(Err(e)))
+                format!("llama-server broke off the stream: {e}")
             }
             Poll::Ready(None) => {
                 if let Some(tx) = this.tx.take() {
                     let _ = tx.send(StreamEnd::Complete(this.scanner.finish()));
                 }
-                Poll::Ready(None)
+                return Poll::Ready(None);
             }
+        };
+        if let Some(tx) = this.tx.take() {
+            let _ = tx.send(StreamEnd::UpstreamError(
+                failure.clone(),
+                this.scanner.finish(),
+            ));
+        }
+        if this.scanner.sse {
+            // An event stream can end cleanly with an error event; the
+            // client keeps everything it got and sees why it stopped.
+            *this.done = true;
+            Poll::Ready(Some(Ok(Frame::data(error_event(&failure)))))
+        } else {
+            // A plain body can only be cut: the client sees an incomplete
+            // response rather than a truncated document it might trust.
+            Poll::Ready(Some(Err(failure.into())))
         }
     }
 
@@ -344,6 +405,61 @@ mod tests {
         );
         obs.collect().await.unwrap();
         assert_eq!(rx.await.unwrap().summary().cache_n(), Some(2));
+    }
+
+    /// Chunks, then an error.
+    struct Broken(VecDeque<Bytes>);
+
+    impl Body for Broken {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            Poll::Ready(Some(match self.0.pop_front() {
+                Some(b) => Ok(Frame::data(b)),
+                None => Err("connection reset".into()),
+            }))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_broken_event_stream_ends_cleanly_with_an_error_event() {
+        let first = Bytes::from_static(b"data: {\"content\":\"a\"}\n\n");
+        let (obs, rx) = Observed::new(Broken(VecDeque::from([first.clone()])), true);
+        let got = obs.collect().await.expect("a clean end").to_bytes();
+        assert!(got.starts_with(&first));
+        let tail = String::from_utf8_lossy(&got[first.len()..]).into_owned();
+        assert!(tail.starts_with("data: {\"error\""), "{tail}");
+        assert!(tail.contains("connection reset"), "{tail}");
+        assert!(matches!(rx.await.unwrap(), StreamEnd::UpstreamError(..)));
+        // A plain JSON body can't be completed: it is cut.
+        let (obs, rx) = Observed::new(Broken(VecDeque::new()), false);
+        assert!(obs.collect().await.is_err());
+        assert!(matches!(rx.await.unwrap(), StreamEnd::UpstreamError(..)));
+    }
+
+    /// A body that never yields.
+    struct Silent;
+
+    impl Body for Silent {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            Poll::Pending
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_stream_ends_after_the_idle_timeout() {
+        let (obs, rx) = Observed::with_idle_timeout(Silent, true, Some(Duration::from_secs(30)));
+        let got = obs.collect().await.unwrap().to_bytes();
+        assert!(String::from_utf8_lossy(&got).contains("sent nothing for 30 s"));
+        assert!(matches!(rx.await.unwrap(), StreamEnd::UpstreamError(..)));
     }
 
     #[tokio::test]

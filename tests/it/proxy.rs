@@ -798,3 +798,36 @@ async fn shutdown_lets_a_stream_finish() {
         "not truncated by the shutdown"
     );
 }
+
+#[tokio::test]
+async fn upstream_dying_mid_stream_ends_cleanly_with_an_error_event() {
+    let fake = FakeLlama::builder().slots(1).events(6).build().await;
+    let kv = Kvgate::start(&fake.url(), |_| {}).await;
+    let (s, _, _) = post_json(&format!("{}/completion", kv.url), &[], &group("Alice")).await;
+    assert_eq!(s, 200);
+    kv.wait_idle().await;
+    fake.die_mid_stream_after(2);
+    let resp = send(
+        "POST",
+        &format!("{}/completion", kv.url),
+        &[("content-type", "application/json")],
+        group_turn("Alice", 1).to_string(),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    // The body ends cleanly (no transport error) with an error event.
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .expect("a clean end")
+        .to_bytes();
+    let events = sse_events(&body);
+    assert_eq!(events.len(), 3, "two tokens, then the error: {events:?}");
+    assert_eq!(events[0]["content"], fake_llama::event_text(0));
+    assert_eq!(events[2]["error"]["type"], "server_error");
+    kv.wait_idle().await;
+    let slot = &kv.app.pool.snapshot()[0];
+    assert!(!slot.live, "contents unknown after a broken stream");
+    assert!(slot.lease.is_none());
+}
