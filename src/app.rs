@@ -90,6 +90,10 @@ pub struct App {
     pub monitor_kick: Notify,
     /// Running and finished preload jobs.
     pub preloads: Preloads,
+    /// Wakes the save-behind task (a generation's first token is out).
+    pub save_behind_kick: Notify,
+    /// Unix seconds of the last eviction (0: none yet).
+    last_eviction: std::sync::atomic::AtomicU64,
     /// What the monitor last learned about llama-server.
     pub upstream_state: RwLock<UpstreamState>,
     memory: Mutex<Memory>,
@@ -149,6 +153,8 @@ impl App {
             tasks: Arc::default(),
             monitor_kick: Notify::new(),
             preloads: Preloads::default(),
+            save_behind_kick: Notify::new(),
+            last_eviction: std::sync::atomic::AtomicU64::new(0),
             upstream_state: RwLock::new(UpstreamState::default()),
             memory: Mutex::new(Memory {
                 prompt_hashes: lru(MEMORY),
@@ -237,6 +243,19 @@ impl App {
     /// Unix seconds a slot was last used.
     pub fn slot_used_at(&self, slot: usize) -> Option<u64> {
         self.memory().last_used.get(&slot).copied()
+    }
+
+    /// Records that a slot changed hands.
+    pub fn note_eviction(&self) {
+        self.last_eviction
+            .store(crate::cache_store::now_unix(), Ordering::Relaxed);
+    }
+
+    /// Whether slots changed hands within `window_s` seconds: more
+    /// characters than slots, so idle slots will be evicted soon.
+    pub fn under_eviction_pressure(&self, window_s: u64) -> bool {
+        let last = self.last_eviction.load(Ordering::Relaxed);
+        last != 0 && crate::cache_store::now_unix().saturating_sub(last) <= window_s
     }
 
     /// Slot occupancy now.

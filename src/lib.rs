@@ -14,6 +14,7 @@
 //! - [`proxy`]: the front port: passthrough, and the completion lifecycle.
 //! - [`sse`]: relays response bodies untouched while observing their end.
 //! - [`hooks`]: where the cache layer acts (saves of every kind, restore).
+//! - [`save_behind`]: background saves that keep evictions cheap.
 //! - [`persist`]: the real hooks: checked saves, longest-prefix restores.
 //! - [`cache_store`]: the save directory: names, metadata, index, rotation.
 //! - [`admin`]: the side port: files, saves, slots, load, preload, settings.
@@ -41,6 +42,7 @@ pub mod persist;
 pub mod policy;
 pub mod preload;
 pub mod proxy;
+pub mod save_behind;
 pub mod server;
 pub mod slot_file;
 pub mod slots;
@@ -168,6 +170,7 @@ impl Gateway {
         let grace = app.cfg.shutdown_grace;
 
         let monitor = tokio::spawn(monitor::run(Arc::clone(&app), stopped(stop_rx.clone())));
+        let saver = tokio::spawn(save_behind::run(Arc::clone(&app), stopped(stop_rx.clone())));
         let admin_app = Arc::clone(&app);
         let admin_task = tokio::spawn(server::serve(
             "admin",
@@ -202,6 +205,7 @@ impl Gateway {
         app.pool.close();
         let _ = admin_task.await;
         let _ = monitor.await;
+        let _ = saver.await;
         info!("kvgate stopped");
     }
 }

@@ -390,8 +390,17 @@ async fn completion(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
     let status = rparts.status;
-    let (observed, end) =
+    let (mut observed, end) =
         Observed::with_idle_timeout(rbody, sse, Some(app.cfg.stream_idle_timeout));
+    // Once the first token is out, the prompt is processed: a good moment
+    // for background saves of other slots (see `save_behind`).
+    let first = observed.first_byte_signal();
+    let app_kick = Arc::clone(app);
+    tokio::spawn(async move {
+        if first.await.is_ok() {
+            app_kick.save_behind_kick.notify_one();
+        }
+    });
     add_identity_headers(&mut rparts.headers, slot, &identity, restored.as_deref());
     app.events.emit(
         "generation_started",
@@ -506,6 +515,7 @@ pub(crate) async fn take_over(app: &App, lease: &Lease) {
     };
     let slot = lease.slot();
     metrics::inc(&app.metrics.evictions);
+    app.note_eviction();
     app.set_restored_from(slot, None);
     app.events.emit(
         "evicted",

@@ -202,6 +202,8 @@ pin_project! {
         idle_timer: Option<Sleep>,
         // Set once the relayed body is over (after a closing error event).
         done: bool,
+        // Fired at the first data frame: the prompt is processed.
+        first_tx: Option<oneshot::Sender<()>>,
     }
 
     impl<B> PinnedDrop for Observed<B> {
@@ -246,9 +248,18 @@ impl<B> Observed<B> {
                 idle,
                 idle_timer: None,
                 done: false,
+                first_tx: None,
             },
             rx,
         )
+    }
+
+    /// A signal that fires when the first data frame passes (for a
+    /// completion: the prompt is processed and the first token is out).
+    pub fn first_byte_signal(&mut self) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        self.first_tx = Some(tx);
+        rx
     }
 }
 
@@ -299,6 +310,9 @@ where
                 this.idle_timer.set(None);
                 if let Some(data) = frame.data_ref() {
                     this.scanner.feed(data);
+                    if let Some(tx) = this.first_tx.take() {
+                        let _ = tx.send(());
+                    }
                 }
                 return Poll::Ready(Some(Ok(frame)));
             }

@@ -1,0 +1,82 @@
+//! Save-behind: keeps saves off the next speaker's critical path.
+//!
+//! In a group chat with more characters than slots, every turn evicts a
+//! slot, and a save before eviction would sit between the next speaker's
+//! request and its first token (a large save costs as much as a warm turn).
+//! Instead, when a generation's first token is out (its prompt is processed,
+//! so its time to first token is already paid), this task saves the *other*
+//! idle slots that hold unsaved messages. llama-server runs those saves
+//! between decode steps of the running generation, slowing its tail a little
+//! rather than anyone's first token. When the next speaker evicts one of
+//! those slots, it is clean: the eviction only restores.
+//!
+//! It acts only under eviction pressure (a slot changed hands recently), so
+//! 1:1 chats and setups with enough slots write no extra files; the usual
+//! autosave and save-before-eviction rules still apply on top.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::debug;
+
+use crate::app::App;
+use crate::cache_store::SaveKind;
+use crate::slots::{Outcome, Tenant, Want};
+
+/// How recent an eviction must be to count as pressure.
+const PRESSURE_WINDOW_S: u64 = 300;
+/// How long the task waits for a slot it wants to save (it skips busy ones).
+const HOLD_WAIT: Duration = Duration::from_millis(50);
+
+/// Runs until `shutdown` resolves.
+pub async fn run(app: Arc<App>, shutdown: impl std::future::Future<Output = ()>) {
+    if app.store.is_none() {
+        return;
+    }
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = app.save_behind_kick.notified() => {}
+        }
+        if app.under_eviction_pressure(PRESSURE_WINDOW_S) {
+            save_dirty_idle_slots(&app).await;
+        }
+    }
+}
+
+/// Saves every idle slot that holds a character's live cache with unsaved
+/// messages. Returns how many were saved.
+pub async fn save_dirty_idle_slots(app: &Arc<App>) -> usize {
+    let candidates: Vec<(usize, Tenant)> = app
+        .pool
+        .snapshot()
+        .into_iter()
+        .enumerate()
+        .filter(|(_, s)| s.lease.is_none() && s.live && s.usage >= 1)
+        .filter_map(|(id, s)| s.owner.filter(Tenant::is_character).map(|t| (id, t)))
+        .collect();
+    let mut saved = 0;
+    for (slot, tenant) in candidates {
+        // A slot that got busy meanwhile is left alone: its owner is
+        // generating and will be dirty again afterwards anyway.
+        let Ok(lease) = app.pool.acquire(Want::Hold(slot), HOLD_WAIT).await else {
+            continue;
+        };
+        let state = app.pool.snapshot()[slot].clone();
+        if state.owner.as_ref() == Some(&tenant) && state.live && state.usage >= 1 {
+            debug!(slot, %tenant, "save-behind");
+            if app
+                .hooks
+                .save(slot, &tenant, SaveKind::Eviction, None)
+                .await
+                .is_some()
+            {
+                app.pool.with_table(|t| t.mark_saved(slot));
+                saved += 1;
+            }
+        }
+        lease.release(Outcome::Untouched);
+    }
+    saved
+}
