@@ -54,6 +54,8 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<ProxyBody
         (&Method::GET, ["saves"]) => saves(&app, query.as_deref()),
         (&Method::GET, ["files"]) => files(&app),
         (&Method::DELETE, ["files", name]) => delete_file(&app, name),
+        // A raw `/` in the name: never a file of the directory.
+        (&Method::DELETE, ["files", _, ..]) => Err(forbidden(path.trim_start_matches("/files/"))),
         (&Method::POST, ["save"]) => match read_json(req).await {
             Ok(b) => save_all(&app, &b).await,
             Err(e) => Err(e),
@@ -323,11 +325,13 @@ fn files(app: &App) -> Answer {
         if !cache_store::is_cache_file_name(&name) {
             continue;
         }
-        // A file deleted (e.g. by rotation) while listing is left out.
-        let Ok(md) = std::fs::metadata(entry.path()) else {
+        // A file deleted (e.g. by rotation) while listing is left out, and so
+        // is anything that is not a plain file of the directory (symlinks,
+        // directories): the file API never reaches outside it.
+        let Ok(md) = std::fs::symlink_metadata(entry.path()) else {
             continue;
         };
-        if !md.is_file() {
+        if !md.file_type().is_file() {
             continue;
         }
         list.push(json!({
@@ -569,17 +573,23 @@ async fn load(app: &Arc<App>, body: &Value) -> Answer {
         plan.push((meta, tenant));
     }
     // Hold every lease until all are loaded: leased slots are never
-    // evicted, so the chosen characters can't evict each other.
-    let mut leases = Vec::new();
-    for (_, tenant) in &plan {
+    // evicted, so the chosen characters can't evict each other. Characters
+    // already in a slot take theirs first, so a newcomer's eviction can't
+    // pick a chosen character's slot.
+    let table = app.pool.snapshot();
+    let mut order: Vec<usize> = (0..plan.len()).collect();
+    order.sort_by_key(|&i| !table.iter().any(|s| s.owner.as_ref() == Some(&plan[i].1)));
+    let mut leases: Vec<Option<crate::lease::Lease>> = (0..plan.len()).map(|_| None).collect();
+    for i in order {
         let lease = app
             .pool
-            .acquire(Want::Tenant(tenant.clone()), app.cfg.queue_timeout)
+            .acquire(Want::Tenant(plan[i].1.clone()), app.cfg.queue_timeout)
             .await
             .map_err(|e| ApiError::unavailable(e.to_string()))?;
         crate::proxy::take_over(app, &lease).await;
-        leases.push(lease);
+        leases[i] = Some(lease);
     }
+    let leases: Vec<crate::lease::Lease> = leases.into_iter().flatten().collect();
     let mut loaded = Vec::new();
     let mut failed = Vec::new();
     for ((meta, tenant), lease) in plan.iter().zip(leases) {

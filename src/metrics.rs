@@ -66,6 +66,8 @@ const WAIT_BOUNDS: &[f64] = &[0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0,
 pub struct Metrics {
     /// Front-port responses by (route, status).
     requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    /// Completions by client (clients-file id, or a hashed key / address).
+    clients: Mutex<BTreeMap<String, u64>>,
     /// Time to first byte of a completion's body.
     pub ttft: Histogram,
     /// Time completions waited for a slot.
@@ -109,6 +111,7 @@ impl Default for Metrics {
         let z = || AtomicU64::new(0);
         Metrics {
             requests: Mutex::new(BTreeMap::new()),
+            clients: Mutex::new(BTreeMap::new()),
             ttft: Histogram::new(TTFT_BOUNDS),
             queue_wait: Histogram::new(WAIT_BOUNDS),
             saves: Mutex::new(BTreeMap::new()),
@@ -203,6 +206,18 @@ impl Metrics {
         *m.entry((route, status)).or_default() += 1;
     }
 
+    /// Counts a completion of a client. The label set is bounded: past 256
+    /// clients the rest count as `other`.
+    pub fn client_completion(&self, client: &str) {
+        let mut m = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        let key = if m.contains_key(client) || m.len() < 256 {
+            client
+        } else {
+            "other"
+        };
+        *m.entry(key.to_string()).or_default() += 1;
+    }
+
     /// Counts a kept save.
     pub fn saved(&self, kind: &'static str, bytes: u64, took: Duration) {
         *self
@@ -249,6 +264,26 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "kvgate_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP kvgate_client_completions_total Completions by client."
+        );
+        let _ = writeln!(out, "# TYPE kvgate_client_completions_total counter");
+        for (client, n) in self
+            .clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let label = client
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n");
+            let _ = writeln!(
+                out,
+                "kvgate_client_completions_total{{client=\"{label}\"}} {n}"
             );
         }
         self.ttft.render(

@@ -242,6 +242,7 @@ async fn completion(
     client: &str,
 ) -> Result<Response<ProxyBody>, ApiError> {
     let started = Instant::now();
+    app.metrics.client_completion(client);
     let (mut parts, body) = req.into_parts();
     let raw = read_body(app, &parts.headers, body).await?;
 

@@ -1,3 +1,4 @@
+mod admin;
 mod group_chat;
 mod persistence;
 mod smoke;
