@@ -160,6 +160,9 @@ pub struct Slot {
     /// Restored but not generated on since: llama-server's `/slots` shows
     /// no task for such a slot, which must not be mistaken for a lost cache.
     pub fresh: bool,
+    /// The lease in force is a [`Want::Hold`] (a save or an inspection, not
+    /// a generation): the slot will be free again shortly and unchanged.
+    pub held: bool,
 }
 
 /// A queued request.
@@ -295,6 +298,7 @@ impl SlotTable {
             return Vec::new();
         }
         self.slots[slot].lease = None;
+        self.slots[slot].held = false;
         self.dispatch()
     }
 
@@ -463,7 +467,11 @@ impl SlotTable {
     }
 
     /// Lowest free slot, else the idle slot with least usage, then least
-    /// recently used, then lowest id.
+    /// recently used, then lowest id. When that slot has unsaved messages
+    /// while another slot is only held for a save (which leaves it clean),
+    /// the newcomer waits for that one instead: the wait is shorter than the
+    /// save an eviction of the dirty slot would need, and the dirty slot
+    /// (usually the latest speaker) stays resident.
     fn pick_for_newcomer(&self) -> Option<SlotId> {
         let idle = || {
             self.slots
@@ -474,9 +482,11 @@ impl SlotTable {
         if let Some((id, _)) = idle().find(|(_, s)| s.owner.is_none()) {
             return Some(id);
         }
-        idle()
-            .min_by_key(|(id, s)| (s.usage, s.last_used, *id))
-            .map(|(id, _)| id)
+        let best = idle().min_by_key(|(id, s)| (s.usage, s.last_used, *id));
+        match best {
+            Some((_, s)) if s.usage >= 1 && self.slots.iter().any(|x| x.held) => None,
+            other => other.map(|(id, _)| id),
+        }
     }
 
     fn grant(&mut self, slot: SlotId, want: &Want) -> Grant {
@@ -485,7 +495,12 @@ impl SlotTable {
         self.next_lease += 1;
         let s = &mut self.slots[slot];
         s.lease = Some(lease);
-        s.last_used = self.tick;
+        s.held = matches!(want, Want::Hold(_));
+        // A save or an inspection is not a use: it must not make the slot
+        // look recently used to the eviction order.
+        if !s.held {
+            s.last_used = self.tick;
+        }
         let (resident, evicted) = match want {
             Want::Tenant(t) => {
                 if s.owner.as_ref() == Some(t) {
@@ -709,6 +724,34 @@ mod tests {
         assert_eq!(t.slots()[0].usage, 0);
         let a2 = take(&mut t, want("A"));
         assert!(a2.resident);
+    }
+
+    #[test]
+    fn a_newcomer_waits_for_a_slot_being_saved_rather_than_evict_a_dirty_one() {
+        let mut t = SlotTable::new(2, 4);
+        let a = take(&mut t, want("A"));
+        finish(&mut t, &a, Kind::Normal); // A dirty (usage 1)
+        let b = take(&mut t, want("B"));
+        finish(&mut t, &b, Kind::Normal); // B dirty
+                                          // A save of B is under way (save-behind): C must not evict dirty A.
+        let hold = take(&mut t, Want::Hold(1));
+        let (tc, g) = t.enqueue(want("C")).unwrap();
+        assert!(g.is_empty(), "C waits for B's save");
+        t.mark_saved(1);
+        let grants = t.release(hold.slot, hold.lease, Outcome::Untouched);
+        assert_eq!(grants[0].0, tc);
+        assert_eq!(grants[0].1.slot, 1, "C takes the slot that was just saved");
+        assert_eq!(
+            grants[0].1.evicted.as_ref().map(|e| e.usage),
+            Some(0),
+            "no save needed"
+        );
+        assert_eq!(t.slots()[0].owner, Some(ch("A")), "A stays resident");
+        // Without a save under way, a dirty slot is evicted as usual.
+        let mut t = SlotTable::new(1, 4);
+        let a = take(&mut t, want("A"));
+        finish(&mut t, &a, Kind::Normal);
+        assert_eq!(take(&mut t, want("C")).evicted.map(|e| e.usage), Some(1));
     }
 
     #[test]
