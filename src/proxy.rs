@@ -132,8 +132,18 @@ async fn slot_action(app: &Arc<App>, req: Request<Incoming>, id: usize) -> Respo
     let lease = match acquire(app, want).await {
         Ok(l) => l,
         Err(e) => return e.into_response(),
-    }; // The owner's unsaved messages go to disk before its cache is replaced.
-    take_over(app, &lease).await;
+    };
+    // The owner's unsaved messages go to disk before its cache is replaced,
+    // in a task of its own so a client leaving can't cut the save short.
+    let lease = match detached(app, lease, |app, lease| async move {
+        take_over(&app, &lease).await;
+        lease
+    })
+    .await
+    {
+        Ok(l) => l,
+        Err(e) => return e.into_response(),
+    };
     let (parts, body) = req.into_parts();
     let resp = app.upstream.forward(parts, boxed(body)).await;
     let outcome = if is_save {
@@ -292,12 +302,20 @@ async fn completion(
     if let (Tenant::Character { chat, .. }, false) = (&identity.tenant, pinned) {
         if let Some(previous) = app.note_client_chat(client, chat) {
             if app.settings().clear_on_chat_change {
-                chat_switch(app, client, &previous).await;
+                // Saves in a task of their own: a client leaving can't cut
+                // them short.
+                let (app2, client2) = (Arc::clone(app), client.to_string());
+                let guard = app.tasks.start();
+                let _ = tokio::spawn(async move {
+                    let _guard = guard;
+                    chat_switch(&app2, &client2, &previous).await;
+                })
+                .await;
             }
         }
     }
 
-    let lease = acquire(app, want).await?;
+    let mut lease = acquire(app, want).await?;
     app.metrics.queue_wait.observe(started.elapsed());
     let slot = lease.slot();
     app.touch_slot(slot);
@@ -326,33 +344,34 @@ async fn completion(
         "completion"
     );
 
-    // Evict-save: the previous owner's unsaved messages go to disk first.
-    take_over(app, &lease).await;
-
-    // Restore: bring the tenant's best save in, right before the generation.
-    let mut restored = None;
+    // Evict-save, then restore: the previous owner's unsaved messages go to
+    // disk, then the tenant's best save comes in, right before the
+    // generation. Both run in a task that owns the lease, so a client that
+    // goes away meanwhile can't cut a save or restore short.
+    let needs_restore = !lease.grant().resident && !pinned && identity.tenant.is_character();
     if lease.grant().resident {
         metrics::inc(&app.metrics.resident_hits);
-    } else if !pinned && identity.tenant.is_character() {
-        let gen = Generation {
-            slot,
-            identity: &identity,
-            prompt: json.get("prompt").and_then(Value::as_str),
-            messages: json.get("messages"),
-            resident_tokens: 0,
-        };
-        match app.hooks.restore(gen).await {
-            Restore::Restored { file, .. } => {
-                lease.pool().with_table(|t| t.mark_restored(slot));
-                app.set_restored_from(slot, Some(file.clone()));
-                restored = Some(file);
-            }
-            Restore::Failed(reason) => {
-                warn!(slot, %reason, "restore failed; generating on an empty slot");
-                lease.pool().with_table(|t| t.mark_empty(slot));
-            }
-            Restore::Skipped => {}
-        }
+    }
+    let mut restored = None;
+    if lease.grant().evicted.is_some() || needs_restore {
+        let id = identity.clone();
+        let prompt = json
+            .get("prompt")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let messages = json.get("messages").cloned();
+        let (l, r) = detached(app, lease, move |app, lease| async move {
+            take_over(&app, &lease).await;
+            let restored = if needs_restore {
+                restore(&app, &lease, &id, prompt.as_deref(), messages.as_ref()).await
+            } else {
+                None
+            };
+            (lease, restored)
+        })
+        .await?;
+        lease = l;
+        restored = r;
     }
 
     if !pinned {
@@ -507,6 +526,56 @@ async fn finish(
     lease.release(Outcome::Untouched);
 }
 
+/// Runs `work` in a task of its own, so that the request future being
+/// dropped (the client went away) cannot interrupt a save or a restore half
+/// way; the work hands the lease back when it is done.
+async fn detached<T, F, Fut>(app: &Arc<App>, lease: Lease, work: F) -> Result<T, ApiError>
+where
+    F: FnOnce(Arc<App>, Lease) -> Fut,
+    Fut: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let guard = app.tasks.start();
+    let fut = work(Arc::clone(app), lease);
+    tokio::spawn(async move {
+        let _guard = guard;
+        fut.await
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("slot preparation failed: {e}")))
+}
+
+/// Restores the tenant's best save into the leased slot. Returns the file.
+async fn restore(
+    app: &App,
+    lease: &Lease,
+    identity: &Identity,
+    prompt: Option<&str>,
+    messages: Option<&Value>,
+) -> Option<String> {
+    let slot = lease.slot();
+    let gen = Generation {
+        slot,
+        identity,
+        prompt,
+        messages,
+        resident_tokens: 0,
+    };
+    match app.hooks.restore(gen).await {
+        Restore::Restored { file, .. } => {
+            lease.pool().with_table(|t| t.mark_restored(slot));
+            app.set_restored_from(slot, Some(file.clone()));
+            Some(file)
+        }
+        Restore::Failed(reason) => {
+            warn!(slot, %reason, "restore failed; generating on an empty slot");
+            lease.pool().with_table(|t| t.mark_empty(slot));
+            None
+        }
+        Restore::Skipped => None,
+    }
+}
+
 /// A grant that takes a slot from another tenant: count it, tell the
 /// monitors, and save the previous owner's unsaved messages first (inside the
 /// new owner's lease, so nothing can run on the slot meanwhile).
@@ -611,11 +680,33 @@ async fn chat_switch(app: &Arc<App>, client: &str, previous: &str) {
 }
 
 fn explicit_identity(headers: &HeaderMap, json: &mut Value) -> Result<Explicit, ApiError> {
+    // Header values arrive as bytes: raw UTF-8 is accepted, and so is
+    // percent-encoded UTF-8 (what clients that can only send Latin-1 header
+    // values, like Node's fetch, must use for "Алиса"). Anything else is a
+    // clear 400, never a silent fallback to inference.
+    let mut decoded: Vec<(&'static str, String)> = Vec::new();
+    for name in ["x-kvgate-chat", "x-kvgate-character", "x-kvgate-kind"] {
+        if let Some(v) = headers.get(name) {
+            let text = std::str::from_utf8(v.as_bytes())
+                .ok()
+                .map(|s| {
+                    if s.contains('%') {
+                        percent_decode(s).unwrap_or_else(|| s.to_string())
+                    } else {
+                        s.to_string()
+                    }
+                })
+                .ok_or_else(|| {
+                    ApiError::bad_request(format!("{name} must be UTF-8 (raw or percent-encoded)"))
+                })?;
+            decoded.push((name, text));
+        }
+    }
     let from_headers = Explicit::from_headers(|k| {
-        headers
-            .get(k)
-            .and_then(|v| v.to_str().ok())
-            .map(|s| s as &str)
+        decoded
+            .iter()
+            .find(|(n, _)| *n == k)
+            .map(|(_, v)| v.as_str())
     })
     .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let from_body =
@@ -640,6 +731,24 @@ fn add_identity_headers(
             headers.insert(H_RESTORED, v);
         }
     }
+}
+
+/// Decodes `%XX` escapes; `None` when malformed or not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// Percent-encodes everything but visible ASCII (and `%` itself), so any

@@ -301,8 +301,8 @@ where
                 match timer.poll(cx) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(()) => format!(
-                        "llama-server sent nothing for {} s; kvgate ended the stream",
-                        idle.as_secs()
+                        "llama-server sent nothing for {:.1} s; kvgate ended the stream",
+                        idle.as_secs_f64()
                     ),
                 }
             }
@@ -472,7 +472,7 @@ mod tests {
     async fn a_silent_stream_ends_after_the_idle_timeout() {
         let (obs, rx) = Observed::with_idle_timeout(Silent, true, Some(Duration::from_secs(30)));
         let got = obs.collect().await.unwrap().to_bytes();
-        assert!(String::from_utf8_lossy(&got).contains("sent nothing for 30 s"));
+        assert!(String::from_utf8_lossy(&got).contains("sent nothing for 30.0 s"));
         assert!(matches!(rx.await.unwrap(), StreamEnd::UpstreamError(..)));
     }
 

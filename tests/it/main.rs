@@ -1,8 +1,11 @@
 mod admin;
 mod cli;
 mod fake_selftest;
+mod load;
 mod persistence;
 mod proxy;
+mod reliability;
+mod slot_props;
 mod st_chat_shape;
 #[path = "../support/mod.rs"]
 mod support;

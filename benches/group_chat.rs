@@ -1,0 +1,387 @@
+//! The cache effect, measured: a scripted SillyTavern group chat (default
+//! "swap character cards" mode: each speaker's prompt starts with its own
+//! card, then the shared history, then `\nName:`) of 6 characters on 2 slots,
+//! replayed three ways against a REAL llama-server in one run:
+//!
+//! - (a) straight to llama-server `-np 2` with its default RAM prompt cache;
+//! - (b) straight to llama-server `-np 2 --cache-ram 0`;
+//! - (c) through kvgate (in-process, with a save directory) in front of
+//!   llama-server `-np 2` configured as in (a).
+//!
+//! Every way replays byte-identical prompts (the replies appended to the
+//! history are scripted, not the model's random output). llama-server is
+//! restarted before turn `RESTART_AT`; that turn's time to first token is
+//! reported separately. The model is a random-weight llama GGUF written by
+//! `kvgate::tiny_model`, large enough that prompt processing dominates.
+//!
+//! Run: `cargo bench --bench group_chat` (builds the pinned llama-server on
+//! first use, like the tests; `LLAMA_SERVER=/path` overrides;
+//! `KVGATE_BENCH_TURNS=N` shortens the script).
+//!
+//! # Last result
+//! See the README's Performance section (machine, date, table).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+#[allow(dead_code)]
+#[path = "../tests/support/llama.rs"]
+mod llama;
+#[allow(dead_code)]
+#[path = "../tests/support/st_chat.rs"]
+mod st_chat;
+
+use llama::{LlamaOpts, LlamaServer};
+use st_chat::GroupChat;
+
+/// Characters in the chat.
+const CHARACTERS: usize = 6;
+/// llama-server slots.
+const SLOTS: u32 = 2;
+/// Turns by default.
+const TURNS: usize = 40;
+/// Tokens generated per turn (SillyTavern's recorded requests ask for 100).
+const N_PREDICT: u32 = 100;
+/// Prompt budget in bytes (= tokens for the byte-level model). Large enough
+/// that SillyTavern never trims history in this script: prompts grow from
+/// about 2 k to about 4 k tokens, append-only, as in a chat's early life.
+/// (Once a chat fills the context, SillyTavern drops the oldest lines every
+/// turn and only the card prefix stays reusable, for any cache.)
+const CTX_CHARS: usize = 8192;
+
+/// The model: about 25 M parameters, random weights, byte-level vocabulary.
+fn model_spec() -> kvgate::tiny_model::TinyModelSpec {
+    kvgate::tiny_model::TinyModelSpec {
+        n_embd: 512,
+        n_layer: 8,
+        n_head: 8,
+        n_ff: 1536,
+        n_ctx_train: 8192,
+        seed: 7,
+    }
+}
+
+/// One turn of the script.
+#[derive(Clone)]
+struct Turn {
+    speaker: String,
+    body: Value,
+}
+
+/// The scripted chat: speakers in a fixed pseudo-random order without
+/// immediate repeats, fixed replies appended to the shared history.
+fn script(turns: usize) -> Vec<Turn> {
+    let mut chat = GroupChat::demo(CHARACTERS);
+    chat.ctx_chars = CTX_CHARS;
+    let names = chat.names();
+    // Short replies: about 50 tokens a turn, like a terse roleplay.
+    let line = |i: usize, who: &str| format!("*{who} nods.* Bell {i}: the boats are in.");
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut last = usize::MAX;
+    let mut out = Vec::with_capacity(turns);
+    for t in 0..turns {
+        let next = loop {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let k = (state % names.len() as u64) as usize;
+            if k != last {
+                break k;
+            }
+        };
+        last = next;
+        let speaker = names[next].clone();
+        let mut body = chat.body_for(&speaker, true, N_PREDICT);
+        body["seed"] = Value::from(1);
+        out.push(Turn {
+            speaker: speaker.clone(),
+            body,
+        });
+        chat.push(&speaker, &line(t, &speaker));
+    }
+    out
+}
+
+/// What one turn measured.
+#[derive(Clone, Debug, Default)]
+struct Sample {
+    ttft: Duration,
+    prompt_n: u64,
+    cache_n: u64,
+    prompt_tokens: u64,
+}
+
+async fn run_turn(url: &str, body: &Value) -> Sample {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let req = hyper::Request::post(format!("{url}/completion"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("request");
+    let started = Instant::now();
+    let resp = client
+        .request(req)
+        .await
+        .expect("llama-server or kvgate answers");
+    assert_eq!(resp.status(), 200, "turn failed");
+    let mut body = resp.into_body();
+    let mut ttft = None;
+    let mut buf = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.expect("stream");
+        if let Ok(data) = frame.into_data() {
+            if ttft.is_none() && data.windows(5).any(|w| w == b"data:") {
+                ttft = Some(started.elapsed());
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let last: Value = text
+        .split("\n\n")
+        .filter_map(|e| e.trim().strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str(d).ok())
+        .last()
+        .expect("a final event");
+    let n = |p: &str| last.pointer(p).and_then(Value::as_u64).unwrap_or(0);
+    Sample {
+        ttft: ttft.unwrap_or_else(|| started.elapsed()),
+        prompt_n: n("/timings/prompt_n"),
+        cache_n: n("/timings/cache_n"),
+        prompt_tokens: n("/tokens_evaluated"),
+    }
+}
+
+/// A way to replay the chat.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Way {
+    RamCache,
+    NoCache,
+    Kvgate,
+}
+
+impl Way {
+    fn label(self) -> &'static str {
+        match self {
+            Way::RamCache => "(a) llama-server, RAM cache",
+            Way::NoCache => "(b) llama-server, --cache-ram 0",
+            Way::Kvgate => "(c) through kvgate",
+        }
+    }
+}
+
+struct Outcome {
+    samples: Vec<Sample>,
+    after_restart: Sample,
+}
+
+async fn replay(way: Way, script: &[Turn], restart_at: usize) -> Option<Outcome> {
+    let extra = match way {
+        Way::NoCache => vec!["--cache-ram".to_string(), "0".to_string()],
+        _ => Vec::new(),
+    };
+    let mut llama = LlamaServer::start(LlamaOpts {
+        slots: SLOTS,
+        ctx_per_slot: 4608,
+        extra_args: extra,
+        model: Some(model_path()),
+        ..LlamaOpts::default()
+    })
+    .await?;
+    let gateway = if way == Way::Kvgate {
+        let cfg = kvgate::config::Config {
+            upstream: kvgate::config::parse_upstream(&llama.base_url).expect("url"),
+            health_interval: Duration::from_millis(200),
+            save_dir: Some(llama.save_dir.clone()),
+            log: "warn".into(),
+            ..kvgate::config::Config::default()
+        };
+        Some(start_kvgate(cfg).await)
+    } else {
+        None
+    };
+    let url = gateway
+        .as_ref()
+        .map(|g| g.0.clone())
+        .unwrap_or_else(|| llama.base_url.clone());
+    let mut samples = Vec::new();
+    let mut after_restart = Sample::default();
+    for (i, turn) in script.iter().enumerate() {
+        if i == restart_at {
+            llama.restart().await;
+            if let Some((_, app, _)) = &gateway {
+                // kvgate notices within a poll or two.
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while app.pool.snapshot().iter().any(|s| s.live) && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        let s = run_turn(&url, &turn.body).await;
+        eprintln!(
+            "  {:<32} turn {i:>2} {:<6} prompt {:>5} evaluated {:>5} reused {:>5} ttft {:>8.1} ms",
+            way.label(),
+            turn.speaker,
+            s.prompt_tokens,
+            s.prompt_n,
+            s.cache_n,
+            s.ttft.as_secs_f64() * 1000.0
+        );
+        if i == restart_at {
+            after_restart = s.clone();
+        }
+        samples.push(s);
+    }
+    if let Some((_, _, stop)) = gateway {
+        let _ = stop.send(());
+    }
+    Some(Outcome {
+        samples,
+        after_restart,
+    })
+}
+
+type Running = (
+    String,
+    std::sync::Arc<kvgate::app::App>,
+    tokio::sync::oneshot::Sender<()>,
+);
+
+async fn start_kvgate(cfg: kvgate::config::Config) -> Running {
+    let gw = kvgate::Gateway::new(cfg).expect("gateway");
+    let front = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", front.local_addr().expect("addr"));
+    let app = std::sync::Arc::clone(gw.app());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(gw.serve(front, admin, async {
+        let _ = rx.await;
+    }));
+    while app.pool.is_empty() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Let the monitor read the model fingerprint before the first save.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    (url, app, tx)
+}
+
+fn model_path() -> std::path::PathBuf {
+    let spec = model_spec();
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "kvgate-bench-e{}-l{}-f{}-s{}.gguf",
+        spec.n_embd, spec.n_layer, spec.n_ff, spec.seed
+    ));
+    if !path.exists() {
+        kvgate::tiny_model::write_tiny_model(&path, &spec).expect("model");
+    }
+    path
+}
+
+fn percentile(mut v: Vec<Duration>, p: f64) -> Duration {
+    v.sort();
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn main() {
+    let turns = std::env::var("KVGATE_BENCH_TURNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(TURNS)
+        .max(4);
+    let restart_at = turns * 3 / 4;
+    if std::env::var_os("KVGATE_BENCH_DRY").is_some() {
+        for (i, t) in script(turns).iter().enumerate() {
+            println!(
+                "turn {i:>2} {:<6} prompt {} bytes",
+                t.speaker,
+                t.body["prompt"].as_str().map_or(0, str::len)
+            );
+        }
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let script = script(turns);
+        let sizes: Vec<u64> = script
+            .iter()
+            .map(|t| t.body["prompt"].as_str().map(|p| p.len() as u64).unwrap_or(0))
+            .collect();
+        eprintln!(
+            "group_chat: {CHARACTERS} characters, {SLOTS} slots, {turns} turns, prompts {}–{} bytes (≈ tokens), \
+             llama-server restarted before turn {restart_at}; model {} M parameters",
+            sizes.iter().min().unwrap_or(&0),
+            sizes.iter().max().unwrap_or(&0),
+            model_spec().n_params() / 1_000_000
+        );
+        let mut results: HashMap<&'static str, Outcome> = HashMap::new();
+        for way in [Way::RamCache, Way::NoCache, Way::Kvgate] {
+            match replay(way, &script, restart_at).await {
+                Some(o) => {
+                    results.insert(way.label(), o);
+                }
+                None => {
+                    eprintln!("llama-server is not available (set LLAMA_SERVER or run scripts/build-llama-server.sh)");
+                    return;
+                }
+            }
+        }
+        println!();
+        println!(
+            "| way | median TTFT ms | p90 TTFT ms | prompt tokens evaluated | reused (cache_n) | TTFT after restart ms |"
+        );
+        println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+        let mut medians = HashMap::new();
+        let mut restarts = HashMap::new();
+        for way in [Way::RamCache, Way::NoCache, Way::Kvgate] {
+            let o = &results[way.label()];
+            // The restarted turn is reported on its own, not in the medians.
+            let ttfts: Vec<Duration> = o
+                .samples
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != restart_at)
+                .map(|(_, s)| s.ttft)
+                .collect();
+            let med = percentile(ttfts.clone(), 0.5);
+            let p90 = percentile(ttfts, 0.9);
+            let evaluated: u64 = o.samples.iter().map(|s| s.prompt_n).sum();
+            let reused: u64 = o.samples.iter().map(|s| s.cache_n).sum();
+            println!(
+                "| {} | {:.1} | {:.1} | {} | {} | {:.1} |",
+                way.label(),
+                ms(med),
+                ms(p90),
+                evaluated,
+                reused,
+                ms(o.after_restart.ttft)
+            );
+            medians.insert(way.label(), med);
+            restarts.insert(way.label(), o.after_restart.ttft);
+        }
+        let (a, b, c) = (Way::RamCache.label(), Way::NoCache.label(), Way::Kvgate.label());
+        println!();
+        println!(
+            "median TTFT: (b)/(c) = {:.1}× (target ≥ 10×), (a)/(c) = {:.2}× (target ≥ 1×)",
+            medians[b].as_secs_f64() / medians[c].as_secs_f64(),
+            medians[a].as_secs_f64() / medians[c].as_secs_f64()
+        );
+        println!(
+            "first turn after a restart: (a)/(c) = {:.1}× (target ≥ 10×)",
+            restarts[a].as_secs_f64() / restarts[c].as_secs_f64()
+        );
+    });
+}
