@@ -237,7 +237,24 @@ async fn replay(way: Way, script: &[Turn], restart_at: usize) -> Option<Outcome>
         }
         samples.push(s);
     }
-    if let Some((_, _, stop)) = gateway {
+    if let Some((_, app, stop)) = gateway {
+        let m = &app.metrics;
+        let g = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        let restores = g(&m.restores).max(1);
+        let saves = ["autosave", "eviction", "chat-switch", "shutdown"]
+            .iter()
+            .map(|k| m.saves_of(k))
+            .sum::<u64>()
+            .max(1);
+        eprintln!(
+            "  kvgate: {} restores, {:.1} ms each; {} saves ({} eviction/save-behind), {:.1} ms each, {:.1} MB each",
+            g(&m.restores),
+            g(&m.restore_micros) as f64 / 1000.0 / restores as f64,
+            saves,
+            m.saves_of("eviction"),
+            g(&m.save_micros) as f64 / 1000.0 / saves as f64,
+            g(&m.save_bytes) as f64 / 1e6 / saves as f64,
+        );
         let _ = stop.send(());
     }
     Some(Outcome {
@@ -328,7 +345,11 @@ fn main() {
             model_spec().n_params() / 1_000_000
         );
         let mut results: HashMap<&'static str, Outcome> = HashMap::new();
+        let only_kvgate = std::env::var_os("KVGATE_BENCH_ONLY_KVGATE").is_some();
         for way in [Way::RamCache, Way::NoCache, Way::Kvgate] {
+            if only_kvgate && way != Way::Kvgate {
+                continue;
+            }
             match replay(way, &script, restart_at).await {
                 Some(o) => {
                     results.insert(way.label(), o);
@@ -338,6 +359,9 @@ fn main() {
                     return;
                 }
             }
+        }
+        if only_kvgate {
+            return;
         }
         println!();
         println!(
