@@ -30,7 +30,7 @@ use crate::lease::{AcquireError, Lease};
 use crate::metrics;
 use crate::slots::{Outcome, Tenant, Want};
 use crate::sse::{Observed, StreamEnd};
-use crate::upstream::{strip_hop_by_hop, Reuse, UpstreamError};
+use crate::upstream::{strip_hop_by_hop, UpstreamError};
 
 /// Response header: the slot kvgate used.
 pub const H_SLOT: &str = "x-kvgate-slot";
@@ -385,11 +385,7 @@ async fn completion(
     // kvgate reads the stream: it must not arrive compressed.
     parts.headers.remove(ACCEPT_ENCODING);
 
-    let resp = match app
-        .upstream
-        .forward_with(parts, full(bytes), Reuse::Fresh)
-        .await
-    {
+    let resp = match app.upstream.forward_completion(parts, full(bytes)).await {
         Ok(r) => r,
         Err(e) => {
             let outcome = if e.is_connect() {

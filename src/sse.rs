@@ -115,9 +115,15 @@ impl Scanner {
         let mut rest = chunk;
         while let Some(i) = rest.iter().position(|&b| b == b'\n') {
             if !self.overflow {
-                self.line.extend_from_slice(&rest[..i]);
-                let line = std::mem::take(&mut self.line);
-                self.line_done(&line);
+                if self.line.is_empty() {
+                    // Fast path: the whole line is in this chunk; no copy.
+                    self.line_done(&rest[..i]);
+                } else {
+                    self.line.extend_from_slice(&rest[..i]);
+                    let line = std::mem::take(&mut self.line);
+                    self.line_done(&line);
+                    self.line = line;
+                }
             }
             self.line.clear();
             self.overflow = false;
@@ -184,9 +190,10 @@ fn interesting(data: &[u8]) -> bool {
         b"\"error\"",
         b"\"finish_reason\":\"",
     ];
-    NEEDLES
-        .iter()
-        .any(|n| data.windows(n.len()).any(|w| w == *n))
+    // Every needle starts with a quote: test only at quotes.
+    data.iter()
+        .enumerate()
+        .any(|(i, &b)| b == b'"' && NEEDLES.iter().any(|n| data[i..].starts_with(n)))
 }
 
 pin_project! {

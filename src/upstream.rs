@@ -30,6 +30,18 @@ pub enum UpstreamError {
         /// The transport error.
         source: hyper_util::client::legacy::Error,
     },
+    /// A completion's own connection failed: `connect` when it could not be
+    /// opened (nothing reached llama-server), else it broke before the
+    /// response headers.
+    #[error("llama-server at {url} is unreachable: {message}")]
+    Connection {
+        /// Where we tried.
+        url: String,
+        /// What failed.
+        message: String,
+        /// Whether it failed while connecting.
+        connect: bool,
+    },
     /// No answer in time.
     #[error("llama-server did not answer {what} within {secs:.0} s")]
     Timeout {
@@ -61,7 +73,11 @@ pub enum UpstreamError {
 impl UpstreamError {
     /// True when llama-server could not be reached at all (down, restarting).
     pub fn is_connect(&self) -> bool {
-        matches!(self, UpstreamError::Unreachable { source, .. } if source.is_connect())
+        match self {
+            UpstreamError::Unreachable { source, .. } => source.is_connect(),
+            UpstreamError::Connection { connect, .. } => *connect,
+            _ => false,
+        }
     }
 }
 
@@ -125,18 +141,6 @@ pub struct SlotInfo {
     /// Tokens cached now.
     #[serde(default)]
     pub n_prompt_tokens: Option<u64>,
-}
-
-/// Whether a forwarded request's connection may go back to the pool.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Reuse {
-    /// Keep-alive as usual.
-    Pooled,
-    /// `Connection: close`: used for completions, because llama-server closes
-    /// the connection after a streamed response although it announced
-    /// keep-alive, and a pooled connection it is closing would fail the next
-    /// request. A loopback connect costs far less than a failed generation.
-    Fresh,
 }
 
 /// The pooled client for one llama-server.
@@ -244,17 +248,6 @@ impl Upstream {
         parts: hyper::http::request::Parts,
         body: ProxyBody,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        self.forward_with(parts, body, Reuse::Pooled).await
-    }
-
-    /// As [`Upstream::forward`], choosing whether the connection may be
-    /// pooled afterwards.
-    pub async fn forward_with(
-        &self,
-        parts: hyper::http::request::Parts,
-        body: ProxyBody,
-        reuse: Reuse,
-    ) -> Result<Response<Incoming>, UpstreamError> {
         let pq = parts
             .uri
             .path_and_query()
@@ -266,10 +259,6 @@ impl Upstream {
         *req.uri_mut() = uri;
         *req.headers_mut() = parts.headers;
         strip_hop_by_hop(req.headers_mut());
-        if reuse == Reuse::Fresh {
-            req.headers_mut()
-                .insert(CONNECTION, HeaderValue::from_static("close"));
-        }
         if let Some(auth) = self.base.authority() {
             if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
                 req.headers_mut().insert(HOST, v);
@@ -432,6 +421,210 @@ fn status_error(what: &str, status: StatusCode, v: &Value) -> UpstreamError {
 /// Sets `content-length` for a rewritten body.
 pub fn set_content_length(headers: &mut HeaderMap, len: usize) {
     headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
+}
+
+// === completions: their own connection, driven by the response body ===
+
+/// The body of a completion's response. It also drives the completion's own
+/// HTTP/1 connection, so data never crosses tasks on its way from
+/// llama-server to the client, and it hands on everything already received
+/// as one frame (up to [`COALESCE`] bytes) without ever waiting for more: a
+/// token that arrives alone still goes out alone, at once.
+pub struct Driven {
+    conn: std::pin::Pin<
+        Box<
+            hyper::client::conn::http1::Connection<
+                hyper_util::rt::TokioIo<tokio::net::TcpStream>,
+                ProxyBody,
+            >,
+        >,
+    >,
+    conn_done: bool,
+    body: Incoming,
+    stash: Option<Option<Result<hyper::body::Frame<Bytes>, crate::body::BoxError>>>,
+}
+
+impl std::fmt::Debug for Driven {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driven").finish_non_exhaustive()
+    }
+}
+
+/// Most bytes handed on in one frame.
+pub const COALESCE: usize = 64 * 1024;
+
+impl Driven {
+    fn poll_conn(&mut self, cx: &mut std::task::Context<'_>) {
+        if !self.conn_done && std::future::Future::poll(self.conn.as_mut(), cx).is_ready() {
+            self.conn_done = true;
+        }
+    }
+}
+
+impl hyper::body::Body for Driven {
+    type Data = Bytes;
+    type Error = crate::body::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        if let Some(s) = this.stash.take() {
+            return Poll::Ready(s);
+        }
+        let mut acc: Option<bytes::BytesMut> = None;
+        let mut first: Option<Bytes> = None;
+        let out = |first: Option<Bytes>, acc: Option<bytes::BytesMut>| {
+            acc.map(|a| a.freeze())
+                .or(first)
+                .map(|d| Ok(hyper::body::Frame::data(d)))
+        };
+        loop {
+            this.poll_conn(cx);
+            match std::pin::Pin::new(&mut this.body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(d) => {
+                        match (&mut acc, &first) {
+                            (Some(a), _) => a.extend_from_slice(&d),
+                            (None, Some(f)) => {
+                                let mut a =
+                                    bytes::BytesMut::with_capacity(f.len() + d.len() + 4096);
+                                a.extend_from_slice(f);
+                                a.extend_from_slice(&d);
+                                acc = Some(a);
+                                first = None;
+                            }
+                            (None, None) => first = Some(d),
+                        }
+                        let len = acc.as_ref().map_or(0, |a| a.len())
+                            + first.as_ref().map_or(0, |f| f.len());
+                        if len >= COALESCE {
+                            return Poll::Ready(out(first, acc));
+                        }
+                    }
+                    Err(frame) => {
+                        let have = acc.is_some() || first.is_some();
+                        if have {
+                            this.stash = Some(Some(Ok(frame)));
+                            return Poll::Ready(out(first, acc));
+                        }
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
+                },
+                Poll::Ready(Some(Err(e))) => {
+                    let have = acc.is_some() || first.is_some();
+                    if have {
+                        this.stash = Some(Some(Err(e.into())));
+                        return Poll::Ready(out(first, acc));
+                    }
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+                Poll::Ready(None) => {
+                    let have = acc.is_some() || first.is_some();
+                    if have {
+                        this.stash = Some(None);
+                        return Poll::Ready(out(first, acc));
+                    }
+                    return Poll::Ready(None);
+                }
+                Poll::Pending => {
+                    let have = acc.is_some() || first.is_some();
+                    if have {
+                        return Poll::Ready(out(first, acc));
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+impl Upstream {
+    /// Sends a completion on a connection of its own (`Connection: close`),
+    /// which its response body drives. A fresh connection because
+    /// llama-server closes the connection after a streamed response although
+    /// it announced keep-alive, and a pooled connection it is closing would
+    /// fail the next request; the body drives it so relaying costs no
+    /// cross-task hop per event.
+    pub async fn forward_completion(
+        &self,
+        parts: hyper::http::request::Parts,
+        body: ProxyBody,
+    ) -> Result<Response<Driven>, UpstreamError> {
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+            .to_string();
+        let what = format!("{} {}", parts.method, pq);
+        let authority = self
+            .base
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .unwrap_or_default();
+        let url = self.uri_for(&pq).to_string();
+        let fail = |m: String, connect: bool| UpstreamError::Connection {
+            url: url.clone(),
+            message: m,
+            connect,
+        };
+        let mut req = Request::new(body);
+        *req.method_mut() = parts.method;
+        // Origin-form on a direct connection.
+        let prefix = self.base.path().trim_end_matches('/');
+        *req.uri_mut() = format!("{prefix}{pq}")
+            .parse()
+            .map_err(|e: hyper::http::uri::InvalidUri| fail(e.to_string(), true))?;
+        *req.headers_mut() = parts.headers;
+        strip_hop_by_hop(req.headers_mut());
+        req.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+        if let Ok(v) = HeaderValue::from_str(&authority) {
+            req.headers_mut().insert(HOST, v);
+        }
+        let fut = async {
+            let tcp = tokio::net::TcpStream::connect(authority.as_str())
+                .await
+                .map_err(|e| fail(e.to_string(), true))?;
+            let _ = tcp.set_nodelay(true);
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                    .await
+                    .map_err(|e| fail(e.to_string(), true))?;
+            let mut conn = Box::pin(conn);
+            let mut conn_done = false;
+            let send = sender.send_request(req);
+            tokio::pin!(send);
+            let resp = std::future::poll_fn(|cx| {
+                if !conn_done && std::future::Future::poll(conn.as_mut(), cx).is_ready() {
+                    conn_done = true;
+                }
+                std::future::Future::poll(send.as_mut(), cx)
+            })
+            .await
+            .map_err(|e| fail(e.to_string(), false))?;
+            let (parts, body) = resp.into_parts();
+            Ok(Response::from_parts(
+                parts,
+                Driven {
+                    conn,
+                    conn_done,
+                    body,
+                    stash: None,
+                },
+            ))
+        };
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(UpstreamError::Timeout {
+                what,
+                secs: self.timeout.as_secs_f64(),
+            }),
+        }
+    }
 }
 
 #[cfg(test)]
