@@ -54,45 +54,44 @@
 //!
 //! # Last result
 //! 2026-11-21, `cargo bench --bench overhead` (defaults: 2 rounds, 2 s per
-//! cell), kvgate at commit 8187dfe, bench profile; AMD EPYC VM, 2 cores,
-//! 24 GiB, Linux 6.18, rustc 1.95.0, nginx 1.22.1 (Debian 12 package):
+//! cell), kvgate after the relay rewrite (completions drive their own
+//! upstream connection and coalesce ready data), bench profile; AMD EPYC VM,
+//! 2 cores, 24 GiB, Linux 6.18, rustc 1.95.0, nginx 1.22.1 (Debian 12):
 //!
 //! ```text
 //! path     conc   TTFB p50   TTFB p99   TTLB p50   TTLB p99     req/s  samples errors
 //!                       ms         ms         ms         ms
-//! direct      1      0.044      0.132      0.159      0.270      5682    22728      0
-//! kvgate      1      0.274      1.380      1.612      3.696       597     2389      0
-//! nginx       1      0.143      0.208      0.155      0.239      6190    24761      0
-//! direct     16      0.157      0.434      1.370      2.155     12039    48156      0
-//! kvgate     16      3.541      8.792      9.267     24.666      1552     6210      0
-//! nginx      16      1.396      2.605      1.554      2.829     10452    41809      0
-//! direct    256      0.479      1.224     22.287     34.004     11245    44979      0
-//! kvgate    256     11.572     23.105    220.169    357.765      1124     4497      0
-//! nginx     256     14.642     29.407     19.195     46.241     12401    49605      0
+//! direct      1      0.044      0.134      0.156      0.279      5698    22791      0
+//! kvgate      1      0.243      0.540      0.322      0.555      2811    11243      0
+//! nginx       1      0.144      0.207      0.157      0.238      6142    24570      0
+//! direct     16      0.171      0.493      1.490      2.505     10900    43599      0
+//! kvgate     16      2.415      4.655      2.450      4.864      6250    25001      0
+//! nginx      16      1.398      3.273      1.655      3.689      9464    37857      0
+//! direct    256      0.587      1.523     26.249     46.103      9694    38778      0
+//! kvgate    256     47.869    102.161     47.960    102.162      4974    19898      0
+//! nginx     256     17.824     37.399     25.151     55.414      9728    38910      0
 //!
 //! vs direct  conc  +TTFB p50  +TTFB p99  +TTLB p50  +TTLB p99  throughput
-//!                       µs         µs         µs         µs
-//! kvgate      1       +230      +1247      +1453      +3425       0.11×
-//! nginx       1        +99        +76         -3        -31       1.09×
-//! kvgate     16      +3384      +8358      +7896     +22510       0.13×
-//! nginx      16      +1239      +2171       +184       +674       0.87×
-//! kvgate    256     +11093     +21881    +197883    +323761       0.10×
-//! nginx     256     +14163     +28183      -3092     +12237       1.10×
+//! kvgate      1       +199       +405       +166       +276       0.49×
+//! nginx       1       +101        +73         +2        -41       1.08×
+//! kvgate     16      +2245      +4162       +960      +2359       0.57×
+//! nginx      16      +1227      +2779       +165      +1184       0.87×
+//! kvgate    256     +47283    +100638     +21710     +56059       0.51×
+//! nginx     256     +17238     +35876      -1099      +9311       1.00×
 //!
-//! kvgate peak RSS (VmHWM): 33.1 MiB over the run; per level (round 1, reset before each level): c=1: 8.0 MiB, c=16: 10.2 MiB, c=256: 32.0 MiB; RSS at the end 28.9 MiB
-//! nginx peak RSS (master + workers, summed): 21.8 MiB over the run; per level: c=1: 18.3 MiB, c=16: 18.5 MiB, c=256: 21.7 MiB
+//! kvgate peak RSS (VmHWM): 31.0 MiB over the run (32.5 MB); c=256: 26.5 MiB
 //! ```
 //!
-//! Targets: added TTFB at c=1 p50 +230 µs (target < 200) and p99 +1247 µs
-//! (< 1000): missed; throughput at 256 streams 0.10× direct (≥ 0.9): missed;
-//! fewer added µs than nginx: missed (only kvgate's TTFB p50 at 256 streams
-//! is lower; its TTLB is far higher everywhere); peak RSS 34.7 MB with 256
-//! streams (< 50 MB): met. Why (perf, strace): each of the 200 SSE events is
-//! handed from hyper's client-connection task to the front connection's task
-//! through a one-slot channel (≈ 110 cross-thread wake-ups per completion) and
-//! written to the client with a `writev` of its own (200 per completion); a
-//! fresh upstream connection per completion adds a connect/accept/close.
-//! See the README for the proposed fix and its measured effect.
+//! Targets: added TTFB at c=1 p50 +199 µs (< 200) and p99 +405 µs (< 1000):
+//! met; throughput at 256 streams 0.51× direct (≥ 0.9): missed; fewer added
+//! µs than nginx: missed; peak RSS with 256 streams < 50 MB: met.
+//!
+//! The run before the rewrite (kvgate at 8187dfe) gave 0.10–0.13× direct
+//! throughput and +230 / +1247 µs TTFB p50 / p99 at c=1. Its profile (perf,
+//! strace): each of the 200 SSE events went from hyper's client-connection
+//! task to the front connection's task through a one-slot channel (≈ 110
+//! cross-thread wake-ups per completion) and was written to the client with a
+//! `writev` of its own.
 
 use std::convert::Infallible;
 use std::io::Write as _;
