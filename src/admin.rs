@@ -23,6 +23,7 @@ use crate::cache_store::{self, SaveKind, SaveMeta, StoreError};
 use crate::clients::{constant_time_eq, presented_key};
 use crate::config::CacheSettings;
 use crate::error::{ApiError, ErrorType};
+use crate::proxy::percent_decode;
 use crate::slots::{Outcome, Tenant, Want};
 use crate::upstream::SlotAction;
 
@@ -343,24 +344,6 @@ fn files(app: &App) -> Answer {
     }
     list.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
     Ok(json_ok(&json!({ "files": list })))
-}
-
-/// Decodes `%XX` escapes; `None` when malformed or not UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 fn forbidden(name: &str) -> ApiError {

@@ -730,7 +730,7 @@ fn add_identity_headers(
 }
 
 /// Decodes `%XX` escapes; `None` when malformed or not UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
+pub fn percent_decode(s: &str) -> Option<String> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use kvgate::cache_store::{SaveKind, SaveMeta, META_SUFFIX};
+use kvgate::cache_store::{SaveKind, SaveMeta};
 use serde_json::Value;
 
 use crate::support::kvgate::{post_json, sse_events, Kvgate};
@@ -15,12 +15,7 @@ use crate::support::llama::{LlamaOpts, LlamaServer};
 use crate::support::st_chat::GroupChat;
 
 fn saves(dir: &Path) -> Vec<SaveMeta> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().ends_with(META_SUFFIX))
-        .map(|e| serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap())
-        .collect()
+    crate::support::kvgate::saves_in(dir)
 }
 
 /// One streamed turn through kvgate at `url`; returns headers and the final

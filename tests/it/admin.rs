@@ -32,22 +32,9 @@ const PLUGIN: &str = "/api/plugins/kv-cache-manager";
 // Helpers
 // ---------------------------------------------------------------------------
 
-/// A SillyTavern-shaped group turn; `history` makes prompts grow like a chat.
+/// A group turn in this file's chat.
 fn turn(speaker: &str, history: &str) -> Value {
-    let mut stop = vec!["\nUser:".to_string()];
-    stop.extend(
-        ROSTER
-            .iter()
-            .filter(|n| **n != speaker)
-            .map(|o| format!("\n{o}:")),
-    );
-    json!({
-        "prompt": format!("Write {speaker}'s next reply in a fictional chat.\n{speaker}'s card.\n***\n{history}\n{speaker}:"),
-        "stop": stop,
-        "stream": true,
-        "n_predict": 8,
-        "cache_prompt": true,
-    })
+    crate::support::kvgate::group_turn(&ROSTER, speaker, history)
 }
 
 /// `body` with an explicit chat and character (the body's `kvgate` object).

@@ -13,22 +13,9 @@ use crate::support::kvgate::{post_json, sse_events, Kvgate};
 
 const ROSTER: [&str; 4] = ["Alice", "Bob", "Carol", "Dave"];
 
-/// A SillyTavern-shaped group turn; `history` makes prompts grow like a chat.
+/// A group turn in this file's chat.
 fn turn(speaker: &str, history: &str) -> Value {
-    let mut stop = vec!["\nUser:".to_string()];
-    stop.extend(
-        ROSTER
-            .iter()
-            .filter(|n| **n != speaker)
-            .map(|o| format!("\n{o}:")),
-    );
-    json!({
-        "prompt": format!("Write {speaker}'s next reply in a fictional chat.\n{speaker}'s card.\n***\n{history}\n{speaker}:"),
-        "stop": stop,
-        "stream": true,
-        "n_predict": 8,
-        "cache_prompt": true,
-    })
+    crate::support::kvgate::group_turn(&ROSTER, speaker, history)
 }
 
 struct Setup {

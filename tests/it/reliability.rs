@@ -43,23 +43,9 @@ const ROSTER: [&str; 4] = ["Alice", "Bob", "Carol", "Dave"];
 /// The chat key kvgate infers for [`turn`]'s group.
 const CHAT: &str = "Alice+Bob+Carol+Dave+User";
 
-/// A SillyTavern-shaped group turn (kvgate infers the speaker from the
-/// prompt's last line and the other members from the stop strings).
+/// A group turn in this file's chat.
 fn turn(speaker: &str, history: &str) -> Value {
-    let mut stop = vec!["\nUser:".to_string()];
-    stop.extend(
-        ROSTER
-            .iter()
-            .filter(|n| **n != speaker)
-            .map(|o| format!("\n{o}:")),
-    );
-    json!({
-        "prompt": format!("Write {speaker}'s next reply in a fictional chat.\n{speaker}'s card.\n***\n{history}\n{speaker}:"),
-        "stop": stop,
-        "stream": true,
-        "n_predict": 8,
-        "cache_prompt": true,
-    })
+    crate::support::kvgate::group_turn(&ROSTER, speaker, history)
 }
 
 struct Setup {

@@ -158,6 +158,44 @@ pub async fn post_json(
     (status, headers, bytes)
 }
 
+/// A SillyTavern-shaped group turn for `speaker` in a chat of `roster` (plus
+/// "User"): kvgate infers the speaker from the prompt's last line and the
+/// other members from the `\nName:` stop strings; `history` makes prompts
+/// grow like a chat's.
+pub fn group_turn(roster: &[&str], speaker: &str, history: &str) -> Value {
+    let mut stop = vec!["\nUser:".to_string()];
+    stop.extend(
+        roster
+            .iter()
+            .filter(|n| **n != speaker)
+            .map(|o| format!("\n{o}:")),
+    );
+    serde_json::json!({
+        "prompt": format!("Write {speaker}'s next reply in a fictional chat.\n{speaker}'s card.\n***\n{history}\n{speaker}:"),
+        "stop": stop,
+        "stream": true,
+        "n_predict": 8,
+        "cache_prompt": true,
+    })
+}
+
+/// The metadata of every save in a save directory (read from the sidecars).
+pub fn saves_in(dir: &std::path::Path) -> Vec<kvgate::cache_store::SaveMeta> {
+    std::fs::read_dir(dir)
+        .expect("save dir")
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .ends_with(kvgate::cache_store::META_SUFFIX)
+        })
+        .map(|e| {
+            serde_json::from_slice(&std::fs::read(e.path()).expect("sidecar"))
+                .expect("sidecar JSON")
+        })
+        .collect()
+}
+
 /// POSTs JSON in a task of its own (for requests that must wait).
 pub fn spawn_post(url: &str, body: Value) -> JoinHandle<(u16, hyper::HeaderMap, Bytes)> {
     let url = url.to_string();
