@@ -97,9 +97,26 @@ pub struct Cli {
         hide_env_values = true
     )]
     pub upstream_api_key: Option<String>,
+    /// Run llama-server with this GGUF model (kvgate supervises it; excludes
+    /// --upstream).
+    #[arg(long, env = "KVGATE_MODEL", value_name = "PATH.gguf")]
+    pub model: Option<PathBuf>,
+    /// Slots of the supervised llama-server (`-np`).
+    #[arg(long, env = "KVGATE_SLOTS", value_name = "N")]
+    pub slots: Option<u32>,
+    /// Context per slot of the supervised llama-server.
+    #[arg(long, env = "KVGATE_CTX", value_name = "TOKENS")]
+    pub ctx: Option<u32>,
+    /// The llama-server binary to supervise (else LLAMA_SERVER, PATH, or the
+    /// build cached by scripts/build-llama-server.sh).
+    #[arg(long, env = "LLAMA_SERVER", value_name = "PATH")]
+    pub llama_server: Option<PathBuf>,
     /// Log filter (tracing's EnvFilter syntax), e.g. `info,kvgate=debug`.
     #[arg(long, env = "KVGATE_LOG", value_name = "FILTER")]
     pub log: Option<String>,
+    /// Extra llama-server arguments, after `--`.
+    #[arg(last = true, value_name = "LLAMA-SERVER ARGS")]
+    pub llama_args: Vec<String>,
 }
 
 /// The same settings as a TOML file.
@@ -196,8 +213,25 @@ pub struct Config {
     pub clients: Option<PathBuf>,
     /// Key kvgate sends to llama-server.
     pub upstream_api_key: Option<String>,
+    /// llama-server to supervise (`--model`), instead of `upstream`.
+    pub supervised: Option<Supervised>,
     /// Log filter.
     pub log: String,
+}
+
+/// The llama-server kvgate runs itself.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Supervised {
+    /// The GGUF model.
+    pub model: PathBuf,
+    /// Slots (`-np`).
+    pub slots: u32,
+    /// Context per slot.
+    pub ctx: u32,
+    /// The binary, when given explicitly.
+    pub binary: Option<PathBuf>,
+    /// Extra arguments.
+    pub args: Vec<String>,
 }
 
 impl Default for Config {
@@ -219,6 +253,7 @@ impl Default for Config {
             admin_key: None,
             clients: None,
             upstream_api_key: None,
+            supervised: None,
             log: "info".into(),
         }
     }
@@ -295,6 +330,34 @@ impl Config {
                     .map_err(|_| invalid(name, &s, "expected IP:PORT, e.g. 127.0.0.1:8080")),
             }
         };
+        if cli.model.is_some() && cli.upstream.is_some() {
+            return Err(invalid(
+                "--model",
+                "",
+                "kvgate either runs llama-server (--model) or uses one (--upstream), not both",
+            ));
+        }
+        let supervised = match &cli.model {
+            None => None,
+            Some(m) if !m.is_file() => {
+                return Err(invalid("--model", m.display(), "no such model file"))
+            }
+            Some(m) => Some(Supervised {
+                model: m.clone(),
+                slots: cli.slots.unwrap_or(2),
+                ctx: cli.ctx.unwrap_or(4096),
+                binary: cli.llama_server.clone(),
+                args: cli.llama_args.clone(),
+            }),
+        };
+        if let Some(s) = &supervised {
+            if s.slots == 0 || s.slots > 256 {
+                return Err(invalid("--slots", s.slots, "must be 1..=256"));
+            }
+            if s.ctx < 256 {
+                return Err(invalid("--ctx", s.ctx, "must be at least 256 tokens"));
+            }
+        }
         let upstream = match cli.upstream.or(file.upstream) {
             None => d.upstream,
             Some(s) => parse_upstream(&s)?,
@@ -374,6 +437,7 @@ impl Config {
             admin_key,
             clients: cli.clients.or(file.clients),
             upstream_api_key: cli.upstream_api_key.or(file.upstream_api_key),
+            supervised,
             log: cli.log.or(file.log).unwrap_or(d.log),
         };
         cfg.validate()
@@ -530,6 +594,29 @@ mod tests {
         assert_eq!(c.cache.save_every, 3);
         assert_eq!(c.upstream.authority().unwrap().as_str(), "127.0.0.1:7000");
         assert_eq!(c.save_dir.as_deref(), Some(Path::new("/tmp/kv")));
+    }
+
+    #[test]
+    fn supervised_llama_server_flags() {
+        let model = tempfile::NamedTempFile::new().unwrap();
+        let m = model.path().to_str().unwrap();
+        let c =
+            Config::from_cli(cli(&["--model", m, "--slots", "3", "--", "-t", "2"]), None).unwrap();
+        let s = c.supervised.unwrap();
+        assert_eq!(
+            (s.slots, s.ctx, s.args.clone()),
+            (3, 4096, vec!["-t".to_string(), "2".to_string()])
+        );
+        let e = Config::from_cli(
+            cli(&["--model", m, "--upstream", "http://127.0.0.1:1"]),
+            None,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("--model"), "{e}");
+        let e = Config::from_cli(cli(&["--model", "/nonexistent.gguf"]), None).unwrap_err();
+        assert!(e.to_string().contains("no such model"), "{e}");
+        let e = Config::from_cli(cli(&["--model", m, "--slots", "0"]), None).unwrap_err();
+        assert!(e.to_string().contains("--slots"), "{e}");
     }
 
     #[test]

@@ -21,6 +21,7 @@
 //! - [`events`], [`metrics`]: the live event stream and Prometheus metrics.
 //! - [`preload`]: group warm-up jobs.
 //! - [`clients`]: front-port clients file and key checks.
+//! - [`supervisor`]: runs llama-server for kvgate (`--model`).
 //! - [`server`]: accept loop with graceful shutdown, shared by both ports.
 //! - [`slot_file`], [`tiny_model`], [`hash`], [`error`], [`body`]: helpers.
 
@@ -47,6 +48,7 @@ pub mod server;
 pub mod slot_file;
 pub mod slots;
 pub mod sse;
+pub mod supervisor;
 pub mod tiny_model;
 pub mod upstream;
 
@@ -86,6 +88,9 @@ pub enum StartError {
     /// The clients file is unusable.
     #[error("{0}")]
     Clients(String),
+    /// The supervised llama-server could not be run.
+    #[error("{0}")]
+    Llama(String),
 }
 
 /// A configured kvgate, ready to serve.
@@ -252,12 +257,70 @@ async fn shutdown_saves(app: &Arc<App>) {
     }
 }
 
-/// Checks the configuration's files (policy, save directory), binds the
-/// configured ports and serves until `shutdown`.
-pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), StartError> {
+/// Checks the configuration's files (policy, save directory), starts the
+/// supervised llama-server when `--model` asks for one, binds the configured
+/// ports and serves until `shutdown`; then stops llama-server (after the
+/// shutdown saves, which need it).
+pub async fn run(
+    mut cfg: Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), StartError> {
+    // Problems with the policy, clients or save directory are reported
+    // before anything is started or bound.
+    Policy::load(&cfg.policy)?;
+    load_clients(&cfg)?;
+    let supervisor = match cfg.supervised.clone() {
+        None => None,
+        Some(s) => {
+            let dir = match &cfg.save_dir {
+                Some(d) => d.clone(),
+                None => default_save_dir(),
+            };
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| StartError::SaveDir(format!("{}: {e}", dir.display())))?;
+            cfg.save_dir = Some(dir.clone());
+            let binary = supervisor::find_binary(s.binary.as_deref())
+                .map_err(|e| StartError::Llama(e.to_string()))?;
+            let spec = supervisor::Spec {
+                binary,
+                model: s.model,
+                slots: s.slots,
+                ctx: s.ctx,
+                save_dir: dir,
+                args: s.args,
+            };
+            let sup = supervisor::Supervisor::start(spec)
+                .await
+                .map_err(|e| StartError::Llama(e.to_string()))?;
+            cfg.upstream =
+                config::parse_upstream(&sup.url).map_err(|e| StartError::Llama(e.to_string()))?;
+            Some(sup)
+        }
+    };
+    let result = serve_configured(cfg, shutdown).await;
+    if let Some(sup) = supervisor {
+        sup.stop().await;
+    }
+    result
+}
+
+/// Where a supervised llama-server keeps its slot files when no
+/// `--save-dir` is given.
+fn default_save_dir() -> std::path::PathBuf {
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".local/share"))
+        })
+        .unwrap_or_else(|| std::path::PathBuf::from("."));
+    base.join("kvgate").join("slots")
+}
+
+async fn serve_configured(
+    cfg: Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), StartError> {
     let (listen, admin_listen, upstream) = (cfg.listen, cfg.admin_listen, cfg.upstream.clone());
-    // Problems with the policy or the save directory are reported before
-    // anything is bound.
     let gw = Gateway::new(cfg)?;
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr)

@@ -58,7 +58,7 @@ fn main() -> ExitCode {
                 kvgate::StartError::Policy(_)
                 | kvgate::StartError::SaveDir(_)
                 | kvgate::StartError::Clients(_) => ExitCode::from(EXIT_USAGE),
-                kvgate::StartError::Bind { .. } => ExitCode::FAILURE,
+                kvgate::StartError::Bind { .. } | kvgate::StartError::Llama(_) => ExitCode::FAILURE,
             }
         }
     }

@@ -1,0 +1,289 @@
+//! kvgate runs llama-server for you (`--model`): it finds the binary, starts
+//! it on a free loopback port with the flags kvgate needs (`-np N`,
+//! `--slot-save-path`), waits for `/health`, restarts it with backoff when it
+//! dies, and stops it (SIGTERM, then SIGKILL after a grace period) when
+//! kvgate shuts down. The child's output goes to kvgate's log with the target
+//! `llama-server`.
+//!
+//! No orphan is left when kvgate itself is killed: on Linux the child is
+//! started through util-linux's `setpriv --pdeathsig KILL`, so the kernel
+//! kills it with its parent; `kill_on_drop` covers every other exit.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    /// The llama-server binary.
+    pub binary: PathBuf,
+    /// The GGUF model.
+    pub model: PathBuf,
+    /// Slots (`-np`, explicit so idle slots are not cleared).
+    pub slots: u32,
+    /// Context per slot (`-c` is `slots × ctx`).
+    pub ctx: u32,
+    /// `--slot-save-path`.
+    pub save_dir: PathBuf,
+    /// Extra llama-server arguments (after `--` on kvgate's command line).
+    pub args: Vec<String>,
+}
+
+/// Why llama-server could not be run.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    /// No binary was found.
+    #[error("llama-server not found: pass --llama-server PATH, set LLAMA_SERVER, put it on PATH, or run scripts/build-llama-server.sh")]
+    NotFound,
+    /// It could not be started or never became healthy.
+    #[error("llama-server failed to start: {0}")]
+    Start(String),
+}
+
+/// Finds llama-server: `explicit` (the flag or `LLAMA_SERVER`), then `PATH`,
+/// then the build cached by `scripts/build-llama-server.sh`.
+pub fn find_binary(explicit: Option<&Path>) -> Result<PathBuf, SupervisorError> {
+    if let Some(p) = explicit {
+        return if p.is_file() {
+            Ok(p.to_path_buf())
+        } else {
+            Err(SupervisorError::NotFound)
+        };
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let candidate = dir.join("llama-server");
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+    }
+    let cache = std::env::var_os("KVGATE_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("kvgate")))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/kvgate")));
+    if let Some(c) = cache {
+        let candidate = c.join("llama-server-11434.0.0/bin/llama-server");
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    Err(SupervisorError::NotFound)
+}
+
+/// A supervised llama-server.
+#[derive(Debug)]
+pub struct Supervisor {
+    /// Its base URL (`http://127.0.0.1:PORT`).
+    pub url: String,
+    pid: Arc<AtomicU32>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn free_port() -> Result<u16, SupervisorError> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| SupervisorError::Start(format!("no free port: {e}")))
+}
+
+fn command(spec: &Spec, port: u16) -> Command {
+    let mut args: Vec<String> = vec![
+        "-m".into(),
+        spec.model.display().to_string(),
+        "--host".into(),
+        "127.0.0.1".into(),
+        "--port".into(),
+        port.to_string(),
+        "-np".into(),
+        spec.slots.to_string(),
+        "-c".into(),
+        (spec.slots * spec.ctx).to_string(),
+        "--slot-save-path".into(),
+        format!("{}/", spec.save_dir.display()),
+    ];
+    args.extend(spec.args.iter().cloned());
+    // The kernel kills the child with kvgate (even on SIGKILL) when setpriv
+    // can arrange it.
+    let setpriv = Path::new("/usr/bin/setpriv");
+    let mut cmd = if cfg!(target_os = "linux") && setpriv.is_file() {
+        let mut c = Command::new(setpriv);
+        c.args(["--pdeathsig", "KILL", "--"])
+            .arg(&spec.binary)
+            .args(&args);
+        c
+    } else {
+        let mut c = Command::new(&spec.binary);
+        c.args(&args);
+        c
+    };
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+fn spawn(
+    spec: &Spec,
+    port: u16,
+    tail: &Arc<std::sync::Mutex<Vec<String>>>,
+) -> Result<Child, SupervisorError> {
+    let mut child = command(spec, port)
+        .spawn()
+        .map_err(|e| SupervisorError::Start(format!("{}: {e}", spec.binary.display())))?;
+    // The child's output goes to kvgate's log; the last lines are kept for
+    // error messages.
+    for stream in [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+        child.stderr.take().map(|s| Box::new(s) as _),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let tail = Arc::clone(tail);
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stream).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                info!(target: "llama-server", "{line}");
+                let mut t = tail.lock().unwrap_or_else(|e| e.into_inner());
+                t.push(line);
+                if t.len() > 20 {
+                    t.remove(0);
+                }
+            }
+        });
+    }
+    Ok(child)
+}
+
+async fn healthy(url: &str, child: &mut Child, limit: Duration) -> Result<(), String> {
+    let upstream = crate::upstream::Upstream::new(
+        url.parse().map_err(|e| format!("{e}"))?,
+        Duration::from_secs(5),
+    );
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("it exited with {status}"));
+        }
+        if let Ok((status, _)) = upstream
+            .call_json(hyper::Method::GET, "/health", None, Duration::from_secs(2))
+            .await
+        {
+            if status.is_success() {
+                return Ok(());
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!("no healthy answer within {} s", limit.as_secs()));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Stops a child: SIGTERM, then SIGKILL after `grace`.
+async fn stop_child(child: &mut Child, grace: Duration) {
+    if let Some(pid) = child.id() {
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await;
+        if tokio::time::timeout(grace, child.wait()).await.is_ok() {
+            return;
+        }
+        warn!(pid, "llama-server ignored SIGTERM; killing it");
+    }
+    let _ = child.kill().await;
+}
+
+// === impl Supervisor ===
+
+impl Supervisor {
+    /// Starts llama-server and waits until it is healthy; then keeps it
+    /// running (restarting it with backoff) until [`Supervisor::stop`].
+    pub async fn start(spec: Spec) -> Result<Supervisor, SupervisorError> {
+        let port = free_port()?;
+        let url = format!("http://127.0.0.1:{port}");
+        let tail = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut child = spawn(&spec, port, &tail)?;
+        if let Err(e) = healthy(&url, &mut child, Duration::from_secs(300)).await {
+            let _ = child.kill().await;
+            let last = tail.lock().unwrap_or_else(|e| e.into_inner()).join("\n");
+            return Err(SupervisorError::Start(format!(
+                "{e}; its last lines:\n{last}"
+            )));
+        }
+        info!(%url, model = %spec.model.display(), slots = spec.slots, "llama-server is up");
+        let pid = Arc::new(AtomicU32::new(child.id().unwrap_or(0)));
+        let (stop, mut stopped) = watch::channel(false);
+        let (pid2, url2) = (Arc::clone(&pid), url.clone());
+        let task = tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(500);
+            loop {
+                tokio::select! {
+                    status = child.wait() => {
+                        warn!(?status, "llama-server exited; restarting it");
+                    }
+                    _ = async { let _ = stopped.wait_for(|s| *s).await; } => {
+                        stop_child(&mut child, Duration::from_secs(10)).await;
+                        info!("llama-server stopped");
+                        return;
+                    }
+                }
+                loop {
+                    tokio::time::sleep(backoff).await;
+                    if *stopped.borrow() {
+                        return;
+                    }
+                    match spawn(&spec, port, &tail) {
+                        Ok(mut c) => match healthy(&url2, &mut c, Duration::from_secs(300)).await {
+                            Ok(()) => {
+                                pid2.store(c.id().unwrap_or(0), Ordering::Relaxed);
+                                info!(url = %url2, "llama-server is up again");
+                                child = c;
+                                backoff = Duration::from_millis(500);
+                                break;
+                            }
+                            Err(e) => {
+                                let _ = c.kill().await;
+                                warn!(error = %e, "llama-server did not come back");
+                            }
+                        },
+                        Err(e) => warn!(error = %e, "cannot restart llama-server"),
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        });
+        Ok(Supervisor {
+            url,
+            pid,
+            stop,
+            task,
+        })
+    }
+
+    /// The child's process id now (0 while restarting).
+    pub fn pid(&self) -> u32 {
+        self.pid.load(Ordering::Relaxed)
+    }
+
+    /// Stops llama-server and waits for it to be gone.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
