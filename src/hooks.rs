@@ -47,9 +47,6 @@ pub struct Generation<'a> {
     pub prompt: Option<&'a str>,
     /// The messages, for chat completions.
     pub messages: Option<&'a Value>,
-    /// Tokens of the new prompt the slot already holds (0 when another
-    /// tenant's cache or nothing is there): a restore must beat this.
-    pub resident_tokens: u64,
 }
 
 /// Cache actions around a generation.

@@ -59,11 +59,6 @@ impl Persistence {
         }
     }
 
-    /// The store.
-    pub fn store(&self) -> &Arc<CacheStore> {
-        &self.store
-    }
-
     /// Current settings.
     pub fn settings(&self) -> CacheSettings {
         self.settings
@@ -202,12 +197,10 @@ impl Persistence {
                     .into_iter()
                     .filter_map(|m| self.store.tokens(&m.file).ok().map(|t| (m, t)))
                     .collect();
-                // A restore must beat what the slot already holds, and more
-                // than the BOS token.
-                let at_least = usize::try_from(g.resident_tokens)
-                    .unwrap_or(usize::MAX)
-                    .max(1);
-                choose_best(&with_tokens, &prompt, at_least).map(|(m, lcp)| (m.file.clone(), lcp))
+                // Restores happen only for a slot that does not hold this
+                // tenant's live cache (another tenant's, or nothing), so the
+                // save must share more than the BOS token to be worth it.
+                choose_best(&with_tokens, &prompt, 1).map(|(m, lcp)| (m.file.clone(), lcp))
             }
             None => candidates
                 .iter()

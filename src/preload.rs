@@ -228,7 +228,6 @@ async fn preload_one(
         identity: &identity,
         prompt,
         messages: None,
-        resident_tokens: 0,
     };
     match app.hooks.restore(generation).await {
         Restore::Restored { file, tokens } => {

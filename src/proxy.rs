@@ -555,7 +555,6 @@ async fn restore(
         identity,
         prompt,
         messages,
-        resident_tokens: 0,
     };
     match app.hooks.restore(gen).await {
         Restore::Restored { file, .. } => {

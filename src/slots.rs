@@ -402,21 +402,6 @@ impl SlotTable {
         self.dispatch()
     }
 
-    /// Releases a slot's owner without touching its lease (admin "clear").
-    /// Returns the previous owner and usage when it had unsaved messages.
-    pub fn disown(&mut self, slot: SlotId) -> Option<Evicted> {
-        let s = self.slots.get_mut(slot)?;
-        let owner = s.owner.take()?;
-        let ev = Evicted {
-            tenant: owner,
-            usage: s.usage,
-            live: s.live,
-        };
-        s.usage = 0;
-        s.live = false;
-        Some(ev)
-    }
-
     /// Serves waiters in FIFO order. Two passes: first those whose slot is
     /// already theirs (resident or pinned) and idle, then newcomers, so a
     /// newcomer never evicts a slot whose owner is being served in this pass.

@@ -11,7 +11,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -84,7 +83,6 @@ pub fn find_binary(explicit: Option<&Path>) -> Result<PathBuf, SupervisorError> 
 pub struct Supervisor {
     /// Its base URL (`http://127.0.0.1:PORT`).
     pub url: String,
-    pid: Arc<AtomicU32>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -227,9 +225,8 @@ impl Supervisor {
             )));
         }
         info!(%url, model = %spec.model.display(), slots = spec.slots, "llama-server is up");
-        let pid = Arc::new(AtomicU32::new(child.id().unwrap_or(0)));
         let (stop, mut stopped) = watch::channel(false);
-        let (pid2, url2) = (Arc::clone(&pid), url.clone());
+        let url2 = url.clone();
         let task = tokio::spawn(async move {
             let mut backoff = Duration::from_millis(500);
             loop {
@@ -251,7 +248,6 @@ impl Supervisor {
                     match spawn(&spec, port, &tail) {
                         Ok(mut c) => match healthy(&url2, &mut c, Duration::from_secs(300)).await {
                             Ok(()) => {
-                                pid2.store(c.id().unwrap_or(0), Ordering::Relaxed);
                                 info!(url = %url2, "llama-server is up again");
                                 child = c;
                                 backoff = Duration::from_millis(500);
@@ -268,17 +264,7 @@ impl Supervisor {
                 }
             }
         });
-        Ok(Supervisor {
-            url,
-            pid,
-            stop,
-            task,
-        })
-    }
-
-    /// The child's process id now (0 while restarting).
-    pub fn pid(&self) -> u32 {
-        self.pid.load(Ordering::Relaxed)
+        Ok(Supervisor { url, stop, task })
     }
 
     /// Stops llama-server and waits for it to be gone.

@@ -7,9 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::header::{
-    HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST,
-};
+use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_TYPE, HOST};
 use hyper::{Method, Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -416,11 +414,6 @@ fn status_error(what: &str, status: StatusCode, v: &Value) -> UpstreamError {
         status,
         message,
     }
-}
-
-/// Sets `content-length` for a rewritten body.
-pub fn set_content_length(headers: &mut HeaderMap, len: usize) {
-    headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
 }
 
 // === completions: their own connection, driven by the response body ===

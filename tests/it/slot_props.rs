@@ -26,9 +26,9 @@
 //!   design); among newcomers, and among waiters for one slot, order is
 //!   strict;
 //! * work conservation: after any call that dispatches (enqueue, release,
-//!   resize), no waiter that could run now is still waiting (after an admin
-//!   `disown` or an `apply(Cleared)` a waiter may become servable without a
-//!   dispatch; the next dispatching call serves it);
+//!   resize), no waiter that could run now is still waiting (after an
+//!   `apply(Cleared)` a waiter may become servable without a dispatch; the
+//!   next dispatching call serves it);
 //! * the queue bound holds; a cancelled ticket is gone; a stale or repeated
 //!   release changes nothing.
 //!
@@ -122,8 +122,6 @@ enum Op {
     /// A `/slots` poll saw these slots empty (`stale`: the poll is older
     /// than the slot's last grant).
     Reconcile(Vec<bool>, Vec<bool>),
-    /// The admin port clears a slot's owner.
-    Disown(usize),
 }
 
 fn want_spec() -> impl Strategy<Value = WantSpec> {
@@ -160,7 +158,6 @@ fn op() -> impl Strategy<Value = Op> {
             proptest::collection::vec(proptest::bool::weighted(0.2), 0..6)
         )
             .prop_map(|(e, s)| Op::Reconcile(e, s)),
-        1 => (0..5usize).prop_map(Op::Disown),
     ]
 }
 
@@ -588,21 +585,6 @@ fn run(n: usize, max_queue: usize, ops: Vec<Op>) -> Result<(), TestCaseError> {
                     expected,
                     "reconcile: only idle, live, non-fresh, unchanged slots are lost"
                 );
-            }
-            Op::Disown(s) => {
-                let got = table.disown(s);
-                let expected = m.slots.get_mut(s).and_then(|x| {
-                    let tenant = x.owner.take()?;
-                    let ev = Evicted {
-                        tenant,
-                        usage: x.usage,
-                        live: x.live,
-                    };
-                    x.usage = 0;
-                    x.live = false;
-                    Some(ev)
-                });
-                prop_assert_eq!(got, expected);
             }
         }
         m.check(&table, dispatched)?;
