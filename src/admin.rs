@@ -23,6 +23,8 @@ use crate::cache_store::{self, SaveKind, SaveMeta, StoreError};
 use crate::clients::{constant_time_eq, presented_key};
 use crate::config::CacheSettings;
 use crate::error::{ApiError, ErrorType};
+use crate::hooks::Restore;
+use crate::owner_save::{save_owner, OwnerSave};
 use crate::proxy::percent_decode;
 use crate::slots::{Outcome, Tenant, Want};
 use crate::upstream::SlotAction;
@@ -401,28 +403,14 @@ async fn save_slot(app: &Arc<App>, slot: usize, tag: Option<&str>) -> Result<Opt
         .acquire(Want::Hold(slot), app.cfg.queue_timeout)
         .await
         .map_err(|e| json!({"slot": slot, "character": Value::Null, "reason": e.to_string()}))?;
-    let state = app.pool.snapshot()[slot].clone();
-    let tenant = match state.owner {
-        Some(t @ Tenant::Character { .. }) if state.live => t,
-        _ => {
-            lease.release(Outcome::Untouched);
-            return Ok(None);
-        }
-    };
-    let kind = SaveKind::Manual;
-    let saved = app.hooks.save(slot, &tenant, kind, tag).await;
-    let result = match saved {
-        Some(file) => {
-            // An untagged save is "save now": the counters start over. A
-            // tagged one is a bookmark and leaves them alone.
-            if tag.is_none() {
-                app.pool.with_table(|t| t.mark_saved(slot));
-            }
-            Ok(Some(
-                json!({"slot": slot, "chat": tenant.chat(), "character": tenant.character(), "file": file}),
-            ))
-        }
-        None => Err(
+    // An untagged save is "save now" (the counters start over); a tagged one
+    // is a bookmark that leaves them alone.
+    let result = match save_owner(app, &lease, SaveKind::Manual, tag, None, false).await {
+        OwnerSave::NoOwner | OwnerSave::Clean(_) => Ok(None),
+        OwnerSave::Saved(tenant, file) => Ok(Some(
+            json!({"slot": slot, "chat": tenant.chat(), "character": tenant.character(), "file": file}),
+        )),
+        OwnerSave::Failed(tenant) => Err(
             json!({"slot": slot, "character": tenant.character(), "reason": "the save failed (see the log and the save_failed event)"}),
         ),
     };
@@ -577,37 +565,16 @@ async fn load(app: &Arc<App>, body: &Value) -> Answer {
     let mut failed = Vec::new();
     for ((meta, tenant), lease) in plan.iter().zip(leases) {
         let slot = lease.slot();
-        let started = std::time::Instant::now();
-        match app
-            .upstream
-            .slot_action(
-                slot,
-                SlotAction::Restore,
-                Some(&meta.file),
-                Duration::from_secs(300),
-            )
-            .await
-        {
-            Ok(r) => {
-                app.pool.with_table(|t| t.mark_restored(slot));
-                app.set_restored_from(slot, Some(meta.file.clone()));
-                crate::metrics::inc(&app.metrics.restores);
-                crate::metrics::add_time(&app.metrics.restore_micros, started.elapsed());
-                let tokens = r.n_restored.unwrap_or(0);
-                app.events.emit(
-                    "restored",
-                    json!({"slot": slot, "chat": tenant.chat(), "character": tenant.character(), "file": meta.file, "tokens": tokens, "by": "load"}),
-                );
-                loaded.push(json!({"file": meta.file, "slot": slot, "chat": tenant.chat(), "character": tenant.character(), "tokens": tokens}));
-                lease.release(Outcome::Untouched);
-            }
-            Err(e) => {
-                crate::metrics::inc(&app.metrics.restore_failures);
-                app.pool.with_table(|t| t.mark_empty(slot));
-                failed.push(json!({"file": meta.file, "slot": slot, "reason": e.to_string()}));
-                lease.release(Outcome::Untouched);
-            }
+        let r = app.hooks.restore_file(slot, tenant, &meta.file).await;
+        crate::proxy::record_restore(app, slot, &r);
+        match r {
+            Restore::Restored { tokens, .. } => loaded.push(
+                json!({"file": meta.file, "slot": slot, "chat": tenant.chat(), "character": tenant.character(), "tokens": tokens}),
+            ),
+            Restore::Failed(reason) => failed.push(json!({"file": meta.file, "slot": slot, "reason": reason})),
+            Restore::Skipped => failed.push(json!({"file": meta.file, "slot": slot, "reason": "kvgate runs without a save directory"})),
         }
+        lease.release(Outcome::Untouched);
     }
     Ok(json_ok(&json!({"loaded": loaded, "failed": failed})))
 }

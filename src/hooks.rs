@@ -65,6 +65,14 @@ pub trait CacheHooks: Send + Sync + Debug + 'static {
     /// generation (no gap in which llama-server could clear the slot).
     fn restore<'a>(&'a self, generation: Generation<'a>) -> BoxFuture<'a, Restore>;
 
+    /// Loads a chosen save into the slot for `tenant` (the admin `/load`).
+    fn restore_file<'a>(
+        &'a self,
+        slot: SlotId,
+        tenant: &'a Tenant,
+        file: &'a str,
+    ) -> BoxFuture<'a, Restore>;
+
     /// Whether a slot with `usage` unsaved messages is due for an autosave.
     fn autosave_due(&self, usage: u32) -> bool;
 
@@ -88,6 +96,10 @@ impl CacheHooks for NoCache {
     }
 
     fn restore<'a>(&'a self, _: Generation<'a>) -> BoxFuture<'a, Restore> {
+        Box::pin(async { Restore::Skipped })
+    }
+
+    fn restore_file<'a>(&'a self, _: SlotId, _: &'a Tenant, _: &'a str) -> BoxFuture<'a, Restore> {
         Box::pin(async { Restore::Skipped })
     }
 

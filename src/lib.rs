@@ -14,6 +14,8 @@
 //! - [`proxy`]: the front port: passthrough, and the completion lifecycle.
 //! - [`sse`]: relays response bodies untouched while observing their end.
 //! - [`hooks`]: where the cache layer acts (saves of every kind, restore).
+//! - [`owner_save`]: saving a slot's current owner (shared by every save
+//!   but the one before an eviction).
 //! - [`save_behind`]: background saves that keep evictions cheap.
 //! - [`persist`]: the real hooks: checked saves, longest-prefix restores.
 //! - [`cache_store`]: the save directory: names, metadata, index, rotation.
@@ -39,6 +41,7 @@ pub mod identity;
 pub mod lease;
 pub mod metrics;
 pub mod monitor;
+pub mod owner_save;
 pub mod persist;
 pub mod policy;
 pub mod preload;
@@ -206,7 +209,14 @@ impl Gateway {
                 "lifecycle tasks still running after the grace period"
             );
         }
-        shutdown_saves(&app).await;
+        // Save every slot with unsaved messages before exiting.
+        owner_save::save_dirty_slots(
+            &app,
+            cache_store::SaveKind::Shutdown,
+            app.cfg.shutdown_grace,
+            false,
+        )
+        .await;
         app.pool.close();
         let _ = admin_task.await;
         let _ = monitor.await;
@@ -223,37 +233,6 @@ fn load_clients(cfg: &Config) -> Result<Option<Clients>, StartError> {
             Ok(Some(c))
         }
         None => Ok(None),
-    }
-}
-
-/// Saves every slot with unsaved messages before kvgate exits.
-async fn shutdown_saves(app: &Arc<App>) {
-    let due: Vec<(usize, slots::Tenant)> = app
-        .pool
-        .snapshot()
-        .into_iter()
-        .enumerate()
-        .filter(|(_, s)| s.usage >= 1 && s.live)
-        .filter_map(|(id, s)| s.owner.filter(slots::Tenant::is_character).map(|t| (id, t)))
-        .collect();
-    for (slot, tenant) in due {
-        let Ok(lease) = app
-            .pool
-            .acquire(slots::Want::Hold(slot), app.cfg.shutdown_grace)
-            .await
-        else {
-            warn!(slot, %tenant, "shutdown: slot still busy; not saved");
-            continue;
-        };
-        if app
-            .hooks
-            .save(slot, &tenant, cache_store::SaveKind::Shutdown, None)
-            .await
-            .is_some()
-        {
-            app.pool.with_table(|t| t.mark_saved(slot));
-        }
-        lease.release(slots::Outcome::Untouched);
     }
 }
 

@@ -210,10 +210,24 @@ impl Persistence {
         let Some((file, lcp)) = chosen else {
             return Restore::Skipped;
         };
+        self.load_save(g.slot, tenant, &file, Some(lcp)).await
+    }
+
+    /// Loads `file` into `slot` for `tenant`, with its metrics, event and
+    /// log line (`shared_prefix`: the tokens it shares with the new prompt,
+    /// when known).
+    async fn load_save(
+        &self,
+        slot: SlotId,
+        tenant: &Tenant,
+        file: &str,
+        shared_prefix: Option<usize>,
+    ) -> Restore {
+        let (chat, character) = (tenant.chat(), tenant.character());
         let started = Instant::now();
         match self
             .upstream
-            .slot_action(g.slot, SlotAction::Restore, Some(&file), SLOT_IO_TIMEOUT)
+            .slot_action(slot, SlotAction::Restore, Some(file), SLOT_IO_TIMEOUT)
             .await
         {
             Ok(r) => {
@@ -222,17 +236,20 @@ impl Persistence {
                 metrics::add_time(&self.metrics.restore_micros, started.elapsed());
                 self.events.emit(
                     "restored",
-                    json!({"slot": g.slot, "chat": chat, "character": character, "file": file, "tokens": tokens, "shared_prefix": lcp, "ms": started.elapsed().as_secs_f64() * 1000.0}),
+                    json!({"slot": slot, "chat": chat, "character": character, "file": file, "tokens": tokens, "shared_prefix": shared_prefix, "ms": started.elapsed().as_secs_f64() * 1000.0}),
                 );
-                info!(slot = g.slot, %tenant, %file, tokens, shared_prefix = lcp, "restored");
-                Restore::Restored { file, tokens }
+                info!(slot, %tenant, %file, tokens, ?shared_prefix, "restored");
+                Restore::Restored {
+                    file: file.to_string(),
+                    tokens,
+                }
             }
             Err(e) => {
                 metrics::inc(&self.metrics.restore_failures);
                 let reason = format!("{file}: {e}");
                 self.events.emit(
                     "restore_failed",
-                    json!({"slot": g.slot, "chat": chat, "character": character, "file": file, "reason": reason}),
+                    json!({"slot": slot, "chat": chat, "character": character, "file": file, "reason": reason}),
                 );
                 Restore::Failed(reason)
             }
@@ -253,6 +270,15 @@ impl CacheHooks for Persistence {
 
     fn restore<'a>(&'a self, generation: Generation<'a>) -> BoxFuture<'a, Restore> {
         Box::pin(self.do_restore(generation))
+    }
+
+    fn restore_file<'a>(
+        &'a self,
+        slot: SlotId,
+        tenant: &'a Tenant,
+        file: &'a str,
+    ) -> BoxFuture<'a, Restore> {
+        Box::pin(self.load_save(slot, tenant, file, None))
     }
 
     fn autosave_due(&self, usage: u32) -> bool {

@@ -15,8 +15,9 @@ use tokio::task::JoinHandle;
 
 use crate::app::App;
 use crate::cache_store::SaveKind;
-use crate::hooks::{Generation, Restore};
+use crate::hooks::Restore;
 use crate::identity::{Identity, Kind, Source};
+use crate::owner_save::{save_owner, OwnerSave};
 use crate::slots::{Outcome, Tenant, Want};
 
 /// Where a job is.
@@ -223,26 +224,15 @@ async fn preload_one(
         roster: Vec::new(),
         prompt_hash: 0,
     };
-    let generation = Generation {
-        slot,
-        identity: &identity,
-        prompt,
-        messages: None,
-    };
-    match app.hooks.restore(generation).await {
+    match crate::proxy::restore(app, &lease, &identity, prompt, None).await {
         Restore::Restored { file, tokens } => {
-            app.pool.with_table(|t| t.mark_restored(slot));
-            app.set_restored_from(slot, Some(file.clone()));
             lease.release(Outcome::Untouched);
             return Ok(format!(
                 "restored {file} ({tokens} tokens) into slot {slot}"
             ));
         }
-        Restore::Failed(reason) => {
-            app.pool.with_table(|t| t.mark_empty(slot));
-            tracing::warn!(slot, %reason, "preload: restore failed; evaluating the prompt instead");
-        }
-        Restore::Skipped => {}
+        // A failed restore leaves an empty slot: evaluate the prompt instead.
+        Restore::Failed(_) | Restore::Skipped => {}
     }
     let Some(prompt) = prompt else {
         lease.release(Outcome::Untouched);
@@ -270,15 +260,12 @@ async fn preload_one(
         .pointer("/timings/prompt_n")
         .and_then(Value::as_u64)
         .unwrap_or(0);
-    let saved = app.hooks.save(slot, &tenant, SaveKind::Preload, None).await;
-    let result = match saved {
-        Some(file) => {
-            app.pool.with_table(|t| t.mark_saved(slot));
-            Ok(format!(
-                "evaluated {evaluated} tokens in slot {slot}, saved {file}"
-            ))
-        }
-        None => Ok(format!(
+    let result = match save_owner(app, &lease, SaveKind::Preload, None, Some(&tenant), false).await
+    {
+        OwnerSave::Saved(_, file) => Ok(format!(
+            "evaluated {evaluated} tokens in slot {slot}, saved {file}"
+        )),
+        _ => Ok(format!(
             "evaluated {evaluated} tokens in slot {slot} (not saved)"
         )),
     };

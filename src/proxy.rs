@@ -28,6 +28,7 @@ use crate::hooks::{Generation, Restore};
 use crate::identity::{self, Api, Explicit, Identity};
 use crate::lease::{AcquireError, Lease};
 use crate::metrics;
+use crate::owner_save::{save_owner, OwnerSave};
 use crate::slots::{Outcome, Tenant, Want};
 use crate::sse::{Observed, StreamEnd};
 use crate::upstream::{strip_hop_by_hop, UpstreamError};
@@ -362,11 +363,13 @@ async fn completion(
         let messages = json.get("messages").cloned();
         let (l, r) = detached(app, lease, move |app, lease| async move {
             take_over(&app, &lease).await;
-            let restored = if needs_restore {
-                restore(&app, &lease, &id, prompt.as_deref(), messages.as_ref()).await
-            } else {
-                None
-            };
+            let mut restored = None;
+            if needs_restore {
+                let r = restore(&app, &lease, &id, prompt.as_deref(), messages.as_ref()).await;
+                if let Restore::Restored { file, .. } = r {
+                    restored = Some(file);
+                }
+            }
             (lease, restored)
         })
         .await?;
@@ -541,33 +544,39 @@ where
     .map_err(|e| ApiError::internal(format!("slot preparation failed: {e}")))
 }
 
-/// Restores the tenant's best save into the leased slot. Returns the file.
-async fn restore(
+/// Restores the tenant's best save into the leased slot, right before its
+/// generation, and records what happened to the slot.
+pub(crate) async fn restore(
     app: &App,
     lease: &Lease,
     identity: &Identity,
     prompt: Option<&str>,
     messages: Option<&Value>,
-) -> Option<String> {
-    let slot = lease.slot();
+) -> Restore {
     let gen = Generation {
-        slot,
+        slot: lease.slot(),
         identity,
         prompt,
         messages,
     };
-    match app.hooks.restore(gen).await {
+    let r = app.hooks.restore(gen).await;
+    record_restore(app, lease.slot(), &r);
+    r
+}
+
+/// What a restore means for the slot: it holds the restored cache (nothing
+/// unsaved), or, after a failure, nothing (llama-server cleared it).
+pub(crate) fn record_restore(app: &App, slot: usize, r: &Restore) {
+    match r {
         Restore::Restored { file, .. } => {
-            lease.pool().with_table(|t| t.mark_restored(slot));
+            app.pool.with_table(|t| t.mark_restored(slot));
             app.set_restored_from(slot, Some(file.clone()));
-            Some(file)
         }
         Restore::Failed(reason) => {
-            warn!(slot, %reason, "restore failed; generating on an empty slot");
-            lease.pool().with_table(|t| t.mark_empty(slot));
-            None
+            warn!(slot, %reason, "restore failed; the slot is empty");
+            app.pool.with_table(|t| t.mark_empty(slot));
         }
-        Restore::Skipped => None,
+        Restore::Skipped => {}
     }
 }
 
@@ -652,25 +661,14 @@ async fn chat_switch(app: &Arc<App>, client: &str, previous: &str) {
         else {
             continue;
         };
-        let state = app.pool.snapshot()[slot].clone();
-        if state.owner.as_ref() != Some(&tenant) {
-            // Someone else took the slot meanwhile.
-            lease.release(Outcome::Untouched);
-            continue;
-        }
-        if state.usage >= 1
-            && state.live
-            && app
-                .hooks
-                .save(slot, &tenant, SaveKind::ChatSwitch, None)
-                .await
-                .is_none()
-        {
-            // The save failed: keep the slot and its unsaved messages.
-            lease.release(Outcome::Untouched);
-            continue;
-        }
-        lease.release(Outcome::Cleared);
+        let outcome =
+            match save_owner(app, &lease, SaveKind::ChatSwitch, None, Some(&tenant), true).await {
+                // Someone else took the slot meanwhile, or the save failed: keep
+                // the slot (and its unsaved messages).
+                OwnerSave::NoOwner | OwnerSave::Failed(_) => Outcome::Untouched,
+                OwnerSave::Clean(_) | OwnerSave::Saved(..) => Outcome::Cleared,
+            };
+        lease.release(outcome);
     }
 }
 

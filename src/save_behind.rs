@@ -17,11 +17,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tracing::debug;
-
 use crate::app::App;
 use crate::cache_store::SaveKind;
-use crate::slots::{Outcome, Tenant, Want};
+use crate::owner_save::save_dirty_slots;
 
 /// How recent an eviction must be to count as pressure.
 const PRESSURE_WINDOW_S: u64 = 300;
@@ -40,43 +38,9 @@ pub async fn run(app: Arc<App>, shutdown: impl std::future::Future<Output = ()>)
             _ = app.save_behind_kick.notified() => {}
         }
         if app.under_eviction_pressure(PRESSURE_WINDOW_S) {
-            save_dirty_idle_slots(&app).await;
+            // A slot that is busy is left alone: its owner is generating and
+            // will be dirty again afterwards anyway.
+            save_dirty_slots(&app, SaveKind::Eviction, HOLD_WAIT, true).await;
         }
     }
-}
-
-/// Saves every idle slot that holds a character's live cache with unsaved
-/// messages. Returns how many were saved.
-pub async fn save_dirty_idle_slots(app: &Arc<App>) -> usize {
-    let candidates: Vec<(usize, Tenant)> = app
-        .pool
-        .snapshot()
-        .into_iter()
-        .enumerate()
-        .filter(|(_, s)| s.lease.is_none() && s.live && s.usage >= 1)
-        .filter_map(|(id, s)| s.owner.filter(Tenant::is_character).map(|t| (id, t)))
-        .collect();
-    let mut saved = 0;
-    for (slot, tenant) in candidates {
-        // A slot that got busy meanwhile is left alone: its owner is
-        // generating and will be dirty again afterwards anyway.
-        let Ok(lease) = app.pool.acquire(Want::Hold(slot), HOLD_WAIT).await else {
-            continue;
-        };
-        let state = app.pool.snapshot()[slot].clone();
-        if state.owner.as_ref() == Some(&tenant) && state.live && state.usage >= 1 {
-            debug!(slot, %tenant, "save-behind");
-            if app
-                .hooks
-                .save(slot, &tenant, SaveKind::Eviction, None)
-                .await
-                .is_some()
-            {
-                app.pool.with_table(|t| t.mark_saved(slot));
-                saved += 1;
-            }
-        }
-        lease.release(Outcome::Untouched);
-    }
-    saved
 }

@@ -431,6 +431,9 @@ impl CacheHooks for Recorder {
             Restore::Skipped
         })
     }
+    fn restore_file<'a>(&'a self, _: SlotId, _: &'a Tenant, _: &'a str) -> BoxFuture<'a, Restore> {
+        Box::pin(async { Restore::Skipped })
+    }
     fn autosave_due(&self, _: u32) -> bool {
         false
     }
