@@ -182,14 +182,15 @@ fn health(app: &App) -> Value {
         .read()
         .unwrap_or_else(|e| e.into_inner())
         .clone();
+    let fp = app.fingerprint();
     json!({
         "status": "ok",
         "upstream": {
             "url": app.upstream.base().to_string(),
             "up": up.up,
             "slots": app.pool.len(),
-            "model": up.fingerprint.as_ref().map(|f| f.model.clone()),
-            "fingerprint": up.fingerprint.as_ref().map(|f| f.id.clone()),
+            "model": fp.as_ref().map(|f| f.model.clone()),
+            "fingerprint": fp.as_ref().map(|f| f.id.clone()),
         },
         "save_dir": app.store.as_ref().map(|s| s.dir().display().to_string()),
     })
@@ -231,12 +232,7 @@ fn slots(app: &App) -> Value {
 }
 
 fn current_fingerprint(app: &App) -> Option<String> {
-    app.upstream_state
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .fingerprint
-        .as_ref()
-        .map(|f| f.id.clone())
+    app.fingerprint().map(|f| f.id)
 }
 
 fn save_json(m: &SaveMeta, fp: Option<&str>) -> Value {

@@ -45,6 +45,9 @@ pub struct Shared {
     pub settings: Settings,
     /// The save directory, when configured.
     pub store: Option<Arc<CacheStore>>,
+    /// The model llama-server serves, once the monitor has seen it: saves are
+    /// stamped with it and only saves under it are restored.
+    pub fingerprint: Arc<RwLock<Option<Fingerprint>>>,
 }
 
 impl Shared {
@@ -56,6 +59,7 @@ impl Shared {
             metrics,
             settings: Arc::new(RwLock::new(settings)),
             store,
+            fingerprint: Arc::default(),
         }
     }
 }
@@ -78,6 +82,7 @@ pub struct App {
     pub store: Option<Arc<CacheStore>>,
     /// Live cache settings.
     pub settings: Settings,
+    fingerprint: Arc<RwLock<Option<Fingerprint>>>,
     /// Counters and histograms.
     pub metrics: Arc<Metrics>,
     /// The live event stream.
@@ -106,8 +111,6 @@ pub struct UpstreamState {
     pub up: bool,
     /// Its slots, as `/slots` reported them.
     pub slots: Vec<SlotInfo>,
-    /// The model's fingerprint.
-    pub fingerprint: Option<Fingerprint>,
 }
 
 #[derive(Debug)]
@@ -147,6 +150,7 @@ impl App {
             hooks,
             store: shared.store,
             settings: shared.settings,
+            fingerprint: shared.fingerprint,
             metrics: shared.metrics,
             events: shared.events,
             clients,
@@ -177,6 +181,23 @@ impl App {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// The model fingerprint in force, once known.
+    pub fn fingerprint(&self) -> Option<Fingerprint> {
+        self.fingerprint
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Records the model llama-server serves.
+    pub fn set_fingerprint(&self, fp: Fingerprint) {
+        let mut cur = self.fingerprint.write().unwrap_or_else(|e| e.into_inner());
+        if cur.as_ref() != Some(&fp) {
+            tracing::info!(model = %fp.model, id = %fp.id, "model fingerprint");
+            *cur = Some(fp);
+        }
     }
 
     /// The tenant's previous prompt fingerprint.

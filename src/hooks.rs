@@ -13,7 +13,7 @@ use std::pin::Pin;
 
 use serde_json::Value;
 
-use crate::cache_store::{Fingerprint, SaveKind};
+use crate::cache_store::SaveKind;
 use crate::identity::Identity;
 use crate::slots::{SlotId, Tenant};
 
@@ -75,9 +75,6 @@ pub trait CacheHooks: Send + Sync + Debug + 'static {
 
     /// Whether a slot with `usage` unsaved messages is due for an autosave.
     fn autosave_due(&self, usage: u32) -> bool;
-
-    /// llama-server's model is (now) this one.
-    fn set_fingerprint(&self, _fingerprint: Fingerprint) {}
 }
 
 /// Hooks that do nothing: kvgate as a pure slot-pinning proxy.

@@ -96,11 +96,7 @@ async fn poll(app: &App, seen: &mut Seen) {
     if first || changed || !seen.fingerprinted {
         seen.fingerprinted = false;
         if let Some(fp) = crate::persist::fetch_fingerprint(&app.upstream, &props).await {
-            app.hooks.set_fingerprint(fp.clone());
-            app.upstream_state
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .fingerprint = Some(fp);
+            app.set_fingerprint(fp);
             seen.fingerprinted = true;
         }
     }

@@ -29,7 +29,7 @@ const TOKENIZE_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Persistence {
     store: Arc<CacheStore>,
     upstream: Upstream,
-    fingerprint: RwLock<Option<Fingerprint>>,
+    fingerprint: Arc<RwLock<Option<Fingerprint>>>,
     settings: Settings,
     events: Arc<Events>,
     metrics: Arc<Metrics>,
@@ -52,7 +52,7 @@ impl Persistence {
         Persistence {
             store,
             upstream,
-            fingerprint: RwLock::new(None),
+            fingerprint: Arc::clone(&shared.fingerprint),
             settings: Arc::clone(&shared.settings),
             events: Arc::clone(&shared.events),
             metrics: Arc::clone(&shared.metrics),
@@ -284,14 +284,6 @@ impl CacheHooks for Persistence {
     fn autosave_due(&self, usage: u32) -> bool {
         let s = self.settings();
         s.autosave && usage >= s.save_every
-    }
-
-    fn set_fingerprint(&self, fingerprint: Fingerprint) {
-        let mut fp = self.fingerprint.write().unwrap_or_else(|e| e.into_inner());
-        if fp.as_ref() != Some(&fingerprint) {
-            info!(model = %fingerprint.model, id = %fingerprint.id, "model fingerprint");
-            *fp = Some(fingerprint);
-        }
     }
 }
 

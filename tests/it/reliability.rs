@@ -96,7 +96,7 @@ async fn setup(
     let kv = Kvgate::serve(kvgate::Gateway::new(cfg).unwrap()).await;
     // Saves need the model fingerprint (first monitor contact).
     let deadline = Instant::now() + Duration::from_secs(5);
-    while kv.app.upstream_state.read().unwrap().fingerprint.is_none() {
+    while kv.app.fingerprint().is_none() {
         assert!(Instant::now() < deadline, "no model fingerprint");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -1395,7 +1395,7 @@ async fn real_llama_server_failed_save_and_death_mid_stream() {
     };
     let kv = Kvgate::serve(kvgate::Gateway::new(cfg).unwrap()).await;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while kv.app.upstream_state.read().unwrap().fingerprint.is_none() {
+    while kv.app.fingerprint().is_none() {
         assert!(Instant::now() < deadline, "no model fingerprint");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
