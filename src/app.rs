@@ -96,7 +96,7 @@ pub struct App {
     /// Running and finished preload jobs.
     pub preloads: Preloads,
     /// Wakes the save-behind task (a generation's first token is out).
-    pub save_behind_kick: Notify,
+    pub save_behind_kick: Arc<Notify>,
     /// Unix seconds of the last eviction (0: none yet).
     last_eviction: std::sync::atomic::AtomicU64,
     /// What the monitor last learned about llama-server.
@@ -157,7 +157,7 @@ impl App {
             tasks: Arc::default(),
             monitor_kick: Notify::new(),
             preloads: Preloads::default(),
-            save_behind_kick: Notify::new(),
+            save_behind_kick: Arc::default(),
             last_eviction: std::sync::atomic::AtomicU64::new(0),
             upstream_state: RwLock::new(UpstreamState::default()),
             memory: Mutex::new(Memory {

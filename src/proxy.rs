@@ -413,13 +413,7 @@ async fn completion(
         Observed::with_idle_timeout(rbody, sse, Some(app.cfg.stream_idle_timeout));
     // Once the first token is out, the prompt is processed: a good moment
     // for background saves of other slots (see `save_behind`).
-    let first = observed.first_byte_signal();
-    let app_kick = Arc::clone(app);
-    tokio::spawn(async move {
-        if first.await.is_ok() {
-            app_kick.save_behind_kick.notify_one();
-        }
-    });
+    observed.notify_on_first_byte(Arc::clone(&app.save_behind_kick));
     add_identity_headers(&mut rparts.headers, slot, &identity, restored.as_deref());
     app.events.emit(
         "generation_started",

@@ -10,14 +10,15 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use serde_json::Value;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 use tokio::time::Sleep;
 
 use crate::body::BoxError;
@@ -41,7 +42,7 @@ pub struct Summary {
     /// `data:` events seen.
     pub events: u64,
     /// When the first byte of the body arrived.
-    pub first_byte: Option<std::time::Instant>,
+    pub first_byte: Option<Instant>,
 }
 
 impl Summary {
@@ -101,7 +102,7 @@ struct Scanner {
 impl Scanner {
     fn feed(&mut self, chunk: &[u8]) {
         if self.summary.first_byte.is_none() && !chunk.is_empty() {
-            self.summary.first_byte = Some(std::time::Instant::now());
+            self.summary.first_byte = Some(Instant::now());
         }
         self.summary.bytes += chunk.len() as u64;
         if !self.sse {
@@ -205,12 +206,15 @@ pin_project! {
         tx: Option<oneshot::Sender<StreamEnd>>,
         // Bound on silence between two frames (None: no bound).
         idle: Option<Duration>,
+        // Armed once; re-armed only when it fires early (a frame came since),
+        // so a streaming reply costs no timer work per event.
         #[pin]
         idle_timer: Option<Sleep>,
+        last_frame: tokio::time::Instant,
         // Set once the relayed body is over (after a closing error event).
         done: bool,
-        // Fired at the first data frame: the prompt is processed.
-        first_tx: Option<oneshot::Sender<()>>,
+        // Notified at the first data frame: the prompt is processed.
+        first_byte_notify: Option<Arc<Notify>>,
     }
 
     impl<B> PinnedDrop for Observed<B> {
@@ -254,19 +258,18 @@ impl<B> Observed<B> {
                 tx: Some(tx),
                 idle,
                 idle_timer: None,
+                last_frame: tokio::time::Instant::now(),
                 done: false,
-                first_tx: None,
+                first_byte_notify: None,
             },
             rx,
         )
     }
 
-    /// A signal that fires when the first data frame passes (for a
+    /// Notifies `notify` once, when the first data frame passes (for a
     /// completion: the prompt is processed and the first token is out).
-    pub fn first_byte_signal(&mut self) -> oneshot::Receiver<()> {
-        let (tx, rx) = oneshot::channel();
-        self.first_tx = Some(tx);
-        rx
+    pub fn notify_on_first_byte(&mut self, notify: Arc<Notify>) {
+        self.first_byte_notify = Some(notify);
     }
 }
 
@@ -301,24 +304,36 @@ where
                 let Some(idle) = *this.idle else {
                     return Poll::Pending;
                 };
-                if this.idle_timer.is_none() {
-                    this.idle_timer.set(Some(tokio::time::sleep(idle)));
+                loop {
+                    let deadline = *this.last_frame + idle;
+                    if this.idle_timer.is_none() {
+                        this.idle_timer
+                            .set(Some(tokio::time::sleep_until(deadline)));
+                    }
+                    let mut timer = this.idle_timer.as_mut().as_pin_mut().expect("set above");
+                    if timer.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        break;
+                    }
+                    // Frames came since the timer was armed: silence starts
+                    // at the last one.
+                    timer.reset(deadline);
                 }
-                let timer = this.idle_timer.as_mut().as_pin_mut().expect("set above");
-                match timer.poll(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(()) => format!(
-                        "llama-server sent nothing for {:.1} s; kvgate ended the stream",
-                        idle.as_secs_f64()
-                    ),
-                }
+                format!(
+                    "llama-server sent nothing for {:.1} s; kvgate ended the stream",
+                    idle.as_secs_f64()
+                )
             }
             Poll::Ready(Some(Ok(frame))) => {
-                this.idle_timer.set(None);
+                if this.idle.is_some() {
+                    *this.last_frame = tokio::time::Instant::now();
+                }
                 if let Some(data) = frame.data_ref() {
                     this.scanner.feed(data);
-                    if let Some(tx) = this.first_tx.take() {
-                        let _ = tx.send(());
+                    if let Some(n) = this.first_byte_notify.take() {
+                        n.notify_one();
                     }
                 }
                 return Poll::Ready(Some(Ok(frame)));
@@ -481,6 +496,51 @@ mod tests {
         let got = obs.collect().await.unwrap().to_bytes();
         assert!(String::from_utf8_lossy(&got).contains("sent nothing for 30.0 s"));
         assert!(matches!(rx.await.unwrap(), StreamEnd::UpstreamError(..)));
+    }
+
+    /// `n` frames, one every `gap`, then the end.
+    struct Trickle {
+        gap: Duration,
+        next: Pin<Box<tokio::time::Sleep>>,
+        left: usize,
+    }
+
+    impl Body for Trickle {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            if self.left == 0 {
+                return Poll::Ready(None);
+            }
+            if self.next.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.left -= 1;
+            let at = tokio::time::Instant::now() + self.gap;
+            self.next.as_mut().reset(at);
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"data: {}\n\n")))))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn frames_keep_a_slow_stream_alive_past_the_idle_timeout() {
+        let gap = Duration::from_secs(20);
+        let body = Trickle {
+            gap,
+            next: Box::pin(tokio::time::sleep(gap)),
+            left: 4,
+        };
+        let (obs, rx) = Observed::with_idle_timeout(body, true, Some(Duration::from_secs(30)));
+        let got = obs.collect().await.unwrap().to_bytes();
+        assert_eq!(
+            &got[..],
+            b"data: {}\n\n".repeat(4).as_slice(),
+            "80 s in all, never 30 s silent"
+        );
+        assert!(matches!(rx.await.unwrap(), StreamEnd::Complete(_)));
     }
 
     #[tokio::test]

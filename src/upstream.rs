@@ -454,6 +454,43 @@ impl Driven {
     }
 }
 
+/// Data received but not handed on yet: the first chunk as is (the common
+/// case: no copy), more chunks appended to one buffer.
+#[derive(Default)]
+struct Gathered {
+    first: Option<Bytes>,
+    more: Option<bytes::BytesMut>,
+}
+
+impl Gathered {
+    fn push(&mut self, d: Bytes) {
+        match (&mut self.more, self.first.take()) {
+            (Some(m), _) => m.extend_from_slice(&d),
+            (None, Some(f)) => {
+                let mut m = bytes::BytesMut::with_capacity(f.len() + d.len() + 4096);
+                m.extend_from_slice(&f);
+                m.extend_from_slice(&d);
+                self.more = Some(m);
+            }
+            (None, None) => self.first = Some(d),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.first.as_ref().map_or(0, Bytes::len) + self.more.as_ref().map_or(0, |m| m.len())
+    }
+
+    /// The data gathered, as one frame, if any.
+    fn take(&mut self) -> Option<hyper::body::Frame<Bytes>> {
+        let data = self
+            .more
+            .take()
+            .map(|m| m.freeze())
+            .or_else(|| self.first.take())?;
+        Some(hyper::body::Frame::data(data))
+    }
+}
+
 impl hyper::body::Body for Driven {
     type Data = Bytes;
     type Error = crate::body::BoxError;
@@ -467,69 +504,33 @@ impl hyper::body::Body for Driven {
         if let Some(s) = this.stash.take() {
             return Poll::Ready(s);
         }
-        let mut acc: Option<bytes::BytesMut> = None;
-        let mut first: Option<Bytes> = None;
-        let out = |first: Option<Bytes>, acc: Option<bytes::BytesMut>| {
-            acc.map(|a| a.freeze())
-                .or(first)
-                .map(|d| Ok(hyper::body::Frame::data(d)))
-        };
-        loop {
+        let mut gathered = Gathered::default();
+        // Gather what is already here, never waiting for more; anything
+        // that is not data (trailers, the end, an error) goes out after it.
+        let next = loop {
             this.poll_conn(cx);
             match std::pin::Pin::new(&mut this.body).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(d) => {
-                        match (&mut acc, &first) {
-                            (Some(a), _) => a.extend_from_slice(&d),
-                            (None, Some(f)) => {
-                                let mut a =
-                                    bytes::BytesMut::with_capacity(f.len() + d.len() + 4096);
-                                a.extend_from_slice(f);
-                                a.extend_from_slice(&d);
-                                acc = Some(a);
-                                first = None;
-                            }
-                            (None, None) => first = Some(d),
-                        }
-                        let len = acc.as_ref().map_or(0, |a| a.len())
-                            + first.as_ref().map_or(0, |f| f.len());
-                        if len >= COALESCE {
-                            return Poll::Ready(out(first, acc));
+                        gathered.push(d);
+                        if gathered.len() >= COALESCE {
+                            break None;
                         }
                     }
-                    Err(frame) => {
-                        let have = acc.is_some() || first.is_some();
-                        if have {
-                            this.stash = Some(Some(Ok(frame)));
-                            return Poll::Ready(out(first, acc));
-                        }
-                        return Poll::Ready(Some(Ok(frame)));
-                    }
+                    Err(frame) => break Some(Some(Ok(frame))),
                 },
-                Poll::Ready(Some(Err(e))) => {
-                    let have = acc.is_some() || first.is_some();
-                    if have {
-                        this.stash = Some(Some(Err(e.into())));
-                        return Poll::Ready(out(first, acc));
-                    }
-                    return Poll::Ready(Some(Err(e.into())));
-                }
-                Poll::Ready(None) => {
-                    let have = acc.is_some() || first.is_some();
-                    if have {
-                        this.stash = Some(None);
-                        return Poll::Ready(out(first, acc));
-                    }
-                    return Poll::Ready(None);
-                }
-                Poll::Pending => {
-                    let have = acc.is_some() || first.is_some();
-                    if have {
-                        return Poll::Ready(out(first, acc));
-                    }
-                    return Poll::Pending;
-                }
+                Poll::Ready(Some(Err(e))) => break Some(Some(Err(e.into()))),
+                Poll::Ready(None) => break Some(None),
+                Poll::Pending => break None,
             }
+        };
+        match (gathered.take(), next) {
+            (Some(data), next) => {
+                this.stash = next;
+                Poll::Ready(Some(Ok(data)))
+            }
+            (None, Some(next)) => Poll::Ready(next),
+            (None, None) => Poll::Pending,
         }
     }
 }
