@@ -136,8 +136,9 @@ async fn slot_action(app: &Arc<App>, req: Request<Incoming>, id: usize) -> Respo
     };
     // The owner's unsaved messages go to disk before its cache is replaced,
     // in a task of its own so a client leaving can't cut the save short.
-    let lease = match detached(app, lease, |app, lease| async move {
-        take_over(&app, &lease).await;
+    let app2 = Arc::clone(app);
+    let lease = match detached(app, async move {
+        take_over(&app2, &lease).await;
         lease
     })
     .await
@@ -181,7 +182,17 @@ async fn slot_action(app: &Arc<App>, req: Request<Incoming>, id: usize) -> Respo
 /// Forwards a request as is and relays the response as it arrives.
 async fn passthrough(app: &Arc<App>, req: Request<Incoming>) -> Response<ProxyBody> {
     let (parts, body) = req.into_parts();
-    match app.upstream.forward(parts, boxed(body)).await {
+    forward_relay(app, parts, boxed(body)).await
+}
+
+/// Forwards `parts` and `body` unchanged and relays the answer, or the
+/// error kvgate gives when llama-server can't be reached.
+async fn forward_relay(
+    app: &App,
+    parts: hyper::http::request::Parts,
+    body: ProxyBody,
+) -> Response<ProxyBody> {
+    match app.upstream.forward(parts, body).await {
         Ok(resp) => relay(resp),
         Err(e) => upstream_failure(app, e).into_response(),
     }
@@ -257,29 +268,20 @@ async fn completion(
     let (mut parts, body) = req.into_parts();
     let raw = read_body(app, &parts.headers, body).await?;
 
-    // A body that is not a JSON object goes through untouched, so the client
-    // sees llama-server's own error.
-    let mut json = match serde_json::from_slice::<Value>(&raw) {
-        Ok(v @ Value::Object(_)) => v,
-        _ => {
-            debug!("completion body is not a JSON object; forwarding untouched");
-            return match app.upstream.forward(parts, full(raw)).await {
-                Ok(resp) => Ok(relay(resp)),
-                Err(e) => Err(upstream_failure(app, e)),
-            };
-        }
+    // A body that is not a JSON object, or whose `id_slot` has the wrong
+    // type, goes through untouched: the client sees llama-server's own
+    // error, and kvgate guesses no slot for it.
+    let bad_id_slot = |v: &Value| {
+        v.get("id_slot")
+            .is_some_and(|s| !s.is_null() && !s.is_i64() && !s.is_u64())
     };
-    // `id_slot` of the wrong type: llama-server rejects it with 400; kvgate
-    // must not guess a slot for it.
-    if json
-        .get("id_slot")
-        .is_some_and(|v| !v.is_null() && !v.is_i64() && !v.is_u64())
-    {
-        return match app.upstream.forward(parts, full(raw)).await {
-            Ok(resp) => Ok(relay(resp)),
-            Err(e) => Err(upstream_failure(app, e)),
-        };
-    }
+    let json = serde_json::from_slice::<Value>(&raw)
+        .ok()
+        .filter(|v| v.is_object() && !bad_id_slot(v));
+    let Some(mut json) = json else {
+        debug!("completion body kvgate can't use; forwarding untouched");
+        return Ok(forward_relay(app, parts, full(raw)).await);
+    };
 
     let explicit = explicit_identity(&parts.headers, &mut json)?;
     let identity = identity::resolve(api, &json, &explicit, &app.policy, |t| {
@@ -306,12 +308,11 @@ async fn completion(
                 // Saves in a task of their own: a client leaving can't cut
                 // them short.
                 let (app2, client2) = (Arc::clone(app), client.to_string());
-                let guard = app.tasks.start();
-                let _ = tokio::spawn(async move {
-                    let _guard = guard;
-                    chat_switch(&app2, &client2, &previous).await;
-                })
-                .await;
+                detached(
+                    app,
+                    async move { chat_switch(&app2, &client2, &previous).await },
+                )
+                .await?;
             }
         }
     }
@@ -361,7 +362,9 @@ async fn completion(
             .and_then(Value::as_str)
             .map(str::to_string);
         let messages = json.get("messages").cloned();
-        let (l, r) = detached(app, lease, move |app, lease| async move {
+        let app2 = Arc::clone(app);
+        let (l, r) = detached(app, async move {
+            let app = app2;
             take_over(&app, &lease).await;
             let mut restored = None;
             if needs_restore {
@@ -521,18 +524,15 @@ async fn finish(
 
 /// Runs `work` in a task of its own, so that the request future being
 /// dropped (the client went away) cannot interrupt a save or a restore half
-/// way; the work hands the lease back when it is done.
-async fn detached<T, F, Fut>(app: &Arc<App>, lease: Lease, work: F) -> Result<T, ApiError>
-where
-    F: FnOnce(Arc<App>, Lease) -> Fut,
-    Fut: std::future::Future<Output = T> + Send + 'static,
-    T: Send + 'static,
-{
+/// way; counted so shutdown waits for it.
+async fn detached<T: Send + 'static>(
+    app: &App,
+    work: impl std::future::Future<Output = T> + Send + 'static,
+) -> Result<T, ApiError> {
     let guard = app.tasks.start();
-    let fut = work(Arc::clone(app), lease);
     tokio::spawn(async move {
         let _guard = guard;
-        fut.await
+        work.await
     })
     .await
     .map_err(|e| ApiError::internal(format!("slot preparation failed: {e}")))

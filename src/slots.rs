@@ -487,30 +487,19 @@ impl SlotTable {
             s.last_used = self.tick;
         }
         let (resident, evicted) = match want {
-            Want::Tenant(t) => {
-                if s.owner.as_ref() == Some(t) {
-                    (s.live, None)
-                } else {
-                    let ev = s.owner.take().map(|tenant| Evicted {
-                        tenant,
-                        usage: s.usage,
-                        live: s.live,
-                    });
-                    s.owner = Some(t.clone());
-                    s.usage = 0;
-                    s.live = false;
-                    (false, ev)
-                }
-            }
+            Want::Tenant(t) if s.owner.as_ref() == Some(t) => (s.live, None),
             Want::Hold(_) => (s.live, None),
-            // A pinned request takes the slot from its owner: report the owner
-            // so unsaved messages can be saved first.
-            Want::Pinned(_) => {
+            // A newcomer, or a client pinning the slot, takes it from its
+            // owner: report the owner so unsaved messages can be saved first.
+            Want::Tenant(_) | Want::Pinned(_) => {
                 let ev = s.owner.take().map(|tenant| Evicted {
                     tenant,
                     usage: s.usage,
                     live: s.live,
                 });
+                if let Want::Tenant(t) = want {
+                    s.owner = Some(t.clone());
+                }
                 s.usage = 0;
                 s.live = false;
                 (false, ev)

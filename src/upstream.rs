@@ -251,19 +251,31 @@ impl Upstream {
             .path_and_query()
             .map(|p| p.as_str())
             .unwrap_or("/");
-        let uri = self.uri_for(pq);
+        let what = format!("{} {}", parts.method, pq);
+        let req = self.outgoing(parts.method, self.uri_for(pq), parts.headers, body);
+        self.send(req, &what).await
+    }
+
+    /// A client's request as kvgate sends it on: hop-by-hop headers go, and
+    /// `Host` names the upstream.
+    fn outgoing(
+        &self,
+        method: Method,
+        uri: Uri,
+        headers: HeaderMap,
+        body: ProxyBody,
+    ) -> Request<ProxyBody> {
         let mut req = Request::new(body);
-        *req.method_mut() = parts.method;
+        *req.method_mut() = method;
         *req.uri_mut() = uri;
-        *req.headers_mut() = parts.headers;
+        *req.headers_mut() = headers;
         strip_hop_by_hop(req.headers_mut());
         if let Some(auth) = self.base.authority() {
             if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
                 req.headers_mut().insert(HOST, v);
             }
         }
-        let what = format!("{} {}", req.method(), pq);
-        self.send(req, &what).await
+        req
     }
 
     async fn send(
@@ -565,20 +577,14 @@ impl Upstream {
             message: m,
             connect,
         };
-        let mut req = Request::new(body);
-        *req.method_mut() = parts.method;
         // Origin-form on a direct connection.
         let prefix = self.base.path().trim_end_matches('/');
-        *req.uri_mut() = format!("{prefix}{pq}")
+        let uri = format!("{prefix}{pq}")
             .parse()
             .map_err(|e: hyper::http::uri::InvalidUri| fail(e.to_string(), true))?;
-        *req.headers_mut() = parts.headers;
-        strip_hop_by_hop(req.headers_mut());
+        let mut req = self.outgoing(parts.method, uri, parts.headers, body);
         req.headers_mut()
             .insert(CONNECTION, HeaderValue::from_static("close"));
-        if let Ok(v) = HeaderValue::from_str(&authority) {
-            req.headers_mut().insert(HOST, v);
-        }
         let fut = async {
             let tcp = tokio::net::TcpStream::connect(authority.as_str())
                 .await
