@@ -135,12 +135,11 @@ impl App {
     pub fn new(
         cfg: Config,
         policy: Policy,
+        upstream: Upstream,
         hooks: Arc<dyn CacheHooks>,
         shared: Shared,
         clients: Option<Clients>,
     ) -> Arc<App> {
-        let upstream = Upstream::new(cfg.upstream.clone(), cfg.upstream_timeout)
-            .with_api_key(cfg.upstream_api_key.clone());
         let pool = Pool::new(0, cfg.max_queue);
         Arc::new(App {
             cfg,

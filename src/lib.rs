@@ -109,9 +109,17 @@ impl Gateway {
     /// are saved and restored there (and live settings persisted there
     /// override the configured ones); without one kvgate only pins slots.
     pub fn new(cfg: Config) -> Result<Gateway, StartError> {
-        // Policy errors first, before anything is opened or logged.
-        Policy::load(&cfg.policy)?;
+        let policy = Policy::load(&cfg.policy)?;
         let clients = load_clients(&cfg)?;
+        Self::assemble(cfg, policy, clients)
+    }
+
+    /// [`Gateway::new`] with the policy and clients file already loaded.
+    fn assemble(
+        cfg: Config,
+        policy: Policy,
+        clients: Option<Clients>,
+    ) -> Result<Gateway, StartError> {
         let mut settings = cfg.cache.clone();
         let store = match &cfg.save_dir {
             Some(dir) => {
@@ -131,17 +139,14 @@ impl Gateway {
             }
         };
         let shared = Shared::new(settings, store.clone());
+        // One client (one connection pool) for everything kvgate sends.
+        let upstream = upstream_client(&cfg);
         let hooks: Arc<dyn CacheHooks> = match store {
-            Some(store) => {
-                let upstream = upstream::Upstream::new(cfg.upstream.clone(), cfg.upstream_timeout)
-                    .with_api_key(cfg.upstream_api_key.clone());
-                Arc::new(Persistence::new(store, upstream, &shared))
-            }
+            Some(store) => Arc::new(Persistence::new(store, upstream.clone(), &shared)),
             None => Arc::new(NoCache),
         };
-        let policy = Policy::load(&cfg.policy)?;
         Ok(Gateway {
-            app: App::new(cfg, policy, hooks, shared, clients),
+            app: App::new(cfg, policy, upstream, hooks, shared, clients),
         })
     }
 
@@ -151,8 +156,9 @@ impl Gateway {
         let policy = Policy::load(&cfg.policy)?;
         let clients = load_clients(&cfg)?;
         let shared = Shared::new(cfg.cache.clone(), None);
+        let upstream = upstream_client(&cfg);
         Ok(Gateway {
-            app: App::new(cfg, policy, hooks, shared, clients),
+            app: App::new(cfg, policy, upstream, hooks, shared, clients),
         })
     }
 
@@ -225,6 +231,11 @@ impl Gateway {
     }
 }
 
+fn upstream_client(cfg: &Config) -> upstream::Upstream {
+    upstream::Upstream::new(cfg.upstream.clone(), cfg.upstream_timeout)
+        .with_api_key(cfg.upstream_api_key.clone())
+}
+
 fn load_clients(cfg: &Config) -> Result<Option<Clients>, StartError> {
     match &cfg.clients {
         Some(path) => {
@@ -244,10 +255,10 @@ pub async fn run(
     mut cfg: Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), StartError> {
-    // Problems with the policy, clients or save directory are reported
-    // before anything is started or bound.
-    Policy::load(&cfg.policy)?;
-    load_clients(&cfg)?;
+    // Problems with the policy or the clients file are reported before
+    // anything is started or bound.
+    let policy = Policy::load(&cfg.policy)?;
+    let clients = load_clients(&cfg)?;
     let supervisor = match cfg.supervised.clone() {
         None => None,
         Some(s) => {
@@ -276,7 +287,7 @@ pub async fn run(
             Some(sup)
         }
     };
-    let result = serve_configured(cfg, shutdown).await;
+    let result = serve_configured(cfg, policy, clients, shutdown).await;
     if let Some(sup) = supervisor {
         sup.stop().await;
     }
@@ -297,10 +308,12 @@ fn default_save_dir() -> std::path::PathBuf {
 
 async fn serve_configured(
     cfg: Config,
+    policy: Policy,
+    clients: Option<Clients>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), StartError> {
     let (listen, admin_listen, upstream) = (cfg.listen, cfg.admin_listen, cfg.upstream.clone());
-    let gw = Gateway::new(cfg)?;
+    let gw = Gateway::assemble(cfg, policy, clients)?;
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr)
             .await

@@ -95,7 +95,7 @@ async fn poll(app: &App, seen: &mut Seen) {
     };
     if first || changed || !seen.fingerprinted {
         seen.fingerprinted = false;
-        if let Some(fp) = crate::persist::fetch_fingerprint(&app.upstream, &props).await {
+        if let Some(fp) = fetch_fingerprint(&app.upstream, &props).await {
             app.set_fingerprint(fp);
             seen.fingerprinted = true;
         }
@@ -172,6 +172,21 @@ fn down(app: &App, seen: &mut Seen, e: &UpstreamError) {
             .up = false;
         seen.up = Some(false);
     }
+}
+
+/// The fingerprint of the model llama-server serves (from `/props` and
+/// `/v1/models`).
+async fn fetch_fingerprint(
+    upstream: &crate::upstream::Upstream,
+    props: &Value,
+) -> Option<crate::cache_store::Fingerprint> {
+    let models = upstream
+        .get_json("/v1/models", Duration::from_secs(5))
+        .await
+        .ok()?;
+    Some(crate::cache_store::Fingerprint::from_upstream(
+        props, &models,
+    ))
 }
 
 /// Logs what kvgate found and warns about settings that defeat it.

@@ -7,7 +7,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use hyper::Method;
-use serde_json::{json, Value};
+use serde_json::json;
 use tracing::{debug, info, warn};
 
 use crate::app::{Settings, Shared};
@@ -285,14 +285,4 @@ impl CacheHooks for Persistence {
         let s = self.settings();
         s.autosave && usage >= s.save_every
     }
-}
-
-/// The fingerprint of the model llama-server serves (from `/props` and
-/// `/v1/models`).
-pub async fn fetch_fingerprint(upstream: &Upstream, props: &Value) -> Option<Fingerprint> {
-    let models = upstream
-        .get_json("/v1/models", Duration::from_secs(5))
-        .await
-        .ok()?;
-    Some(Fingerprint::from_upstream(props, &models))
 }
