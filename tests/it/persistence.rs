@@ -2,14 +2,13 @@
 //! checked saves, restores before the generation, autosave and rotation,
 //! chat switches, failures that must leave nothing behind.
 
-use std::path::Path;
 use std::time::Duration;
 
 use kvgate::cache_store::{SaveKind, SaveMeta, META_SUFFIX, TEMP_PREFIX};
 use serde_json::{json, Value};
 
 use crate::support::fake_llama::FakeLlama;
-use crate::support::kvgate::{post_json, sse_events, Kvgate};
+use crate::support::kvgate::{names_in as names, post_json, saves_in as saves, sse_events, Kvgate};
 
 const ROSTER: [&str; 4] = ["Alice", "Bob", "Carol", "Dave"];
 
@@ -32,43 +31,8 @@ async fn setup(slots: usize, tweak: impl FnOnce(&mut kvgate::config::Config)) ->
         .save_dir(dir.path())
         .build()
         .await;
-    let path = dir.path().to_path_buf();
-    let mut tw = Some(tweak);
-    let gw = {
-        let mut cfg = kvgate::config::Config {
-            upstream: kvgate::config::parse_upstream(&fake.url()).unwrap(),
-            health_interval: Duration::from_millis(100),
-            save_dir: Some(path),
-            ..Default::default()
-        };
-        (tw.take().unwrap())(&mut cfg);
-        kvgate::Gateway::new(cfg).unwrap()
-    };
-    let kv = Kvgate::serve(gw).await;
-    // Wait for the model fingerprint (first monitor contact).
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    let kv = Kvgate::start_saving(&fake.url(), dir.path(), tweak).await;
     Setup { fake, kv, dir }
-}
-
-fn saves(dir: &Path) -> Vec<SaveMeta> {
-    let mut v: Vec<SaveMeta> = std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().ends_with(META_SUFFIX))
-        .map(|e| serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap())
-        .collect();
-    v.sort_by(|a, b| a.created.cmp(&b.created).then(a.file.cmp(&b.file)));
-    v
-}
-
-fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
 }
 
 /// Slot actions llama-server performed (without kvgate's start-up probe,
@@ -87,6 +51,7 @@ async fn say(s: &Setup, speaker: &str, history: &str) -> (u16, hyper::HeaderMap,
         &turn(speaker, history),
     )
     .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     s.kv.wait_idle().await;
     (status, headers, sse_events(&body))
 }
@@ -339,9 +304,18 @@ async fn saves_of_another_model_are_listed_but_never_restored() {
     say(&s, "Alice", "User: a").await;
     assert_eq!(saves(s.dir.path()).len(), 1);
     // llama-server comes back with another model.
+    let before = s.kv.app.fingerprint().expect("fingerprint");
     s.fake.set_model_path("/models/other.gguf");
     s.fake.restart().await;
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // kvgate has noticed: a new fingerprint, and Alice's slot is not live.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while s.kv.app.fingerprint().as_ref() == Some(&before) || s.kv.app.pool.snapshot()[0].live {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "kvgate did not notice the new model"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let (status, h, _) = say(&s, "Alice", "User: a\nBob: b").await;
     assert_eq!(status, 200);
     assert!(
@@ -354,6 +328,9 @@ async fn saves_of_another_model_are_listed_but_never_restored() {
         2,
         "the old save stays, a new one is made under the new model"
     );
+    let v = saves(s.dir.path());
+    assert_eq!(v[0].fingerprint.as_deref(), Some(before.id.as_str()));
+    assert_ne!(v[0].fingerprint, v[1].fingerprint, "{v:?}");
 }
 
 #[tokio::test]

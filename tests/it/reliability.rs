@@ -37,7 +37,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::fake_llama::{self, FakeLlama, FakeLlamaBuilder};
-use crate::support::kvgate::{next_chunk, post_json, send, Kvgate};
+use crate::support::kvgate::{names_in as names, next_chunk, post_json, send, Kvgate};
 
 const ROSTER: [&str; 4] = ["Alice", "Bob", "Carol", "Dave"];
 /// The chat key kvgate infers for [`turn`]'s group.
@@ -85,38 +85,13 @@ async fn setup(
     let fake = fake(FakeLlama::builder().slots(slots).events(3).save_dir(&save))
         .build()
         .await;
-    let mut cfg = kvgate::config::Config {
-        upstream: kvgate::config::parse_upstream(&fake.url()).unwrap(),
-        health_interval: Duration::from_millis(100),
-        queue_timeout: Duration::from_secs(20),
-        save_dir: Some(save.clone()),
-        ..Default::default()
-    };
-    tweak(&mut cfg);
-    let kv = Kvgate::serve(kvgate::Gateway::new(cfg).unwrap()).await;
-    // Saves need the model fingerprint (first monitor contact).
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while kv.app.fingerprint().is_none() {
-        assert!(Instant::now() < deadline, "no model fingerprint");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let kv = Kvgate::start_saving(&fake.url(), &save, tweak).await;
     Setup {
         fake,
         kv,
         save,
         _root: root,
     }
-}
-
-/// Every entry of a directory, sorted.
-fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
 }
 
 /// The complete saves of a directory: `.bin` files with their sidecar.

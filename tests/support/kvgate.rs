@@ -1,6 +1,7 @@
 //! Runs kvgate in-process on port-0 listeners, plus a small HTTP client that
 //! streams response bodies chunk by chunk and reports exact bytes.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,16 +45,38 @@ impl Kvgate {
         hooks: Arc<dyn CacheHooks>,
         tweak: impl FnOnce(&mut Config),
     ) -> Kvgate {
-        let mut cfg = Config {
-            upstream: kvgate::config::parse_upstream(upstream).expect("upstream url"),
-            health_interval: Duration::from_millis(100),
-            queue_timeout: Duration::from_secs(20),
-            shutdown_grace: Duration::from_secs(5),
-            ..Config::default()
-        };
+        let mut cfg = test_config(upstream);
         tweak(&mut cfg);
         let gw = Gateway::with_hooks(cfg, hooks).expect("gateway");
         Self::serve(gw).await
+    }
+
+    /// kvgate with the save directory `dir` in front of `upstream` (the real
+    /// cache layer), `tweak` applied last; waits until it knows the
+    /// upstream's slots and model fingerprint (saves need it).
+    pub async fn start_saving(
+        upstream: &str,
+        dir: &Path,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Kvgate {
+        let mut cfg = test_config(upstream);
+        cfg.save_dir = Some(dir.to_path_buf());
+        tweak(&mut cfg);
+        let kv = Self::serve(Gateway::new(cfg).expect("gateway")).await;
+        kv.wait_fingerprint().await;
+        kv
+    }
+
+    /// Waits until kvgate knows the upstream's model fingerprint.
+    pub async fn wait_fingerprint(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while self.app.fingerprint().is_none() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "kvgate never learned the model fingerprint"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Serves an already built gateway.
@@ -121,6 +144,28 @@ impl Drop for Kvgate {
     }
 }
 
+/// Test-friendly settings: fast upstream polling, bounded waits.
+pub fn test_config(upstream: &str) -> Config {
+    Config {
+        upstream: kvgate::config::parse_upstream(upstream).expect("upstream url"),
+        health_interval: Duration::from_millis(100),
+        queue_timeout: Duration::from_secs(20),
+        shutdown_grace: Duration::from_secs(5),
+        ..Config::default()
+    }
+}
+
+/// Every entry of a directory, sorted.
+pub fn names_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .expect("dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
 /// A fresh (non-pooled) client, so each test controls its connections.
 pub fn client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
     Client::builder(TokioExecutor::new())
@@ -179,9 +224,10 @@ pub fn group_turn(roster: &[&str], speaker: &str, history: &str) -> Value {
     })
 }
 
-/// The metadata of every save in a save directory (read from the sidecars).
-pub fn saves_in(dir: &std::path::Path) -> Vec<kvgate::cache_store::SaveMeta> {
-    std::fs::read_dir(dir)
+/// The metadata of every save in a save directory (read from the
+/// sidecars), oldest first.
+pub fn saves_in(dir: &Path) -> Vec<kvgate::cache_store::SaveMeta> {
+    let mut v: Vec<kvgate::cache_store::SaveMeta> = std::fs::read_dir(dir)
         .expect("save dir")
         .flatten()
         .filter(|e| {
@@ -193,7 +239,9 @@ pub fn saves_in(dir: &std::path::Path) -> Vec<kvgate::cache_store::SaveMeta> {
             serde_json::from_slice(&std::fs::read(e.path()).expect("sidecar"))
                 .expect("sidecar JSON")
         })
-        .collect()
+        .collect();
+    v.sort_by(|a, b| a.created.cmp(&b.created).then(a.file.cmp(&b.file)));
+    v
 }
 
 /// POSTs JSON in a task of its own (for requests that must wait).

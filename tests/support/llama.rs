@@ -327,7 +327,7 @@ impl Drop for LlamaServer {
 }
 
 /// Binds port 0 on 127.0.0.1 and returns the port the OS picked.
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     listener.local_addr().expect("local addr").port()
 }
