@@ -283,13 +283,25 @@ async fn client_disconnect_frees_slot() {
 
     // Also while a non-streaming request waits for its events.
     let body = json!({"prompt": "A", "id_slot": 3}).to_string();
-    let fut = send(&fake, "POST", "/completion", Some(&body));
-    assert!(tokio::time::timeout(Duration::from_millis(100), fut)
-        .await
-        .is_err());
+    let f2 = fake.handle();
+    let waiting = tokio::spawn(async move {
+        let req = Request::builder()
+            .method("POST")
+            .uri(format!("{}/completion", f2.url()))
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        let _ = client().request(req).await;
+    });
+    assert!(
+        fake.wait_for(Duration::from_secs(2), |f| f.slot_is_processing(3))
+            .await,
+        "the request reached the slot"
+    );
+    waiting.abort();
     assert!(
         fake.wait_for(Duration::from_secs(2), |f| !f.slot_is_processing(3))
-            .await
+            .await,
+        "dropping it freed the slot"
     );
 }
 

@@ -1,7 +1,6 @@
 mod admin;
 mod cli;
 mod fake_selftest;
-mod load;
 mod persistence;
 mod proxy;
 mod reliability;

@@ -310,7 +310,7 @@ async fn same_character_is_serialised_different_characters_run_in_parallel() {
         fake.wait_for(Duration::from_secs(5), |f| f.active_requests() == 2)
             .await
     );
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    kv.wait_queued(1).await; // Alice's second request waits in kvgate
     assert_eq!(
         fake.completions().len(),
         2,
@@ -377,16 +377,10 @@ async fn client_disconnect_cancels_upstream_and_frees_the_slot() {
             .await
     );
     let queued = spawn_post(&url, group("Carol"));
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(kv.app.pool.with_table(|t| t.queued()), 1);
+    kv.wait_queued(1).await;
     queued.abort();
     let _ = queued.await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(
-        kv.app.pool.with_table(|t| t.queued()),
-        0,
-        "the abandoned waiter left the queue"
-    );
+    kv.wait_queued(0).await; // the abandoned waiter left the queue
     fake.set_gate(false);
     fake.release_events(100);
     holder.await.unwrap();
@@ -517,12 +511,7 @@ async fn full_table_makes_a_newcomer_wait_for_the_first_free_slot() {
             .await
     );
     let c = spawn("Carol");
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(
-        kv.app.pool.with_table(|t| t.queued()),
-        1,
-        "Carol waits in kvgate"
-    );
+    kv.wait_queued(1).await; // Carol waits in kvgate
     assert_eq!(
         fake.completions().len(),
         2,
@@ -576,7 +565,7 @@ async fn queue_bound_gives_503_json() {
             .await
     );
     let second = spawn_post(&url, group("Bob"));
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    kv.wait_queued(1).await; // Bob fills the queue
     let (status, _, body) = post_json(&url, &[], &group("Carol")).await;
     assert_eq!(status, 503);
     let v: Value = serde_json::from_slice(&body).unwrap();
@@ -707,7 +696,7 @@ async fn client_chosen_id_slot_is_honoured_and_serialised() {
     // kvgate, not inside llama-server.
     let mut pinned = json!({"prompt": "raw prompt", "n_predict": 2, "id_slot": 0});
     let p = spawn_post(&url, pinned.clone());
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    kv.wait_queued(1).await;
     assert_eq!(
         fake.completions().len(),
         1,

@@ -587,15 +587,6 @@ fn spawn_turn(s: &Setup, speaker: &str, history: &str) -> tokio::task::JoinHandl
     })
 }
 
-/// Waits until `n` requests wait for a slot in kvgate.
-async fn wait_queued(kv: &Kvgate, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while kv.app.pool.with_table(|t| t.queued()) != n {
-        assert!(Instant::now() < deadline, "{n} waiters expected");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 /// Waits until llama-server was asked for `action` more than `before` times.
 async fn wait_action(s: &Setup, action: &str, before: usize) {
     assert!(
@@ -636,15 +627,10 @@ async fn client_gone_while_queued_restoring_streaming_or_saving_leaks_nothing() 
             .await
     );
     let carol = spawn_turn(&s, "Carol", "User: a");
-    wait_queued(&s.kv, 1).await;
+    s.kv.wait_queued(1).await;
     carol.abort();
     let _ = carol.await;
-    wait_queued(&s.kv, 0).await;
-    assert_eq!(
-        s.kv.app.pool.with_table(|t| t.queued()),
-        0,
-        "left the queue"
-    );
+    s.kv.wait_queued(0).await; // left the queue
     s.fake.set_gate(false);
     assert_eq!(bob.await.unwrap(), 200);
     s.kv.wait_idle().await;

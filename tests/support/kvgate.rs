@@ -67,6 +67,18 @@ impl Kvgate {
         kv
     }
 
+    /// Waits until exactly `n` requests wait for a slot in kvgate.
+    pub async fn wait_queued(&self, n: usize) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while self.app.pool.with_table(|t| t.queued()) != n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{n} waiters expected"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Waits until kvgate knows the upstream's model fingerprint.
     pub async fn wait_fingerprint(&self) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

@@ -66,8 +66,8 @@ fn request(i: usize, round: usize, pad: &str) -> (String, String, Value) {
 /// Resident set size of this process (kvgate runs in it), from
 /// /proc/self/status.
 ///
-/// The number is noisy: other tests run in the same process at the same
-/// time, and the allocator keeps freed memory. The check is therefore
+/// This test has its own test binary, so no other test allocates in this
+/// process meanwhile; the allocator still keeps freed memory. The check is therefore
 /// coarse, between rounds after a warm-up round: a round retaining what it
 /// handled would add at least 16 MiB per round (its 500 request bodies of
 /// over 32 KiB each; more with their forwarded copies and the streamed
