@@ -4,34 +4,21 @@
 //! next request reuses it (`timings.cache_n` > 0) without a restore.
 
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use kvgate::cache_store::{SaveKind, SaveMeta};
+use kvgate::cache_store::SaveKind;
 use serde_json::{json, Value};
 
-use crate::support::kvgate::{post_json, sse_events, Kvgate};
+use crate::support::kvgate::{saves_in as saves, turn_through, Kvgate};
 use crate::support::llama::{http_json, LlamaOpts, LlamaServer};
 use crate::support::st_chat::GroupChat;
 
-fn saves(dir: &Path) -> Vec<SaveMeta> {
-    crate::support::kvgate::saves_in(dir)
-}
-
-/// One streamed turn through kvgate; headers and the final chunk. A fixed
-/// reply goes into the history so prompts are deterministic.
+/// One turn through kvgate, then wait until kvgate is idle (its autosave
+/// done).
 async fn turn(kv: &Kvgate, chat: &mut GroupChat, speaker: &str) -> (hyper::HeaderMap, Value) {
-    let body = chat.body_for(speaker, true, 4);
-    let (status, headers, bytes) = post_json(&format!("{}/completion", kv.url), &[], &body).await;
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&bytes));
-    let last = sse_events(&bytes).pop().expect("events");
-    assert_eq!(last["stop"], true);
-    chat.push(
-        speaker,
-        &format!("{speaker} answers, turn {}.", chat.history.len()),
-    );
+    let out = turn_through(&kv.url, chat, speaker).await;
     kv.wait_idle().await;
-    (headers, last)
+    out
 }
 
 async fn admin(kv: &Kvgate, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
@@ -44,18 +31,7 @@ async fn start_pair() -> Option<(LlamaServer, Kvgate)> {
         ..LlamaOpts::default()
     })
     .await?;
-    let kv = Kvgate::serve(
-        kvgate::Gateway::new(kvgate::config::Config {
-            upstream: kvgate::config::parse_upstream(&llama.base_url).unwrap(),
-            health_interval: Duration::from_millis(100),
-            save_dir: Some(llama.save_dir.clone()),
-            ..Default::default()
-        })
-        .unwrap(),
-    )
-    .await;
-    // Let the monitor read the model fingerprint.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let kv = Kvgate::start_saving(&llama.base_url, &llama.save_dir, |_| {}).await;
     Some((llama, kv))
 }
 

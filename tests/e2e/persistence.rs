@@ -3,35 +3,14 @@
 //! llama-server is refilled from disk, and SIGTERM to the kvgate binary saves
 //! every slot that has unsaved messages.
 
-use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use kvgate::cache_store::{SaveKind, SaveMeta};
-use serde_json::Value;
 
-use crate::support::kvgate::{post_json, sse_events, Kvgate};
-use crate::support::llama::{LlamaOpts, LlamaServer};
+use crate::support::kvgate::{saves_in, turn_through, Kvgate};
+use crate::support::llama::{free_port, LlamaOpts, LlamaServer};
 use crate::support::st_chat::GroupChat;
-
-fn saves(dir: &Path) -> Vec<SaveMeta> {
-    crate::support::kvgate::saves_in(dir)
-}
-
-/// One streamed turn through kvgate at `url`; returns headers and the final
-/// chunk. A fixed reply goes into the history so prompts are deterministic.
-async fn turn(url: &str, chat: &mut GroupChat, speaker: &str) -> (hyper::HeaderMap, Value) {
-    let body = chat.body_for(speaker, true, 4);
-    let (status, headers, bytes) = post_json(&format!("{url}/completion"), &[], &body).await;
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&bytes));
-    let last = sse_events(&bytes).pop().expect("events");
-    assert_eq!(last["stop"], true);
-    chat.push(
-        speaker,
-        &format!("{speaker} answers, turn {}.", chat.history.len()),
-    );
-    (headers, last)
-}
 
 async fn start_pair(save_every: u32) -> Option<(LlamaServer, Kvgate)> {
     let llama = LlamaServer::start(LlamaOpts {
@@ -39,23 +18,10 @@ async fn start_pair(save_every: u32) -> Option<(LlamaServer, Kvgate)> {
         ..LlamaOpts::default()
     })
     .await?;
-    let save_dir = llama.save_dir.clone();
-    let kv = Kvgate::serve(
-        kvgate::Gateway::new(kvgate::config::Config {
-            upstream: kvgate::config::parse_upstream(&llama.base_url).unwrap(),
-            health_interval: Duration::from_millis(100),
-            save_dir: Some(save_dir),
-            cache: kvgate::config::CacheSettings {
-                save_every,
-                ..Default::default()
-            },
-            ..Default::default()
-        })
-        .unwrap(),
-    )
+    let kv = Kvgate::start_saving(&llama.base_url, &llama.save_dir, |c| {
+        c.cache.save_every = save_every;
+    })
     .await;
-    // Let the monitor read the model fingerprint.
-    tokio::time::sleep(Duration::from_millis(300)).await;
     Some((llama, kv))
 }
 
@@ -67,15 +33,15 @@ async fn evicted_character_comes_back_from_disk_with_cache_reuse() {
     let mut chat = GroupChat::demo(3);
     let names = chat.names();
     let (a, b, c) = (names[0].clone(), names[1].clone(), names[2].clone());
-    turn(&kv.url, &mut chat, &a).await;
-    turn(&kv.url, &mut chat, &b).await;
+    turn_through(&kv.url, &mut chat, &a).await;
+    turn_through(&kv.url, &mut chat, &b).await;
     // The third character evicts the first (least usage, least recent):
     // the first is saved before the slot changes hands.
-    turn(&kv.url, &mut chat, &c).await;
+    turn_through(&kv.url, &mut chat, &c).await;
     kv.wait_idle().await;
     // (The second character may also be saved behind during the third's
     // stream; this test is about the first.)
-    let v: Vec<SaveMeta> = saves(&llama.save_dir)
+    let v: Vec<SaveMeta> = saves_in(&llama.save_dir)
         .into_iter()
         .filter(|m| m.character == a)
         .collect();
@@ -88,7 +54,7 @@ async fn evicted_character_comes_back_from_disk_with_cache_reuse() {
 
     // The first character returns: its save is restored into the slot it
     // gets, and llama-server reuses the restored prefix.
-    let (h, last) = turn(&kv.url, &mut chat, &a).await;
+    let (h, last) = turn_through(&kv.url, &mut chat, &a).await;
     assert_eq!(h["x-kvgate-restored"], v[0].file.as_str());
     let cache_n = last["timings"]["cache_n"].as_u64().unwrap();
     let prompt_n = last["timings"]["prompt_n"].as_u64().unwrap();
@@ -110,9 +76,9 @@ async fn after_llama_server_restarts_the_next_request_restores_from_disk() {
     };
     let mut chat = GroupChat::demo(2);
     let a = chat.names()[0].clone();
-    turn(&kv.url, &mut chat, &a).await; // autosaved (save_every = 1)
+    turn_through(&kv.url, &mut chat, &a).await; // autosaved (save_every = 1)
     kv.wait_idle().await;
-    assert_eq!(saves(&llama.save_dir).len(), 1);
+    assert_eq!(saves_in(&llama.save_dir).len(), 1);
 
     llama.restart().await;
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -123,19 +89,11 @@ async fn after_llama_server_restarts_the_next_request_restores_from_disk() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (h, last) = turn(&kv.url, &mut chat, &a).await;
+    let (h, last) = turn_through(&kv.url, &mut chat, &a).await;
     assert!(h.get("x-kvgate-restored").is_some(), "restored from disk");
     let cache_n = last["timings"]["cache_n"].as_u64().unwrap();
     assert!(cache_n > 500, "cache_n={cache_n}");
     kv.wait_idle().await;
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[tokio::test]
@@ -149,6 +107,9 @@ async fn sigterm_saves_every_slot_with_unsaved_messages() {
         return;
     };
     let (front, admin) = (free_port(), free_port());
+    // kvgate logs at info: to a file, never to a pipe nobody reads.
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("kvgate.log");
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kvgate"))
         .args(["--listen", &format!("127.0.0.1:{front}")])
         .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
@@ -157,7 +118,7 @@ async fn sigterm_saves_every_slot_with_unsaved_messages() {
         .arg(&llama.save_dir)
         .args(["--health-interval", "0.1"])
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
         .kill_on_drop(true)
         .spawn()
         .expect("kvgate binary");
@@ -174,22 +135,27 @@ async fn sigterm_saves_every_slot_with_unsaved_messages() {
                     None,
                 )
                 .await;
+                // Slots known, and the model fingerprint (saves need it).
                 v["upstream"]["slots"].as_u64() == Some(2)
+                    && v["upstream"]["fingerprint"].is_string()
             };
         if ready {
             break;
         }
-        assert!(Instant::now() < deadline, "kvgate did not become ready");
+        assert!(
+            Instant::now() < deadline,
+            "kvgate did not become ready: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
 
     let mut chat = GroupChat::demo(2);
     let names = chat.names();
-    turn(&url, &mut chat, &names[0]).await;
-    turn(&url, &mut chat, &names[1]).await;
+    turn_through(&url, &mut chat, &names[0]).await;
+    turn_through(&url, &mut chat, &names[1]).await;
     assert!(
-        saves(&llama.save_dir).is_empty(),
+        saves_in(&llama.save_dir).is_empty(),
         "nothing saved before shutdown (save_every 5)"
     );
 
@@ -204,7 +170,7 @@ async fn sigterm_saves_every_slot_with_unsaved_messages() {
         .expect("kvgate exits after SIGTERM")
         .unwrap();
     assert!(exit.success(), "exit status {exit:?}");
-    let mut who: Vec<(String, SaveKind)> = saves(&llama.save_dir)
+    let mut who: Vec<(String, SaveKind)> = saves_in(&llama.save_dir)
         .into_iter()
         .map(|m| (m.character, m.kind))
         .collect();
@@ -215,7 +181,7 @@ async fn sigterm_saves_every_slot_with_unsaved_messages() {
         .collect();
     expected.sort();
     assert_eq!(who, expected);
-    for m in saves(&llama.save_dir) {
+    for m in saves_in(&llama.save_dir) {
         let size = std::fs::metadata(llama.save_dir.join(&m.file))
             .unwrap()
             .len();

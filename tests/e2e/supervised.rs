@@ -7,19 +7,11 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use kvgate::cache_store::SaveKind;
 
-use crate::support::kvgate::{post_json, sse_events};
-use crate::support::llama::{http_json, llama_server_bin, tiny_model_path};
+use crate::support::kvgate::{saves_in, turn_through as turn};
+use crate::support::llama::{free_port, http_json, llama_server_bin, tiny_model_path};
 use crate::support::st_chat::GroupChat;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Children of `parent` whose command line mentions llama-server.
 fn llama_children(parent: u32) -> Vec<u32> {
@@ -63,10 +55,14 @@ struct Running {
     child: tokio::process::Child,
     url: String,
     admin: String,
+    /// kvgate's log (with llama-server's lines), shown when it fails.
+    log: std::path::PathBuf,
 }
 
 async fn start_kvgate(bin: &Path, save_dir: &Path) -> Running {
     let (front, admin) = (free_port(), free_port());
+    // The file API lists only cache files, so the log can live beside them.
+    let log = save_dir.join("kvgate.log");
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kvgate"))
         .args(["--listen", &format!("127.0.0.1:{front}")])
         .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
@@ -78,7 +74,7 @@ async fn start_kvgate(bin: &Path, save_dir: &Path) -> Running {
             "--slots",
             "2",
             "--save-every",
-            "1",
+            "2",
             "--health-interval",
             "0.1",
         ])
@@ -87,7 +83,7 @@ async fn start_kvgate(bin: &Path, save_dir: &Path) -> Running {
         .args(["--", "-t", "2", "--no-warmup"])
         .env_remove("LLAMA_SERVER")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
         .kill_on_drop(true)
         .spawn()
         .expect("kvgate binary");
@@ -95,6 +91,7 @@ async fn start_kvgate(bin: &Path, save_dir: &Path) -> Running {
         child,
         url: format!("http://127.0.0.1:{front}"),
         admin: format!("http://127.0.0.1:{admin}"),
+        log,
     };
     wait_healthy(&r, Duration::from_secs(60)).await;
     r
@@ -117,22 +114,11 @@ async fn wait_healthy(r: &Running, limit: Duration) {
         }
         assert!(
             Instant::now() < deadline,
-            "kvgate with its llama-server did not become ready"
+            "kvgate with its llama-server did not become ready: {}",
+            std::fs::read_to_string(&r.log).unwrap_or_default()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-async fn turn(url: &str, chat: &mut GroupChat, speaker: &str) -> (hyper::HeaderMap, Value) {
-    let body = chat.body_for(speaker, true, 4);
-    let (status, headers, bytes) = post_json(&format!("{url}/completion"), &[], &body).await;
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&bytes));
-    let last = sse_events(&bytes).pop().expect("events");
-    chat.push(
-        speaker,
-        &format!("{speaker} answers, turn {}.", chat.history.len()),
-    );
-    (headers, last)
 }
 
 #[tokio::test]
@@ -148,10 +134,12 @@ async fn kvgate_runs_restarts_and_stops_its_llama_server() {
 
     let mut chat = GroupChat::demo(2);
     let alice = chat.names()[0].clone();
-    turn(&kv.url, &mut chat, &alice).await; // autosaved (--save-every 1)
-                                            // The autosave runs after the stream has ended: wait for its file.
+    // Two messages: the second is autosaved (--save-every 2), after the
+    // stream has ended: wait for its file.
+    turn(&kv.url, &mut chat, &alice).await;
+    turn(&kv.url, &mut chat, &alice).await;
     let deadline = Instant::now() + Duration::from_secs(20);
-    while crate::support::kvgate::saves_in(dir.path()).is_empty() {
+    while saves_in(dir.path()).is_empty() {
         assert!(Instant::now() < deadline, "no autosave appeared");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -197,8 +185,16 @@ async fn kvgate_runs_restarts_and_stops_its_llama_server() {
     );
     assert!(last["timings"]["cache_n"].as_u64().unwrap() > 500, "{last}");
 
-    // SIGTERM: kvgate saves, stops llama-server and exits 0; nothing is left.
+    // SIGTERM: kvgate saves the unsaved message, stops llama-server and
+    // exits 0; nothing is left.
+    assert!(
+        saves_in(dir.path())
+            .iter()
+            .all(|m| m.kind != SaveKind::Shutdown),
+        "no shutdown save yet"
+    );
     let second = llama_children(kv_pid);
+    assert_eq!(second.len(), 1, "one llama-server child: {second:?}");
     assert!(std::process::Command::new("kill")
         .args(["-TERM", &kv_pid.to_string()])
         .status()
@@ -209,6 +205,12 @@ async fn kvgate_runs_restarts_and_stops_its_llama_server() {
         .expect("kvgate exits")
         .unwrap();
     assert!(status.success(), "{status:?}");
+    assert!(
+        saves_in(dir.path())
+            .iter()
+            .any(|m| m.kind == SaveKind::Shutdown && m.character == alice),
+        "the message after the restart was saved at shutdown"
+    );
     for pid in second {
         assert!(
             !alive(pid),

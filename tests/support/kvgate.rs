@@ -256,6 +256,24 @@ pub fn saves_in(dir: &Path) -> Vec<kvgate::cache_store::SaveMeta> {
     v
 }
 
+/// One streamed SillyTavern turn of `speaker` through kvgate at `url`:
+/// asserts a complete answer, appends a fixed reply to the history (so
+/// prompts stay deterministic) and returns the headers and the final chunk.
+pub async fn turn_through(
+    url: &str,
+    chat: &mut super::st_chat::GroupChat,
+    speaker: &str,
+) -> (hyper::HeaderMap, Value) {
+    let body = chat.body_for(speaker, true, 4);
+    let (status, headers, bytes) = post_json(&format!("{url}/completion"), &[], &body).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&bytes));
+    let last = sse_events(&bytes).pop().expect("events");
+    assert_eq!(last["stop"], true, "{last}");
+    let n = chat.history.len();
+    chat.push(speaker, &format!("{speaker} answers, turn {n}."));
+    (headers, last)
+}
+
 /// POSTs JSON in a task of its own (for requests that must wait).
 pub fn spawn_post(url: &str, body: Value) -> JoinHandle<(u16, hyper::HeaderMap, Bytes)> {
     let url = url.to_string();
