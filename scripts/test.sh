@@ -23,6 +23,11 @@ set +e
 cargo test --locked --no-fail-fast --lib --bins --tests -- --test-threads 4 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
+if [[ "$status" -ne 0 ]]; then
+  echo "test.sh: cargo test exited $status (a failing test, or a test binary that crashed or did not build)" >&2
+fi
+# Skipped end-to-end tests say SKIP (only possible outside CI).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
-     END { printf "total: %d passed, %d failed\n", p, f }' "$log"
+     /^SKIP:/ { s += 1 }
+     END { printf "total: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
 exit "$status"
