@@ -40,9 +40,9 @@ pub const TEMP_PREFIX: &str = ".kvgate-tmp-";
 /// Sidecar suffix replacing `.bin`.
 pub const META_SUFFIX: &str = ".meta.json";
 /// Longest normalised chat or character part, in bytes.
-const MAX_NAME_BYTES: usize = 60;
+pub const MAX_NAME_BYTES: usize = 60;
 /// Longest normalised tag part, in bytes.
-const MAX_TAG_BYTES: usize = 36;
+pub const MAX_TAG_BYTES: usize = 36;
 /// Token lists of saves kept in memory for restore decisions.
 const TOKEN_CACHE: usize = 256;
 

@@ -8,14 +8,13 @@
 
 use kvgate::cache_store::{
     file_name, is_cache_file_name, normalize, parse_name, parse_stamp, utc_stamp, ParsedName,
+    MAX_NAME_BYTES, MAX_TAG_BYTES,
 };
+use kvgate_fuzz::ambiguous;
 use libfuzzer_sys::fuzz_target;
 
 /// 10000-01-01T00:00:00Z: stamps have four-digit years.
 const MAX_UNIX: u64 = 253_402_300_800;
-/// The byte budgets `file_name` uses (src/cache_store.rs).
-const NAME_BYTES: usize = 60;
-const TAG_BYTES: usize = 36;
 
 fn check_normalize(s: &str, max: usize) -> String {
     let n = normalize(s, max);
@@ -28,28 +27,6 @@ fn check_normalize(s: &str, max: usize) -> String {
     );
     assert_eq!(normalize(&n, max), n, "normalize is idempotent");
     n
-}
-
-/// Whether normalised parts hold something `parse_name` anchors on: a
-/// `_YYYYMMDDHHmmss_`-like run in the character or the tag (counting the
-/// separators around them), or, in a tagged name, `_character_` in the
-/// character. Such names do not round-trip (parse_name takes the rightmost
-/// anchor, and splits tag from character at the last `_character_`): a
-/// known limitation, harmless while kvgate's own saves carry sidecars, since
-/// only sidecar-less files are named by parsing. Everything else must
-/// round-trip exactly.
-fn ambiguous(character: &str, tag: Option<&str>) -> bool {
-    let stamp_like = |part: &str| {
-        let b = format!("_{part}_").into_bytes();
-        (0..b.len()).any(|i| {
-            i + 15 < b.len()
-                && b[i] == b'_'
-                && b[i + 1..i + 15].iter().all(u8::is_ascii_digit)
-                && b[i + 15] == b'_'
-        })
-    };
-    stamp_like(character)
-        || tag.is_some_and(|t| stamp_like(t) || format!("_{character}_").contains("_character_"))
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -89,9 +66,9 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(stamp.len(), 14, "{unix}");
     assert_eq!(parse_stamp(&stamp), Some(unix), "stamp round trip");
 
-    let n_chat = check_normalize(&chat, NAME_BYTES);
-    let n_char = check_normalize(&character, NAME_BYTES);
-    let n_tag = tag.as_deref().map(|t| check_normalize(t, TAG_BYTES));
+    let n_chat = check_normalize(&chat, MAX_NAME_BYTES);
+    let n_char = check_normalize(&character, MAX_NAME_BYTES);
+    let n_tag = tag.as_deref().map(|t| check_normalize(t, MAX_TAG_BYTES));
     // Any budget that fits the `-` + 8 hex digits suffix (kvgate uses 60
     // and 36; below 9 bytes the suffix alone overflows the budget).
     let _ = check_normalize(&whole, (data.len() % 72) + 9);

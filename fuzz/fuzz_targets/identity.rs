@@ -9,10 +9,13 @@
 //! the fuzzer can work on prompts and stop strings directly.
 #![no_main]
 
-use kvgate::cache_store::{file_name, is_cache_file_name, normalize, parse_name};
+use kvgate::cache_store::{
+    file_name, is_cache_file_name, normalize, parse_name, utc_stamp, MAX_NAME_BYTES,
+};
 use kvgate::identity::{resolve, Api, Explicit, Kind};
 use kvgate::policy::Policy;
 use kvgate::slots::Tenant;
+use kvgate_fuzz::ambiguous;
 use libfuzzer_sys::fuzz_target;
 use serde_json::{json, Value};
 use std::sync::OnceLock;
@@ -25,22 +28,6 @@ fn policies() -> &'static [Policy; 2] {
             Policy::load("generic").expect("built-in policy"),
         ]
     })
-}
-
-/// Same as in cache_names.rs: names whose parts hold what `parse_name`
-/// anchors on do not round-trip (a known limitation).
-fn ambiguous(character: &str, tag: Option<&str>) -> bool {
-    let stamp_like = |part: &str| {
-        let b = format!("_{part}_").into_bytes();
-        (0..b.len()).any(|i| {
-            i + 15 < b.len()
-                && b[i] == b'_'
-                && b[i + 1..i + 15].iter().all(u8::is_ascii_digit)
-                && b[i + 15] == b'_'
-        })
-    };
-    stamp_like(character)
-        || tag.is_some_and(|t| stamp_like(t) || format!("_{character}_").contains("_character_"))
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -93,11 +80,10 @@ fuzz_target!(|data: &[u8]| {
                 assert!(is_cache_file_name(&f), "{f:?} is not a cache file name");
                 assert!(f.len() <= 255, "{f:?} too long for a file system");
                 // (Names whose character part holds what parse_name anchors
-                // on do not round-trip: a known limitation, see
-                // fuzz_targets/cache_names.rs.)
-                if !ambiguous(&normalize(name, 60), tag) {
+                // on do not round-trip: a known limitation, see fuzz/src/lib.rs.)
+                if !ambiguous(&normalize(name, MAX_NAME_BYTES), tag) {
                     let p = parse_name(&f).expect("kvgate's own names parse");
-                    assert_eq!(p.stamp, "20231114221320");
+                    assert_eq!(p.stamp, utc_stamp(unix));
                 }
             }
         }
