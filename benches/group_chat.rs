@@ -216,9 +216,12 @@ async fn replay(way: Way, script: &[Turn], restart_at: usize) -> Option<Outcome>
             llama.restart().await;
             if let Some((_, app, _)) = &gateway {
                 // kvgate notices within a poll or two.
-                let deadline = Instant::now() + Duration::from_secs(10);
-                while app.pool.snapshot().iter().any(|s| s.live) && Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                let noticed = wait_until("kvgate to notice the restart", || {
+                    !app.pool.snapshot().iter().any(|s| s.live)
+                })
+                .await;
+                if !noticed {
+                    eprintln!("  warning: the turn after the restart may not measure a cold start");
                 }
             }
         }
@@ -283,12 +286,27 @@ async fn start_kvgate(cfg: kvgate::config::Config) -> Running {
     tokio::spawn(gw.serve(front, admin, async {
         let _ = rx.await;
     }));
-    while app.pool.is_empty() {
+    // Saves are keyed by the model fingerprint: wait for the monitor to read
+    // it, or the first turns would run without autosave.
+    let ready = wait_until("kvgate to read the model", || {
+        !app.pool.is_empty() && app.fingerprint().is_some()
+    })
+    .await;
+    assert!(ready, "kvgate never saw llama-server's model");
+    (url, app, tx)
+}
+
+/// Polls `done` for up to ten seconds; says on stderr when it gave up.
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        if Instant::now() >= deadline {
+            eprintln!("  gave up waiting for {what}");
+            return false;
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Let the monitor read the model fingerprint before the first save.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    (url, app, tx)
+    true
 }
 
 fn model_path() -> std::path::PathBuf {
