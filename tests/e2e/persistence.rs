@@ -3,13 +3,13 @@
 //! llama-server is refilled from disk, and SIGTERM to the kvgate binary saves
 //! every slot that has unsaved messages.
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use kvgate::cache_store::{SaveKind, SaveMeta};
 
 use crate::support::kvgate::{saves_in, turn_through, Kvgate};
-use crate::support::llama::{free_port, LlamaOpts, LlamaServer};
+use crate::support::kvgate_bin::KvgateBin;
+use crate::support::llama::{LlamaOpts, LlamaServer};
 use crate::support::st_chat::GroupChat;
 
 async fn start_pair(save_every: u32) -> Option<(LlamaServer, Kvgate)> {
@@ -106,49 +106,19 @@ async fn sigterm_saves_every_slot_with_unsaved_messages() {
     else {
         return;
     };
-    let (front, admin) = (free_port(), free_port());
-    // kvgate logs at info: to a file, never to a pipe nobody reads.
+    let (upstream, dir) = (&llama.base_url, llama.save_dir.display().to_string());
+    let args = [
+        "--upstream",
+        upstream,
+        "--save-dir",
+        &dir,
+        "--health-interval",
+        "0.1",
+    ];
     let logs = tempfile::tempdir().unwrap();
-    let log = logs.path().join("kvgate.log");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kvgate"))
-        .args(["--listen", &format!("127.0.0.1:{front}")])
-        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
-        .args(["--upstream", &llama.base_url])
-        .arg("--save-dir")
-        .arg(&llama.save_dir)
-        .args(["--health-interval", "0.1"])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("kvgate binary");
-    let url = format!("http://127.0.0.1:{front}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let ready = tokio::net::TcpStream::connect(("127.0.0.1", admin))
-            .await
-            .is_ok()
-            && {
-                let (_, v) = crate::support::llama::http_json(
-                    "GET",
-                    &format!("http://127.0.0.1:{admin}/health"),
-                    None,
-                )
-                .await;
-                // Slots known, and the model fingerprint (saves need it).
-                v["upstream"]["slots"].as_u64() == Some(2)
-                    && v["upstream"]["fingerprint"].is_string()
-            };
-        if ready {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "kvgate did not become ready: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let ready = Duration::from_secs(20);
+    let mut kv = KvgateBin::start(args, logs.path().join("kvgate.log"), 2, ready).await;
+    let url = kv.url.clone();
 
     let mut chat = GroupChat::demo(2);
     let names = chat.names();
@@ -159,13 +129,13 @@ async fn sigterm_saves_every_slot_with_unsaved_messages() {
         "nothing saved before shutdown (save_every 5)"
     );
 
-    let pid = child.id().expect("pid").to_string();
+    let pid = kv.child.id().expect("pid").to_string();
     let status = std::process::Command::new("kill")
         .args(["-TERM", &pid])
         .status()
         .unwrap();
     assert!(status.success());
-    let exit = tokio::time::timeout(Duration::from_secs(30), child.wait())
+    let exit = tokio::time::timeout(Duration::from_secs(30), kv.child.wait())
         .await
         .expect("kvgate exits after SIGTERM")
         .unwrap();

@@ -4,13 +4,13 @@
 //! not even when kvgate itself is killed with SIGKILL.
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use kvgate::cache_store::SaveKind;
 
 use crate::support::kvgate::{saves_in, turn_through as turn};
-use crate::support::llama::{free_port, http_json, llama_server_bin, tiny_model_path};
+use crate::support::kvgate_bin::KvgateBin;
+use crate::support::llama::{http_json, llama_server_bin, tiny_model_path};
 use crate::support::st_chat::GroupChat;
 
 /// Children of `parent` whose command line mentions llama-server.
@@ -51,74 +51,36 @@ fn alive(pid: u32) -> bool {
         .is_some_and(|zombie| !zombie)
 }
 
-struct Running {
-    child: tokio::process::Child,
-    url: String,
-    admin: String,
-    /// kvgate's log (with llama-server's lines), shown when it fails.
-    log: std::path::PathBuf,
-}
+/// Waits long enough for llama-server to load the model.
+const READY: Duration = Duration::from_secs(60);
 
-async fn start_kvgate(bin: &Path, save_dir: &Path) -> Running {
-    let (front, admin) = (free_port(), free_port());
+/// kvgate running the pinned llama-server itself, with two slots.
+async fn start_kvgate(bin: &Path, save_dir: &Path) -> KvgateBin {
+    let (model, bin, dir) = (
+        tiny_model_path().display().to_string(),
+        bin.display().to_string(),
+        save_dir.display().to_string(),
+    );
+    let args = [
+        "--model",
+        &model,
+        "--llama-server",
+        &bin,
+        "--save-dir",
+        &dir,
+        "--slots",
+        "2",
+        "--save-every",
+        "2",
+        "--health-interval",
+        "0.1",
+        "--",
+        "-t",
+        "2",
+        "--no-warmup",
+    ];
     // The file API lists only cache files, so the log can live beside them.
-    let log = save_dir.join("kvgate.log");
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kvgate"))
-        .args(["--listen", &format!("127.0.0.1:{front}")])
-        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
-        .arg("--model")
-        .arg(tiny_model_path())
-        .arg("--llama-server")
-        .arg(bin)
-        .args([
-            "--slots",
-            "2",
-            "--save-every",
-            "2",
-            "--health-interval",
-            "0.1",
-        ])
-        .arg("--save-dir")
-        .arg(save_dir)
-        .args(["--", "-t", "2", "--no-warmup"])
-        .env_remove("LLAMA_SERVER")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("kvgate binary");
-    let r = Running {
-        child,
-        url: format!("http://127.0.0.1:{front}"),
-        admin: format!("http://127.0.0.1:{admin}"),
-        log,
-    };
-    wait_healthy(&r, Duration::from_secs(60)).await;
-    r
-}
-
-async fn wait_healthy(r: &Running, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    loop {
-        if tokio::net::TcpStream::connect(r.admin.trim_start_matches("http://"))
-            .await
-            .is_ok()
-        {
-            let (_, v) = http_json("GET", &format!("{}/health", r.admin), None).await;
-            if v["upstream"]["up"] == true
-                && v["upstream"]["slots"].as_u64() == Some(2)
-                && v["upstream"]["fingerprint"].is_string()
-            {
-                return;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "kvgate with its llama-server did not become ready: {}",
-            std::fs::read_to_string(&r.log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    KvgateBin::start(args, save_dir.join("kvgate.log"), 2, READY).await
 }
 
 #[tokio::test]
@@ -159,7 +121,7 @@ async fn kvgate_runs_restarts_and_stops_its_llama_server() {
         assert!(Instant::now() < deadline, "llama-server was not restarted");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    wait_healthy(&kv, Duration::from_secs(60)).await;
+    kv.wait_ready(2, READY).await;
     // The monitor has noticed the outage once the slots are no longer live.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

@@ -38,6 +38,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::fake_llama::{self, FakeLlama, FakeLlamaBuilder};
 use crate::support::kvgate::{names_in as names, next_chunk, post_json, send, Kvgate};
+use crate::support::kvgate_bin::KvgateBin;
 
 const ROSTER: [&str; 4] = ["Alice", "Bob", "Carol", "Dave"];
 /// The chat key kvgate infers for [`turn`]'s group.
@@ -728,86 +729,6 @@ async fn client_gone_during_an_evict_save_loses_nothing() {
 // SIGKILL in the middle of a save
 // ---------------------------------------------------------------------------
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The kvgate binary as a child process.
-struct Child {
-    child: tokio::process::Child,
-    front: String,
-    admin: String,
-    log: PathBuf,
-}
-
-impl Child {
-    async fn start(upstream: &str, save_dir: &Path, log: PathBuf, extra: &[&str]) -> Child {
-        let (front, admin) = (
-            format!("127.0.0.1:{}", free_port()),
-            format!("127.0.0.1:{}", free_port()),
-        );
-        let err = std::fs::File::create(&log).unwrap();
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kvgate"))
-            .args([
-                "--upstream",
-                upstream,
-                "--listen",
-                &front,
-                "--admin-listen",
-                &admin,
-            ])
-            .arg("--save-dir")
-            .arg(save_dir)
-            .args(["--health-interval", "0.1", "--log", "info"])
-            .args(extra)
-            .env_remove("KV_SAVE_DIR")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(err)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start kvgate");
-        let c = Child {
-            child,
-            front: format!("http://{front}"),
-            admin: format!("http://{admin}"),
-            log,
-        };
-        // Ready: the admin port answers and the model fingerprint is known.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let ok = match crate::support::kvgate::client()
-                .get(format!("{}/health", c.admin).parse().unwrap())
-                .await
-            {
-                Ok(r) => {
-                    let b = r.into_body().collect().await.unwrap().to_bytes();
-                    serde_json::from_slice::<Value>(&b)
-                        .is_ok_and(|v| v["upstream"]["fingerprint"].is_string())
-                }
-                Err(_) => false,
-            };
-            if ok {
-                return c;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "kvgate did not come up:\n{}",
-                c.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
 #[tokio::test]
 async fn sigkill_during_a_save_leaves_only_complete_files_and_the_index_rebuilds() {
     let root = tempfile::tempdir().unwrap();
@@ -819,14 +740,17 @@ async fn sigkill_during_a_save_leaves_only_complete_files_and_the_index_rebuilds
         .save_dir(&dir)
         .build()
         .await;
-    let mut kv = Child::start(
-        &fake.url(),
-        &dir,
-        root.path().join("kvgate-1.log"),
-        &["--save-every", "1"],
-    )
-    .await;
-    let url = format!("{}/completion", kv.front);
+    let args = |extra: &[&str]| {
+        let mut a = vec!["--upstream".to_string(), fake.url()];
+        a.extend(["--save-dir".into(), dir.display().to_string()]);
+        a.extend(["--health-interval", "0.1", "--log", "info"].map(String::from));
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let ready = Duration::from_secs(20);
+    let log = |n: u32| root.path().join(format!("kvgate-{n}.log"));
+    let mut kv = KvgateBin::start(args(&["--save-every", "1"]), log(1), 1, ready).await;
+    let url = format!("{}/completion", kv.url);
     // Two complete autosaves.
     let mut history = String::from("User: a");
     for n in 1..=2 {
@@ -885,7 +809,7 @@ async fn sigkill_during_a_save_leaves_only_complete_files_and_the_index_rebuilds
     std::fs::write(dir.join(format!("{TEMP_PREFIX}x{META_SUFFIX}")), b"{\"fi").unwrap();
 
     // Started again on the same directory.
-    let kv2 = Child::start(&fake.url(), &dir, root.path().join("kvgate-2.log"), &[]).await;
+    let kv2 = KvgateBin::start(args(&[]), log(2), 1, ready).await;
     let left = names(&dir);
     assert!(
         !left.iter().any(|n| n.starts_with(TEMP_PREFIX)),
@@ -918,7 +842,7 @@ async fn sigkill_during_a_save_leaves_only_complete_files_and_the_index_rebuilds
     );
     // And the rebuilt index is used: Alice is restored from the newest save.
     let (status, h, _) = post_json(
-        &format!("{}/completion", kv2.front),
+        &format!("{}/completion", kv2.url),
         &[],
         &turn("Alice", &history),
     )

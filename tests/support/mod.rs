@@ -2,5 +2,6 @@
 #![allow(dead_code)]
 pub mod fake_llama;
 pub mod kvgate;
+pub mod kvgate_bin;
 pub mod llama;
 pub mod st_chat;
