@@ -289,7 +289,7 @@ async fn start_kvgate(cfg: kvgate::config::Config) -> Running {
     // Saves are keyed by the model fingerprint: wait for the monitor to read
     // it, or the first turns would run without autosave.
     let ready = wait_until("kvgate to read the model", || {
-        !app.pool.is_empty() && app.fingerprint().is_some()
+        !app.pool.is_empty() && app.fingerprint.get().is_some()
     })
     .await;
     assert!(ready, "kvgate never saw llama-server's model");

@@ -96,7 +96,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<ProxyBody
                     .ok_or_else(|| ApiError::not_found(format!("no preload job {id}")))
             })
             .map(|p| json_ok(&serde_json::to_value(p).unwrap_or(Value::Null))),
-        (&Method::GET, ["settings"]) => Ok(json_ok(&settings_json(&app.settings()))),
+        (&Method::GET, ["settings"]) => Ok(json_ok(&settings_json(&app.settings.get()))),
         (&Method::PUT, ["settings"]) => match read_json(req).await {
             Ok(b) => put_settings(&app, &b),
             Err(e) => Err(e),
@@ -177,12 +177,8 @@ fn store(app: &App) -> Result<&Arc<cache_store::CacheStore>, ApiError> {
 // === health, slots, saves ===
 
 fn health(app: &App) -> Value {
-    let up = app
-        .upstream_state
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
-    let fp = app.fingerprint();
+    let up = app.upstream_state.get();
+    let fp = app.fingerprint.get();
     json!({
         "status": "ok",
         "upstream": {
@@ -197,12 +193,7 @@ fn health(app: &App) -> Value {
 }
 
 fn slots(app: &App) -> Value {
-    let upstream = app
-        .upstream_state
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .slots
-        .clone();
+    let upstream = app.upstream_state.get().slots;
     let list: Vec<Value> = app
         .pool
         .snapshot()
@@ -232,7 +223,7 @@ fn slots(app: &App) -> Value {
 }
 
 fn current_fingerprint(app: &App) -> Option<String> {
-    app.fingerprint().map(|f| f.id)
+    app.fingerprint.get().map(|f| f.id)
 }
 
 fn save_json(m: &SaveMeta, fp: Option<&str>) -> Value {
@@ -671,13 +662,13 @@ fn put_settings(app: &App, body: &Value) -> Answer {
     let obj = body
         .as_object()
         .ok_or_else(|| ApiError::bad_request("settings must be a JSON object"))?;
-    let mut next = app.settings();
+    let mut next = app.settings.get();
     apply_settings(&mut next, obj).map_err(ApiError::bad_request)?;
     if let Some(store) = &app.store {
         persist_settings(store.dir(), &next)
             .map_err(|e| ApiError::internal(format!("cannot persist the settings: {e}")))?;
     }
-    *app.settings.write().unwrap_or_else(|e| e.into_inner()) = next.clone();
+    app.settings.replace(next.clone());
     info!(settings = %settings_json(&next), "settings changed");
     Ok(json_ok(&settings_json(&next)))
 }

@@ -30,9 +30,36 @@ const PROMPTS_KEPT: usize = 64;
 /// Longest prompt kept for preloads (bytes).
 const PROMPT_KEPT_MAX: usize = 4 << 20;
 
+/// A value read often and replaced whole now and then, shared by the
+/// handlers and the cache hooks: the live settings, the model fingerprint.
+/// Readers get a copy, so no lock outlives the call. Writers replace the
+/// value whole, so a lock poisoned by a panic still holds a whole value and
+/// is used as is.
+#[derive(Debug, Default)]
+pub struct Live<T>(RwLock<T>);
+
+impl<T: Clone> Live<T> {
+    pub fn new(value: T) -> Live<T> {
+        Live(RwLock::new(value))
+    }
+
+    /// A copy of the current value.
+    pub fn get(&self) -> T {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Puts `value` in place; returns the value it replaced.
+    pub fn replace(&self, value: T) -> T {
+        std::mem::replace(
+            &mut *self.0.write().unwrap_or_else(|e| e.into_inner()),
+            value,
+        )
+    }
+}
+
 /// Settings shared between the admin port (which changes them) and the
 /// proxy and cache layer (which read them).
-pub type Settings = Arc<RwLock<CacheSettings>>;
+pub type Settings = Arc<Live<CacheSettings>>;
 
 /// The pieces built before the [`App`] and shared with the cache hooks.
 #[derive(Debug, Clone)]
@@ -47,7 +74,7 @@ pub struct Shared {
     pub store: Option<Arc<CacheStore>>,
     /// The model llama-server serves, once the monitor has seen it: saves are
     /// stamped with it and only saves under it are restored.
-    pub fingerprint: Arc<RwLock<Option<Fingerprint>>>,
+    pub fingerprint: Arc<Live<Option<Fingerprint>>>,
 }
 
 impl Shared {
@@ -57,7 +84,7 @@ impl Shared {
         Shared {
             events: Arc::new(Events::new(Arc::clone(&metrics))),
             metrics,
-            settings: Arc::new(RwLock::new(settings)),
+            settings: Arc::new(Live::new(settings)),
             store,
             fingerprint: Arc::default(),
         }
@@ -82,7 +109,8 @@ pub struct App {
     pub store: Option<Arc<CacheStore>>,
     /// Live cache settings.
     pub settings: Settings,
-    fingerprint: Arc<RwLock<Option<Fingerprint>>>,
+    /// The model llama-server serves, once known (see [`Shared`]).
+    pub fingerprint: Arc<Live<Option<Fingerprint>>>,
     /// Counters and histograms.
     pub metrics: Arc<Metrics>,
     /// The live event stream.
@@ -100,7 +128,7 @@ pub struct App {
     /// Unix seconds of the last eviction (0: none yet).
     last_eviction: std::sync::atomic::AtomicU64,
     /// What the monitor last learned about llama-server.
-    pub upstream_state: RwLock<UpstreamState>,
+    pub upstream_state: Live<UpstreamState>,
     memory: Mutex<Memory>,
 }
 
@@ -158,7 +186,7 @@ impl App {
             preloads: Preloads::default(),
             save_behind_kick: Arc::default(),
             last_eviction: std::sync::atomic::AtomicU64::new(0),
-            upstream_state: RwLock::new(UpstreamState::default()),
+            upstream_state: Live::default(),
             memory: Mutex::new(Memory {
                 prompt_hashes: lru(MEMORY),
                 prompts: lru(PROMPTS_KEPT),
@@ -174,28 +202,11 @@ impl App {
         self.memory.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Current cache settings.
-    pub fn settings(&self) -> CacheSettings {
-        self.settings
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    /// The model fingerprint in force, once known.
-    pub fn fingerprint(&self) -> Option<Fingerprint> {
-        self.fingerprint
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
     /// Records the model llama-server serves.
     pub fn set_fingerprint(&self, fp: Fingerprint) {
-        let mut cur = self.fingerprint.write().unwrap_or_else(|e| e.into_inner());
-        if cur.as_ref() != Some(&fp) {
+        let before = self.fingerprint.replace(Some(fp.clone()));
+        if before.as_ref() != Some(&fp) {
             tracing::info!(model = %fp.model, id = %fp.id, "model fingerprint");
-            *cur = Some(fp);
         }
     }
 
@@ -338,5 +349,27 @@ impl Drop for TaskGuard {
         if self.0.running.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.0.idle.notify_waiters();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Live;
+
+    #[test]
+    fn live_values_are_replaced_whole_and_survive_a_poisoned_lock() {
+        let live = std::sync::Arc::new(Live::new(1u32));
+        assert_eq!(live.replace(2), 1);
+        // Poison the lock: a thread panics while it holds it for writing.
+        let held = std::sync::Arc::clone(&live);
+        let panicked = std::thread::spawn(move || {
+            let _guard = held.0.write().unwrap();
+            panic!("poison the lock");
+        })
+        .join();
+        assert!(panicked.is_err() && live.0.is_poisoned());
+        assert_eq!(live.get(), 2);
+        assert_eq!(live.replace(3), 2);
+        assert_eq!(live.get(), 3);
     }
 }

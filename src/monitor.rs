@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use serde_json::json;
 
-use crate::app::App;
+use crate::app::{App, UpstreamState};
 use crate::metrics;
 use crate::upstream::UpstreamError;
 
@@ -138,14 +138,10 @@ async fn poll(app: &App, seen: &mut Seen) {
     app.metrics
         .upstream_up
         .store(1, std::sync::atomic::Ordering::Relaxed);
-    {
-        let mut st = app
-            .upstream_state
-            .write()
-            .unwrap_or_else(|e| e.into_inner());
-        st.up = true;
-        st.slots = slots.clone().unwrap_or_default();
-    }
+    app.upstream_state.replace(UpstreamState {
+        up: true,
+        slots: slots.clone().unwrap_or_default(),
+    });
     seen.up = Some(true);
     seen.props_key = Some(key);
     seen.max_task = max_task;
@@ -166,10 +162,11 @@ fn down(app: &App, seen: &mut Seen, e: &UpstreamError) {
         app.metrics
             .upstream_up
             .store(0, std::sync::atomic::Ordering::Relaxed);
-        app.upstream_state
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .up = false;
+        // Only the monitor writes this: no update is lost between get and
+        // replace. The slots stay as last seen.
+        let mut st = app.upstream_state.get();
+        st.up = false;
+        app.upstream_state.replace(st);
         seen.up = Some(false);
     }
 }

@@ -3,16 +3,15 @@
 //! [`CacheStore`]; restores pick the save sharing the longest token prefix
 //! with the new prompt, under the same model fingerprint.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hyper::Method;
 use serde_json::json;
 use tracing::{debug, info, warn};
 
-use crate::app::{Settings, Shared};
+use crate::app::{Live, Settings, Shared};
 use crate::cache_store::{choose_best, CacheStore, Fingerprint, NewSave, SaveKind};
-use crate::config::CacheSettings;
 use crate::events::Events;
 use crate::hooks::{BoxFuture, CacheHooks, Generation, Restore};
 use crate::metrics::{self, Metrics};
@@ -29,7 +28,7 @@ const TOKENIZE_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Persistence {
     store: Arc<CacheStore>,
     upstream: Upstream,
-    fingerprint: Arc<RwLock<Option<Fingerprint>>>,
+    fingerprint: Arc<Live<Option<Fingerprint>>>,
     settings: Settings,
     events: Arc<Events>,
     metrics: Arc<Metrics>,
@@ -41,11 +40,7 @@ impl Persistence {
     /// Hooks over `store`, talking to `upstream`, sharing settings, events
     /// and metrics with the rest of kvgate.
     pub fn new(store: Arc<CacheStore>, upstream: Upstream, shared: &Shared) -> Persistence {
-        let min = shared
-            .settings
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .min_save_bytes;
+        let min = shared.settings.get().min_save_bytes;
         store
             .min_bytes
             .store(min, std::sync::atomic::Ordering::Relaxed);
@@ -59,22 +54,6 @@ impl Persistence {
         }
     }
 
-    /// Current settings.
-    pub fn settings(&self) -> CacheSettings {
-        self.settings
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    /// The model fingerprint in force, once known.
-    pub fn fingerprint(&self) -> Option<Fingerprint> {
-        self.fingerprint
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
     async fn do_save(
         &self,
         slot: SlotId,
@@ -85,7 +64,7 @@ impl Persistence {
         let (Some(chat), Some(character)) = (tenant.chat(), tenant.character()) else {
             return None;
         };
-        let Some(fp) = self.fingerprint() else {
+        let Some(fp) = self.fingerprint.get() else {
             warn!(slot, %tenant, "not saving: llama-server's model is not known yet");
             return None;
         };
@@ -131,7 +110,7 @@ impl Persistence {
                     json!({"slot": slot, "chat": chat, "character": character, "kind": kind.as_str(), "file": meta.file, "tag": tag, "tokens": meta.n_tokens, "bytes": meta.bytes, "ms": took.as_secs_f64() * 1000.0}),
                 );
                 if tag.is_none() {
-                    let keep = self.settings().max_files as usize;
+                    let keep = self.settings.get().max_files as usize;
                     let deleted = self.store.rotate(chat, character, keep);
                     if !deleted.is_empty() {
                         debug!(?deleted, "rotation");
@@ -184,7 +163,7 @@ impl Persistence {
         let (Some(chat), Some(character)) = (tenant.chat(), tenant.character()) else {
             return Restore::Skipped;
         };
-        let Some(fp) = self.fingerprint() else {
+        let Some(fp) = self.fingerprint.get() else {
             return Restore::Skipped;
         };
         let candidates = self.store.candidates(chat, character, &fp.id);
@@ -282,7 +261,7 @@ impl CacheHooks for Persistence {
     }
 
     fn autosave_due(&self, usage: u32) -> bool {
-        let s = self.settings();
+        let s = self.settings.get();
         s.autosave && usage >= s.save_every
     }
 }

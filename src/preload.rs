@@ -161,7 +161,7 @@ async fn run(
     for character in characters {
         let p = update(&job, |p| p.current = Some(character.clone()));
         publish(&app, &p);
-        let limit = Duration::from_secs(app.settings().preload_timeout_s);
+        let limit = Duration::from_secs(app.settings.get().preload_timeout_s);
         let result = tokio::time::timeout(
             limit,
             preload_one(&app, &chat, &character, prompt.as_deref()),
@@ -241,7 +241,7 @@ async fn preload_one(
         );
     };
     let body = json!({"prompt": prompt, "n_predict": 1, "id_slot": slot, "cache_prompt": true, "stream": false});
-    let limit = Duration::from_secs(app.settings().preload_timeout_s);
+    let limit = Duration::from_secs(app.settings.get().preload_timeout_s);
     let (status, answer) = app
         .upstream
         .call_json(hyper::Method::POST, "/completion", Some(&body), limit)

@@ -304,7 +304,7 @@ async fn completion(
     let pinned = matches!(want, Want::Pinned(_));
     if let (Tenant::Character { chat, .. }, false) = (&identity.tenant, pinned) {
         if let Some(previous) = app.note_client_chat(client, chat) {
-            if app.settings().clear_on_chat_change {
+            if app.settings.get().clear_on_chat_change {
                 // Saves in a task of their own: a client leaving can't cut
                 // them short.
                 let (app2, client2) = (Arc::clone(app), client.to_string());

@@ -304,12 +304,12 @@ async fn saves_of_another_model_are_listed_but_never_restored() {
     say(&s, "Alice", "User: a").await;
     assert_eq!(saves(s.dir.path()).len(), 1);
     // llama-server comes back with another model.
-    let before = s.kv.app.fingerprint().expect("fingerprint");
+    let before = s.kv.app.fingerprint.get().expect("fingerprint");
     s.fake.set_model_path("/models/other.gguf");
     s.fake.restart().await;
     // kvgate has noticed: a new fingerprint, and Alice's slot is not live.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while s.kv.app.fingerprint().as_ref() == Some(&before) || s.kv.app.pool.snapshot()[0].live {
+    while s.kv.app.fingerprint.get().as_ref() == Some(&before) || s.kv.app.pool.snapshot()[0].live {
         assert!(
             std::time::Instant::now() < deadline,
             "kvgate did not notice the new model"

@@ -678,7 +678,9 @@ async fn client_gone_while_queued_restoring_streaming_or_saving_leaks_nothing() 
 
     // Autosaving: the client has its last byte and is gone while the save
     // runs; the save is not cut short.
-    s.kv.app.settings.write().unwrap().save_every = 1;
+    let mut settings = s.kv.app.settings.get();
+    settings.save_every = 1;
+    s.kv.app.settings.replace(settings);
     s.fake.set_save_delay(Duration::from_millis(300));
     let before = complete_saves(&s.save).len();
     let (status, _, _) = post_json(&s.url(), &[], &turn("Alice", "User: d")).await;
@@ -1280,7 +1282,7 @@ async fn real_llama_server_failed_save_and_death_mid_stream() {
     };
     let kv = Kvgate::serve(kvgate::Gateway::new(cfg).unwrap()).await;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while kv.app.fingerprint().is_none() {
+    while kv.app.fingerprint.get().is_none() {
         assert!(Instant::now() < deadline, "no model fingerprint");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

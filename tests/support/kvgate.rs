@@ -82,7 +82,7 @@ impl Kvgate {
     /// Waits until kvgate knows the upstream's model fingerprint.
     pub async fn wait_fingerprint(&self) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while self.app.fingerprint().is_none() {
+        while self.app.fingerprint.get().is_none() {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "kvgate never learned the model fingerprint"
