@@ -18,7 +18,7 @@ use serde_json::{json, Map, Value};
 use tracing::info;
 
 use crate::app::App;
-use crate::body::{boxed, full, ProxyBody};
+use crate::body::{boxed, full, json_response, ProxyBody};
 use crate::cache_store::{self, SaveKind, SaveMeta, StoreError};
 use crate::clients::{constant_time_eq, presented_key};
 use crate::config::CacheSettings;
@@ -150,18 +150,8 @@ async fn read_json(req: Request<Incoming>) -> Result<Value, ApiError> {
     }
 }
 
-fn json_with(status: StatusCode, v: &Value) -> Response<ProxyBody> {
-    let mut resp = Response::new(full(Bytes::from(v.to_string())));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("application/json; charset=utf-8"),
-    );
-    resp
-}
-
 fn json_ok(v: &Value) -> Response<ProxyBody> {
-    json_with(StatusCode::OK, v)
+    json_response(StatusCode::OK, v)
 }
 
 fn store(app: &App) -> Result<&Arc<cache_store::CacheStore>, ApiError> {
@@ -612,7 +602,7 @@ fn start_preload(app: &Arc<App>, body: &Value) -> Answer {
     let id = app
         .preloads
         .start(app, chat.to_string(), characters, prompt);
-    Ok(json_with(StatusCode::ACCEPTED, &json!({ "id": id })))
+    Ok(json_response(StatusCode::ACCEPTED, &json!({ "id": id })))
 }
 
 // === settings ===

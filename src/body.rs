@@ -3,6 +3,8 @@
 
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{Response, StatusCode};
 
 /// Errors a body may yield (hyper's, or ours).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -16,6 +18,17 @@ pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
     Full::new(bytes.into())
         .map_err(|never| match never {})
         .boxed()
+}
+
+/// A whole JSON reply (kvgate's own answers and errors).
+pub fn json_response(status: StatusCode, v: &serde_json::Value) -> Response<ProxyBody> {
+    let mut resp = Response::new(full(v.to_string()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    resp
 }
 
 /// An empty body.

@@ -2,11 +2,9 @@
 //! `{"error":{"code","message","type"}}`, so clients (SillyTavern shows
 //! `error.message`) display them like llama-server's own.
 
-use bytes::Bytes;
-use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Response, StatusCode};
 
-use crate::body::{full, ProxyBody};
+use crate::body::{json_response, ProxyBody};
 
 /// llama.cpp's error types.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -124,14 +122,7 @@ impl ApiError {
 
     /// The whole HTTP response.
     pub fn into_response(self) -> Response<ProxyBody> {
-        let body = Bytes::from(self.to_json().to_string());
-        let mut resp = Response::new(full(body));
-        *resp.status_mut() = self.status;
-        resp.headers_mut().insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static("application/json; charset=utf-8"),
-        );
-        resp
+        json_response(self.status, &self.to_json())
     }
 }
 
