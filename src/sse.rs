@@ -384,8 +384,12 @@ mod tests {
     use http_body_util::BodyExt;
     use std::collections::VecDeque;
 
-    /// A body that yields the given chunks, one frame each.
-    struct Chunks(VecDeque<Bytes>);
+    /// A body that yields the given chunks, one frame each, then ends, or
+    /// fails with `error` when there is one.
+    struct Chunks {
+        chunks: VecDeque<Bytes>,
+        error: Option<&'static str>,
+    }
 
     impl Body for Chunks {
         type Data = Bytes;
@@ -394,12 +398,26 @@ mod tests {
             mut self: Pin<&mut Self>,
             _: &mut Context<'_>,
         ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-            Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
+            let next = match self.chunks.pop_front() {
+                Some(b) => Some(Ok(Frame::data(b))),
+                None => self.error.map(|e| Err(e.into())),
+            };
+            Poll::Ready(next)
         }
     }
 
     fn body_of(chunks: Vec<&'static [u8]>) -> Chunks {
-        Chunks(chunks.into_iter().map(Bytes::from_static).collect())
+        Chunks {
+            chunks: chunks.into_iter().map(Bytes::from_static).collect(),
+            error: None,
+        }
+    }
+
+    fn broken(chunks: Vec<&'static [u8]>) -> Chunks {
+        Chunks {
+            error: Some("connection reset"),
+            ..body_of(chunks)
+        }
     }
 
     #[tokio::test]
@@ -443,35 +461,18 @@ mod tests {
         assert_eq!(rx.await.unwrap().summary().cache_n(), Some(2));
     }
 
-    /// Chunks, then an error.
-    struct Broken(VecDeque<Bytes>);
-
-    impl Body for Broken {
-        type Data = Bytes;
-        type Error = BoxError;
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-            Poll::Ready(Some(match self.0.pop_front() {
-                Some(b) => Ok(Frame::data(b)),
-                None => Err("connection reset".into()),
-            }))
-        }
-    }
-
     #[tokio::test]
     async fn a_broken_event_stream_ends_cleanly_with_an_error_event() {
-        let first = Bytes::from_static(b"data: {\"content\":\"a\"}\n\n");
-        let (obs, rx) = Observed::new(Broken(VecDeque::from([first.clone()])), true);
+        let first: &'static [u8] = b"data: {\"content\":\"a\"}\n\n";
+        let (obs, rx) = Observed::new(broken(vec![first]), true);
         let got = obs.collect().await.expect("a clean end").to_bytes();
-        assert!(got.starts_with(&first));
+        assert!(got.starts_with(first));
         let tail = String::from_utf8_lossy(&got[first.len()..]).into_owned();
         assert!(tail.starts_with("data: {\"error\""), "{tail}");
         assert!(tail.contains("connection reset"), "{tail}");
         assert!(matches!(rx.await.unwrap(), StreamEnd::UpstreamError(..)));
         // A plain JSON body can't be completed: it is cut.
-        let (obs, rx) = Observed::new(Broken(VecDeque::new()), false);
+        let (obs, rx) = Observed::new(broken(vec![]), false);
         assert!(obs.collect().await.is_err());
         assert!(matches!(rx.await.unwrap(), StreamEnd::UpstreamError(..)));
     }
