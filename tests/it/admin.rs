@@ -16,11 +16,10 @@ use kvgate::cache_store::{now_unix, SaveKind, SaveMeta, META_SUFFIX, TEMP_PREFIX
 use kvgate::config::Config;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
 
 use crate::support::fake_llama::{FakeLlama, FakeLlamaBuilder};
 use crate::support::kvgate::{
-    names_in, next_chunk, post_json, saves_in as saves, send, spawn_post, sse_events, Kvgate,
+    names_in, post_json, saves_in as saves, send, spawn_post, sse_events, EventTap, Kvgate,
 };
 
 /// The group chat of [`turn`]; the user is "User".
@@ -311,67 +310,6 @@ async fn wait_preload(kv: &Kvgate, id: &str) -> Value {
         }
         assert!(Instant::now() < deadline, "preload {id} still running: {p}");
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Subscribes to `/events`; each `data:` JSON arrives on the channel.
-async fn subscribe(kv: &Kvgate) -> mpsc::UnboundedReceiver<Value> {
-    let resp = send("GET", &format!("{}/events", kv.admin_url), &[], "").await;
-    assert_eq!(resp.status(), 200);
-    let ct = resp
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
-    assert!(ct.starts_with("text/event-stream"), "content-type {ct:?}");
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut body = resp.into_body();
-        let mut buf: Vec<u8> = Vec::new();
-        while let Some(chunk) = next_chunk(&mut body).await {
-            buf.extend_from_slice(&chunk);
-            while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
-                let event: Vec<u8> = buf.drain(..end + 2).collect();
-                for line in String::from_utf8_lossy(&event).lines() {
-                    if let Some(data) = line.strip_prefix("data:") {
-                        let v: Value = serde_json::from_str(data.trim())
-                            .unwrap_or_else(|e| panic!("event data is not JSON ({e}): {data}"));
-                        if tx.send(v).is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-        }
-    });
-    // The subscription is live once the headers are out; a little slack.
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    rx
-}
-
-/// Receives events until one of type `ty` arrives (5 s at most).
-async fn recv_until(rx: &mut mpsc::UnboundedReceiver<Value>, into: &mut Vec<Value>, ty: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some(v)) => {
-                let done = v["type"] == ty;
-                into.push(v);
-                if done {
-                    return;
-                }
-            }
-            Ok(None) => panic!("event stream ended before {ty}: {into:?}"),
-            Err(_) => panic!("no {ty} event within 5 s; got {into:#?}"),
-        }
-    }
-}
-
-/// Drains what has already arrived.
-fn drain(rx: &mut mpsc::UnboundedReceiver<Value>, into: &mut Vec<Value>) {
-    while let Ok(v) = rx.try_recv() {
-        into.push(v);
     }
 }
 
@@ -1388,7 +1326,7 @@ async fn preload_restores_saves_or_evaluates_the_last_prompt() {
     say(&s, "Carol", "User: one").await; // seen, never saved
     let (status, _) = admin(&s.kv, "POST", "/slots/clear", Some(json!({"erase": true}))).await;
     assert_eq!(status, 200);
-    let mut rx = subscribe(&s.kv).await;
+    let tap = EventTap::open(&s.kv).await;
 
     // Characters with saves: restored.
     let actions_before = s.fake.slot_actions().len();
@@ -1487,12 +1425,7 @@ async fn preload_restores_saves_or_evaluates_the_last_prompt() {
         .any(|m| m.character == "Zed" && m.chat == "solo" && m.kind == SaveKind::Preload));
 
     // The monitor saw the progress.
-    let mut events = Vec::new();
-    drain(&mut rx, &mut events);
-    assert!(
-        events.iter().any(|e| e["type"] == "preload_progress"),
-        "no preload_progress event: {events:#?}"
-    );
+    tap.wait_for("preload_progress", 1).await;
 }
 
 #[tokio::test]
@@ -1802,17 +1735,14 @@ async fn run_script(s: &Setup) -> Vec<(usize, hyper::HeaderMap, Vec<Value>)> {
 #[tokio::test]
 async fn events_follow_a_scripted_group_chat_in_order() {
     let s = setup(2, |_| {}).await;
-    let mut rx = subscribe(&s.kv).await;
+    let tap = EventTap::open(&s.kv).await;
     let turns = run_script(&s).await;
-    let mut events = Vec::new();
-    for _ in 0..SCRIPT.len() {
-        recv_until(&mut rx, &mut events, "generation_finished").await;
-    }
+    tap.until("generation_finished", SCRIPT.len()).await;
     // The monitor also sees llama-server go and come back.
     s.fake.kill().await;
-    recv_until(&mut rx, &mut events, "upstream_down").await;
+    tap.until("upstream_down", 1).await;
     s.fake.start_again().await;
-    recv_until(&mut rx, &mut events, "upstream_up").await;
+    let events = tap.until("upstream_up", 1).await;
     assert!(events.iter().all(|e| e["type"].is_string()), "{events:#?}");
 
     const TURN_TYPES: [&str; 6] = [
@@ -2001,7 +1931,7 @@ async fn a_stalled_event_monitor_misses_events_but_never_slows_the_proxy() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
     // A monitor that keeps up still sees everything.
-    let mut rx = subscribe(&s.kv).await;
+    let tap = EventTap::open(&s.kv).await;
     let t0 = Instant::now();
     let mut slowest = Duration::ZERO;
     for i in 0..STALL_TURNS {
@@ -2028,20 +1958,19 @@ async fn a_stalled_event_monitor_misses_events_but_never_slows_the_proxy() {
             .is_empty(),
         "kvgate_events_dropped_total is exported"
     );
-    let mut seen = Vec::new();
-    drain(&mut rx, &mut seen);
-    let finished = seen
-        .iter()
-        .filter(|e| e["type"] == "generation_finished")
-        .count();
-    assert_eq!(finished, STALL_TURNS, "the live monitor missed events");
+    tap.until("generation_finished", STALL_TURNS).await;
+    let finished = tap.of("generation_finished").len();
+    assert_eq!(
+        finished, STALL_TURNS,
+        "the live monitor missed or repeated events"
+    );
     drop(stalled);
 }
 
 #[tokio::test]
 async fn failed_saves_and_restores_show_up_as_events_and_metrics() {
     let s = setup(1, |c| c.cache.save_every = 1).await;
-    let mut rx = subscribe(&s.kv).await;
+    let tap = EventTap::open(&s.kv).await;
     say(&s, "Alice", "User: a").await; // autosaved
     say(&s, "Bob", "User: a").await; // evicts Alice (already saved)
     s.fake.fail_next_restore();
@@ -2049,11 +1978,13 @@ async fn failed_saves_and_restores_show_up_as_events_and_metrics() {
     assert!(h.get("x-kvgate-restored").is_none());
     s.fake.fail_next_save(500);
     say(&s, "Alice", "User: a\nBob: b\nUser: c").await; // its autosave fails
-    let mut events = Vec::new();
-    recv_until(&mut rx, &mut events, "restore_failed").await;
-    recv_until(&mut rx, &mut events, "save_failed").await;
+                                                        // The restore failed first, then the save.
+    let events = tap.until("save_failed", 1).await;
     for ty in ["restore_failed", "save_failed"] {
-        let e = events.iter().find(|e| e["type"] == ty).unwrap();
+        let e = events
+            .iter()
+            .find(|e| e["type"] == ty)
+            .unwrap_or_else(|| panic!("no {ty} before the save_failed: {events:#?}"));
         assert_eq!(e["character"], "Alice", "{e}");
     }
     let e = parse_exposition(&metrics_text(&s.kv).await);
@@ -2791,7 +2722,7 @@ async fn front_clients_need_a_trusted_key_and_llama_server_gets_kvgates() {
         "a refused slot action reached llama-server"
     );
 
-    let mut rx = subscribe(&kv).await;
+    let tap = EventTap::open(&kv).await;
     for headers in [
         [("authorization", "Bearer k-home-0123456789")],
         [("x-api-key", "k-home-0123456789")],
@@ -2827,8 +2758,7 @@ async fn front_clients_need_a_trusted_key_and_llama_server_gets_kvgates() {
         }
     }
     // Events name the client by its id.
-    let mut events = Vec::new();
-    recv_until(&mut rx, &mut events, "generation_finished").await;
+    let events = tap.until("generation_finished", 1).await;
     let assigned = events
         .iter()
         .find(|e| e["type"] == "slot_assigned")

@@ -37,7 +37,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::fake_llama::{self, FakeLlama, FakeLlamaBuilder};
-use crate::support::kvgate::{names_in as names, next_chunk, post_json, send, Kvgate};
+use crate::support::kvgate::{names_in as names, next_chunk, post_json, send, EventTap, Kvgate};
 use crate::support::kvgate_bin::KvgateBin;
 
 const ROSTER: [&str; 4] = ["Alice", "Bob", "Carol", "Dave"];
@@ -152,68 +152,6 @@ fn assert_api_error(status: u16, body: &[u8]) -> Value {
     );
     assert!(v["error"]["type"].is_string(), "{v}");
     v
-}
-
-/// Reads the admin port's event stream in the background.
-struct EventTap {
-    text: Arc<Mutex<String>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl EventTap {
-    async fn open(kv: &Kvgate) -> EventTap {
-        let resp = send(
-            "GET",
-            &format!("{}/events", kv.admin_url),
-            &[],
-            Bytes::new(),
-        )
-        .await;
-        assert_eq!(resp.status(), 200);
-        let text = Arc::new(Mutex::new(String::new()));
-        let t = Arc::clone(&text);
-        let task = tokio::spawn(async move {
-            let mut body = resp.into_body();
-            while let Some(chunk) = next_chunk(&mut body).await {
-                t.lock().unwrap().push_str(&String::from_utf8_lossy(&chunk));
-            }
-        });
-        EventTap { text, task }
-    }
-
-    /// The events of type `kind` seen so far.
-    fn of(&self, kind: &str) -> Vec<Value> {
-        self.text
-            .lock()
-            .unwrap()
-            .split("\n\n")
-            .filter_map(|e| e.trim().strip_prefix("data: "))
-            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-            .filter(|v| v["type"] == kind)
-            .collect()
-    }
-
-    /// Waits until `n` events of type `kind` were seen.
-    async fn wait_for(&self, kind: &str, n: usize) -> Vec<Value> {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let v = self.of(kind);
-            if v.len() >= n {
-                return v;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{n} {kind} events expected, saw {v:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
-impl Drop for EventTap {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 /// One counter of the admin port's Prometheus text.

@@ -299,3 +299,106 @@ pub async fn next_chunk(body: &mut Incoming) -> Option<Bytes> {
         }
     }
 }
+
+/// A live subscription to kvgate's admin `/events`, collecting every event
+/// in order. The subscription is in place once the response head is out
+/// (kvgate subscribes before answering), so nothing after `open` is missed.
+pub struct EventTap {
+    seen: Arc<std::sync::Mutex<Seen>>,
+    task: JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct Seen {
+    events: Vec<Value>,
+    /// A `data:` line that was not JSON (kvgate only sends JSON).
+    garbled: Option<String>,
+}
+
+impl EventTap {
+    pub async fn open(kv: &Kvgate) -> EventTap {
+        let resp = send("GET", &format!("{}/events", kv.admin_url), &[], "").await;
+        assert_eq!(resp.status(), 200);
+        let ct = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        assert!(ct.starts_with("text/event-stream"), "content-type {ct:?}");
+        let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
+        let into = Arc::clone(&seen);
+        let task = tokio::spawn(async move {
+            let mut body = resp.into_body();
+            let mut buf: Vec<u8> = Vec::new();
+            while let Some(chunk) = next_chunk(&mut body).await {
+                buf.extend_from_slice(&chunk);
+                while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
+                    let event: Vec<u8> = buf.drain(..end + 2).collect();
+                    let text = String::from_utf8_lossy(&event);
+                    let mut seen = into.lock().unwrap();
+                    for data in text.lines().filter_map(|l| l.strip_prefix("data:")) {
+                        match serde_json::from_str(data.trim()) {
+                            Ok(v) => seen.events.push(v),
+                            Err(_) => seen.garbled = Some(data.to_string()),
+                        }
+                    }
+                }
+            }
+        });
+        EventTap { seen, task }
+    }
+
+    /// Every event so far, in order.
+    pub fn all(&self) -> Vec<Value> {
+        let seen = self.seen.lock().unwrap();
+        if let Some(data) = &seen.garbled {
+            panic!("an event's data is not JSON: {data}");
+        }
+        seen.events.clone()
+    }
+
+    /// The events of type `kind` so far.
+    pub fn of(&self, kind: &str) -> Vec<Value> {
+        self.all()
+            .into_iter()
+            .filter(|e| e["type"] == kind)
+            .collect()
+    }
+
+    /// Waits (5 s at most) for the `n`th event of type `kind`; returns every
+    /// event up to and including it.
+    pub async fn until(&self, kind: &str, n: usize) -> Vec<Value> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let all = self.all();
+            let nth = all
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| e["type"] == kind)
+                .nth(n - 1)
+                .map(|(at, _)| at);
+            if let Some(at) = nth {
+                return all[..=at].to_vec();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{n} {kind} event(s) expected within 5 s; got {all:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits (5 s at most) until `n` events of type `kind` arrived; returns
+    /// them.
+    pub async fn wait_for(&self, kind: &str, n: usize) -> Vec<Value> {
+        let upto = self.until(kind, n).await;
+        upto.into_iter().filter(|e| e["type"] == kind).collect()
+    }
+}
+
+impl Drop for EventTap {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
