@@ -19,7 +19,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::fake_llama::{FakeLlama, FakeLlamaBuilder};
 use crate::support::kvgate::{
-    names_in, post_json, saves_in as saves, send, spawn_post, sse_events, EventTap, Kvgate,
+    assert_api_error, json_body, names_in, post_json, saves_in as saves, send, spawn_post,
+    sse_events, EventTap, Kvgate,
 };
 
 /// The group chat of [`turn`]; the user is "User".
@@ -82,15 +83,6 @@ async fn setup_fake(
     }
 }
 
-/// The body as JSON, or the raw text as a JSON string (`null` when empty).
-fn parse_body(bytes: &[u8]) -> Value {
-    if bytes.is_empty() {
-        return Value::Null;
-    }
-    serde_json::from_slice(bytes)
-        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned()))
-}
-
 /// One admin request with a raw body; status and body.
 async fn admin_raw(
     kv: &Kvgate,
@@ -108,7 +100,7 @@ async fn admin_raw(
         let resp = send(method, &url, &h, body.to_string()).await;
         let status = resp.status().as_u16();
         let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-        (status, parse_body(&bytes))
+        (status, json_body(&bytes))
     };
     tokio::time::timeout(Duration::from_secs(5), fut)
         .await
@@ -139,17 +131,6 @@ async fn poll(kv: &Kvgate, path: &str, what: &str, pred: impl Fn(&Value) -> bool
         assert!(Instant::now() < deadline, "{what}: still {v}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// A llama.cpp-shaped error: `{"error":{"code","message","type"}}`.
-fn assert_error(v: &Value, code: u16, what: &str) {
-    assert_eq!(
-        v["error"]["code"].as_u64(),
-        Some(u64::from(code)),
-        "{what}: {v}"
-    );
-    assert!(v["error"]["message"].is_string(), "{what}: {v}");
-    assert!(v["error"]["type"].is_string(), "{what}: {v}");
 }
 
 /// A completion through the front port; waits until kvgate is idle again.
@@ -259,7 +240,7 @@ async fn raw_http(
     if head.contains("transfer-encoding: chunked") {
         body = dechunk(&body);
     }
-    (status, parse_body(&body))
+    (status, json_body(&body))
 }
 
 fn dechunk(mut rest: &[u8]) -> Vec<u8> {
@@ -359,7 +340,7 @@ async fn unknown_admin_paths_and_methods_are_refused() {
     let s = setup(1, |_| {}).await;
     let (status, v) = admin(&s.kv, "GET", "/nope", None).await;
     assert_eq!(status, 404);
-    assert_error(&v, 404, "GET /nope");
+    assert_api_error(404, &v, "GET /nope");
     assert_eq!(v["error"]["type"], "not_found_error");
     for (method, path) in [
         ("POST", "/health"),
@@ -679,7 +660,7 @@ async fn files_list_and_delete_also_under_the_plugin_prefix() {
     ] {
         let (status, v) = admin(&s.kv, "DELETE", &path, None).await;
         assert_eq!(status, 404, "DELETE {path}: {v}");
-        assert_error(&v, 404, &path);
+        assert_api_error(404, &v, &path);
         assert_eq!(v["error"]["type"], "not_found_error");
     }
 }
@@ -835,7 +816,7 @@ async fn delete_refuses_hostile_names_and_deletes_nothing() {
                 "DELETE {target}: {status} (want one of {allowed:?}): {v}"
             );
             if status == 403 || status == 404 {
-                assert_error(&v, status, &target);
+                assert_api_error(status, &v, &target);
             }
             assert_eq!(
                 std::fs::read_to_string(root.join("x.bin")).ok().as_deref(),
@@ -875,13 +856,13 @@ async fn save_endpoints_tag_reset_rotate_and_refuse() {
     say(&s, "Alice", "User: one").await;
     let (status, v) = admin(&s.kv, "POST", "/slots/1/save", None).await;
     assert_eq!(status, 409, "an empty slot: {v}");
-    assert_error(&v, 409, "empty slot");
+    assert_api_error(409, &v, "empty slot");
     let (status, v) = admin(&s.kv, "POST", "/slots/7/save", None).await;
     assert_eq!(status, 404, "unknown slot: {v}");
-    assert_error(&v, 404, "unknown slot");
+    assert_api_error(404, &v, "unknown slot");
     let (status, v) = admin(&s.kv, "POST", "/slots/x/save", None).await;
     assert_eq!(status, 404, "slot x: {v}");
-    assert_error(&v, 404, "slot x");
+    assert_api_error(404, &v, "slot x");
 
     // Tagged: a manual save; the counters are untouched.
     let (status, v) = admin(&s.kv, "POST", "/slots/0/save", Some(json!({"tag": "duel"}))).await;
@@ -1195,7 +1176,7 @@ async fn load_fills_a_slot_and_refuses_bad_requests() {
     ] {
         let (status, v) = admin(&s.kv, "POST", "/load", Some(body.clone())).await;
         assert_eq!(status, want, "{body}: {v}");
-        assert_error(&v, want, &body.to_string());
+        assert_api_error(want, &v, &body.to_string());
     }
     for hostile in ["../x.bin", "/etc/passwd", ".kvgate-tmp-1.bin", "notes.txt"] {
         let (status, v) = admin(
@@ -1252,7 +1233,7 @@ async fn load_fills_a_slot_and_refuses_bad_requests() {
     )
     .await;
     assert_eq!(status, 409, "{v}");
-    assert_error(&v, 409, "load of another model's save");
+    assert_api_error(409, &v, "load of another model's save");
     assert_eq!(s.fake.slot_actions().len(), actions_before);
 }
 
@@ -1463,7 +1444,7 @@ async fn preload_reports_failures_and_refuses_bad_requests() {
     ] {
         let (status, v) = admin(&s.kv, "POST", "/preload", Some(body.clone())).await;
         assert_eq!(status, 400, "{body}: {v}");
-        assert_error(&v, 400, &body.to_string());
+        assert_api_error(400, &v, &body.to_string());
     }
     let (status, _) = admin_raw(&s.kv, "POST", "/preload", &[], "chat=x").await;
     assert_eq!(status, 400);
@@ -1474,7 +1455,7 @@ async fn preload_reports_failures_and_refuses_bad_requests() {
     ] {
         let (status, v) = admin(&s.kv, method, path, None).await;
         assert_eq!(status, 404, "{method} {path}: {v}");
-        assert_error(&v, 404, path);
+        assert_api_error(404, &v, path);
     }
     assert!(s.fake.completions().is_empty());
 }
@@ -1615,7 +1596,7 @@ async fn settings_get_put_validate_and_apply_live() {
     ] {
         let (status, e) = admin(&s.kv, "PUT", "/settings", Some(bad.clone())).await;
         assert_eq!(status, 400, "{bad}: {e}");
-        assert_error(&e, 400, &bad.to_string());
+        assert_api_error(400, &e, &bad.to_string());
     }
     let (status, _) = admin_raw(&s.kv, "PUT", "/settings", &[], "save_every=3").await;
     assert_eq!(status, 400);
@@ -1911,7 +1892,7 @@ async fn a_stalled_event_monitor_misses_events_but_never_slows_the_proxy() {
             .sum()
     };
     assert_eq!(
-        dropped(&metrics_text(&s.kv).await),
+        dropped(&s.kv.metrics_text().await),
         0.0,
         "nobody dropped yet"
     );
@@ -1953,7 +1934,7 @@ async fn a_stalled_event_monitor_misses_events_but_never_slows_the_proxy() {
         .unwrap();
     assert_eq!(&head, b"HTTP/1.1 200", "the stalled monitor was served");
     assert!(
-        !parse_exposition(&metrics_text(&s.kv).await)
+        !parse_exposition(&s.kv.metrics_text().await)
             .family_samples("kvgate_events_dropped_total")
             .is_empty(),
         "kvgate_events_dropped_total is exported"
@@ -1987,31 +1968,17 @@ async fn failed_saves_and_restores_show_up_as_events_and_metrics() {
             .unwrap_or_else(|| panic!("no {ty} before the save_failed: {events:#?}"));
         assert_eq!(e["character"], "Alice", "{e}");
     }
-    let e = parse_exposition(&metrics_text(&s.kv).await);
+    let e = parse_exposition(&s.kv.metrics_text().await);
     let total = |name: &str| -> f64 { e.family_samples(name).iter().map(|x| x.value).sum() };
     assert_eq!(total("kvgate_restore_failures_total"), 1.0);
     assert_eq!(total("kvgate_save_failures_total"), 1.0);
-}
-
-async fn metrics_text(kv: &Kvgate) -> String {
-    let resp = send("GET", &format!("{}/metrics", kv.admin_url), &[], "").await;
-    assert_eq!(resp.status(), 200);
-    let ct = resp
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
-    assert!(ct.starts_with("text/plain"), "content-type {ct:?}");
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    String::from_utf8(bytes.to_vec()).expect("metrics are UTF-8")
 }
 
 #[tokio::test]
 async fn metrics_parse_as_prometheus_text() {
     let s = setup(2, |_| {}).await;
     run_script(&s).await;
-    let text = metrics_text(&s.kv).await;
+    let text = s.kv.metrics_text().await;
     let e = parse_exposition(&text);
     let fam = |name: &str| e.family_samples(name);
     let sum = |name: &str, label: Option<(&str, &str)>| -> f64 {
@@ -2458,7 +2425,7 @@ async fn admin_key_is_required_on_every_endpoint() {
         for headers in bad {
             let (status, v) = admin_raw(&s.kv, method, path, headers, body).await;
             assert_eq!(status, 401, "{method} {path} with {headers:?}: {v}");
-            assert_error(&v, 401, path);
+            assert_api_error(401, &v, path);
         }
     }
     assert_eq!(names(&s.dir), files_before, "nothing deleted or saved");
@@ -2700,7 +2667,7 @@ async fn front_clients_need_a_trusted_key_and_llama_server_gets_kvgates() {
     for headers in refused {
         let (status, _, bytes) = post_json(&url, headers, &body).await;
         assert_eq!(status, 401, "{headers:?}");
-        assert_error(&parse_body(&bytes), 401, &format!("{headers:?}"));
+        assert_api_error(401, &json_body(&bytes), &format!("{headers:?}"));
         let resp = send("GET", &format!("{}/v1/models", kv.url), headers, "").await;
         assert_eq!(resp.status(), 401, "passthrough with {headers:?}");
         let (status, _, _) = post_json(

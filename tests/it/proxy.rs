@@ -12,7 +12,9 @@ use kvgate::slots::{SlotId, Tenant};
 use serde_json::{json, Value};
 
 use crate::support::fake_llama::{self, FakeLlama};
-use crate::support::kvgate::{next_chunk, post_json, send, spawn_post, sse_events, Kvgate};
+use crate::support::kvgate::{
+    assert_api_error, json_body, next_chunk, post_json, send, spawn_post, sse_events, Kvgate,
+};
 
 fn st_body(speaker: &str, others: &[&str], stream: bool) -> Value {
     let mut stop = vec!["\nUser:".to_string()];
@@ -568,8 +570,8 @@ async fn queue_bound_gives_503_json() {
     kv.wait_queued(1).await; // Bob fills the queue
     let (status, _, body) = post_json(&url, &[], &group("Carol")).await;
     assert_eq!(status, 503);
-    let v: Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(v["error"]["code"], 503);
+    let v = json_body(&body);
+    assert_api_error(503, &v, "the request over the queue limit");
     assert_eq!(v["error"]["type"], "unavailable_error");
     fake.set_gate(false);
     fake.release_events(10);
@@ -617,9 +619,9 @@ async fn oversized_body_gets_413_and_never_reaches_upstream() {
     let big = json!({"prompt": "x".repeat(10_000), "stream": true});
     let (status, _, body) = post_json(&format!("{}/completion", kv.url), &[], &big).await;
     assert_eq!(status, 413);
-    let v: Value = serde_json::from_slice(&body).unwrap();
+    let v = json_body(&body);
+    assert_api_error(413, &v, "an oversized body");
     assert_eq!(v["error"]["type"], "invalid_request_error");
-    assert_eq!(v["error"]["code"], 413);
     assert!(fake.completions().is_empty());
     kv.wait_idle().await;
 }

@@ -37,7 +37,9 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::fake_llama::{self, FakeLlama, FakeLlamaBuilder};
-use crate::support::kvgate::{names_in as names, next_chunk, post_json, send, EventTap, Kvgate};
+use crate::support::kvgate::{
+    assert_api_error, json_body, names_in as names, next_chunk, post_json, send, EventTap, Kvgate,
+};
 use crate::support::kvgate_bin::KvgateBin;
 
 const ROSTER: [&str; 4] = ["Alice", "Bob", "Carol", "Dave"];
@@ -134,38 +136,9 @@ fn save_calls(fake: &FakeLlama) -> Vec<(usize, String)> {
         .collect()
 }
 
-/// Asserts kvgate's own error shape: `{"error":{"code","message","type"}}`
-/// with `code` equal to the status.
-fn assert_api_error(status: u16, body: &[u8]) -> Value {
-    let v: Value = serde_json::from_slice(body).unwrap_or_else(|e| {
-        panic!(
-            "{status}: body is not JSON ({e}): {}",
-            String::from_utf8_lossy(body)
-        )
-    });
-    assert_eq!(v["error"]["code"], status, "{v}");
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .is_some_and(|m| !m.is_empty()),
-        "{v}"
-    );
-    assert!(v["error"]["type"].is_string(), "{v}");
-    v
-}
-
 /// One counter of the admin port's Prometheus text.
 async fn metric(kv: &Kvgate, name: &str) -> u64 {
-    let resp = send(
-        "GET",
-        &format!("{}/metrics", kv.admin_url),
-        &[],
-        Bytes::new(),
-    )
-    .await;
-    assert_eq!(resp.status(), 200);
-    let text = resp.into_body().collect().await.unwrap().to_bytes();
-    let text = String::from_utf8_lossy(&text);
+    let text = kv.metrics_text().await;
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
         .unwrap_or_else(|| panic!("no {name} in the metrics:\n{text}"))
@@ -274,7 +247,11 @@ async fn hung_and_silent_upstreams_hit_their_timeouts_and_free_the_slot() {
     let queued_at = Instant::now();
     let (status, _, body) = post_json(&url, &[], &turn("Bob", "User: a")).await;
     assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
-    assert_api_error(status, &body);
+    assert_api_error(
+        status,
+        &json_body(&body),
+        "the request over the queue limit",
+    );
     let waited = queued_at.elapsed();
     assert!(
         waited >= Duration::from_millis(190) && waited < Duration::from_secs(3),
@@ -282,7 +259,8 @@ async fn hung_and_silent_upstreams_hit_their_timeouts_and_free_the_slot() {
     );
     let (status, _, body) = first.await.unwrap();
     assert_eq!(status, 504, "{}", String::from_utf8_lossy(&body));
-    let v = assert_api_error(status, &body);
+    let v = json_body(&body);
+    assert_api_error(status, &v, "the queued request");
     let took = started.elapsed();
     assert!(
         took >= Duration::from_millis(590) && took < Duration::from_secs(5),
@@ -1000,7 +978,7 @@ async fn hostile_identities_get_clear_errors_and_kvgate_keeps_serving() {
         let status = resp.status().as_u16();
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(status, 400, "{what}: {}", String::from_utf8_lossy(&bytes));
-        assert_api_error(status, &bytes);
+        assert_api_error(status, &json_body(&bytes), what);
     }
     assert!(
         fake.completions().is_empty(),
@@ -1100,7 +1078,7 @@ async fn hostile_identities_get_clear_errors_and_kvgate_keeps_serving() {
             String::from_utf8_lossy(&bytes[..bytes.len().min(500)])
         );
         if status != 200 {
-            assert_api_error(status, &bytes);
+            assert_api_error(status, &json_body(&bytes), what);
         }
         let got = head
             .get("x-kvgate-character")
@@ -1135,7 +1113,7 @@ async fn hostile_identities_get_clear_errors_and_kvgate_keeps_serving() {
     req.extend_from_slice(b"0\r\n\r\n");
     let (status, _, body) = raw(&kv.url, req).await;
     assert_eq!(status, 413);
-    assert_api_error(status, &body);
+    assert_api_error(status, &json_body(&body), "a chunked body over the limit");
 
     // Header bytes hyper refuses: a bare 400 from the HTTP layer.
     let (status, _, _) = raw(

@@ -146,6 +146,21 @@ impl Kvgate {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
+
+    /// The admin port's Prometheus text (asserts 200 and its content type).
+    pub async fn metrics_text(&self) -> String {
+        let resp = send("GET", &format!("{}/metrics", self.admin_url), &[], "").await;
+        assert_eq!(resp.status(), 200);
+        let ct = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        assert!(ct.starts_with("text/plain"), "content-type {ct:?}");
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(bytes.to_vec()).expect("metrics are UTF-8")
+    }
 }
 
 impl Drop for Kvgate {
@@ -278,6 +293,30 @@ pub async fn turn_through(
 pub fn spawn_post(url: &str, body: Value) -> JoinHandle<(u16, hyper::HeaderMap, Bytes)> {
     let url = url.to_string();
     tokio::spawn(async move { post_json(&url, &[], &body).await })
+}
+
+/// A body as JSON: `Null` when empty, a JSON string holding the text when it
+/// is not JSON (so assertions show what came instead).
+pub fn json_body(bytes: &[u8]) -> Value {
+    if bytes.is_empty() {
+        return Value::Null;
+    }
+    serde_json::from_slice(bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned()))
+}
+
+/// Asserts llama.cpp's error shape, `{"error":{"code","message","type"}}`,
+/// as kvgate answers it: `code` is the HTTP `status`, the message says
+/// something, the type is named. `what` names the request in a failure.
+pub fn assert_api_error(status: u16, v: &Value, what: &str) {
+    assert_eq!(v["error"]["code"], status, "{what}: {v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{what}: {v}"
+    );
+    assert!(v["error"]["type"].is_string(), "{what}: {v}");
 }
 
 /// The `data:` JSON events of an SSE body (`[DONE]` skipped).
