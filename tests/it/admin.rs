@@ -15,12 +15,12 @@ use http_body_util::BodyExt;
 use kvgate::cache_store::{now_unix, SaveKind, SaveMeta, META_SUFFIX, TEMP_PREFIX};
 use kvgate::config::Config;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use crate::support::fake_llama::{FakeLlama, FakeLlamaBuilder};
 use crate::support::kvgate::{
-    assert_api_error, json_body, names_in, post_json, saves_in as saves, send, spawn_post,
-    sse_events, EventTap, Kvgate,
+    assert_api_error, json_body, names_in, post_json, raw_exchange, saves_in as saves, send,
+    spawn_post, sse_events, EventTap, Kvgate,
 };
 
 /// The group chat of [`turn`]; the user is "User".
@@ -213,50 +213,15 @@ async fn raw_http(
     target: &str,
     headers: &[(&str, &str)],
 ) -> (u16, Value) {
-    let addr = base.strip_prefix("http://").expect("http base url");
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut req = format!(
-        "{method} {target} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: 0\r\n"
+        "{method} {target} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 0\r\n"
     );
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
     req.push_str("\r\n");
-    stream.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf)).await;
-    assert!(read.is_ok(), "{method} {target}: no answer within 5 s");
-    let split = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("{method} {target}: no header end in {buf:?}"));
-    let head = String::from_utf8_lossy(&buf[..split]).to_ascii_lowercase();
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("{method} {target}: no status line in {head:?}"));
-    let mut body = buf[split + 4..].to_vec();
-    if head.contains("transfer-encoding: chunked") {
-        body = dechunk(&body);
-    }
+    let (status, _, body) = raw_exchange(base, req.into_bytes()).await;
     (status, json_body(&body))
-}
-
-fn dechunk(mut rest: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
-        let size = String::from_utf8_lossy(&rest[..eol]);
-        let n =
-            usize::from_str_radix(size.split(';').next().unwrap_or("0").trim(), 16).unwrap_or(0);
-        if n == 0 {
-            break;
-        }
-        let data = &rest[eol + 2..];
-        out.extend_from_slice(&data[..n.min(data.len())]);
-        rest = data.get(n + 2..).unwrap_or(&[]);
-    }
-    out
 }
 
 /// `v` as a string id (preload ids may be numbers or strings).

@@ -34,11 +34,11 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use kvgate::cache_store::{file_name, meta_name, now_unix, SaveMeta, META_SUFFIX, TEMP_PREFIX};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::fake_llama::{self, FakeLlama, FakeLlamaBuilder};
 use crate::support::kvgate::{
-    assert_api_error, json_body, names_in as names, next_chunk, post_json, send, EventTap, Kvgate,
+    assert_api_error, json_body, names_in as names, next_chunk, post_json, raw_exchange, send,
+    EventTap, Kvgate,
 };
 use crate::support::kvgate_bin::KvgateBin;
 
@@ -778,49 +778,6 @@ async fn sigkill_during_a_save_leaves_only_complete_files_and_the_index_rebuilds
 // Hostile input
 // ---------------------------------------------------------------------------
 
-/// Sends raw bytes on a fresh connection (closed after the answer) and
-/// returns the status, the headers and the (de-chunked) body.
-async fn raw(base: &str, request: Vec<u8>) -> (u16, String, Vec<u8>) {
-    let addr = base.trim_start_matches("http://");
-    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
-    // The server may answer (and close) before it has read everything.
-    let _ = conn.write_all(&request).await;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(20), conn.read_to_end(&mut buf))
-        .await
-        .expect("an answer within 20 s")
-        .ok();
-    let at = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("no response head: {:?}", String::from_utf8_lossy(&buf)));
-    let head = String::from_utf8_lossy(&buf[..at]).into_owned();
-    let status: u16 = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status");
-    let mut body = buf[at + 4..].to_vec();
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        let mut out = Vec::new();
-        let mut rest = &body[..];
-        while let Some(i) = rest.windows(2).position(|w| w == b"\r\n") {
-            let n =
-                usize::from_str_radix(String::from_utf8_lossy(&rest[..i]).trim(), 16).unwrap_or(0);
-            if n == 0 {
-                break;
-            }
-            out.extend_from_slice(&rest[i + 2..i + 2 + n]);
-            rest = &rest[i + 2 + n + 2..];
-        }
-        body = out;
-    }
-    (status, head, body)
-}
-
 /// A POST with a Content-Length body and extra raw header lines.
 fn post_bytes(path: &str, headers: &[&[u8]], body: &[u8]) -> Vec<u8> {
     let mut r = format!(
@@ -883,8 +840,10 @@ async fn unparseable_and_odd_bodies_pass_through_faithfully() {
     ];
     for (what, body) in cases {
         fake.clear_calls();
-        let (d_status, _, d_body) = raw(&fake.url(), post_bytes("/completion", &[], &body)).await;
-        let (status, head, v_body) = raw(&kv.url, post_bytes("/completion", &[], &body)).await;
+        let (d_status, _, d_body) =
+            raw_exchange(&fake.url(), post_bytes("/completion", &[], &body)).await;
+        let (status, head, v_body) =
+            raw_exchange(&kv.url, post_bytes("/completion", &[], &body)).await;
         assert_eq!(
             status,
             d_status,
@@ -1111,12 +1070,12 @@ async fn hostile_identities_get_clear_errors_and_kvgate_keeps_serving() {
         req.extend_from_slice(b"\r\n");
     }
     req.extend_from_slice(b"0\r\n\r\n");
-    let (status, _, body) = raw(&kv.url, req).await;
+    let (status, _, body) = raw_exchange(&kv.url, req).await;
     assert_eq!(status, 413);
     assert_api_error(status, &json_body(&body), "a chunked body over the limit");
 
     // Header bytes hyper refuses: a bare 400 from the HTTP layer.
-    let (status, _, _) = raw(
+    let (status, _, _) = raw_exchange(
         &kv.url,
         post_bytes("/completion", &[b"x-kvgate-character: Al\x01ice"], b"{}"),
     )
@@ -1145,7 +1104,7 @@ async fn a_non_ascii_identity_header_is_honoured_or_refused() {
     for value in ["Алиса".as_bytes(), b"Bo\xffb"] {
         let mut header = b"x-kvgate-character: ".to_vec();
         header.extend_from_slice(value);
-        let (status, head, _) = raw(
+        let (status, head, _) = raw_exchange(
             &kv.url,
             post_bytes("/completion", &[&header], body.as_bytes()),
         )

@@ -329,6 +329,57 @@ pub fn sse_events(body: &[u8]) -> Vec<Value> {
         .collect()
 }
 
+/// Writes `request` byte for byte on a fresh connection (no client-side
+/// parsing or normalisation; the request should say `connection: close`) and
+/// returns the status, the response head and the de-chunked body.
+pub async fn raw_exchange(base: &str, request: Vec<u8>) -> (u16, String, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // The server may answer (and close) before it has read everything.
+    let _ = conn.write_all(&request).await;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), conn.read_to_end(&mut buf))
+        .await
+        .expect("an answer within 20 s")
+        .ok();
+    let at = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no response head: {:?}", String::from_utf8_lossy(&buf)));
+    let head = String::from_utf8_lossy(&buf[..at]).into_owned();
+    let status: u16 = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {head:?}"));
+    let mut body = buf[at + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    (status, head, body)
+}
+
+/// The data of a chunked body (extensions ignored, trailers dropped).
+fn dechunk(mut rest: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
+        let size = String::from_utf8_lossy(&rest[..eol]);
+        let n = usize::from_str_radix(size.split(';').next().unwrap_or("0").trim(), 16)
+            .expect("a chunk size");
+        if n == 0 {
+            break;
+        }
+        let data = &rest[eol + 2..];
+        out.extend_from_slice(&data[..n.min(data.len())]);
+        rest = data.get(n + 2..).unwrap_or(&[]);
+    }
+    out
+}
+
 /// Reads the next data frame of a streaming body.
 pub async fn next_chunk(body: &mut Incoming) -> Option<Bytes> {
     loop {
