@@ -437,24 +437,12 @@ async fn saves_group_by_chat_and_character_newest_first_and_filter() {
     let chats = v["chats"].as_array().unwrap_or_else(|| panic!("{v}"));
     let chat_names: BTreeSet<&str> = chats.iter().map(|c| c["chat"].as_str().unwrap()).collect();
     assert_eq!(chat_names, BTreeSet::from(["tavern", "dungeon"]), "{v}");
-    let character = |chat: &str, who: &str| -> Vec<Value> {
-        let c = chats.iter().find(|c| c["chat"] == chat).unwrap();
-        c["characters"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|x| x["character"] == who)
-            .unwrap_or_else(|| panic!("{who} not under {chat}: {v}"))["saves"]
-            .as_array()
-            .unwrap()
-            .clone()
-    };
     for (chat, who, n) in [
         ("tavern", "Alice", 2),
         ("tavern", "Bob", 1),
         ("dungeon", "Carol", 1),
     ] {
-        let listed = character(chat, who);
+        let listed = character_of(&v, chat, who);
         assert_eq!(listed.len(), n, "{chat}/{who}: {v}");
         // Newest first, as the store orders them (created, then name).
         let mut expected: Vec<&SaveMeta> = disk
@@ -528,6 +516,7 @@ async fn saves_group_by_chat_and_character_newest_first_and_filter() {
     assert_eq!(listed[0]["kind"], "manual");
 }
 
+/// The saves `GET /saves` lists for `who` in `chat`.
 fn character_of(v: &Value, chat: &str, who: &str) -> Vec<Value> {
     v["chats"]
         .as_array()

@@ -151,12 +151,7 @@ impl Kvgate {
     pub async fn metrics_text(&self) -> String {
         let resp = send("GET", &format!("{}/metrics", self.admin_url), &[], "").await;
         assert_eq!(resp.status(), 200);
-        let ct = resp
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string();
+        let ct = content_type(&resp);
         assert!(ct.starts_with("text/plain"), "content-type {ct:?}");
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
         String::from_utf8(bytes.to_vec()).expect("metrics are UTF-8")
@@ -295,6 +290,15 @@ pub fn spawn_post(url: &str, body: Value) -> JoinHandle<(u16, hyper::HeaderMap, 
     tokio::spawn(async move { post_json(&url, &[], &body).await })
 }
 
+/// A response's content type ("" when there is none).
+pub fn content_type<B>(resp: &Response<B>) -> String {
+    resp.headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
 /// A body as JSON: `Null` when empty, a JSON string holding the text when it
 /// is not JSON (so assertions show what came instead).
 pub fn json_body(bytes: &[u8]) -> Value {
@@ -409,12 +413,7 @@ impl EventTap {
     pub async fn open(kv: &Kvgate) -> EventTap {
         let resp = send("GET", &format!("{}/events", kv.admin_url), &[], "").await;
         assert_eq!(resp.status(), 200);
-        let ct = resp
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string();
+        let ct = content_type(&resp);
         assert!(ct.starts_with("text/event-stream"), "content-type {ct:?}");
         let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
         let into = Arc::clone(&seen);
