@@ -23,7 +23,7 @@ use std::str::FromStr;
 
 use serde_json::Value;
 
-use crate::hash::fnv1a64;
+use crate::hash::{fnv1a64, Fnv1a64};
 use crate::policy::{Policy, TextRules};
 use crate::slots::Tenant;
 
@@ -327,7 +327,13 @@ fn anonymous_key(basis: &str, prefix_chars: usize) -> String {
 fn hash_value(v: Option<&Value>) -> u64 {
     match v {
         Some(Value::String(s)) => fnv1a64(s.as_bytes()),
-        Some(other) => fnv1a64(other.to_string().as_bytes()),
+        Some(other) => {
+            // The hash of its compact JSON text, without building the text
+            // (a chat's whole history, on every chat completion).
+            let mut h = Fnv1a64::default();
+            serde_json::to_writer(&mut h, other).expect("hashing cannot fail");
+            h.finish()
+        }
         None => 0,
     }
 }
@@ -507,7 +513,7 @@ fn read_chat(body: &Value, policy: &Policy) -> Reading {
     let messages = body
         .get("messages")
         .and_then(Value::as_array)
-        .cloned()
+        .map(Vec::as_slice)
         .unwrap_or_default();
     let name_of = |m: &Value| {
         m.get("name")
@@ -520,7 +526,7 @@ fn read_chat(body: &Value, policy: &Policy) -> Reading {
         chat: string_field(&rules.chat_fields),
         ..Reading::default()
     };
-    for m in &messages {
+    for m in messages {
         if let Some(n) = name_of(m) {
             if !r.roster.contains(&n) {
                 r.roster.push(n.clone());

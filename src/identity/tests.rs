@@ -362,3 +362,17 @@ fn kinds_parse() {
     assert_eq!("group_chat".parse::<Kind>().unwrap(), Kind::Normal);
     assert!("x".parse::<Kind>().is_err());
 }
+
+#[test]
+fn a_structured_prompt_hashes_as_its_compact_json_text() {
+    let messages = json!([
+        {"role": "system", "content": "card \"quoted\" ünïcode"},
+        {"role": "user", "name": "User", "content": "hi\nthere"},
+    ]);
+    assert_eq!(
+        hash_value(Some(&messages)),
+        fnv1a64(messages.to_string().as_bytes())
+    );
+    assert_eq!(hash_value(Some(&json!("text"))), fnv1a64(b"text"));
+    assert_eq!(hash_value(None), 0);
+}
