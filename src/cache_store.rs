@@ -510,12 +510,21 @@ impl CacheStore {
     /// Rebuilds the index from the directory: every `.bin` with its sidecar,
     /// or, for files kvgate did not write, what the name and header say.
     /// Files deleted from outside simply drop out; orphaned sidecars go.
+    ///
+    /// The index lock is held throughout, as `commit` and `delete` hold it
+    /// while they change the directory: a rescan never sees a save half
+    /// committed (its sidecar without its file) or half deleted.
     pub fn rescan(&self) -> Result<(), StoreError> {
+        let mut index = self.index();
         let rd = fs::read_dir(&self.dir).map_err(io(format!("listing {}", self.dir.display())))?;
         let mut bins = HashMap::new();
         let mut metas = Vec::new();
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(TEMP_PREFIX) {
+                // Being written (or a crash's leftover, removed at start).
+                continue;
+            }
             if name.ends_with(META_SUFFIX) {
                 metas.push(name);
             } else if is_cache_file_name(&name) {
@@ -526,7 +535,7 @@ impl CacheStore {
                 }
             }
         }
-        let mut index = HashMap::new();
+        let mut fresh = HashMap::new();
         for (name, md) in &bins {
             let meta = self
                 .read_meta(name)
@@ -534,7 +543,7 @@ impl CacheStore {
                 .or_else(|| self.legacy_meta(name, md.len()));
             if let Some(mut m) = meta {
                 m.bytes = md.len();
-                index.insert(name.clone(), m);
+                fresh.insert(name.clone(), m);
             }
         }
         for m in metas {
@@ -544,7 +553,7 @@ impl CacheStore {
                 let _ = fs::remove_file(self.dir.join(&m));
             }
         }
-        *self.index() = index;
+        *index = fresh;
         Ok(())
     }
 
@@ -766,14 +775,23 @@ impl CacheStore {
             }
             Err(e) => return Err(io(format!("checking {file}"))(e)),
         }
-        fs::remove_file(&path).map_err(io(format!("deleting {file}")))?;
-        let _ = fs::remove_file(self.dir.join(meta_name(file)));
-        self.forget(file);
+        {
+            // File, sidecar and entry go together (see `rescan`).
+            let mut index = self.index();
+            fs::remove_file(&path).map_err(io(format!("deleting {file}")))?;
+            let _ = fs::remove_file(self.dir.join(meta_name(file)));
+            index.remove(file);
+        }
+        self.forget_tokens(file);
         Ok(())
     }
 
     fn forget(&self, file: &str) {
         self.index().remove(file);
+        self.forget_tokens(file);
+    }
+
+    fn forget_tokens(&self, file: &str) {
         self.tokens
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -383,3 +383,50 @@ fn fingerprint_changes_with_the_model() {
     other_ctx.n_ctx_slot = 4096;
     assert_ne!(a.id, fp("b.gguf").id);
 }
+
+#[test]
+fn rescans_racing_saves_and_deletes_keep_the_index_and_the_directory_in_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = CacheStore::open(dir.path()).unwrap();
+    let f = fp("m.gguf");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                store.rescan().unwrap();
+                // Let the saver in (std's mutex is not fair).
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+        });
+        let saved = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            for i in 0..90 {
+                let (t, n) = fake_save(&store, &[1, 2, 3], 5);
+                let m = store.commit(&t, &new_save(&f, 3, n)).unwrap();
+                if i % 3 == 0 {
+                    store.delete(&m.file).unwrap();
+                }
+            }
+        }));
+        stop.store(true, Ordering::Relaxed);
+        saved.unwrap();
+    });
+    // Every save in the directory is indexed with its sidecar (none taken for
+    // an orphan mid-commit), and nothing deleted came back.
+    let mut on_disk: Vec<String> = fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| is_cache_file_name(n))
+        .collect();
+    on_disk.sort();
+    let mut indexed: Vec<String> = store.list().into_iter().map(|m| m.file).collect();
+    indexed.sort();
+    assert_eq!(indexed, on_disk);
+    assert_eq!(on_disk.len(), 60);
+    for file in &on_disk {
+        assert!(
+            dir.path().join(meta_name(file)).exists(),
+            "{file} lost its sidecar"
+        );
+    }
+}
