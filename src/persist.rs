@@ -11,7 +11,7 @@ use serde_json::json;
 use tracing::{debug, info, warn};
 
 use crate::app::{Live, Settings, Shared};
-use crate::cache_store::{choose_best, CacheStore, Fingerprint, NewSave, SaveKind};
+use crate::cache_store::{choose_best, CacheStore, Fingerprint, NewSave, SaveKind, StoreError};
 use crate::events::Events;
 use crate::hooks::{BoxFuture, CacheHooks, Generation, Restore};
 use crate::metrics::{self, Metrics};
@@ -91,17 +91,35 @@ impl Persistence {
                 return None;
             }
         };
-        let new = NewSave {
-            chat,
-            character,
-            tag,
-            kind,
-            fingerprint: Some(&fp),
-            n_saved: reply.n_saved.unwrap_or(0),
-            n_written: reply.n_written.unwrap_or(0),
-        };
-        match self.store.commit(&temp, &new) {
-            Ok(meta) => {
+        // Checking, the sidecar (with its fsync), the rename and rotation are
+        // file work: off the async workers, which relay other streams.
+        let store = Arc::clone(&self.store);
+        let (chat_o, character_o, tag_o) = (
+            chat.to_string(),
+            character.to_string(),
+            tag.map(str::to_string),
+        );
+        let keep = tag
+            .is_none()
+            .then(|| self.settings.get().max_files as usize);
+        let committed = tokio::task::spawn_blocking(move || {
+            let new = NewSave {
+                chat: &chat_o,
+                character: &character_o,
+                tag: tag_o.as_deref(),
+                kind,
+                fingerprint: Some(&fp),
+                n_saved: reply.n_saved.unwrap_or(0),
+                n_written: reply.n_written.unwrap_or(0),
+            };
+            let meta = store.commit(&temp, &new)?;
+            let rotated = keep.map(|keep| store.rotate(&chat_o, &character_o, keep));
+            Ok::<_, StoreError>((meta, rotated.unwrap_or_default()))
+        })
+        .await
+        .unwrap_or_else(|e| Err(StoreError::Rejected(format!("the commit task failed: {e}"))));
+        match committed {
+            Ok((meta, rotated)) => {
                 info!(slot, %tenant, kind = kind.as_str(), file = %meta.file, tokens = meta.n_tokens, bytes = meta.bytes, "saved");
                 let took = started.elapsed();
                 self.metrics.saved(kind.as_str(), meta.bytes, took);
@@ -109,12 +127,8 @@ impl Persistence {
                     "saved",
                     json!({"slot": slot, "chat": chat, "character": character, "kind": kind.as_str(), "file": meta.file, "tag": tag, "tokens": meta.n_tokens, "bytes": meta.bytes, "ms": took.as_secs_f64() * 1000.0}),
                 );
-                if tag.is_none() {
-                    let keep = self.settings.get().max_files as usize;
-                    let deleted = self.store.rotate(chat, character, keep);
-                    if !deleted.is_empty() {
-                        debug!(?deleted, "rotation");
-                    }
+                if !rotated.is_empty() {
+                    debug!(deleted = ?rotated, "rotation");
                 }
                 Some(meta.file)
             }
@@ -172,10 +186,16 @@ impl Persistence {
         }
         let chosen = match self.prompt_tokens(&g).await {
             Some(prompt) => {
-                let with_tokens: Vec<_> = candidates
-                    .into_iter()
-                    .filter_map(|m| self.store.tokens(&m.file).ok().map(|t| (m, t)))
-                    .collect();
+                // Token lists come from the saves' headers (file reads).
+                let store = Arc::clone(&self.store);
+                let with_tokens: Vec<_> = tokio::task::spawn_blocking(move || {
+                    candidates
+                        .into_iter()
+                        .filter_map(|m| store.tokens(&m.file).ok().map(|t| (m, t)))
+                        .collect()
+                })
+                .await
+                .unwrap_or_default();
                 // Restores happen only for a slot that does not hold this
                 // tenant's live cache (another tenant's, or nothing), so the
                 // save must share more than the BOS token to be worth it.
