@@ -37,7 +37,7 @@ pub async fn save_owner(
     dirty_only: bool,
 ) -> OwnerSave {
     let slot = lease.slot();
-    let state = app.pool.snapshot()[slot].clone();
+    let state = app.pool.with_table(|t| t.slots()[slot].clone());
     let tenant = match state.owner {
         Some(t) if t.is_character() && expect.map_or(true, |e| *e == t) => t,
         _ => return OwnerSave::NoOwner,
@@ -72,17 +72,34 @@ pub fn dirty_slots(app: &App, idle_only: bool) -> Vec<(SlotId, Tenant)> {
 /// waiting at most `wait` for each slot; a slot that stays busy is skipped.
 /// Returns how many were saved.
 pub async fn save_dirty_slots(app: &App, kind: SaveKind, wait: Duration, idle_only: bool) -> usize {
+    save_slots(app, dirty_slots(app, idle_only), kind, wait, |_| {
+        Outcome::Untouched
+    })
+    .await
+}
+
+/// Takes each of `slots` in turn (waiting at most `wait`; a slot that stays
+/// busy is skipped), saves its owner as `kind` if it is still the tenant
+/// named and has unsaved messages, and releases the slot with the outcome
+/// `then` gives for what happened. Returns how many were saved.
+pub async fn save_slots(
+    app: &App,
+    slots: Vec<(SlotId, Tenant)>,
+    kind: SaveKind,
+    wait: Duration,
+    then: impl Fn(&OwnerSave) -> Outcome,
+) -> usize {
     let mut saved = 0;
-    for (slot, tenant) in dirty_slots(app, idle_only) {
+    for (slot, tenant) in slots {
         let Ok(lease) = app.pool.acquire(Want::Hold(slot), wait).await else {
             tracing::debug!(slot, %tenant, kind = kind.as_str(), "slot busy; not saved now");
             continue;
         };
-        if let OwnerSave::Saved(..) = save_owner(app, &lease, kind, None, Some(&tenant), true).await
-        {
+        let result = save_owner(app, &lease, kind, None, Some(&tenant), true).await;
+        if let OwnerSave::Saved(..) = result {
             saved += 1;
         }
-        lease.release(Outcome::Untouched);
+        lease.release(then(&result));
     }
     saved
 }

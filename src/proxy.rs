@@ -28,7 +28,7 @@ use crate::hooks::{Generation, Restore};
 use crate::identity::{self, Api, Explicit, Identity};
 use crate::lease::{AcquireError, Lease};
 use crate::metrics;
-use crate::owner_save::{save_owner, OwnerSave};
+use crate::owner_save::{save_owner, save_slots, OwnerSave};
 use crate::slots::{Outcome, Tenant, Want};
 use crate::sse::{Observed, StreamEnd};
 use crate::upstream::{strip_hop_by_hop, UpstreamError};
@@ -509,14 +509,9 @@ async fn finish(
         // The client already has its last byte; the slot stays leased until
         // the save is done, so the next request for this character can't
         // race it.
-        if app.hooks.autosave_due(lease.usage())
-            && app
-                .hooks
-                .save(slot, &identity.tenant, SaveKind::Autosave, None)
-                .await
-                .is_some()
-        {
-            lease.pool().with_table(|t| t.mark_saved(slot));
+        if app.hooks.autosave_due(lease.usage()) {
+            let tenant = Some(&identity.tenant);
+            save_owner(app, &lease, SaveKind::Autosave, None, tenant, true).await;
         }
     }
     lease.release(Outcome::Untouched);
@@ -647,23 +642,19 @@ async fn chat_switch(app: &Arc<App>, client: &str, previous: &str) {
         slots = slots.len(),
         "chat switch: saving and releasing the previous chat's slots"
     );
-    for (slot, tenant) in slots {
-        let Ok(lease) = app
-            .pool
-            .acquire(Want::Hold(slot), app.cfg.queue_timeout)
-            .await
-        else {
-            continue;
-        };
-        let outcome =
-            match save_owner(app, &lease, SaveKind::ChatSwitch, None, Some(&tenant), true).await {
-                // Someone else took the slot meanwhile, or the save failed: keep
-                // the slot (and its unsaved messages).
-                OwnerSave::NoOwner | OwnerSave::Failed(_) => Outcome::Untouched,
-                OwnerSave::Clean(_) | OwnerSave::Saved(..) => Outcome::Cleared,
-            };
-        lease.release(outcome);
-    }
+    // A slot someone else took meanwhile, or whose save failed, is kept (with
+    // its unsaved messages); the others are the previous chat's no more.
+    save_slots(
+        app,
+        slots,
+        SaveKind::ChatSwitch,
+        app.cfg.queue_timeout,
+        |r| match r {
+            OwnerSave::NoOwner | OwnerSave::Failed(_) => Outcome::Untouched,
+            OwnerSave::Clean(_) | OwnerSave::Saved(..) => Outcome::Cleared,
+        },
+    )
+    .await;
 }
 
 fn explicit_identity(headers: &HeaderMap, json: &mut Value) -> Result<Explicit, ApiError> {
