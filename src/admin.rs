@@ -205,7 +205,7 @@ fn slots(app: &App) -> Value {
                 "busy": s.lease.is_some(),
                 "live": s.live,
                 "tokens_cached": tokens,
-                "restored_from": app.restored_from(id),
+                "restored_from": s.restored_from,
             })
         })
         .collect();
@@ -461,7 +461,6 @@ async fn clear(app: &Arc<App>, body: &Value) -> Answer {
                 Err(e) => tracing::warn!(slot, error = %e, "erase failed"),
             }
         }
-        app.set_restored_from(slot, None);
         lease.release(Outcome::Cleared);
         cleared.push(slot);
     }

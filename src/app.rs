@@ -147,7 +147,6 @@ struct Memory {
     prompts: LruCache<Tenant, Arc<str>>,
     client_chats: LruCache<String, String>,
     character_chats: LruCache<String, String>,
-    restored_from: HashMap<usize, String>,
     last_used: HashMap<usize, u64>,
 }
 
@@ -192,7 +191,6 @@ impl App {
                 prompts: lru(PROMPTS_KEPT),
                 client_chats: lru(MEMORY),
                 character_chats: lru(MEMORY),
-                restored_from: HashMap::new(),
                 last_used: HashMap::new(),
             }),
         })
@@ -249,20 +247,6 @@ impl App {
             Some(prev) if prev != chat => Some(prev),
             _ => None,
         }
-    }
-
-    /// Records which file a slot was restored from (`None`: it was not).
-    pub fn set_restored_from(&self, slot: usize, file: Option<String>) {
-        let mut m = self.memory();
-        match file {
-            Some(f) => m.restored_from.insert(slot, f),
-            None => m.restored_from.remove(&slot),
-        };
-    }
-
-    /// The file a slot was last restored from.
-    pub fn restored_from(&self, slot: usize) -> Option<String> {
-        self.memory().restored_from.get(&slot).cloned()
     }
 
     /// Records the wall-clock time a slot was used.

@@ -558,8 +558,7 @@ pub(crate) async fn restore(
 pub(crate) fn record_restore(app: &App, slot: usize, r: &Restore) {
     match r {
         Restore::Restored { file, .. } => {
-            app.pool.with_table(|t| t.mark_restored(slot));
-            app.set_restored_from(slot, Some(file.clone()));
+            app.pool.with_table(|t| t.mark_restored(slot, file));
         }
         Restore::Failed(reason) => {
             warn!(slot, %reason, "restore failed; the slot is empty");
@@ -579,7 +578,6 @@ pub(crate) async fn take_over(app: &App, lease: &Lease) {
     let slot = lease.slot();
     metrics::inc(&app.metrics.evictions);
     app.note_eviction();
-    app.set_restored_from(slot, None);
     app.events.emit(
         "evicted",
         json!({"slot": slot, "chat": ev.tenant.chat(), "character": ev.tenant.character(), "usage": ev.usage}),

@@ -163,6 +163,17 @@ pub struct Slot {
     /// The lease in force is a [`Want::Hold`] (a save or an inspection, not
     /// a generation): the slot will be free again shortly and unchanged.
     pub held: bool,
+    /// The save the live cache was restored from (generations since then
+    /// only extend it); gone with the cache.
+    pub restored_from: Option<String>,
+}
+
+impl Slot {
+    /// llama-server's slot no longer holds the owner's cache.
+    fn lose_cache(&mut self) {
+        self.live = false;
+        self.restored_from = None;
+    }
 }
 
 /// A queued request.
@@ -324,11 +335,11 @@ impl SlotTable {
                     s.usage = next_usage(s.usage, kind);
                 }
             }
-            Outcome::Failed => s.live = false,
+            Outcome::Failed => s.lose_cache(),
             Outcome::Untouched => {}
             Outcome::Cleared => {
                 s.owner = None;
-                s.live = false;
+                s.lose_cache();
                 s.usage = 0;
                 s.fresh = false;
             }
@@ -344,19 +355,20 @@ impl SlotTable {
     }
 
     /// Records a successful restore: the slot holds the owner's cache as of
-    /// the restored file, so nothing is unsaved.
-    pub fn mark_restored(&mut self, slot: SlotId) {
+    /// the restored `file`, so nothing is unsaved.
+    pub fn mark_restored(&mut self, slot: SlotId, file: &str) {
         if let Some(s) = self.slots.get_mut(slot) {
             s.usage = 0;
             s.live = true;
             s.fresh = true;
+            s.restored_from = Some(file.to_string());
         }
     }
 
     /// Records that the slot's cache is gone (a failed restore clears it).
     pub fn mark_empty(&mut self, slot: SlotId) {
         if let Some(s) = self.slots.get_mut(slot) {
-            s.live = false;
+            s.lose_cache();
         }
     }
 
@@ -364,7 +376,7 @@ impl SlotTable {
     /// (affinity) but must restore; nothing is left to save.
     pub fn invalidate_all(&mut self) {
         for s in &mut self.slots {
-            s.live = false;
+            s.lose_cache();
             s.usage = 0;
         }
     }
@@ -382,7 +394,7 @@ impl SlotTable {
                 continue;
             };
             if empty && s.live && !s.fresh && s.lease.is_none() && s.last_used == tick {
-                s.live = false;
+                s.lose_cache();
                 s.usage = 0;
                 lost.push(id);
             }
@@ -501,7 +513,7 @@ impl SlotTable {
                     s.owner = Some(t.clone());
                 }
                 s.usage = 0;
-                s.live = false;
+                s.lose_cache();
                 (false, ev)
             }
         };
@@ -567,6 +579,37 @@ mod tests {
         assert_eq!(a2.slot, 0);
         assert!(a2.resident);
         assert_eq!(a2.evicted, None);
+    }
+
+    #[test]
+    fn restored_from_lasts_as_long_as_the_restored_cache() {
+        let mut t = SlotTable::new(1, 8);
+        let from = |t: &SlotTable| t.slots()[0].restored_from.clone();
+        let a = take(&mut t, want("A"));
+        t.mark_restored(0, "a.bin");
+        finish(&mut t, &a, Kind::Normal);
+        assert_eq!(from(&t).as_deref(), Some("a.bin"), "generations extend it");
+        let a = take(&mut t, want("A"));
+        t.release(a.slot, a.lease, Outcome::Failed);
+        assert_eq!(from(&t), None, "a failed generation");
+        let a = take(&mut t, want("A"));
+        t.mark_restored(0, "a.bin");
+        t.release(a.slot, a.lease, Outcome::Cleared);
+        assert_eq!(from(&t), None, "cleared (chat switch, erase)");
+        let a = take(&mut t, want("A"));
+        t.mark_restored(0, "a.bin");
+        finish(&mut t, &a, Kind::Normal);
+        let b = take(&mut t, want("B"));
+        assert_eq!(from(&t), None, "another character took the slot");
+        t.mark_restored(0, "b.bin");
+        finish(&mut t, &b, Kind::Normal);
+        t.invalidate_all();
+        assert_eq!(from(&t), None, "llama-server restarted");
+        let b = take(&mut t, want("B"));
+        t.mark_restored(0, "b.bin");
+        t.mark_empty(0);
+        assert_eq!(from(&t), None, "a failed restore");
+        finish(&mut t, &b, Kind::Normal);
     }
 
     #[test]

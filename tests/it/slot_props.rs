@@ -534,7 +534,7 @@ fn run(n: usize, max_queue: usize, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 }
             }
             Op::MarkRestored(s) => {
-                table.mark_restored(s);
+                table.mark_restored(s, "restored.bin");
                 if let Some(x) = m.slots.get_mut(s) {
                     x.usage = 0;
                     x.live = true;
