@@ -14,7 +14,6 @@ use std::pin::Pin;
 use serde_json::Value;
 
 use crate::cache_store::SaveKind;
-use crate::identity::Identity;
 use crate::slots::{SlotId, Tenant};
 
 /// A boxed, sendable future (the hooks are trait objects).
@@ -42,7 +41,7 @@ pub struct Generation<'a> {
     /// The slot it runs on.
     pub slot: SlotId,
     /// Who it is for.
-    pub identity: &'a Identity,
+    pub tenant: &'a Tenant,
     /// The prompt text, for text completions.
     pub prompt: Option<&'a str>,
     /// The messages, for chat completions.

@@ -173,7 +173,7 @@ impl Persistence {
     }
 
     async fn do_restore(&self, g: Generation<'_>) -> Restore {
-        let tenant = &g.identity.tenant;
+        let tenant = g.tenant;
         let (Some(chat), Some(character)) = (tenant.chat(), tenant.character()) else {
             return Restore::Skipped;
         };

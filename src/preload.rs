@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 use crate::app::App;
 use crate::cache_store::SaveKind;
 use crate::hooks::Restore;
-use crate::identity::{Identity, Kind, Source};
+use crate::identity::Kind;
 use crate::owner_save::{save_owner, OwnerSave};
 use crate::slots::{Outcome, Tenant, Want};
 
@@ -216,15 +216,7 @@ async fn preload_one(
     }
     let known = app.last_prompt(&tenant);
     let prompt = prompt.or(known.as_deref());
-    let identity = Identity {
-        tenant: tenant.clone(),
-        kind: Kind::Quiet,
-        source: Source::Explicit,
-        user: None,
-        roster: Vec::new(),
-        prompt_hash: 0,
-    };
-    match crate::proxy::restore(app, &lease, &identity, prompt, None).await {
+    match crate::proxy::restore(app, &lease, &tenant, prompt, None).await {
         Restore::Restored { file, tokens } => {
             lease.release(Outcome::Untouched);
             return Ok(format!(

@@ -356,28 +356,25 @@ async fn completion(
     }
     let mut restored = None;
     if lease.grant().evicted.is_some() || needs_restore {
-        let id = identity.clone();
-        let prompt = json
-            .get("prompt")
-            .and_then(Value::as_str)
-            .map(str::to_string);
-        let messages = json.get("messages").cloned();
+        // The task borrows the body for the restore decision and hands it
+        // back with the lease: nothing is copied.
+        let tenant = identity.tenant.clone();
         let app2 = Arc::clone(app);
-        let (l, r) = detached(app, async move {
+        let (l, j, r) = detached(app, async move {
             let app = app2;
             take_over(&app, &lease).await;
             let mut restored = None;
             if needs_restore {
-                let r = restore(&app, &lease, &id, prompt.as_deref(), messages.as_ref()).await;
+                let prompt = json.get("prompt").and_then(Value::as_str);
+                let r = restore(&app, &lease, &tenant, prompt, json.get("messages")).await;
                 if let Restore::Restored { file, .. } = r {
                     restored = Some(file);
                 }
             }
-            (lease, restored)
+            (lease, json, restored)
         })
         .await?;
-        lease = l;
-        restored = r;
+        (lease, json, restored) = (l, j, r);
     }
 
     if !pinned {
@@ -538,13 +535,13 @@ async fn detached<T: Send + 'static>(
 pub(crate) async fn restore(
     app: &App,
     lease: &Lease,
-    identity: &Identity,
+    tenant: &Tenant,
     prompt: Option<&str>,
     messages: Option<&Value>,
 ) -> Restore {
     let gen = Generation {
         slot: lease.slot(),
-        identity,
+        tenant,
         prompt,
         messages,
     };

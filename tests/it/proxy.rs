@@ -421,7 +421,7 @@ impl CacheHooks for Recorder {
             self.log.lock().unwrap().push((
                 "restore".into(),
                 g.slot,
-                g.identity.tenant.character().unwrap_or("").to_string(),
+                g.tenant.character().unwrap_or("").to_string(),
                 Instant::now(),
             ));
             Restore::Skipped
