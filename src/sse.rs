@@ -22,6 +22,7 @@ use tokio::sync::{oneshot, Notify};
 use tokio::time::Sleep;
 
 use crate::body::BoxError;
+use crate::error::ApiError;
 
 /// Longest SSE line kept for inspection; longer lines are relayed but not
 /// parsed (llama-server's final chunk holds the whole prompt, so be generous).
@@ -33,9 +34,10 @@ const MAX_JSON: usize = 64 * 1024 * 1024;
 /// What the watched body saw.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Summary {
-    /// The final result object (SSE final chunk, or the whole JSON body).
-    pub final_chunk: Option<Value>,
-    /// An `{"error": …}` event or body.
+    /// What kvgate reads of the final result (SSE final chunk, or the whole
+    /// JSON body).
+    pub final_chunk: Option<Watched>,
+    /// The `error` member of an `{"error": …}` event or body.
     pub error: Option<Value>,
     /// Bytes relayed.
     pub bytes: u64,
@@ -59,15 +61,32 @@ impl Summary {
     fn timing(&self, key: &str) -> Option<u64> {
         self.final_chunk
             .as_ref()?
-            .get("timings")?
+            .timings
+            .as_ref()?
             .get(key)?
             .as_u64()
     }
 
     /// `id_slot` of the final chunk.
     pub fn id_slot(&self) -> Option<i64> {
-        self.final_chunk.as_ref()?.get("id_slot")?.as_i64()
+        self.final_chunk.as_ref()?.id_slot.as_ref()?.as_i64()
     }
+}
+
+/// The members of an event kvgate looks at. The rest (the final chunk
+/// carries the whole prompt and the generation settings) is skipped while
+/// parsing, never copied. Each member is a [`Value`], so an odd type in one
+/// of them does not hide the others.
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
+pub struct Watched {
+    #[serde(default)]
+    pub error: Option<Value>,
+    #[serde(default)]
+    pub timings: Option<Value>,
+    #[serde(default)]
+    pub stop: Option<Value>,
+    #[serde(default)]
+    pub id_slot: Option<Value>,
 }
 
 /// How the relayed body ended.
@@ -150,17 +169,18 @@ impl Scanner {
         if !interesting(data) {
             return;
         }
-        if let Ok(v) = serde_json::from_slice::<Value>(data) {
+        if let Ok(v) = serde_json::from_slice::<Watched>(data) {
             self.observe(v);
         }
     }
 
-    fn observe(&mut self, v: Value) {
-        if v.get("error").is_some() {
-            self.summary.error = Some(v);
-        } else if v.get("timings").is_some()
-            || v.get("stop").and_then(Value::as_bool) == Some(true)
-            || v.get("id_slot")
+    fn observe(&mut self, mut v: Watched) {
+        if let Some(error) = v.error.take() {
+            self.summary.error = Some(error);
+        } else if v.timings.is_some()
+            || v.stop.as_ref().and_then(Value::as_bool) == Some(true)
+            || v.id_slot
+                .as_ref()
                 .and_then(Value::as_i64)
                 .is_some_and(|s| s >= 0)
         {
@@ -175,7 +195,7 @@ impl Scanner {
                 self.line_done(&line);
             }
         } else if !self.overflow && !self.line.is_empty() {
-            if let Ok(v) = serde_json::from_slice::<Value>(&self.line) {
+            if let Ok(v) = serde_json::from_slice::<Watched>(&self.line) {
                 self.observe(v);
             }
         }
@@ -276,9 +296,7 @@ impl<B> Observed<B> {
 /// The closing event of a stream llama-server broke off, in llama.cpp's
 /// own mid-stream error shape, so clients show the message and stop cleanly.
 fn error_event(message: &str) -> Bytes {
-    let v = serde_json::json!({
-        "error": { "code": 502, "message": message, "type": "server_error" }
-    });
+    let v = ApiError::bad_gateway(message).to_json();
     Bytes::from(format!("data: {v}\n\n"))
 }
 
@@ -438,6 +456,26 @@ mod tests {
         assert_eq!(s.cache_n(), Some(7));
         assert_eq!(s.prompt_n(), Some(3));
         assert_eq!(s.id_slot(), Some(1));
+    }
+
+    #[tokio::test]
+    async fn the_final_chunk_is_read_past_its_prompt_and_odd_members() {
+        let last = format!(
+            "data: {{\"content\":\"\",\"prompt\":\"{}\",\"stop\":true,\"id_slot\":\"one\",\"timings\":{{\"cache_n\":5}}}}\n\n",
+            "x".repeat(100_000)
+        );
+        let body = Chunks {
+            chunks: VecDeque::from([Bytes::from(last)]),
+            error: None,
+        };
+        let (obs, rx) = Observed::new(body, true);
+        obs.collect().await.unwrap();
+        let StreamEnd::Complete(s) = rx.await.unwrap() else {
+            panic!("not complete")
+        };
+        assert_eq!(s.cache_n(), Some(5));
+        assert_eq!(s.id_slot(), None, "a string id_slot is not a slot");
+        assert!(s.error.is_none());
     }
 
     #[tokio::test]
