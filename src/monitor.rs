@@ -132,7 +132,7 @@ async fn poll(app: &App, seen: &mut Seen) {
     if seen.up != Some(true) {
         app.events.emit(
             "upstream_up",
-            json!({"url": app.upstream.base().to_string(), "slots": n}),
+            || json!({"url": app.upstream.base().to_string(), "slots": n}),
         );
     }
     app.metrics
@@ -156,7 +156,7 @@ fn down(app: &App, seen: &mut Seen, e: &UpstreamError) {
         if seen.up != Some(false) {
             app.events.emit(
                 "upstream_down",
-                json!({"url": app.upstream.base().to_string(), "error": e.to_string()}),
+                || json!({"url": app.upstream.base().to_string(), "error": e.to_string()}),
             );
         }
         app.metrics

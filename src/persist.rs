@@ -74,7 +74,7 @@ impl Persistence {
             metrics::inc(&self.metrics.save_failures);
             self.events.emit(
                 "save_failed",
-                json!({"slot": slot, "chat": chat, "character": character, "kind": kind.as_str(), "reason": reason}),
+                || json!({"slot": slot, "chat": chat, "character": character, "kind": kind.as_str(), "reason": reason}),
             );
         };
         let reply = match self
@@ -125,7 +125,7 @@ impl Persistence {
                 self.metrics.saved(kind.as_str(), meta.bytes, took);
                 self.events.emit(
                     "saved",
-                    json!({"slot": slot, "chat": chat, "character": character, "kind": kind.as_str(), "file": meta.file, "tag": tag, "tokens": meta.n_tokens, "bytes": meta.bytes, "ms": took.as_secs_f64() * 1000.0}),
+                    || json!({"slot": slot, "chat": chat, "character": character, "kind": kind.as_str(), "file": meta.file, "tag": tag, "tokens": meta.n_tokens, "bytes": meta.bytes, "ms": took.as_secs_f64() * 1000.0}),
                 );
                 if !rotated.is_empty() {
                     debug!(deleted = ?rotated, "rotation");
@@ -235,7 +235,7 @@ impl Persistence {
                 metrics::add_time(&self.metrics.restore_micros, started.elapsed());
                 self.events.emit(
                     "restored",
-                    json!({"slot": slot, "chat": chat, "character": character, "file": file, "tokens": tokens, "shared_prefix": shared_prefix, "ms": started.elapsed().as_secs_f64() * 1000.0}),
+                    || json!({"slot": slot, "chat": chat, "character": character, "file": file, "tokens": tokens, "shared_prefix": shared_prefix, "ms": started.elapsed().as_secs_f64() * 1000.0}),
                 );
                 info!(slot, %tenant, %file, tokens, ?shared_prefix, "restored");
                 Restore::Restored {
@@ -248,7 +248,7 @@ impl Persistence {
                 let reason = format!("{file}: {e}");
                 self.events.emit(
                     "restore_failed",
-                    json!({"slot": slot, "chat": chat, "character": character, "file": file, "reason": reason}),
+                    || json!({"slot": slot, "chat": chat, "character": character, "file": file, "reason": reason}),
                 );
                 Restore::Failed(reason)
             }

@@ -145,10 +145,9 @@ fn update(job: &Job, f: impl FnOnce(&mut Progress)) -> Progress {
 }
 
 fn publish(app: &App, p: &Progress) {
-    app.events.emit(
-        "preload_progress",
-        serde_json::to_value(p).unwrap_or(Value::Null),
-    );
+    app.events.emit("preload_progress", || {
+        serde_json::to_value(p).unwrap_or(Value::Null)
+    });
 }
 
 async fn run(

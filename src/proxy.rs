@@ -326,8 +326,7 @@ async fn completion(
         identity.prompt_hash,
         json.get("prompt").and_then(Value::as_str),
     );
-    app.events.emit(
-        "slot_assigned",
+    app.events.emit("slot_assigned", || {
         json!({
             "slot": slot,
             "chat": identity.tenant.chat(),
@@ -335,8 +334,8 @@ async fn completion(
             "kind": identity.kind.as_str(),
             "resident": lease.grant().resident,
             "client": client,
-        }),
-    );
+        })
+    });
     info!(
         slot,
         tenant = %identity.tenant,
@@ -417,7 +416,7 @@ async fn completion(
     add_identity_headers(&mut rparts.headers, slot, &identity, restored.as_deref());
     app.events.emit(
         "generation_started",
-        json!({"slot": slot, "chat": identity.tenant.chat(), "character": identity.tenant.character(), "status": status.as_u16()}),
+        || json!({"slot": slot, "chat": identity.tenant.chat(), "character": identity.tenant.character(), "status": status.as_u16()}),
     );
     let guard = app.tasks.start();
     let app2 = Arc::clone(app);
@@ -476,8 +475,7 @@ async fn finish(
         metrics::add(&app.metrics.prompt_cached, c);
         metrics::add(&app.metrics.prompt_evaluated, p);
     }
-    app.events.emit(
-        "generation_finished",
+    app.events.emit("generation_finished", || {
         json!({
             "slot": slot,
             "chat": identity.tenant.chat(),
@@ -491,8 +489,8 @@ async fn finish(
             "cache_n": summary.cache_n(),
             "prompt_n": summary.prompt_n(),
             "ttft_ms": ttft.map(|t| t.as_secs_f64() * 1000.0),
-        }),
-    );
+        })
+    });
     debug!(
         slot,
         ?outcome,
@@ -577,7 +575,7 @@ pub(crate) async fn take_over(app: &App, lease: &Lease) {
     app.note_eviction();
     app.events.emit(
         "evicted",
-        json!({"slot": slot, "chat": ev.tenant.chat(), "character": ev.tenant.character(), "usage": ev.usage}),
+        || json!({"slot": slot, "chat": ev.tenant.chat(), "character": ev.tenant.character(), "usage": ev.usage}),
     );
     if ev.usage >= 1 && ev.tenant.is_character() && ev.live {
         app.hooks
