@@ -216,13 +216,19 @@ impl App {
     /// Remembers a request: its prompt fingerprint, its text (for preloads),
     /// the chat its character was last seen in.
     pub fn remember_prompt(&self, tenant: &Tenant, hash: u64, text: Option<&str>) {
+        // Copy the prompt (up to megabytes) before taking the lock every
+        // request takes.
+        let kept: Option<Arc<str>> = match (tenant, text) {
+            (Tenant::Character { .. }, Some(t)) if t.len() <= PROMPT_KEPT_MAX => Some(Arc::from(t)),
+            _ => None,
+        };
         let mut m = self.memory();
         m.prompt_hashes.put(tenant.clone(), hash);
-        if let (Tenant::Character { chat, name }, Some(t)) = (tenant, text) {
+        if let (Tenant::Character { chat, name }, Some(_)) = (tenant, text) {
             m.character_chats.put(name.clone(), chat.clone());
-            if t.len() <= PROMPT_KEPT_MAX {
-                m.prompts.put(tenant.clone(), Arc::from(t));
-            }
+        }
+        if let Some(prompt) = kept {
+            m.prompts.put(tenant.clone(), prompt);
         }
     }
 
