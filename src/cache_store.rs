@@ -447,7 +447,7 @@ pub struct CacheStore {
     tokens: Mutex<LruCache<String, Arc<Vec<i32>>>>,
     temp_counter: AtomicU64,
     /// Saves smaller than this are rejected (0: off).
-    pub min_bytes: AtomicU64,
+    min_bytes: u64,
 }
 
 // === impl CacheStore ===
@@ -478,11 +478,17 @@ impl CacheStore {
                 NonZeroUsize::new(TOKEN_CACHE).expect("nonzero"),
             )),
             temp_counter: AtomicU64::new(0),
-            min_bytes: AtomicU64::new(0),
+            min_bytes: 0,
         };
         store.clean_leftovers();
         store.rescan()?;
         Ok(store)
+    }
+
+    /// Rejects saves smaller than `bytes` (`--min-save-bytes`; 0: off).
+    pub fn with_min_bytes(mut self, bytes: u64) -> CacheStore {
+        self.min_bytes = bytes;
+        self
     }
 
     /// The directory.
@@ -627,7 +633,7 @@ impl CacheStore {
                 new.n_written
             )));
         }
-        let min = self.min_bytes.load(Ordering::Relaxed);
+        let min = self.min_bytes;
         if min > 0 && size < min {
             return Err(StoreError::Rejected(format!(
                 "file has {size} bytes, under the {min}-byte minimum (--min-save-bytes)"

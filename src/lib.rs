@@ -123,8 +123,9 @@ impl Gateway {
         let mut settings = cfg.cache.clone();
         let store = match &cfg.save_dir {
             Some(dir) => {
-                let store =
-                    CacheStore::open(dir).map_err(|e| StartError::SaveDir(e.to_string()))?;
+                let store = CacheStore::open(dir)
+                    .map_err(|e| StartError::SaveDir(e.to_string()))?
+                    .with_min_bytes(cfg.cache.min_save_bytes);
                 if admin::load_persisted_settings(dir, &mut settings)
                     .map_err(StartError::SaveDir)?
                 {

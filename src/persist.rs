@@ -40,10 +40,6 @@ impl Persistence {
     /// Hooks over `store`, talking to `upstream`, sharing settings, events
     /// and metrics with the rest of kvgate.
     pub fn new(store: Arc<CacheStore>, upstream: Upstream, shared: &Shared) -> Persistence {
-        let min = shared.settings.get().min_save_bytes;
-        store
-            .min_bytes
-            .store(min, std::sync::atomic::Ordering::Relaxed);
         Persistence {
             store,
             upstream,

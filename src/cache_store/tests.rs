@@ -226,10 +226,12 @@ fn commit_checks_and_never_overwrites() {
         "header disagrees"
     );
     assert!(store.commit("missing.bin", &new_save(&f, 3, 10)).is_err());
-    store.min_bytes.store(1 << 20, Ordering::Relaxed);
-    let (t, n) = fake_save(&store, &[1, 2], 0);
+    let strict = CacheStore::open(dir.path())
+        .unwrap()
+        .with_min_bytes(1 << 20);
+    let (t, n) = fake_save(&strict, &[1, 2], 0);
     assert!(
-        store.commit(&t, &new_save(&f, 2, n)).is_err(),
+        strict.commit(&t, &new_save(&f, 2, n)).is_err(),
         "under the minimum"
     );
     let after: Vec<_> = fs::read_dir(dir.path())

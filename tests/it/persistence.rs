@@ -192,6 +192,26 @@ async fn failed_save_keeps_no_file_and_no_reset_then_retries() {
 }
 
 #[tokio::test]
+async fn saves_under_min_save_bytes_are_refused_and_leave_nothing() {
+    // The fake's slot files are a few hundred bytes.
+    let s = setup(1, |c| {
+        c.cache.save_every = 1;
+        c.cache.min_save_bytes = 1 << 20;
+    })
+    .await;
+    say(&s, "Alice", "User: one").await;
+    assert!(saves(s.dir.path()).is_empty());
+    assert!(
+        !names(s.dir.path())
+            .iter()
+            .any(|n| n.ends_with(".bin") || n.starts_with(TEMP_PREFIX)),
+        "{:?}",
+        names(s.dir.path())
+    );
+    assert_eq!(s.kv.app.pool.snapshot()[0].usage, 1, "nothing was saved");
+}
+
+#[tokio::test]
 async fn failed_restore_still_generates_on_an_empty_slot() {
     let s = setup(1, |_| {}).await;
     say(&s, "Alice", "User: a").await;
