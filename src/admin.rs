@@ -700,7 +700,7 @@ fn events(app: &App) -> Response<ProxyBody> {
 }
 
 fn metrics(app: &App) -> Response<ProxyBody> {
-    let text = app.metrics.render(app.occupancy());
+    let text = app.metrics.render(app.gauges());
     let mut resp = Response::new(full(Bytes::from(text)));
     resp.headers_mut().insert(
         CONTENT_TYPE,

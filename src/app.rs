@@ -17,7 +17,7 @@ use crate::config::{CacheSettings, Config};
 use crate::events::Events;
 use crate::hooks::CacheHooks;
 use crate::lease::Pool;
-use crate::metrics::{Metrics, Occupancy};
+use crate::metrics::{Gauges, Metrics};
 use crate::policy::Policy;
 use crate::preload::Preloads;
 use crate::slots::Tenant;
@@ -279,23 +279,25 @@ impl App {
         last != 0 && crate::cache_store::now_unix().saturating_sub(last) <= window_s
     }
 
-    /// Slot occupancy now.
-    pub fn occupancy(&self) -> Occupancy {
-        let slots = self.pool.snapshot();
-        let mut o = Occupancy {
-            queued: self.pool.with_table(|t| t.queued()) as u64,
-            ..Occupancy::default()
+    /// The gauges' values now: llama-server up or not, slot occupancy.
+    pub fn gauges(&self) -> Gauges {
+        let mut g = Gauges {
+            upstream_up: self.upstream_state.get().up,
+            ..Gauges::default()
         };
-        for s in slots {
-            if s.lease.is_some() {
-                o.busy += 1;
-            } else if s.owner.is_some() {
-                o.owned += 1;
-            } else {
-                o.free += 1;
+        self.pool.with_table(|t| {
+            g.queued = t.queued() as u64;
+            for s in t.slots() {
+                if s.lease.is_some() {
+                    g.busy += 1;
+                } else if s.owner.is_some() {
+                    g.owned += 1;
+                } else {
+                    g.free += 1;
+                }
             }
-        }
-        o
+        });
+        g
     }
 }
 

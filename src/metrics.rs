@@ -102,8 +102,6 @@ pub struct Metrics {
     pub upstream_restarts: AtomicU64,
     /// Events a slow monitor missed.
     pub events_dropped: AtomicU64,
-    /// 1 while llama-server answers.
-    pub upstream_up: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -129,7 +127,6 @@ impl Default for Metrics {
             upstream_errors: z(),
             upstream_restarts: z(),
             events_dropped: z(),
-            upstream_up: z(),
         }
     }
 }
@@ -184,9 +181,11 @@ pub fn add_time(c: &AtomicU64, d: Duration) {
     add(c, u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
 }
 
-/// Slot occupancy for the gauge.
+/// What the gauges show, sampled from kvgate's state when `/metrics` is read.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct Occupancy {
+pub struct Gauges {
+    /// Whether llama-server answered the monitor's last poll.
+    pub upstream_up: bool,
     /// Slots with a request or save in flight.
     pub busy: u64,
     /// Idle slots holding a character's or anonymous cache.
@@ -241,7 +240,7 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition.
-    pub fn render(&self, occupancy: Occupancy) -> String {
+    pub fn render(&self, gauges: Gauges) -> String {
         let mut out = String::new();
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let counter = |out: &mut String, name: &str, help: &str, v: u64| {
@@ -392,17 +391,17 @@ impl Metrics {
         );
         let _ = writeln!(out, "# TYPE kvgate_slots gauge");
         for (state, v) in [
-            ("busy", occupancy.busy),
-            ("owned", occupancy.owned),
-            ("free", occupancy.free),
-            ("queued", occupancy.queued),
+            ("busy", gauges.busy),
+            ("owned", gauges.owned),
+            ("free", gauges.free),
+            ("queued", gauges.queued),
         ] {
             let _ = writeln!(out, "kvgate_slots{{state=\"{state}\"}} {v}");
         }
         let _ = writeln!(
             out,
             "# HELP kvgate_upstream_up Whether llama-server answers.\n# TYPE kvgate_upstream_up gauge\nkvgate_upstream_up {}",
-            g(&self.upstream_up)
+            u8::from(gauges.upstream_up)
         );
         out
     }
@@ -438,7 +437,7 @@ mod tests {
         let m = Metrics::default();
         m.request("/completion", 200);
         m.saved("autosave", 10, Duration::from_millis(5));
-        let s = m.render(Occupancy::default());
+        let s = m.render(Gauges::default());
         for name in [
             "kvgate_requests_total{route=\"/completion\",status=\"200\"} 1",
             "kvgate_saves_total{kind=\"autosave\"} 1",

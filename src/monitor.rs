@@ -135,9 +135,6 @@ async fn poll(app: &App, seen: &mut Seen) {
             || json!({"url": app.upstream.base().to_string(), "slots": n}),
         );
     }
-    app.metrics
-        .upstream_up
-        .store(1, std::sync::atomic::Ordering::Relaxed);
     app.upstream_state.replace(UpstreamState {
         up: true,
         slots: slots.clone().unwrap_or_default(),
@@ -159,9 +156,6 @@ fn down(app: &App, seen: &mut Seen, e: &UpstreamError) {
                 || json!({"url": app.upstream.base().to_string(), "error": e.to_string()}),
             );
         }
-        app.metrics
-            .upstream_up
-            .store(0, std::sync::atomic::Ordering::Relaxed);
         // Only the monitor writes this: no update is lost between get and
         // replace. The slots stay as last seen.
         let mut st = app.upstream_state.get();
