@@ -436,15 +436,7 @@ fn status_error(what: &str, status: StatusCode, v: &Value) -> UpstreamError {
 /// as one frame (up to [`COALESCE`] bytes) without ever waiting for more: a
 /// token that arrives alone still goes out alone, at once.
 pub struct Driven {
-    conn: std::pin::Pin<
-        Box<
-            hyper::client::conn::http1::Connection<
-                hyper_util::rt::TokioIo<tokio::net::TcpStream>,
-                ProxyBody,
-            >,
-        >,
-    >,
-    conn_done: bool,
+    conn: OwnConn,
     body: Incoming,
     stash: Option<Option<Result<hyper::body::Frame<Bytes>, crate::body::BoxError>>>,
 }
@@ -458,10 +450,24 @@ impl std::fmt::Debug for Driven {
 /// Most bytes handed on in one frame.
 pub const COALESCE: usize = 64 * 1024;
 
-impl Driven {
-    fn poll_conn(&mut self, cx: &mut std::task::Context<'_>) {
-        if !self.conn_done && std::future::Future::poll(self.conn.as_mut(), cx).is_ready() {
-            self.conn_done = true;
+/// A completion's own HTTP/1 connection, driven by whoever polls it (the
+/// request, then the response body) until it is done.
+struct OwnConn {
+    conn: std::pin::Pin<
+        Box<
+            hyper::client::conn::http1::Connection<
+                hyper_util::rt::TokioIo<tokio::net::TcpStream>,
+                ProxyBody,
+            >,
+        >,
+    >,
+    done: bool,
+}
+
+impl OwnConn {
+    fn poll(&mut self, cx: &mut std::task::Context<'_>) {
+        if !self.done && std::future::Future::poll(self.conn.as_mut(), cx).is_ready() {
+            self.done = true;
         }
     }
 }
@@ -520,7 +526,7 @@ impl hyper::body::Body for Driven {
         // Gather what is already here, never waiting for more; anything
         // that is not data (trailers, the end, an error) goes out after it.
         let next = loop {
-            this.poll_conn(cx);
+            this.conn.poll(cx);
             match std::pin::Pin::new(&mut this.body).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(d) => {
@@ -571,18 +577,20 @@ impl Upstream {
             .authority()
             .map(|a| a.as_str().to_string())
             .unwrap_or_default();
-        let url = self.uri_for(&pq).to_string();
+        let target = self.uri_for(&pq);
         let fail = |m: String, connect: bool| UpstreamError::Connection {
-            url: url.clone(),
+            url: target.to_string(),
             message: m,
             connect,
         };
         // Origin-form on a direct connection.
-        let prefix = self.base.path().trim_end_matches('/');
-        let uri = format!("{prefix}{pq}")
-            .parse()
-            .map_err(|e: hyper::http::uri::InvalidUri| fail(e.to_string(), true))?;
-        let mut req = self.outgoing(parts.method, uri, parts.headers, body);
+        let origin = Uri::from(
+            target
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/")),
+        );
+        let mut req = self.outgoing(parts.method, origin, parts.headers, body);
         req.headers_mut()
             .insert(CONNECTION, HeaderValue::from_static("close"));
         let fut = async {
@@ -594,14 +602,14 @@ impl Upstream {
                 hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
                     .await
                     .map_err(|e| fail(e.to_string(), true))?;
-            let mut conn = Box::pin(conn);
-            let mut conn_done = false;
+            let mut conn = OwnConn {
+                conn: Box::pin(conn),
+                done: false,
+            };
             let send = sender.send_request(req);
             tokio::pin!(send);
             let resp = std::future::poll_fn(|cx| {
-                if !conn_done && std::future::Future::poll(conn.as_mut(), cx).is_ready() {
-                    conn_done = true;
-                }
+                conn.poll(cx);
                 std::future::Future::poll(send.as_mut(), cx)
             })
             .await
@@ -611,7 +619,6 @@ impl Upstream {
                 parts,
                 Driven {
                     conn,
-                    conn_done,
                     body,
                     stash: None,
                 },
