@@ -192,6 +192,12 @@ async fn healthy(url: &str, child: &mut Child, limit: Duration) -> Result<(), St
     }
 }
 
+/// Resolves once a stop is requested (or the supervisor is gone). The watch
+/// guard is dropped before this returns, so no lock outlives it.
+async fn until_stop(stopped: &mut watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|s| *s).await;
+}
+
 /// Stops a child: SIGTERM, then SIGKILL after `grace`.
 async fn stop_child(child: &mut Child, grace: Duration) {
     if let Some(pid) = child.id() {
@@ -234,30 +240,43 @@ impl Supervisor {
                     status = child.wait() => {
                         warn!(?status, "llama-server exited; restarting it");
                     }
-                    _ = async { let _ = stopped.wait_for(|s| *s).await; } => {
+                    _ = until_stop(&mut stopped) => {
                         stop_child(&mut child, Duration::from_secs(10)).await;
                         info!("llama-server stopped");
                         return;
                     }
                 }
+                // Until it is back: a stop request ends every wait at once (a
+                // model can take minutes to load; shutdown must not wait).
                 loop {
-                    tokio::time::sleep(backoff).await;
-                    if *stopped.borrow() {
-                        return;
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = until_stop(&mut stopped) => return,
                     }
                     match spawn(&spec, port, &tail) {
-                        Ok(mut c) => match healthy(&url2, &mut c, Duration::from_secs(300)).await {
-                            Ok(()) => {
-                                info!(url = %url2, "llama-server is up again");
-                                child = c;
-                                backoff = Duration::from_millis(500);
-                                break;
+                        Ok(mut c) => {
+                            let up = tokio::select! {
+                                r = healthy(&url2, &mut c, Duration::from_secs(300)) => Some(r),
+                                _ = until_stop(&mut stopped) => None,
+                            };
+                            match up {
+                                None => {
+                                    stop_child(&mut c, Duration::from_secs(10)).await;
+                                    info!("llama-server stopped while starting again");
+                                    return;
+                                }
+                                Some(Ok(())) => {
+                                    info!(url = %url2, "llama-server is up again");
+                                    child = c;
+                                    backoff = Duration::from_millis(500);
+                                    break;
+                                }
+                                Some(Err(e)) => {
+                                    let _ = c.kill().await;
+                                    warn!(error = %e, "llama-server did not come back");
+                                }
                             }
-                            Err(e) => {
-                                let _ = c.kill().await;
-                                warn!(error = %e, "llama-server did not come back");
-                            }
-                        },
+                        }
                         Err(e) => warn!(error = %e, "cannot restart llama-server"),
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(30));

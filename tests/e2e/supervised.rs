@@ -202,3 +202,67 @@ async fn a_sigkilled_kvgate_takes_its_llama_server_with_it() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn sigterm_while_llama_server_is_coming_back_does_not_wait_for_it() {
+    let Some(bin) = tokio::task::spawn_blocking(llama_server_bin).await.unwrap() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // The first start runs the real llama-server; every restart hangs,
+    // alive but never healthy (as a large model loading for minutes). The
+    // script keeps "llama-server" in its command line, so llama_children
+    // sees it.
+    let wrapper = dir.path().join("llama-server-wrapper.sh");
+    let mark = dir.path().join("started-once");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nif [ -e '{mark}' ]; then\n  trap 'kill $!; exit 0' TERM\n  sleep 120 & wait $!\n  exit 1\nfi\n: > '{mark}'\nexec '{bin}' \"$@\"\n",
+            mark = mark.display(),
+            bin = bin.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let saves = dir.path().join("saves");
+    std::fs::create_dir(&saves).unwrap();
+    let mut kv = start_kvgate(&wrapper, &saves).await;
+    let kv_pid = kv.child.id().unwrap();
+    let first = llama_children(kv_pid);
+    assert_eq!(first.len(), 1, "one llama-server child: {first:?}");
+    assert!(std::process::Command::new("kill")
+        .args(["-KILL", &first[0].to_string()])
+        .status()
+        .unwrap()
+        .success());
+    // Wait for the restart that will never become healthy.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let hanging = loop {
+        let now = llama_children(kv_pid);
+        if now.len() == 1 && now[0] != first[0] {
+            break now[0];
+        }
+        assert!(Instant::now() < deadline, "no restart: {}", kv.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &kv_pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    // The restart's health wait is 300 s; shutdown must not sit it out.
+    let status = tokio::time::timeout(Duration::from_secs(60), kv.child.wait())
+        .await
+        .unwrap_or_else(|_| panic!("kvgate waited for a hanging restart:\n{}", kv.log_text()))
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        !alive(hanging),
+        "the hanging restart {hanging} was left running"
+    );
+}
