@@ -3,7 +3,7 @@
 //! llama-server is refilled from disk, and SIGTERM to the kvgate binary saves
 //! every slot that has unsaved messages.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kvgate::cache_store::{SaveKind, SaveMeta};
 
@@ -81,14 +81,7 @@ async fn after_llama_server_restarts_the_next_request_restores_from_disk() {
     assert_eq!(saves_in(&llama.save_dir).len(), 1);
 
     llama.restart().await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while kv.app.pool.snapshot().iter().any(|s| s.live) {
-        assert!(
-            Instant::now() < deadline,
-            "kvgate did not notice the restart"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    kv.wait_all_lost(Duration::from_secs(10)).await;
     let (h, last) = turn_through(&kv.url, &mut chat, &a).await;
     assert!(h.get("x-kvgate-restored").is_some(), "restored from disk");
     let cache_n = last["timings"]["cache_n"].as_u64().unwrap();

@@ -380,7 +380,8 @@ async fn slots_show_owners_counters_busy_and_the_queue_without_blocking() {
     assert_eq!(v["slots"][0]["busy"], true, "{v}");
     assert_eq!(v["slots"][1]["busy"], true, "{v}");
     assert_eq!(v["slots"][1]["character"], "Bob", "{v}");
-    let t0 = Instant::now();
+    // The gate holds the slots until it opens: an admin request that waited
+    // for them would hang, and `admin` fails after 5 s.
     for path in [
         "/slots",
         "/health",
@@ -392,11 +393,6 @@ async fn slots_show_owners_counters_busy_and_the_queue_without_blocking() {
         let (status, _) = admin(&s.kv, "GET", path, None).await;
         assert_eq!(status, 200, "{path} while every slot is busy");
     }
-    assert!(
-        t0.elapsed() < Duration::from_secs(2),
-        "the admin port waited for busy slots: {:?}",
-        t0.elapsed()
-    );
     s.fake.set_gate(false);
     for h in [bob, carol, alice] {
         let (status, _, body) = h.await.unwrap();
@@ -1448,14 +1444,10 @@ async fn preload_cancel_frees_every_slot() {
         "the preload holds a slot"
     );
 
-    let t0 = Instant::now();
+    // llama-server holds the request until the gate opens: a cancel that
+    // waited for it would hang, and `admin` fails after 5 s.
     let (status, v) = admin(&s.kv, "DELETE", &format!("/preload/{id}"), None).await;
     assert_eq!(status, 200, "{v}");
-    assert!(
-        t0.elapsed() < Duration::from_secs(2),
-        "cancel waited for llama-server: {:?}",
-        t0.elapsed()
-    );
     let p = get(&s.kv, &format!("/preload/{id}")).await;
     assert_eq!(p["state"], "cancelled", "{p}");
     // No slot stays locked, although llama-server still holds the request.
@@ -1465,7 +1457,13 @@ async fn preload_cancel_frees_every_slot() {
     assert_eq!(get(&s.kv, "/slots").await["queued"], 0);
 
     s.fake.set_gate(false);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Alice's request ends; a preload that went on would start Bob now.
+    assert!(
+        s.fake
+            .wait_for(Duration::from_secs(5), |f| f.active_requests() == 0)
+            .await
+    );
+    s.kv.wait_idle().await;
     assert_eq!(s.fake.completions().len(), 1, "Bob was never started");
     assert_eq!(
         get(&s.kv, &format!("/preload/{id}")).await["state"],
@@ -1836,7 +1834,7 @@ async fn restored_from_names_the_file_a_slot_came_from() {
 const STALL_TURNS: usize = 100;
 
 #[tokio::test]
-async fn a_stalled_event_monitor_misses_events_but_never_slows_the_proxy() {
+async fn a_stalled_event_monitor_never_holds_up_the_proxy_or_other_monitors() {
     let s = setup(2, |_| {}).await;
     let dropped = |text: &str| -> f64 {
         parse_exposition(text)
@@ -1864,29 +1862,27 @@ async fn a_stalled_event_monitor_misses_events_but_never_slows_the_proxy() {
         .write_all(b"GET /events HTTP/1.1\r\nhost: kvgate\r\n\r\n")
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    // A monitor that keeps up still sees everything.
-    let tap = EventTap::open(&s.kv).await;
-    let t0 = Instant::now();
-    let mut slowest = Duration::ZERO;
-    for i in 0..STALL_TURNS {
-        let t = Instant::now();
-        say(&s, ROSTER[i % 3], &format!("User: {i}")).await;
-        slowest = slowest.max(t.elapsed());
-    }
-    let took = t0.elapsed();
-    assert!(
-        took < Duration::from_secs(10),
-        "{STALL_TURNS} turns took {took:?}"
-    );
-    assert!(slowest < Duration::from_secs(2), "a turn took {slowest:?}");
-    // The stalled monitor got the stream's head, and whatever it missed is
-    // counted in a family that exists.
+    // Its subscription is in place once the response head is out; from
+    // then on it reads nothing.
     let mut head = [0u8; 12];
     tokio::io::AsyncReadExt::read_exact(&mut stalled, &mut head)
         .await
         .unwrap();
     assert_eq!(&head, b"HTTP/1.1 200", "the stalled monitor was served");
+    // A monitor that keeps up still sees everything.
+    let tap = EventTap::open(&s.kv).await;
+    // A proxy held up by the stalled monitor would hang: each turn gets a
+    // generous bound (how fast turns are is the benches' business).
+    for i in 0..STALL_TURNS {
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            say(&s, ROSTER[i % 3], &format!("User: {i}")),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("turn {i} hung behind a stalled monitor"));
+    }
+    // Whatever the stalled monitor missed is counted in a family that
+    // exists.
     assert!(
         !parse_exposition(&s.kv.metrics_text().await)
             .family_samples("kvgate_events_dropped_total")

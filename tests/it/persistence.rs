@@ -299,11 +299,7 @@ async fn restart_of_llama_server_means_restore_from_disk() {
     say(&s, "Alice", "User: a").await; // autosaved
     assert_eq!(saves(s.dir.path()).len(), 1);
     s.fake.restart().await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while s.kv.app.pool.snapshot()[0].live {
-        assert!(std::time::Instant::now() < deadline, "restart not noticed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    s.kv.wait_all_lost(Duration::from_secs(5)).await;
     let (status, h, events) = say(&s, "Alice", "User: a\nBob: b").await;
     assert_eq!(status, 200);
     assert!(
@@ -328,14 +324,12 @@ async fn saves_of_another_model_are_listed_but_never_restored() {
     s.fake.set_model_path("/models/other.gguf");
     s.fake.restart().await;
     // kvgate has noticed: a new fingerprint, and Alice's slot is not live.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while s.kv.app.fingerprint.get().as_ref() == Some(&before) || s.kv.app.pool.snapshot()[0].live {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "kvgate did not notice the new model"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    s.kv.wait_until(
+        "kvgate to notice the new model",
+        Duration::from_secs(5),
+        |app| app.fingerprint.get().as_ref() != Some(&before) && !app.pool.snapshot()[0].live,
+    )
+    .await;
     let (status, h, _) = say(&s, "Alice", "User: a\nBob: b").await;
     assert_eq!(status, 200);
     assert!(

@@ -506,7 +506,13 @@ async fn full_table_makes_a_newcomer_wait_for_the_first_free_slot() {
     let kv = Kvgate::start_with_hooks(&fake.url(), rec.clone(), |_| {}).await;
     let url = format!("{}/completion", kv.url);
     let spawn = |who: &'static str| spawn_post(&url, group(who));
+    // One after the other: Alice gets slot 0 and waits first for each gated
+    // event (the gate is a fair semaphore), so her generation ends first.
     let a = spawn("Alice");
+    assert!(
+        fake.wait_for(Duration::from_secs(5), |f| f.active_requests() == 1)
+            .await
+    );
     let b = spawn("Bob");
     assert!(
         fake.wait_for(Duration::from_secs(5), |f| f.active_requests() == 2)
@@ -519,19 +525,18 @@ async fn full_table_makes_a_newcomer_wait_for_the_first_free_slot() {
         2,
         "Carol has not reached llama-server"
     );
-    // Alice's generation ends first: Carol takes her slot, never Bob's busy one.
+    // One event at a time until Alice's generation ends and Carol comes
+    // in: she takes Alice's slot, never Bob's busy one.
     let alice_slot: usize = 0;
-    while !a.is_finished() {
+    let mut released = 0;
+    while !fake
+        .wait_for(Duration::from_millis(50), |f| f.completions().len() == 3)
+        .await
+    {
+        assert!(released < 20, "Carol never reached llama-server");
         fake.release_event();
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        if fake.completions().len() == 3 {
-            break;
-        }
+        released += 1;
     }
-    assert!(
-        fake.wait_for(Duration::from_secs(5), |f| f.completions().len() == 3)
-            .await
-    );
     assert_eq!(
         fake.completions()[2]["id_slot"],
         alice_slot,
@@ -733,23 +738,35 @@ async fn client_chosen_id_slot_is_honoured_and_serialised() {
 async fn upstream_restart_marks_every_slot_unknown() {
     let fake = FakeLlama::builder().slots(2).events(1).build().await;
     let kv = Kvgate::start(&fake.url(), |_| {}).await;
-    let (s, _, _) = post_json(&format!("{}/completion", kv.url), &[], &group("Alice")).await;
-    assert_eq!(s, 200);
-    kv.wait_idle().await;
-    assert!(kv.app.pool.snapshot()[0].live);
-    fake.restart().await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while kv.app.pool.snapshot()[0].live {
-        assert!(Instant::now() < deadline, "restart not detected");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    for who in ["Alice", "Bob"] {
+        let (s, _, _) = post_json(&format!("{}/completion", kv.url), &[], &group(who)).await;
+        assert_eq!(s, 200);
     }
-    let slot = &kv.app.pool.snapshot()[0];
+    kv.wait_idle().await;
+    assert!(kv.app.pool.snapshot().iter().all(|s| s.live));
+    fake.restart().await;
+    kv.wait_all_lost(Duration::from_secs(5)).await;
+    let owners: Vec<Option<String>> = kv
+        .app
+        .pool
+        .snapshot()
+        .iter()
+        .map(|s| {
+            s.owner
+                .as_ref()
+                .and_then(|t| t.character())
+                .map(String::from)
+        })
+        .collect();
     assert_eq!(
-        slot.owner.as_ref().and_then(|t| t.character()),
-        Some("Alice"),
+        owners,
+        [Some("Alice".to_string()), Some("Bob".to_string())],
         "affinity kept"
     );
-    assert_eq!(slot.usage, 0, "nothing left to save");
+    assert!(
+        kv.app.pool.snapshot().iter().all(|s| s.usage == 0),
+        "nothing left to save"
+    );
 }
 
 #[tokio::test]

@@ -631,7 +631,6 @@ async fn client_gone_during_an_evict_save_loses_nothing() {
             .wait_for(Duration::from_secs(5), |f| f.active_requests() == 0)
             .await
     );
-    tokio::time::sleep(Duration::from_millis(100)).await;
     let saves = complete_saves(&s.save); // no temporary file may be left
     let slot = s.kv.app.pool.snapshot()[0].clone();
     let alice_kept = slot.owner.as_ref().and_then(|t| t.character()) == Some("Alice")

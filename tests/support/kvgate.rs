@@ -147,6 +147,29 @@ impl Kvgate {
         }
     }
 
+    /// Waits until `done` holds for kvgate's state, `limit` at most (`what`
+    /// names the wait in the failure).
+    pub async fn wait_until(&self, what: &str, limit: Duration, done: impl Fn(&App) -> bool) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while !done(&self.app) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what}: not within {limit:?}; slots {:?}",
+                self.app.pool.snapshot()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until no slot holds a live cache (kvgate noticed llama-server
+    /// restart).
+    pub async fn wait_all_lost(&self, limit: Duration) {
+        self.wait_until("kvgate to notice the restart", limit, |app| {
+            app.pool.snapshot().iter().all(|s| !s.live)
+        })
+        .await;
+    }
+
     /// The admin port's Prometheus text (asserts 200 and its content type).
     pub async fn metrics_text(&self) -> String {
         let resp = send("GET", &format!("{}/metrics", self.admin_url), &[], "").await;
