@@ -2406,14 +2406,8 @@ async fn admin_key_is_required_on_every_endpoint() {
 type Env<'a> = Vec<(&'a str, &'a str)>;
 
 fn kvgate_cmd(args: &[&str]) -> std::process::Command {
-    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_kvgate"));
+    let mut c = crate::support::kvgate_bin::kvgate_command();
     c.args(args);
-    for (k, _) in std::env::vars_os() {
-        let k = k.to_string_lossy().into_owned();
-        if k.starts_with("KVGATE_") || k == "KV_SAVE_DIR" {
-            c.env_remove(k);
-        }
-    }
     c
 }
 

@@ -1,15 +1,10 @@
 //! The binary's command line: bad flags and values give one clear line and
 //! exit code 64; an unusable save directory stops kvgate before it serves.
 
-use std::process::Command;
+use crate::support::kvgate_bin::kvgate_command;
 
 fn kvgate(args: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_kvgate"))
-        .args(args)
-        .env_remove("KVGATE_LISTEN")
-        .env_remove("KV_SAVE_DIR")
-        .output()
-        .expect("run kvgate");
+    let out = kvgate_command().args(args).output().expect("run kvgate");
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),

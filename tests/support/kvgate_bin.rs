@@ -13,6 +13,19 @@ use serde_json::Value;
 use super::kvgate::client;
 use super::llama::free_port;
 
+/// The kvgate binary with the environment's settings (`KVGATE_*`,
+/// `KV_SAVE_DIR`, `LLAMA_SERVER`) removed: a test's arguments say it all.
+pub fn kvgate_command() -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kvgate"));
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if k.starts_with("KVGATE_") || k == "KV_SAVE_DIR" || k == "LLAMA_SERVER" {
+            cmd.env_remove(&key);
+        }
+    }
+    cmd
+}
+
 pub struct KvgateBin {
     pub child: tokio::process::Child,
     /// The proxy port's base URL.
@@ -24,9 +37,8 @@ pub struct KvgateBin {
 
 impl KvgateBin {
     /// Starts `kvgate --listen … --admin-listen …` on free loopback ports,
-    /// followed by `args`, logging to `log`, and waits until it is ready
-    /// (`wait_ready`). Settings from the environment (`KVGATE_*`,
-    /// `KV_SAVE_DIR`, `LLAMA_SERVER`) are removed: the arguments say it all.
+    /// followed by `args` (see [`kvgate_command`]), logging to `log`, and
+    /// waits until it is ready (`wait_ready`).
     pub async fn start<S: AsRef<OsStr>>(
         args: impl IntoIterator<Item = S>,
         log: PathBuf,
@@ -34,21 +46,14 @@ impl KvgateBin {
         within: Duration,
     ) -> KvgateBin {
         let (front, admin) = (free_port(), free_port());
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_kvgate"));
+        let mut cmd = tokio::process::Command::from(kvgate_command());
         cmd.args(["--listen", &format!("127.0.0.1:{front}")])
             .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
             .args(args)
-            .env_remove("KV_SAVE_DIR")
-            .env_remove("LLAMA_SERVER")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("kvgate log file"))
             .kill_on_drop(true);
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("KVGATE_") {
-                cmd.env_remove(key);
-            }
-        }
         let kv = KvgateBin {
             child: cmd.spawn().expect("start the kvgate binary"),
             url: format!("http://127.0.0.1:{front}"),
