@@ -6,7 +6,7 @@
 //! Prometheus text.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,10 +17,10 @@ use kvgate::config::Config;
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 
-use crate::support::fake_llama::{FakeLlama, FakeLlamaBuilder};
+use crate::support::fake_llama::FakeLlama;
 use crate::support::kvgate::{
     assert_api_error, json_body, names_in, post_json, raw_exchange, saves_in as saves, send,
-    spawn_post, sse_events, EventTap, Kvgate,
+    spawn_post, EventTap, Kvgate, Saving,
 };
 
 /// The group chat of [`turn`]; the user is "User".
@@ -45,42 +45,10 @@ fn with_identity(mut body: Value, chat: &str, character: &str) -> Value {
     body
 }
 
-struct Setup {
-    fake: FakeLlama,
-    kv: Kvgate,
-    /// Parent of the save directory: sentinels live here, outside it.
-    root: tempfile::TempDir,
-    /// The save directory (kvgate's and the fake's).
-    dir: PathBuf,
-}
-
-/// kvgate with a save directory in front of `upstream`.
-async fn start_kv(upstream: &str, dir: &Path, tweak: impl FnOnce(&mut Config)) -> Kvgate {
-    Kvgate::start_saving(upstream, dir, tweak).await
-}
+type Setup = Saving;
 
 async fn setup(slots: usize, tweak: impl FnOnce(&mut Config)) -> Setup {
-    setup_fake(slots, |b| b, tweak).await
-}
-
-async fn setup_fake(
-    slots: usize,
-    fake_tweak: impl FnOnce(FakeLlamaBuilder) -> FakeLlamaBuilder,
-    tweak: impl FnOnce(&mut Config),
-) -> Setup {
-    let root = tempfile::tempdir().unwrap();
-    let dir = root.path().join("saves");
-    std::fs::create_dir(&dir).unwrap();
-    let fake = fake_tweak(FakeLlama::builder().slots(slots).events(3).save_dir(&dir))
-        .build()
-        .await;
-    let kv = start_kv(&fake.url(), &dir, tweak).await;
-    Setup {
-        fake,
-        kv,
-        root,
-        dir,
-    }
+    Saving::start(slots, |b| b, tweak).await
 }
 
 /// One admin request with a raw body; status and body.
@@ -133,16 +101,8 @@ async fn poll(kv: &Kvgate, path: &str, what: &str, pred: impl Fn(&Value) -> bool
     }
 }
 
-/// A completion through the front port; waits until kvgate is idle again.
-async fn say_body(kv: &Kvgate, body: &Value) -> (u16, hyper::HeaderMap, Vec<Value>) {
-    let (status, headers, bytes) = post_json(&format!("{}/completion", kv.url), &[], body).await;
-    kv.wait_idle().await;
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&bytes));
-    (status, headers, sse_events(&bytes))
-}
-
 async fn say(s: &Setup, speaker: &str, history: &str) -> (u16, hyper::HeaderMap, Vec<Value>) {
-    say_body(&s.kv, &turn(speaker, history)).await
+    s.kv.say_body(&turn(speaker, history)).await
 }
 
 fn slot_of(h: &hyper::HeaderMap) -> usize {
@@ -424,7 +384,8 @@ async fn saves_group_by_chat_and_character_newest_first_and_filter() {
         ("tavern", "Bob", "User: one"),
         ("dungeon", "Carol", "User: one"),
     ] {
-        say_body(&s.kv, &with_identity(turn(who, history), chat, who)).await;
+        s.kv.say_body(&with_identity(turn(who, history), chat, who))
+            .await;
     }
     let disk = saves(&s.dir);
     assert_eq!(disk.len(), 4, "{disk:?}");
@@ -538,10 +499,11 @@ async fn files_list_and_delete_also_under_the_plugin_prefix() {
     assert_eq!(status, 200, "{r}");
     let fa = saved_file(&r, "Alice");
     // A Unicode character in another chat (its name keeps its letters).
-    say_body(
-        &s.kv,
-        &with_identity(turn("Alice", "User: привет"), "таверна", "Мария"),
-    )
+    s.kv.say_body(&with_identity(
+        turn("Alice", "User: привет"),
+        "таверна",
+        "Мария",
+    ))
     .await;
     let (status, r) = admin(&s.kv, "POST", "/save", Some(json!({}))).await;
     assert_eq!(status, 200, "{r}");
@@ -890,11 +852,11 @@ async fn save_endpoints_tag_reset_rotate_and_refuse() {
     assert!(sl.iter().all(|x| x["usage"] == 0), "{sl:?}");
 
     // An anonymous slot holds no character's cache.
-    let (_, h, _) = say_body(
-        &s.kv,
-        &json!({"prompt": "Summarize: the quick brown fox.", "stream": true, "n_predict": 2}),
-    )
-    .await;
+    let (_, h, _) =
+        s.kv.say_body(
+            &json!({"prompt": "Summarize: the quick brown fox.", "stream": true, "n_predict": 2}),
+        )
+        .await;
     let anon = slot_of(&h);
     assert_eq!(slots(&s.kv).await[anon]["anonymous"], true);
     let (status, v) = admin(&s.kv, "POST", &format!("/slots/{anon}/save"), None).await;
@@ -1190,11 +1152,9 @@ async fn load_fills_a_slot_and_refuses_bad_requests() {
 #[tokio::test]
 async fn load_gives_the_slot_to_the_last_seen_chat_else_the_files_chat() {
     let s = setup(2, |c| c.cache.save_every = 1).await;
-    let (_, h1, _) = say_body(
-        &s.kv,
-        &with_identity(turn("Alice", "User: a"), "c1", "Alice"),
-    )
-    .await;
+    let (_, h1, _) =
+        s.kv.say_body(&with_identity(turn("Alice", "User: a"), "c1", "Alice"))
+            .await;
     let f1 = saves(&s.dir)
         .into_iter()
         .find(|m| m.chat == "c1")
@@ -1202,11 +1162,9 @@ async fn load_gives_the_slot_to_the_last_seen_chat_else_the_files_chat() {
         .file;
     assert_eq!(h1["x-kvgate-character"], "Alice");
     // The same client moves to c2: Alice is now last seen there.
-    let (_, h2, _) = say_body(
-        &s.kv,
-        &with_identity(turn("Alice", "User: b"), "c2", "Alice"),
-    )
-    .await;
+    let (_, h2, _) =
+        s.kv.say_body(&with_identity(turn("Alice", "User: b"), "c2", "Alice"))
+            .await;
     let in_c2 = slot_of(&h2);
     let (status, v) = admin(
         &s.kv,
@@ -1234,7 +1192,7 @@ async fn load_gives_the_slot_to_the_last_seen_chat_else_the_files_chat() {
         dir,
     } = s;
     kv.stop().await;
-    let kv = start_kv(&fake.url(), &dir, |_| {}).await;
+    let kv = Kvgate::start_saving(&fake.url(), &dir, |_| {}).await;
     let (status, v) = admin(&kv, "POST", "/load", Some(json!({"items": [{"file": f1}]}))).await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["loaded"][0]["chat"], "c1", "the file's chat: {v}");
@@ -1612,7 +1570,7 @@ async fn settings_persist_across_restarts() {
     kv.stop().await;
 
     // Same save directory, default configuration: the saved settings win.
-    let kv = start_kv(&fake.url(), &dir, |_| {}).await;
+    let kv = Kvgate::start_saving(&fake.url(), &dir, |_| {}).await;
     let v = get(&kv, "/settings").await;
     for (k, want) in [
         ("autosave", json!(true)),
@@ -1623,7 +1581,7 @@ async fn settings_persist_across_restarts() {
     ] {
         assert_eq!(v[k], want, "{k} after a restart: {v}");
     }
-    say_body(&kv, &turn("Alice", "User: one")).await;
+    kv.say_body(&turn("Alice", "User: one")).await;
     assert_eq!(
         saves(&dir).len(),
         1,
@@ -1633,7 +1591,7 @@ async fn settings_persist_across_restarts() {
     let (status, _) = admin(&kv, "PUT", "/settings", Some(json!({"save_every": 4}))).await;
     assert_eq!(status, 200);
     kv.stop().await;
-    let kv = start_kv(&fake.url(), &dir, |_| {}).await;
+    let kv = Kvgate::start_saving(&fake.url(), &dir, |_| {}).await;
     let v = get(&kv, "/settings").await;
     assert_eq!(
         (v["save_every"].as_u64(), v["max_files"].as_u64()),

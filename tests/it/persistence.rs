@@ -8,7 +8,7 @@ use kvgate::cache_store::{SaveKind, SaveMeta, META_SUFFIX, TEMP_PREFIX};
 use serde_json::{json, Value};
 
 use crate::support::fake_llama::FakeLlama;
-use crate::support::kvgate::{names_in as names, post_json, saves_in as saves, sse_events, Kvgate};
+use crate::support::kvgate::{names_in as names, post_json, saves_in as saves, Saving};
 
 const ROSTER: [&str; 4] = ["Alice", "Bob", "Carol", "Dave"];
 
@@ -17,22 +17,10 @@ fn turn(speaker: &str, history: &str) -> Value {
     crate::support::kvgate::group_turn(&ROSTER, speaker, history)
 }
 
-struct Setup {
-    fake: FakeLlama,
-    kv: Kvgate,
-    dir: tempfile::TempDir,
-}
+type Setup = Saving;
 
 async fn setup(slots: usize, tweak: impl FnOnce(&mut kvgate::config::Config)) -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let fake = FakeLlama::builder()
-        .slots(slots)
-        .events(3)
-        .save_dir(dir.path())
-        .build()
-        .await;
-    let kv = Kvgate::start_saving(&fake.url(), dir.path(), tweak).await;
-    Setup { fake, kv, dir }
+    Saving::start(slots, |b| b, tweak).await
 }
 
 /// Slot actions llama-server performed (without kvgate's start-up probe,
@@ -45,15 +33,7 @@ fn slot_actions(fake: &FakeLlama) -> Vec<(usize, String, Option<String>)> {
 }
 
 async fn say(s: &Setup, speaker: &str, history: &str) -> (u16, hyper::HeaderMap, Vec<Value>) {
-    let (status, headers, body) = post_json(
-        &format!("{}/completion", s.kv.url),
-        &[],
-        &turn(speaker, history),
-    )
-    .await;
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    s.kv.wait_idle().await;
-    (status, headers, sse_events(&body))
+    s.kv.say_body(&turn(speaker, history)).await
 }
 
 #[tokio::test]
@@ -62,14 +42,14 @@ async fn evicted_character_is_saved_then_restored_with_cache_reuse() {
     let h1 = "User: Hello!";
     say(&s, "Alice", h1).await;
     say(&s, "Bob", h1).await;
-    assert!(saves(s.dir.path()).is_empty(), "nothing saved yet");
+    assert!(saves(&s.dir).is_empty(), "nothing saved yet");
     // Carol evicts the least used (Alice, usage 1, older): Alice is saved
     // first, inside Carol's lease, before Carol's generation.
     let (_, h, _) = say(&s, "Carol", h1).await;
     assert_eq!(h["x-kvgate-slot"], "0");
     // (Bob may also be saved behind during Carol's stream: that is the
     // save-behind test's subject, not this one's.)
-    let v: Vec<SaveMeta> = saves(s.dir.path())
+    let v: Vec<SaveMeta> = saves(&s.dir)
         .into_iter()
         .filter(|m| m.character == "Alice")
         .collect();
@@ -140,7 +120,7 @@ async fn autosave_every_n_messages_with_rotation() {
         history.push_str(&format!("\nUser: message {i}"));
         say(&s, "Alice", &history).await;
     }
-    let v = saves(s.dir.path());
+    let v = saves(&s.dir);
     assert_eq!(v.len(), 3, "5 autosaves, rotated down to 3: {v:?}");
     assert!(v
         .iter()
@@ -154,7 +134,7 @@ async fn autosave_every_n_messages_with_rotation() {
     );
     // Tokens grow from save to save: the newest holds the longest history.
     assert!(v[0].n_tokens < v[2].n_tokens);
-    let bins: Vec<String> = names(s.dir.path())
+    let bins: Vec<String> = names(&s.dir)
         .into_iter()
         .filter(|n| n.ends_with(".bin"))
         .collect();
@@ -172,13 +152,13 @@ async fn failed_save_keeps_no_file_and_no_reset_then_retries() {
     say(&s, "Alice", "User: one").await;
     s.fake.fail_next_save(500);
     say(&s, "Alice", "User: one\nUser: two").await;
-    assert!(saves(s.dir.path()).is_empty());
+    assert!(saves(&s.dir).is_empty());
     assert!(
-        !names(s.dir.path())
+        !names(&s.dir)
             .iter()
             .any(|n| n.ends_with(".bin") || n.starts_with(TEMP_PREFIX)),
         "{:?}",
-        names(s.dir.path())
+        names(&s.dir)
     );
     assert_eq!(
         s.kv.app.pool.snapshot()[0].usage,
@@ -186,7 +166,7 @@ async fn failed_save_keeps_no_file_and_no_reset_then_retries() {
         "counter not reset by a failed save"
     );
     say(&s, "Alice", "User: one\nUser: two\nUser: three").await;
-    let v = saves(s.dir.path());
+    let v = saves(&s.dir);
     assert_eq!(v.len(), 1, "the next autosave retried");
     assert_eq!(s.kv.app.pool.snapshot()[0].usage, 0);
 }
@@ -200,13 +180,13 @@ async fn saves_under_min_save_bytes_are_refused_and_leave_nothing() {
     })
     .await;
     say(&s, "Alice", "User: one").await;
-    assert!(saves(s.dir.path()).is_empty());
+    assert!(saves(&s.dir).is_empty());
     assert!(
-        !names(s.dir.path())
+        !names(&s.dir)
             .iter()
             .any(|n| n.ends_with(".bin") || n.starts_with(TEMP_PREFIX)),
         "{:?}",
-        names(s.dir.path())
+        names(&s.dir)
     );
     assert_eq!(s.kv.app.pool.snapshot()[0].usage, 1, "nothing was saved");
 }
@@ -216,7 +196,7 @@ async fn failed_restore_still_generates_on_an_empty_slot() {
     let s = setup(1, |_| {}).await;
     say(&s, "Alice", "User: a").await;
     say(&s, "Bob", "User: a").await; // evicts and saves Alice
-    assert_eq!(saves(s.dir.path()).len(), 1);
+    assert_eq!(saves(&s.dir).len(), 1);
     s.fake.fail_next_restore();
     let (status, h, events) = say(&s, "Alice", "User: a\nBob: b").await; // evicts Bob, restores Alice
     assert_eq!(status, 200);
@@ -240,7 +220,7 @@ async fn chat_switch_saves_and_releases_the_previous_chat_but_speaker_changes_do
     say(&s, "Bob", "User: Hi all\nAlice: Hello\nBob: Hey").await;
     say(&s, "Alice", "Bob: Hey\nUser: trimmed history").await;
     assert!(
-        saves(s.dir.path()).is_empty(),
+        saves(&s.dir).is_empty(),
         "no chat switch inside one group chat"
     );
     // The same client opens a 1:1 chat with Carol: a different roster.
@@ -253,7 +233,7 @@ async fn chat_switch_saves_and_releases_the_previous_chat_but_speaker_changes_do
     let (status, h, _) = post_json(&format!("{}/completion", s.kv.url), &[], &solo).await;
     s.kv.wait_idle().await;
     assert_eq!(status, 200);
-    let v = saves(s.dir.path());
+    let v = saves(&s.dir);
     let mut who: Vec<(&str, SaveKind)> = v.iter().map(|m| (m.character.as_str(), m.kind)).collect();
     who.sort();
     assert_eq!(
@@ -281,7 +261,7 @@ async fn chat_switch_saves_and_releases_the_previous_chat_but_speaker_changes_do
     assert_eq!(owners, vec![Some("Carol".to_string()), None, None]);
 
     // Another client (another API key) in another chat is no switch for the first.
-    let before = saves(s.dir.path()).len();
+    let before = saves(&s.dir).len();
     let (status, _, _) = post_json(
         &format!("{}/completion", s.kv.url),
         &[("authorization", "Bearer other-user")],
@@ -290,14 +270,14 @@ async fn chat_switch_saves_and_releases_the_previous_chat_but_speaker_changes_do
     .await;
     s.kv.wait_idle().await;
     assert_eq!(status, 200);
-    assert_eq!(saves(s.dir.path()).len(), before);
+    assert_eq!(saves(&s.dir).len(), before);
 }
 
 #[tokio::test]
 async fn restart_of_llama_server_means_restore_from_disk() {
     let s = setup(2, |c| c.cache.save_every = 1).await;
     say(&s, "Alice", "User: a").await; // autosaved
-    assert_eq!(saves(s.dir.path()).len(), 1);
+    assert_eq!(saves(&s.dir).len(), 1);
     s.fake.restart().await;
     s.kv.wait_all_lost(Duration::from_secs(5)).await;
     let (status, h, events) = say(&s, "Alice", "User: a\nBob: b").await;
@@ -318,7 +298,7 @@ async fn restart_of_llama_server_means_restore_from_disk() {
 async fn saves_of_another_model_are_listed_but_never_restored() {
     let s = setup(1, |c| c.cache.save_every = 1).await;
     say(&s, "Alice", "User: a").await;
-    assert_eq!(saves(s.dir.path()).len(), 1);
+    assert_eq!(saves(&s.dir).len(), 1);
     // llama-server comes back with another model.
     let before = s.kv.app.fingerprint.get().expect("fingerprint");
     s.fake.set_model_path("/models/other.gguf");
@@ -338,11 +318,11 @@ async fn saves_of_another_model_are_listed_but_never_restored() {
     );
     assert!(slot_actions(&s.fake).iter().all(|a| a.1 != "restore"));
     assert_eq!(
-        saves(s.dir.path()).len(),
+        saves(&s.dir).len(),
         2,
         "the old save stays, a new one is made under the new model"
     );
-    let v = saves(s.dir.path());
+    let v = saves(&s.dir);
     assert_eq!(v[0].fingerprint.as_deref(), Some(before.id.as_str()));
     assert_ne!(v[0].fingerprint, v[1].fingerprint, "{v:?}");
 }
@@ -352,10 +332,10 @@ async fn shutdown_saves_every_slot_with_unsaved_messages() {
     let s = setup(2, |_| {}).await;
     say(&s, "Alice", "User: a").await;
     say(&s, "Bob", "User: a").await;
-    assert!(saves(s.dir.path()).is_empty());
-    let Setup { fake, kv, dir } = s;
+    assert!(saves(&s.dir).is_empty());
+    let Setup { fake, kv, dir, .. } = s;
     kv.stop().await;
-    let v = saves(dir.path());
+    let v = saves(&dir);
     let mut who: Vec<(&str, SaveKind)> = v.iter().map(|m| (m.character.as_str(), m.kind)).collect();
     who.sort();
     assert_eq!(
@@ -380,8 +360,8 @@ async fn client_slot_actions_pass_through_and_update_the_table() {
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     s.kv.wait_idle().await;
     assert_eq!(s.kv.app.pool.snapshot()[0].owner, None);
-    assert_eq!(saves(s.dir.path()).len(), 1);
-    assert_eq!(saves(s.dir.path())[0].kind, SaveKind::Eviction);
+    assert_eq!(saves(&s.dir).len(), 1);
+    assert_eq!(saves(&s.dir)[0].kind, SaveKind::Eviction);
     // A client's own save goes through and leaves ownership alone.
     say(&s, "Bob", "User: b").await;
     let (status, _, _) = post_json(
@@ -391,7 +371,7 @@ async fn client_slot_actions_pass_through_and_update_the_table() {
     )
     .await;
     assert_eq!(status, 200);
-    assert!(s.dir.path().join("mine.bin").exists());
+    assert!(&s.dir.join("mine.bin").exists());
     assert_eq!(
         s.kv.app.pool.snapshot()[0]
             .owner
@@ -422,7 +402,7 @@ async fn a_save_that_dies_midway_leaves_no_file() {
     );
     s.fake.kill().await;
     s.kv.wait_idle().await;
-    let left = names(s.dir.path());
+    let left = names(&s.dir);
     assert!(
         !left
             .iter()
@@ -448,7 +428,7 @@ async fn save_behind_keeps_saves_off_the_next_speakers_path() {
     // behind, not when the next speaker needs it.
     s.fake.set_event_delay(Duration::from_millis(60));
     say(&s, "Dave", "User: a\nAlice: hi\nBob: yo\nCarol: hey").await;
-    let after_dave = saves(s.dir.path());
+    let after_dave = saves(&s.dir);
     let snapshot = s.kv.app.pool.snapshot();
     let dirty_idle = snapshot
         .iter()

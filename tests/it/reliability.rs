@@ -26,7 +26,7 @@
 //! evict-save cancelled the save; non-ASCII identity headers were ignored);
 //! they guard the fixes.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,7 +38,7 @@ use serde_json::{json, Value};
 use crate::support::fake_llama::{self, FakeLlama, FakeLlamaBuilder};
 use crate::support::kvgate::{
     assert_api_error, json_body, names_in as names, next_chunk, post_json, raw_exchange, send,
-    EventTap, Kvgate,
+    EventTap, Kvgate, Saving,
 };
 use crate::support::kvgate_bin::KvgateBin;
 
@@ -51,50 +51,26 @@ fn turn(speaker: &str, history: &str) -> Value {
     crate::support::kvgate::group_turn(&ROSTER, speaker, history)
 }
 
-struct Setup {
-    fake: FakeLlama,
-    kv: Kvgate,
-    /// The save directory (inside `_root`, so it can be renamed away).
-    save: PathBuf,
-    _root: tempfile::TempDir,
-}
+type Setup = Saving;
 
-impl Setup {
-    fn url(&self) -> String {
-        format!("{}/completion", self.kv.url)
-    }
-
-    async fn say(&self, speaker: &str, history: &str) -> (u16, hyper::HeaderMap, Bytes) {
-        let r = post_json(&self.url(), &[], &turn(speaker, history)).await;
-        self.kv.wait_idle().await;
-        r
-    }
-
-    fn usage(&self, slot: usize) -> u32 {
-        self.kv.app.pool.snapshot()[slot].usage
-    }
-}
-
-/// A fake with a save directory (3 events per completion unless `fake`
-/// says otherwise) and kvgate in front of it with that directory.
 async fn setup(
     slots: usize,
     fake: impl FnOnce(FakeLlamaBuilder) -> FakeLlamaBuilder,
     tweak: impl FnOnce(&mut kvgate::config::Config),
 ) -> Setup {
-    let root = tempfile::tempdir().unwrap();
-    let save = root.path().join("saves");
-    std::fs::create_dir(&save).unwrap();
-    let fake = fake(FakeLlama::builder().slots(slots).events(3).save_dir(&save))
-        .build()
-        .await;
-    let kv = Kvgate::start_saving(&fake.url(), &save, tweak).await;
-    Setup {
-        fake,
-        kv,
-        save,
-        _root: root,
-    }
+    Saving::start(slots, fake, tweak).await
+}
+
+/// This file's completion URL.
+fn url(s: &Setup) -> String {
+    format!("{}/completion", s.kv.url)
+}
+
+/// A turn, however it ends; kvgate is idle again when it returns.
+async fn say(s: &Setup, speaker: &str, history: &str) -> (u16, hyper::HeaderMap, Bytes) {
+    let r = post_json(&url(s), &[], &turn(speaker, history)).await;
+    s.kv.wait_idle().await;
+    r
 }
 
 /// The complete saves of a directory: `.bin` files with their sidecar.
@@ -193,11 +169,11 @@ async fn a_broken_stream_saves_nothing_from_the_broken_state() {
     // Autosave every 2 messages: after the first message the slot has one
     // unsaved message, so anything that saved the broken slot would show.
     let s = setup(1, |f| f.events(6), |c| c.cache.save_every = 2).await;
-    let (status, _, _) = s.say("Alice", "User: a").await;
+    let (status, _, _) = say(&s, "Alice", "User: a").await;
     assert_eq!(status, 200);
     assert_eq!(s.usage(0), 1);
     s.fake.die_mid_stream_after(2);
-    let (status, _, body) = s.say("Alice", "User: a\nAlice: hi\nUser: b").await;
+    let (status, _, body) = say(&s, "Alice", "User: a\nAlice: hi\nUser: b").await;
     assert_eq!(status, 200);
     let events = crate::support::kvgate::sse_events(&body);
     assert_eq!(events.len(), 3, "two tokens, then the error: {events:?}");
@@ -211,14 +187,14 @@ async fn a_broken_stream_saves_nothing_from_the_broken_state() {
     );
     // Bob evicts Alice, whose slot still counts an unsaved message but holds
     // a broken state: it must not be saved.
-    let (status, _, _) = s.say("Bob", "User: a").await;
+    let (status, _, _) = say(&s, "Bob", "User: a").await;
     assert_eq!(status, 200);
     assert!(
         save_calls(&s.fake).is_empty(),
         "a broken slot was saved on eviction: {:?}",
         s.fake.slot_actions()
     );
-    assert!(complete_saves(&s.save).is_empty());
+    assert!(complete_saves(&s.dir).is_empty());
 }
 
 #[tokio::test]
@@ -338,13 +314,13 @@ impl SaveFault {
         match self {
             SaveFault::LlamaRefuses => s.fake.fail_next_save(500),
             SaveFault::DirectoryGone => {
-                std::fs::rename(&s.save, s.save.with_extension("away")).unwrap();
-                std::fs::write(&s.save, b"not a directory").unwrap();
+                std::fs::rename(&s.dir, s.dir.with_extension("away")).unwrap();
+                std::fs::write(&s.dir, b"not a directory").unwrap();
             }
             SaveFault::UpstreamDiskFull => {
                 for n in 0..64 {
                     let temp = format!("{TEMP_PREFIX}{}-{n}.bin", std::process::id());
-                    let _ = std::os::unix::fs::symlink("/dev/full", s.save.join(temp));
+                    let _ = std::os::unix::fs::symlink("/dev/full", s.dir.join(temp));
                 }
             }
             SaveFault::KvgateDiskFull => {
@@ -353,7 +329,7 @@ impl SaveFault {
                     let meta = meta_name(&file_name(CHAT, t, None, "Alice"));
                     std::os::unix::fs::symlink(
                         "/dev/full",
-                        s.save.join(format!("{TEMP_PREFIX}{meta}")),
+                        s.dir.join(format!("{TEMP_PREFIX}{meta}")),
                     )
                     .unwrap();
                 }
@@ -365,11 +341,11 @@ impl SaveFault {
         match self {
             SaveFault::LlamaRefuses => {}
             SaveFault::DirectoryGone => {
-                std::fs::remove_file(&s.save).unwrap();
-                std::fs::rename(s.save.with_extension("away"), &s.save).unwrap();
+                std::fs::remove_file(&s.dir).unwrap();
+                std::fs::rename(s.dir.with_extension("away"), &s.dir).unwrap();
             }
             SaveFault::UpstreamDiskFull | SaveFault::KvgateDiskFull => {
-                for e in std::fs::read_dir(&s.save).unwrap().flatten() {
+                for e in std::fs::read_dir(&s.dir).unwrap().flatten() {
                     if e.file_type().unwrap().is_symlink() {
                         std::fs::remove_file(e.path()).unwrap();
                     }
@@ -397,21 +373,21 @@ async fn failed_saves_keep_no_file_and_no_reset_are_reported_and_retried() {
         SaveFault::KvgateDiskFull,
     ];
     for (i, fault) in faults.into_iter().enumerate() {
-        let saves_before = complete_saves(&s.save);
-        let (status, _, _) = post_json(&s.url(), &[], &say("one")).await;
+        let saves_before = complete_saves(&s.dir);
+        let (status, _, _) = post_json(&url(&s), &[], &say("one")).await;
         assert_eq!(status, 200);
         s.kv.wait_idle().await;
         assert_eq!(s.usage(0), 1, "{fault:?}");
         // The second message makes the autosave due; it fails.
         fault.arm(&s);
-        let (status, _, body) = post_json(&s.url(), &[], &say("two")).await;
+        let (status, _, body) = post_json(&url(&s), &[], &say("two")).await;
         assert_eq!(status, 200, "{fault:?}: the client is served all the same");
         let last = crate::support::kvgate::sse_events(&body);
         assert_eq!(last.last().unwrap()["stop"], true);
         s.kv.wait_idle().await;
         fault.disarm(&s);
         assert_eq!(
-            complete_saves(&s.save),
+            complete_saves(&s.dir),
             saves_before,
             "{fault:?}: nothing new kept, nothing partial left"
         );
@@ -437,11 +413,11 @@ async fn failed_saves_keep_no_file_and_no_reset_are_reported_and_retried() {
             i as u64 + 1
         );
         // The next message retries the autosave, which now succeeds.
-        let (status, _, _) = post_json(&s.url(), &[], &say("three")).await;
+        let (status, _, _) = post_json(&url(&s), &[], &say("three")).await;
         assert_eq!(status, 200);
         s.kv.wait_idle().await;
         assert_eq!(s.usage(0), 0, "{fault:?}: the retried autosave succeeded");
-        assert_eq!(complete_saves(&s.save).len(), saves_before.len() + 1);
+        assert_eq!(complete_saves(&s.dir).len(), saves_before.len() + 1);
     }
     let log = logs.text();
     let failures = log
@@ -457,14 +433,14 @@ async fn failed_saves_keep_no_file_and_no_reset_are_reported_and_retried() {
 async fn a_restore_that_fails_still_generates_on_an_empty_slot() {
     let s = setup(1, |f| f, |c| c.cache.save_every = 1).await;
     let events = EventTap::open(&s.kv).await;
-    assert_eq!(s.say("Alice", "User: a").await.0, 200);
-    let saved = complete_saves(&s.save);
+    assert_eq!(say(&s, "Alice", "User: a").await.0, 200);
+    let saved = complete_saves(&s.dir);
     assert_eq!(saved.len(), 1);
-    assert_eq!(s.say("Bob", "User: a").await.0, 200);
+    assert_eq!(say(&s, "Bob", "User: a").await.0, 200);
     // The save disappears behind kvgate's back (its index still lists it):
     // llama-server's restore fails.
-    std::fs::remove_file(s.save.join(&saved[0].file)).unwrap();
-    let (status, h, body) = s.say("Alice", "User: a\nBob: b").await;
+    std::fs::remove_file(s.dir.join(&saved[0].file)).unwrap();
+    let (status, h, body) = say(&s, "Alice", "User: a\nBob: b").await;
     assert_eq!(status, 200);
     assert!(h.get("x-kvgate-restored").is_none());
     assert!(
@@ -488,7 +464,7 @@ async fn a_restore_that_fails_still_generates_on_an_empty_slot() {
 
 /// A request whose client can be dropped at any moment.
 fn spawn_turn(s: &Setup, speaker: &str, history: &str) -> tokio::task::JoinHandle<u16> {
-    let url = s.url();
+    let url = url(s);
     let body = turn(speaker, history);
     tokio::spawn(async move {
         let resp = send(
@@ -531,9 +507,9 @@ fn count_actions(s: &Setup, action: &str) -> usize {
 async fn client_gone_while_queued_restoring_streaming_or_saving_leaks_nothing() {
     let s = setup(1, |f| f.events(4).gate(false), |c| c.cache.save_every = 100).await;
     // Alice then Bob: Alice's message is saved when Bob evicts her.
-    assert_eq!(s.say("Alice", "User: a").await.0, 200);
-    assert_eq!(s.say("Bob", "User: a").await.0, 200);
-    assert_eq!(complete_saves(&s.save).len(), 1);
+    assert_eq!(say(&s, "Alice", "User: a").await.0, 200);
+    assert_eq!(say(&s, "Bob", "User: a").await.0, 200);
+    assert_eq!(complete_saves(&s.dir).len(), 1);
 
     // Queued: Bob streams (gated), Carol waits, Carol's client leaves.
     s.fake.set_gate(true);
@@ -569,14 +545,14 @@ async fn client_gone_while_queued_restoring_streaming_or_saving_leaks_nothing() 
             .await
     );
     // kvgate serves Alice normally afterwards.
-    assert_eq!(s.say("Alice", "User: a\nBob: b").await.0, 200);
+    assert_eq!(say(&s, "Alice", "User: a\nBob: b").await.0, 200);
     assert!(s.usage(0) >= 1);
 
     // Streaming: the client reads one event and leaves.
     s.fake.set_event_delay(Duration::from_millis(50));
     let resp = send(
         "POST",
-        &s.url(),
+        &url(&s),
         &[("content-type", "application/json")],
         turn("Alice", "User: a\nBob: b\nUser: c").to_string(),
     )
@@ -598,12 +574,12 @@ async fn client_gone_while_queued_restoring_streaming_or_saving_leaks_nothing() 
     settings.save_every = 1;
     s.kv.app.settings.replace(settings);
     s.fake.set_save_delay(Duration::from_millis(300));
-    let before = complete_saves(&s.save).len();
-    let (status, _, _) = post_json(&s.url(), &[], &turn("Alice", "User: d")).await;
+    let before = complete_saves(&s.dir).len();
+    let (status, _, _) = post_json(&url(&s), &[], &turn("Alice", "User: d")).await;
     assert_eq!(status, 200);
     s.kv.wait_idle().await;
     assert_eq!(
-        complete_saves(&s.save).len(),
+        complete_saves(&s.dir).len(),
         before + 1,
         "the autosave completed"
     );
@@ -617,7 +593,7 @@ async fn client_gone_while_queued_restoring_streaming_or_saving_leaks_nothing() 
 #[tokio::test]
 async fn client_gone_during_an_evict_save_loses_nothing() {
     let s = setup(1, |f| f, |c| c.cache.save_every = 100).await;
-    assert_eq!(s.say("Alice", "User: a").await.0, 200);
+    assert_eq!(say(&s, "Alice", "User: a").await.0, 200);
     assert_eq!(s.usage(0), 1);
     s.fake.set_save_delay(Duration::from_millis(500));
     let bob = spawn_turn(&s, "Bob", "User: a");
@@ -631,7 +607,7 @@ async fn client_gone_during_an_evict_save_loses_nothing() {
             .wait_for(Duration::from_secs(5), |f| f.active_requests() == 0)
             .await
     );
-    let saves = complete_saves(&s.save); // no temporary file may be left
+    let saves = complete_saves(&s.dir); // no temporary file may be left
     let slot = s.kv.app.pool.snapshot()[0].clone();
     let alice_kept = slot.owner.as_ref().and_then(|t| t.character()) == Some("Alice")
         && slot.live

@@ -1,7 +1,7 @@
 //! Runs kvgate in-process on port-0 listeners, plus a small HTTP client that
 //! streams response bodies chunk by chunk and reports exact bytes.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +19,48 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+
+/// A fake llama-server writing real slot files into a save directory, and
+/// kvgate in front of it with the same directory.
+pub struct Saving {
+    pub fake: super::fake_llama::FakeLlama,
+    pub kv: Kvgate,
+    /// The save directory (kvgate's and the fake's).
+    pub dir: PathBuf,
+    /// Its parent: what must stay outside the save directory lives here.
+    pub root: tempfile::TempDir,
+}
+
+impl Saving {
+    /// `slots` slots, 3 events per completion unless `fake` says otherwise,
+    /// `tweak` applied to kvgate's configuration last.
+    pub async fn start(
+        slots: usize,
+        fake: impl FnOnce(super::fake_llama::FakeLlamaBuilder) -> super::fake_llama::FakeLlamaBuilder,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Saving {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("saves");
+        std::fs::create_dir(&dir).unwrap();
+        let builder = super::fake_llama::FakeLlama::builder()
+            .slots(slots)
+            .events(3)
+            .save_dir(&dir);
+        let fake = fake(builder).build().await;
+        let kv = Kvgate::start_saving(&fake.url(), &dir, tweak).await;
+        Saving {
+            fake,
+            kv,
+            dir,
+            root,
+        }
+    }
+
+    /// Messages since the last save of `slot`.
+    pub fn usage(&self, slot: usize) -> u32 {
+        self.kv.app.pool.snapshot()[slot].usage
+    }
+}
 
 /// A running kvgate.
 pub struct Kvgate {
@@ -145,6 +187,16 @@ impl Kvgate {
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    /// POSTs a completion, waits until kvgate is idle again and asserts 200;
+    /// returns the headers and the answer's events.
+    pub async fn say_body(&self, body: &Value) -> (u16, hyper::HeaderMap, Vec<Value>) {
+        let (status, headers, bytes) =
+            post_json(&format!("{}/completion", self.url), &[], body).await;
+        self.wait_idle().await;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&bytes));
+        (status, headers, sse_events(&bytes))
     }
 
     /// Waits until `done` holds for kvgate's state, `limit` at most (`what`
