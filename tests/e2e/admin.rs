@@ -4,13 +4,15 @@
 //! next request reuses it (`timings.cache_n` > 0) without a restore.
 
 use std::collections::BTreeSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kvgate::cache_store::SaveKind;
 use serde_json::{json, Value};
 
-use crate::support::kvgate::{saves_in as saves, turn_through, Kvgate};
-use crate::support::llama::{http_json, LlamaOpts, LlamaServer};
+use crate::support::kvgate::{
+    preload_id, preload_succeeded, saves_in as saves, saving_over_llama, turn_through, Kvgate,
+};
+use crate::support::llama::http_json;
 use crate::support::st_chat::GroupChat;
 
 /// One turn through kvgate, then wait until kvgate is idle (its autosave
@@ -25,21 +27,9 @@ async fn admin(kv: &Kvgate, method: &str, path: &str, body: Option<Value>) -> (u
     http_json(method, &format!("{}{path}", kv.admin_url), body).await
 }
 
-async fn start_pair() -> Option<(LlamaServer, Kvgate)> {
-    let llama = LlamaServer::start(LlamaOpts {
-        slots: 2,
-        ..LlamaOpts::default()
-    })
-    .await?;
-    let kv = Kvgate::start_saving(&llama.base_url, &llama.save_dir, |_| {}).await;
-    Some((llama, kv))
-}
-
 /// The slot id and chat `character` holds, from `GET /slots`.
 async fn slot_of(kv: &Kvgate, character: &str) -> Option<(u64, String)> {
-    let (status, v) = admin(kv, "GET", "/slots", None).await;
-    assert_eq!(status, 200, "{v}");
-    v["slots"].as_array().expect("slots").iter().find_map(|s| {
+    kv.admin_slots().await.iter().find_map(|s| {
         (s["character"] == character).then(|| {
             (
                 s["id"].as_u64().unwrap(),
@@ -61,7 +51,7 @@ fn header_slot(h: &hyper::HeaderMap) -> u64 {
 
 #[tokio::test]
 async fn a_loaded_save_is_in_its_slot_for_the_next_request() {
-    let Some((_llama, kv)) = start_pair().await else {
+    let Some((_llama, kv)) = saving_over_llama(2, |_| {}).await else {
         return;
     };
     let mut chat = GroupChat::demo(3);
@@ -111,7 +101,7 @@ async fn a_loaded_save_is_in_its_slot_for_the_next_request() {
 
 #[tokio::test]
 async fn a_group_preload_warms_every_characters_slot() {
-    let Some((llama, kv)) = start_pair().await else {
+    let Some((llama, kv)) = saving_over_llama(2, |_| {}).await else {
         return;
     };
     let mut chat = GroupChat::demo(3);
@@ -137,32 +127,11 @@ async fn a_group_preload_warms_every_characters_slot() {
     )
     .await;
     assert_eq!(status, 202, "{v}");
-    let id = match &v["id"] {
-        Value::String(s) => s.clone(),
-        Value::Number(n) => n.to_string(),
-        other => panic!("no id: {other}"),
-    };
-    let deadline = Instant::now() + Duration::from_secs(240);
-    let p = loop {
-        let (status, p) = admin(&kv, "GET", &format!("/preload/{id}"), None).await;
-        assert_eq!(status, 200, "{p}");
-        if p["state"] != "running" {
-            break p;
-        }
-        assert!(Instant::now() < deadline, "preload still running: {p}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let id = preload_id(&v);
+    let p = kv.wait_preload(&id, Duration::from_secs(240)).await;
     assert_eq!(p["state"], "done", "{p}");
     assert_eq!(p["failed"], json!([]), "{p}");
-    let ok: BTreeSet<String> = p["succeeded"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| match e {
-            Value::String(s) => s.clone(),
-            o => o["character"].as_str().unwrap().to_string(),
-        })
-        .collect();
+    let ok = preload_succeeded(&p);
     assert_eq!(ok, BTreeSet::from([a.clone(), b.clone()]), "{p}");
     // Neither had a save: each was evaluated and saved as `preload`.
     let mut preloaded: Vec<String> = saves(&llama.save_dir)

@@ -194,13 +194,6 @@ fn u64_at(v: &Value, pointer: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {pointer} in {v}"))
 }
 
-/// kvgate's slot table as the admin port shows it.
-async fn admin_slots(kv: &Kvgate) -> Vec<Value> {
-    let (status, body) = http_json("GET", &format!("{}/slots", kv.admin_url), None).await;
-    assert_eq!(status, 200, "{body}");
-    body["slots"].as_array().expect("slots array").clone()
-}
-
 async fn start() -> Option<(LlamaServer, Kvgate)> {
     let llama = LlamaServer::start(LlamaOpts {
         slots: SLOTS as u32,
@@ -292,7 +285,7 @@ async fn three_characters_share_two_slots_in_a_swap_cards_group_chat() {
     assert!(resident_turns >= 1, "slots per turn {slots_seen:?}");
 
     kv.wait_idle().await;
-    let slots = admin_slots(&kv).await;
+    let slots = kv.admin_slots().await;
     assert_eq!(slots.len(), SLOTS, "{slots:?}");
     for (id, s) in slots.iter().enumerate() {
         assert_eq!(s["id"], json!(id), "{s}");
@@ -303,39 +296,26 @@ async fn three_characters_share_two_slots_in_a_swap_cards_group_chat() {
     }
     assert_ne!(slots[0]["character"], slots[1]["character"]);
 
-    let resp = crate::support::kvgate::send(
-        "GET",
-        &format!("{}/metrics", kv.admin_url),
-        &[],
-        bytes::Bytes::new(),
-    )
-    .await;
-    assert_eq!(resp.status(), 200);
-    let text = http_body_util::BodyExt::collect(resp.into_body())
-        .await
-        .unwrap()
-        .to_bytes();
-    let text = String::from_utf8_lossy(&text).into_owned();
-    let metric = |name: &str| -> u64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{name} missing in\n{text}"))
-    };
+    let text = kv.metrics_text().await;
     assert_eq!(
-        metric("kvgate_requests_total{route=\"/completion\",status=\"200\"}"),
+        kv.metric("kvgate_requests_total{route=\"/completion\",status=\"200\"}")
+            .await,
         order.len() as u64,
         "{text}"
     );
     assert_eq!(
-        metric("kvgate_resident_hits_total"),
+        kv.metric("kvgate_resident_hits_total").await,
         resident_turns,
         "{text}"
     );
-    assert_eq!(metric("kvgate_evictions_total"), evictions, "{text}");
-    assert_eq!(metric("kvgate_upstream_errors_total"), 0, "{text}");
     assert_eq!(
-        metric("kvgate_ttft_seconds_count"),
+        kv.metric("kvgate_evictions_total").await,
+        evictions,
+        "{text}"
+    );
+    assert_eq!(kv.metric("kvgate_upstream_errors_total").await, 0, "{text}");
+    assert_eq!(
+        kv.metric("kvgate_ttft_seconds_count").await,
         order.len() as u64,
         "{text}"
     );
@@ -356,7 +336,7 @@ async fn a_swipe_lands_on_the_speakers_slot_and_reuses_its_cache() {
     let bob = generate(&kv, &llama, &bob_body, "Bob", "Bob").await;
     assert_ne!(bob.slot, alice.slot, "two characters, two free slots");
     kv.wait_idle().await;
-    let usage_before = admin_slots(&kv).await[bob.slot]["usage"].clone();
+    let usage_before = kv.admin_slots().await[bob.slot]["usage"].clone();
     // `Kvgate::start` runs without a cache layer (`NoCache`): nothing is
     // ever saved, so usage counts every message since Bob took the slot.
     assert_eq!(usage_before, 1, "one message since Bob got the slot");
@@ -375,7 +355,7 @@ async fn a_swipe_lands_on_the_speakers_slot_and_reuses_its_cache() {
         swipe.last
     );
     kv.wait_idle().await;
-    let slots = admin_slots(&kv).await;
+    let slots = kv.admin_slots().await;
     assert_eq!(slots[bob.slot]["character"], "Bob", "{slots:?}");
     // kvgate saw a swipe, not a new message: usage is unchanged.
     assert_eq!(slots[bob.slot]["usage"], usage_before, "{slots:?}");

@@ -7,27 +7,14 @@ use std::time::Duration;
 
 use kvgate::cache_store::{SaveKind, SaveMeta};
 
-use crate::support::kvgate::{saves_in, turn_through, Kvgate};
+use crate::support::kvgate::{saves_in, saving_over_llama, turn_through};
 use crate::support::kvgate_bin::KvgateBin;
 use crate::support::llama::{LlamaOpts, LlamaServer};
 use crate::support::st_chat::GroupChat;
 
-async fn start_pair(save_every: u32) -> Option<(LlamaServer, Kvgate)> {
-    let llama = LlamaServer::start(LlamaOpts {
-        slots: 2,
-        ..LlamaOpts::default()
-    })
-    .await?;
-    let kv = Kvgate::start_saving(&llama.base_url, &llama.save_dir, |c| {
-        c.cache.save_every = save_every;
-    })
-    .await;
-    Some((llama, kv))
-}
-
 #[tokio::test]
 async fn evicted_character_comes_back_from_disk_with_cache_reuse() {
-    let Some((llama, kv)) = start_pair(5).await else {
+    let Some((llama, kv)) = saving_over_llama(2, |c| c.cache.save_every = 5).await else {
         return;
     };
     let mut chat = GroupChat::demo(3);
@@ -71,7 +58,7 @@ async fn evicted_character_comes_back_from_disk_with_cache_reuse() {
 
 #[tokio::test]
 async fn after_llama_server_restarts_the_next_request_restores_from_disk() {
-    let Some((mut llama, kv)) = start_pair(1).await else {
+    let Some((mut llama, kv)) = saving_over_llama(2, |c| c.cache.save_every = 1).await else {
         return;
     };
     let mut chat = GroupChat::demo(2);

@@ -22,6 +22,7 @@ use crate::support::kvgate::{
     assert_api_error, json_body, names_in, post_json, raw_exchange, saves_in as saves, send,
     spawn_post, EventTap, Kvgate, Saving,
 };
+use crate::support::kvgate::{preload_id, preload_succeeded};
 
 /// The group chat of [`turn`]; the user is "User".
 const ROSTER: [&str; 3] = ["Alice", "Bob", "Carol"];
@@ -115,14 +116,6 @@ fn cache_n(events: &[Value]) -> u64 {
         .expect("timings.cache_n")
 }
 
-/// The `slots` array of `GET /slots`.
-async fn slots(kv: &Kvgate) -> Vec<Value> {
-    get(kv, "/slots").await["slots"]
-        .as_array()
-        .expect("slots array")
-        .clone()
-}
-
 /// The id of the slot `character` holds, from a `GET /slots` array.
 fn slot_with(slots: &[Value], character: &str) -> Option<usize> {
     slots
@@ -182,41 +175,6 @@ async fn raw_http(
     req.push_str("\r\n");
     let (status, _, body) = raw_exchange(base, req.into_bytes()).await;
     (status, json_body(&body))
-}
-
-/// `v` as a string id (preload ids may be numbers or strings).
-fn id_of(v: &Value) -> String {
-    match &v["id"] {
-        Value::String(s) => s.clone(),
-        Value::Number(n) => n.to_string(),
-        other => panic!("no id in {v} ({other})"),
-    }
-}
-
-/// Character names of a preload's `succeeded` list (names or objects).
-fn succeeded(p: &Value) -> BTreeSet<String> {
-    p["succeeded"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no succeeded array: {p}"))
-        .iter()
-        .map(|e| match e {
-            Value::String(s) => s.clone(),
-            o => o["character"].as_str().expect("character").to_string(),
-        })
-        .collect()
-}
-
-/// Polls a preload until it is no longer running.
-async fn wait_preload(kv: &Kvgate, id: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let p = get(kv, &format!("/preload/{id}")).await;
-        if p["state"] != "running" {
-            return p;
-        }
-        assert!(Instant::now() < deadline, "preload {id} still running: {p}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -797,7 +755,7 @@ async fn save_endpoints_tag_reset_rotate_and_refuse() {
         (Some("duel"), SaveKind::Manual)
     );
     assert!(duel.contains("_tag_duel_character_Alice"), "{duel}");
-    let sl = slots(&s.kv).await;
+    let sl = s.kv.admin_slots().await;
     assert_eq!(
         (&sl[0]["usage"], &sl[0]["messages_since_save"]),
         (&json!(1), &json!(1))
@@ -809,7 +767,7 @@ async fn save_endpoints_tag_reset_rotate_and_refuse() {
     assert_eq!(status, 200, "{v}");
     let plain = saved_file(&v, "Alice");
     assert!(!plain.contains("_tag_"), "{plain}");
-    let sl = slots(&s.kv).await;
+    let sl = s.kv.admin_slots().await;
     assert_eq!(
         (&sl[0]["usage"], &sl[0]["messages_since_save"]),
         (&json!(0), &json!(0))
@@ -821,7 +779,7 @@ async fn save_endpoints_tag_reset_rotate_and_refuse() {
     assert_eq!(v["saved"].as_array().unwrap().len(), 2, "{v}");
     saved_file(&v, "Bob");
     assert_eq!(
-        slots(&s.kv).await[1]["usage"],
+        s.kv.admin_slots().await[1]["usage"],
         1,
         "a tagged save leaves counters alone"
     );
@@ -848,7 +806,7 @@ async fn save_endpoints_tag_reset_rotate_and_refuse() {
     );
     assert_eq!(tagged, BTreeSet::from(["duel", "t2"]), "{mine:?}");
     assert!(!s.dir.join(&plain).exists() && !s.dir.join(meta_of(&plain)).exists());
-    let sl = slots(&s.kv).await;
+    let sl = s.kv.admin_slots().await;
     assert!(sl.iter().all(|x| x["usage"] == 0), "{sl:?}");
 
     // An anonymous slot holds no character's cache.
@@ -858,7 +816,7 @@ async fn save_endpoints_tag_reset_rotate_and_refuse() {
         )
         .await;
     let anon = slot_of(&h);
-    assert_eq!(slots(&s.kv).await[anon]["anonymous"], true);
+    assert_eq!(s.kv.admin_slots().await[anon]["anonymous"], true);
     let (status, v) = admin(&s.kv, "POST", &format!("/slots/{anon}/save"), None).await;
     assert_eq!(status, 409, "anonymous slot: {v}");
     let (status, v) = admin(&s.kv, "POST", "/save", Some(json!({"tag": "all"}))).await;
@@ -869,7 +827,7 @@ async fn save_endpoints_tag_reset_rotate_and_refuse() {
 
     // A failed save is reported, leaves no file.
     let who_slot = 1 - anon;
-    let who = slots(&s.kv).await[who_slot]["character"]
+    let who = s.kv.admin_slots().await[who_slot]["character"]
         .as_str()
         .unwrap()
         .to_string();
@@ -910,7 +868,7 @@ async fn slots_clear_releases_and_optionally_erases() {
     assert!(s.fake.slot_actions().iter().all(|a| a.1 != "erase"));
     assert!(!s.fake.slot_tokens(0).is_empty(), "released, not erased");
     assert_eq!(names(&s.dir), before, "files untouched");
-    let sl = slots(&s.kv).await;
+    let sl = s.kv.admin_slots().await;
     assert!(sl.iter().all(|x| x["character"].is_null()), "{sl:?}");
 
     let (_, h, _) = say(&s, "Alice", "User: one\nUser: two").await;
@@ -933,7 +891,12 @@ async fn slots_clear_releases_and_optionally_erases() {
         .collect();
     assert_eq!(erase_actions, erased.iter().copied().collect(), "{v}");
     assert!(s.fake.slot_tokens(0).is_empty(), "erased in llama-server");
-    assert!(slots(&s.kv).await.iter().all(|x| x["character"].is_null()));
+    assert!(s
+        .kv
+        .admin_slots()
+        .await
+        .iter()
+        .all(|x| x["character"].is_null()));
     assert_eq!(names(&s.dir), before, "files untouched");
     say(&s, "Bob", "User: one\nUser: two").await;
 }
@@ -1000,7 +963,7 @@ async fn load_never_evicts_or_moves_a_chosen_character() {
         BTreeSet::from([(0, fa.clone()), (1, fb.clone())]),
         "{actions:?}"
     );
-    let sl = slots(&s.kv).await;
+    let sl = s.kv.admin_slots().await;
     assert_eq!(sl[0]["character"], "Alice");
     assert_eq!(sl[0]["live"], true);
     assert_eq!(sl[0]["restored_from"], fa.as_str(), "{sl:?}");
@@ -1056,7 +1019,7 @@ async fn load_fills_a_slot_and_refuses_bad_requests() {
         .map(|a| (a.0, a.2.clone()))
         .collect();
     assert_eq!(restores, vec![(slot, Some(fa.clone()))]);
-    let sl = slots(&s.kv).await;
+    let sl = s.kv.admin_slots().await;
     assert_eq!(sl[slot]["character"], "Alice", "{sl:?}");
     assert_eq!(sl[slot]["chat"], CHAT, "{sl:?}");
     assert_eq!(sl[slot]["live"], true, "{sl:?}");
@@ -1121,7 +1084,7 @@ async fn load_fills_a_slot_and_refuses_bad_requests() {
     .await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["loaded"][0]["chat"], "elsewhere", "{v}");
-    let sl = slots(&s.kv).await;
+    let sl = s.kv.admin_slots().await;
     let bob = slot_with(&sl, "Bob").expect("Bob in a slot");
     assert_eq!(sl[bob]["chat"], "elsewhere", "{sl:?}");
 
@@ -1227,17 +1190,17 @@ async fn preload_restores_saves_or_evaluates_the_last_prompt() {
     )
     .await;
     assert_eq!(status, 202, "{v}");
-    let id = id_of(&v);
-    let p = wait_preload(&s.kv, &id).await;
+    let id = preload_id(&v);
+    let p = s.kv.wait_preload(&id, Duration::from_secs(10)).await;
     assert_eq!(p["state"], "done", "{p}");
-    assert_eq!(id_of(&p), id);
+    assert_eq!(preload_id(&p), id);
     assert_eq!(
         (p["done"].as_u64(), p["total"].as_u64()),
         (Some(2), Some(2)),
         "{p}"
     );
     assert_eq!(
-        succeeded(&p),
+        preload_succeeded(&p),
         BTreeSet::from(["Alice".into(), "Bob".into()]),
         "{p}"
     );
@@ -1249,7 +1212,7 @@ async fn preload_restores_saves_or_evaluates_the_last_prompt() {
         .collect();
     assert_eq!(restored, BTreeSet::from([fa, fb]));
     s.kv.wait_idle().await;
-    let sl = slots(&s.kv).await;
+    let sl = s.kv.admin_slots().await;
     let alice = slot_with(&sl, "Alice").expect("Alice preloaded");
     assert_eq!(sl[alice]["chat"], CHAT);
     let (_, h, events) = say(&s, "Alice", "User: one\nBob: hi").await;
@@ -1268,9 +1231,15 @@ async fn preload_restores_saves_or_evaluates_the_last_prompt() {
     )
     .await;
     assert_eq!(status, 202, "{v}");
-    let p = wait_preload(&s.kv, &id_of(&v)).await;
+    let p =
+        s.kv.wait_preload(&preload_id(&v), Duration::from_secs(10))
+            .await;
     assert_eq!(p["state"], "done", "{p}");
-    assert_eq!(succeeded(&p), BTreeSet::from(["Carol".into()]), "{p}");
+    assert_eq!(
+        preload_succeeded(&p),
+        BTreeSet::from(["Carol".into()]),
+        "{p}"
+    );
     let new = s.fake.completions()[completions_before..].to_vec();
     assert_eq!(new.len(), 1, "{new:?}");
     assert_eq!(new[0]["prompt"], carol_prompt, "{}", new[0]);
@@ -1307,8 +1276,10 @@ async fn preload_restores_saves_or_evaluates_the_last_prompt() {
     )
     .await;
     assert_eq!(status, 202, "{v}");
-    let p = wait_preload(&s.kv, &id_of(&v)).await;
-    assert_eq!(succeeded(&p), BTreeSet::from(["Zed".into()]), "{p}");
+    let p =
+        s.kv.wait_preload(&preload_id(&v), Duration::from_secs(10))
+            .await;
+    assert_eq!(preload_succeeded(&p), BTreeSet::from(["Zed".into()]), "{p}");
     assert!(saves(&s.dir)
         .iter()
         .any(|m| m.character == "Zed" && m.chat == "solo" && m.kind == SaveKind::Preload));
@@ -1329,9 +1300,11 @@ async fn preload_reports_failures_and_refuses_bad_requests() {
     )
     .await;
     assert_eq!(status, 202, "{v}");
-    let p = wait_preload(&s.kv, &id_of(&v)).await;
+    let p =
+        s.kv.wait_preload(&preload_id(&v), Duration::from_secs(10))
+            .await;
     assert_eq!(p["state"], "done", "{p}");
-    assert!(succeeded(&p).is_empty(), "{p}");
+    assert!(preload_succeeded(&p).is_empty(), "{p}");
     assert_eq!(p["failed"][0]["character"], "Nobody", "{p}");
     assert!(
         p["failed"][0]["reason"]
@@ -1381,7 +1354,7 @@ async fn preload_cancel_frees_every_slot() {
     )
     .await;
     assert_eq!(status, 202, "{v}");
-    let id = id_of(&v);
+    let id = preload_id(&v);
     // The first character's generation is held by the gate.
     assert!(
         s.fake
@@ -1398,7 +1371,7 @@ async fn preload_cancel_frees_every_slot() {
         "{p}"
     );
     assert!(
-        slots(&s.kv).await.iter().any(|x| x["busy"] == true),
+        s.kv.admin_slots().await.iter().any(|x| x["busy"] == true),
         "the preload holds a slot"
     );
 
@@ -1410,7 +1383,7 @@ async fn preload_cancel_frees_every_slot() {
     assert_eq!(p["state"], "cancelled", "{p}");
     // No slot stays locked, although llama-server still holds the request.
     s.kv.wait_idle().await;
-    let sl = slots(&s.kv).await;
+    let sl = s.kv.admin_slots().await;
     assert!(sl.iter().all(|x| x["busy"] == false), "{sl:?}");
     assert_eq!(get(&s.kv, "/slots").await["queued"], 0);
 
@@ -1457,17 +1430,19 @@ async fn preload_gives_up_on_a_character_after_preload_timeout_s() {
     )
     .await;
     assert_eq!(status, 202, "{v}");
-    let p = wait_preload(&s.kv, &id_of(&v)).await;
+    let p =
+        s.kv.wait_preload(&preload_id(&v), Duration::from_secs(10))
+            .await;
     let took = t0.elapsed();
     assert_eq!(p["state"], "done", "{p}");
-    assert!(succeeded(&p).is_empty(), "{p}");
+    assert!(preload_succeeded(&p).is_empty(), "{p}");
     assert_eq!(p["failed"][0]["character"], "Alice", "{p}");
     assert!(
         took >= Duration::from_millis(900) && took < Duration::from_secs(5),
         "gave up after {took:?}"
     );
     s.kv.wait_idle().await;
-    assert!(slots(&s.kv).await.iter().all(|x| x["busy"] == false));
+    assert!(s.kv.admin_slots().await.iter().all(|x| x["busy"] == false));
     s.fake.set_gate(false);
 }
 
@@ -1778,7 +1753,7 @@ async fn restored_from_names_the_file_a_slot_came_from() {
     let turns = run_script(&s).await;
     let (slot, h, _) = &turns[3];
     let file = h["x-kvgate-restored"].to_str().unwrap();
-    let sl = slots(&s.kv).await;
+    let sl = s.kv.admin_slots().await;
     assert_eq!(sl[*slot]["character"], "Alice");
     assert_eq!(sl[*slot]["restored_from"], file, "{sl:?}");
     assert_eq!(sl[*slot]["usage"], 1, "{sl:?}");

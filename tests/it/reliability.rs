@@ -112,14 +112,6 @@ fn save_calls(fake: &FakeLlama) -> Vec<(usize, String)> {
         .collect()
 }
 
-/// One counter of the admin port's Prometheus text.
-async fn metric(kv: &Kvgate, name: &str) -> u64 {
-    let text = kv.metrics_text().await;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in the metrics:\n{text}"))
-}
-
 /// Captures the log lines kvgate writes while the guard lives. The tests
 /// run on tokio's current-thread runtime, so every kvgate task of the test
 /// runs on the thread the subscriber is installed on.
@@ -409,7 +401,7 @@ async fn failed_saves_keep_no_file_and_no_reset_are_reported_and_retried() {
         }
         eprintln!("{fault:?}: save_failed {}", ev["reason"]);
         assert_eq!(
-            metric(&s.kv, "kvgate_save_failures_total").await,
+            s.kv.metric("kvgate_save_failures_total").await,
             i as u64 + 1
         );
         // The next message retries the autosave, which now succeeds.
@@ -453,7 +445,7 @@ async fn a_restore_that_fails_still_generates_on_an_empty_slot() {
     assert_eq!(ev.last().unwrap()["stop"], true);
     let failed = events.wait_for("restore_failed", 1).await;
     assert_eq!(failed[0]["file"], saved[0].file.as_str());
-    assert_eq!(metric(&s.kv, "kvgate_restore_failures_total").await, 1);
+    assert_eq!(s.kv.metric("kvgate_restore_failures_total").await, 1);
     let slot = &s.kv.app.pool.snapshot()[0];
     assert!(slot.live && slot.lease.is_none());
 }
@@ -1157,7 +1149,7 @@ async fn real_llama_server_failed_save_and_death_mid_stream() {
     std::fs::rename(&away, &save).unwrap();
     assert!(complete_saves(&save).is_empty());
     assert_eq!(usage(), 2, "the counter is not reset by a failed save");
-    assert_eq!(metric(&kv, "kvgate_save_failures_total").await, 1);
+    assert_eq!(kv.metric("kvgate_save_failures_total").await, 1);
     // The next message retries, and the save is kept.
     assert_eq!(
         post_json(&url, &[], &say("User: a\nUser: b\nUser: c"))

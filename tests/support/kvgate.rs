@@ -62,6 +62,44 @@ impl Saving {
     }
 }
 
+/// A real llama-server with `slots` slots running the tiny model, and kvgate
+/// saving in front of it (`tweak` applied last); `None` when the test is to
+/// be skipped (see `support::llama`).
+pub async fn saving_over_llama(
+    slots: u32,
+    tweak: impl FnOnce(&mut Config),
+) -> Option<(super::llama::LlamaServer, Kvgate)> {
+    let llama = super::llama::LlamaServer::start(super::llama::LlamaOpts {
+        slots,
+        ..super::llama::LlamaOpts::default()
+    })
+    .await?;
+    let kv = Kvgate::start_saving(&llama.base_url, &llama.save_dir, tweak).await;
+    Some((llama, kv))
+}
+
+/// A preload's id from `POST /preload`'s answer (a number or a string).
+pub fn preload_id(v: &Value) -> String {
+    match &v["id"] {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        other => panic!("no id in {v} ({other})"),
+    }
+}
+
+/// Character names of a preload's `succeeded` list (names or objects).
+pub fn preload_succeeded(p: &Value) -> std::collections::BTreeSet<String> {
+    p["succeeded"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no succeeded array: {p}"))
+        .iter()
+        .map(|e| match e {
+            Value::String(s) => s.clone(),
+            o => o["character"].as_str().expect("character").to_string(),
+        })
+        .collect()
+}
+
 /// A running kvgate.
 pub struct Kvgate {
     /// Front port base URL.
@@ -220,6 +258,55 @@ impl Kvgate {
             app.pool.snapshot().iter().all(|s| !s.live)
         })
         .await;
+    }
+
+    /// `GET path` on the admin port, which must answer 200 with JSON within
+    /// 30 s.
+    pub async fn admin_get(&self, path: &str) -> Value {
+        let url = format!("{}{path}", self.admin_url);
+        let fut = async {
+            let resp = send("GET", &url, &[], "").await;
+            let status = resp.status().as_u16();
+            let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+            (status, json_body(&bytes))
+        };
+        let (status, v) = tokio::time::timeout(Duration::from_secs(30), fut)
+            .await
+            .unwrap_or_else(|_| panic!("GET {path}: no answer within 30 s"));
+        assert_eq!(status, 200, "GET {path}: {v}");
+        v
+    }
+
+    /// kvgate's slot table as `GET /slots` shows it.
+    pub async fn admin_slots(&self) -> Vec<Value> {
+        let v = self.admin_get("/slots").await;
+        v["slots"].as_array().expect("slots array").clone()
+    }
+
+    /// Polls `GET /preload/{id}` until the preload is no longer running
+    /// (`limit` at most).
+    pub async fn wait_preload(&self, id: &str, limit: Duration) -> Value {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let p = self.admin_get(&format!("/preload/{id}")).await;
+            if p["state"] != "running" {
+                return p;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "preload {id} still running after {limit:?}: {p}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The value of an unlabelled (or fully labelled) sample in `/metrics`:
+    /// `name` is everything before the value.
+    pub async fn metric(&self, name: &str) -> u64 {
+        let text = self.metrics_text().await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in the metrics:\n{text}"))
     }
 
     /// The admin port's Prometheus text (asserts 200 and its content type).
