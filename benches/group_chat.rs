@@ -195,7 +195,7 @@ async fn replay(way: Way, script: &[Turn], restart_at: usize) -> Option<Outcome>
     .await?;
     let gateway = if way == Way::Kvgate {
         let cfg = kvgate::config::Config {
-            upstream: kvgate::config::parse_upstream(&llama.base_url).expect("url"),
+            upstreams: vec![kvgate::config::parse_upstream(&llama.base_url).expect("url")],
             health_interval: Duration::from_millis(200),
             save_dir: Some(llama.save_dir.clone()),
             log: "warn".into(),
@@ -281,7 +281,7 @@ async fn start_kvgate(cfg: kvgate::config::Config) -> Running {
         .await
         .expect("bind");
     let url = format!("http://{}", front.local_addr().expect("addr"));
-    let app = std::sync::Arc::clone(gw.app());
+    let app = gw.app().expect("kvgate has an upstream");
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(gw.serve(front, admin, async {
         let _ = rx.await;

@@ -1,6 +1,7 @@
 //! The admin side port: a JSON API over the cache files (compatible with the
-//! seed plugin's), the slots, manual save/load/clear, group preload, live
-//! settings, events and metrics. See the README's "Admin API" for the
+//! seed plugin's), the upstreams and their slots, manual save/load/clear,
+//! group preload, the llama-server instances kvgate runs, live settings,
+//! events and metrics. See the README's "Admin API" for the
 //! contract. Handlers only take slot leases like any request would and never
 //! hold the table lock across an `.await`, so nothing here slows the front
 //! port beyond the slot it works on.
@@ -17,13 +18,15 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Map, Value};
 use tracing::info;
 
-use crate::app::App;
+use crate::app::{App, Shared};
 use crate::body::{boxed, full, json_response, ProxyBody};
 use crate::cache_store::{self, SaveKind, SaveMeta, StoreError};
 use crate::clients::{constant_time_eq, presented_key};
 use crate::config::CacheSettings;
 use crate::error::{ApiError, ErrorType};
+use crate::fleet::Fleet;
 use crate::hooks::Restore;
+use crate::instances::{InstanceError, Instances};
 use crate::owner_save::{save_owner, OwnerSave};
 use crate::proxy::percent_decode;
 use crate::slots::{Outcome, Tenant, Want};
@@ -39,8 +42,12 @@ const MAX_BODY: usize = 1 << 20;
 type Answer = Result<Response<ProxyBody>, ApiError>;
 
 /// Serves one admin request.
-pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<ProxyBody> {
-    if let Err(e) = authorize(&app, &req) {
+pub async fn handle(
+    fleet: Arc<Fleet>,
+    instances: Arc<Instances>,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    if let Err(e) = authorize(&fleet, &req) {
         return e.into_response();
     }
     let method = req.method().clone();
@@ -50,63 +57,93 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<ProxyBody
         .unwrap_or(&path)
         .to_string();
     let query = req.uri().query().map(str::to_string);
+    let query = query.as_deref();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let shared = &fleet.shared;
     let result = match (&method, segments.as_slice()) {
-        (&Method::GET, ["health"]) => Ok(json_ok(&health(&app))),
-        (&Method::GET, ["slots"]) => Ok(json_ok(&slots(&app))),
-        (&Method::GET, ["saves"]) => saves(&app, query.as_deref()),
-        (&Method::GET, ["files"]) => files(&app),
-        (&Method::DELETE, ["files", name]) => delete_file(&app, name),
+        (&Method::GET, ["health"]) => Ok(json_ok(&health(&fleet))),
+        (&Method::GET, ["upstreams"]) => Ok(json_ok(&upstreams(&fleet))),
+        (&Method::GET, ["slots"]) => selected(&fleet, query_param(query, "upstream"))
+            .map(|apps| json_ok(&slots(&apps))),
+        (&Method::GET, ["saves"]) => saves(&fleet, query),
+        (&Method::GET, ["files"]) => files(shared),
+        (&Method::DELETE, ["files", name]) => delete_file(shared, name),
         // A raw `/` in the name: never a file of the directory.
         (&Method::DELETE, ["files", _, ..]) => Err(forbidden(path.trim_start_matches("/files/"))),
         (&Method::POST, ["save"]) => match read_json(req).await {
-            Ok(b) => save_all(&app, &b).await,
+            Ok(b) => save_all(&fleet, query, &b).await,
             Err(e) => Err(e),
         },
         (&Method::POST, ["slots", "clear"]) => match read_json(req).await {
-            Ok(b) => clear(&app, &b).await,
+            Ok(b) => clear(&fleet, query, &b).await,
             Err(e) => Err(e),
         },
         (&Method::POST, ["slots", id, "save"]) => {
             let id = id.to_string();
             match read_json(req).await {
-                Ok(b) => save_one(&app, &id, &b).await,
+                Ok(b) => save_one(&fleet, query, &id, &b).await,
                 Err(e) => Err(e),
             }
         }
         (&Method::POST, ["load"]) => match read_json(req).await {
-            Ok(b) => load(&app, &b).await,
+            Ok(b) => load(&fleet, query, &b).await,
             Err(e) => Err(e),
         },
         (&Method::POST, ["preload"]) => match read_json(req).await {
-            Ok(b) => start_preload(&app, &b),
+            Ok(b) => start_preload(&fleet, query, &b),
             Err(e) => Err(e),
         },
         (&Method::GET, ["preload", id]) => preload_id(id)
             .and_then(|id| {
-                app.preloads
+                shared
+                    .preloads
                     .progress(id)
                     .ok_or_else(|| ApiError::not_found(format!("no preload job {id}")))
             })
             .map(|p| json_ok(&serde_json::to_value(p).unwrap_or(Value::Null))),
         (&Method::DELETE, ["preload", id]) => preload_id(id)
             .and_then(|id| {
-                app.preloads
+                shared
+                    .preloads
                     .cancel(id)
                     .ok_or_else(|| ApiError::not_found(format!("no preload job {id}")))
             })
             .map(|p| json_ok(&serde_json::to_value(p).unwrap_or(Value::Null))),
-        (&Method::GET, ["settings"]) => Ok(json_ok(&settings_json(&app.settings.get()))),
-        (&Method::PUT, ["settings"]) => match read_json(req).await {
-            Ok(b) => put_settings(&app, &b),
+        (_, ["instances", ..]) if fleet.cfg.admin_key.is_none() => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorType::Authentication,
+            "the instances API requires an admin key: start kvgate with --admin-key or --admin-key-file",
+        )),
+        (&Method::GET, ["instances"]) => Ok(json_ok(&instances.all())),
+        (&Method::POST, ["instances"]) => match read_json(req).await {
+            Ok(b) => instances
+                .create(&b)
+                .await
+                .map(|v| json_response(StatusCode::CREATED, &v))
+                .map_err(instance_error),
             Err(e) => Err(e),
         },
-        (&Method::GET, ["events"]) => Ok(events(&app)),
-        (&Method::GET, ["metrics"]) => Ok(metrics(&app)),
+        (&Method::GET, ["instances", id]) => instances.show(id).map(|v| json_ok(&v)).map_err(instance_error),
+        (&Method::POST, ["instances", id, "start"]) => {
+            instances.start(id).await.map(|v| json_ok(&v)).map_err(instance_error)
+        }
+        (&Method::POST, ["instances", id, "stop"]) => {
+            instances.stop(id).await.map(|v| json_ok(&v)).map_err(instance_error)
+        }
+        (&Method::DELETE, ["instances", id]) => {
+            instances.delete(id).await.map(|v| json_ok(&v)).map_err(instance_error)
+        }
+        (&Method::GET, ["settings"]) => Ok(json_ok(&settings_json(&shared.settings.get()))),
+        (&Method::PUT, ["settings"]) => match read_json(req).await {
+            Ok(b) => put_settings(shared, &b),
+            Err(e) => Err(e),
+        },
+        (&Method::GET, ["events"]) => Ok(events(shared)),
+        (&Method::GET, ["metrics"]) => Ok(metrics(&fleet)),
         (
             _,
-            ["health" | "slots" | "saves" | "files" | "save" | "load" | "preload" | "settings"
-            | "events" | "metrics", ..],
+            ["health" | "upstreams" | "slots" | "saves" | "files" | "save" | "load" | "preload"
+            | "instances" | "settings" | "events" | "metrics", ..],
         ) => Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             ErrorType::InvalidRequest,
@@ -117,8 +154,8 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<ProxyBody
     result.unwrap_or_else(ApiError::into_response)
 }
 
-fn authorize(app: &App, req: &Request<Incoming>) -> Result<(), ApiError> {
-    let Some(key) = &app.cfg.admin_key else {
+fn authorize(fleet: &Fleet, req: &Request<Incoming>) -> Result<(), ApiError> {
+    let Some(key) = &fleet.cfg.admin_key else {
         return Ok(());
     };
     let given = presented_key(req.headers(), "x-admin-key");
@@ -129,6 +166,53 @@ fn authorize(app: &App, req: &Request<Incoming>) -> Result<(), ApiError> {
             ErrorType::Authentication,
             "admin key required (X-Admin-Key or Authorization: Bearer)",
         )),
+    }
+}
+
+fn instance_error(e: InstanceError) -> ApiError {
+    let status = match &e {
+        InstanceError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        InstanceError::NotFound(_) => StatusCode::NOT_FOUND,
+        InstanceError::Busy(..) => StatusCode::CONFLICT,
+        InstanceError::NoSaveDir => StatusCode::NOT_IMPLEMENTED,
+        InstanceError::Start(_) | InstanceError::Persist(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    let kind = match status {
+        StatusCode::INTERNAL_SERVER_ERROR => ErrorType::Server,
+        StatusCode::NOT_FOUND => ErrorType::NotFound,
+        StatusCode::NOT_IMPLEMENTED => ErrorType::NotSupported,
+        _ => ErrorType::InvalidRequest,
+    };
+    ApiError::new(status, kind, e.to_string())
+}
+
+/// A query parameter's value, percent-decoded (`+` is a space).
+fn query_param(query: Option<&str>, key: &str) -> Option<String> {
+    query?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+        .map(|v| percent_decode(&v.replace('+', " ")).unwrap_or_default())
+        .filter(|v| !v.is_empty())
+}
+
+/// The upstreams an action is about: the one `name`d, or all.
+fn selected(fleet: &Fleet, name: Option<String>) -> Result<Vec<Arc<App>>, ApiError> {
+    match name {
+        None => Ok(fleet.apps()),
+        Some(n) => fleet
+            .get(&n)
+            .map(|a| vec![a])
+            .ok_or_else(|| ApiError::not_found(format!("no upstream {n:?} (see GET /upstreams)"))),
+    }
+}
+
+/// The upstream a request names (`?upstream=` or `"upstream"` in the body).
+fn named_upstream(query: Option<&str>, body: &Value) -> Result<Option<String>, ApiError> {
+    match (query_param(query, "upstream"), body.get("upstream")) {
+        (Some(q), _) => Ok(Some(q)),
+        (None, None | Some(Value::Null)) => Ok(None),
+        (None, Some(Value::String(n))) => Ok(Some(n.clone())),
+        (None, Some(_)) => Err(ApiError::bad_request("\"upstream\" must be a string")),
     }
 }
 
@@ -154,8 +238,8 @@ fn json_ok(v: &Value) -> Response<ProxyBody> {
     json_response(StatusCode::OK, v)
 }
 
-fn store(app: &App) -> Result<&Arc<cache_store::CacheStore>, ApiError> {
-    app.store.as_ref().ok_or_else(|| {
+fn store(shared: &Shared) -> Result<&Arc<cache_store::CacheStore>, ApiError> {
+    shared.store.as_ref().ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_IMPLEMENTED,
             ErrorType::NotSupported,
@@ -166,36 +250,55 @@ fn store(app: &App) -> Result<&Arc<cache_store::CacheStore>, ApiError> {
 
 // === health, slots, saves ===
 
-fn health(app: &App) -> Value {
-    let up = app.upstream_state.get();
-    let fp = app.fingerprint.get();
+fn health(fleet: &Fleet) -> Value {
+    let apps = fleet.apps();
+    // `upstream` is the first one, as before kvgate had several.
+    let first = apps.first().map(|a| upstream_json(a));
     json!({
         "status": "ok",
-        "upstream": {
-            "url": app.upstream.base().to_string(),
-            "up": up.up,
-            "slots": app.pool.len(),
-            "model": fp.as_ref().map(|f| f.model.clone()),
-            "fingerprint": fp.as_ref().map(|f| f.id.clone()),
-        },
-        "save_dir": app.store.as_ref().map(|s| s.dir().display().to_string()),
+        "upstream": first,
+        "upstreams": apps.iter().map(|a| upstream_json(a)).collect::<Vec<_>>(),
+        "save_dir": fleet.shared.store.as_ref().map(|s| s.dir().display().to_string()),
     })
 }
 
-fn slots(app: &App) -> Value {
-    let upstream = app.upstream_state.get().slots;
-    let list: Vec<Value> = app
-        .pool
-        .snapshot()
-        .iter()
-        .enumerate()
-        .map(|(id, s)| {
+fn upstream_json(app: &App) -> Value {
+    let st = app.upstream_state.get();
+    let fp = app.fingerprint.get();
+    let g = app.gauges();
+    json!({
+        "name": app.name,
+        "url": app.upstream.base().to_string(),
+        "up": st.up,
+        "slots": app.pool.len(),
+        "slots_busy": g.busy,
+        "slots_free": g.free,
+        "queued": g.queued,
+        "model": fp.as_ref().map(|f| f.model.clone()),
+        "models": st.models,
+        "fingerprint": fp.as_ref().map(|f| f.id.clone()),
+    })
+}
+
+fn upstreams(fleet: &Fleet) -> Value {
+    let list: Vec<Value> = fleet.apps().iter().map(|a| upstream_json(a)).collect();
+    json!({ "upstreams": list })
+}
+
+fn slots(apps: &[Arc<App>]) -> Value {
+    let mut list: Vec<Value> = Vec::new();
+    let mut queued = 0;
+    for app in apps {
+        let upstream = app.upstream_state.get().slots;
+        queued += app.pool.with_table(|t| t.queued());
+        list.extend(app.pool.snapshot().iter().enumerate().map(|(id, s)| {
             let tokens = upstream
                 .iter()
                 .find(|u| u.id == id)
                 .and_then(|u| u.n_prompt_tokens);
             json!({
                 "id": id,
+                "upstream": app.name,
                 "chat": s.owner.as_ref().and_then(|t| t.chat()),
                 "character": s.owner.as_ref().and_then(|t| t.character()),
                 "anonymous": s.owner.as_ref().is_some_and(|t| !t.is_character()),
@@ -207,16 +310,23 @@ fn slots(app: &App) -> Value {
                 "tokens_cached": tokens,
                 "restored_from": s.restored_from,
             })
-        })
-        .collect();
-    json!({"slots": list, "queued": app.pool.with_table(|t| t.queued())})
+        }));
+    }
+    json!({"slots": list, "queued": queued})
 }
 
-fn current_fingerprint(app: &App) -> Option<String> {
-    app.fingerprint.get().map(|f| f.id)
+/// The model fingerprints the upstreams serve now.
+fn current_fingerprints(fleet: &Fleet) -> Vec<String> {
+    fleet
+        .apps()
+        .iter()
+        .filter_map(|a| a.fingerprint.get().map(|f| f.id))
+        .collect()
 }
 
-fn save_json(m: &SaveMeta, fp: Option<&str>) -> Value {
+/// A save as the API shows it; `model_match`: whether an upstream serves
+/// its model now (null when either is unknown).
+fn save_json(m: &SaveMeta, fps: &[String]) -> Value {
     json!({
         "file": m.file,
         "created": m.created,
@@ -225,26 +335,18 @@ fn save_json(m: &SaveMeta, fp: Option<&str>) -> Value {
         "tokens": m.n_tokens,
         "bytes": m.bytes,
         "model": m.model,
-        "model_match": match (&m.fingerprint, fp) {
-            (Some(a), Some(b)) => Value::from(a == b),
+        "model_match": match &m.fingerprint {
+            Some(a) if !fps.is_empty() => Value::from(fps.contains(a)),
             _ => Value::Null,
         },
     })
 }
 
-fn saves(app: &App, query: Option<&str>) -> Answer {
-    let store = store(app)?;
+fn saves(fleet: &Fleet, query: Option<&str>) -> Answer {
+    let store = store(&fleet.shared)?;
     let _ = store.rescan();
-    let q = query
-        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("q=")))
-        .map(|v| {
-            percent_decode(v)
-                .unwrap_or_default()
-                .replace('+', " ")
-                .to_lowercase()
-        })
-        .filter(|v| !v.is_empty());
-    let fp = current_fingerprint(app);
+    let q = query_param(query, "q").map(|v| v.to_lowercase());
+    let fps = current_fingerprints(fleet);
     let mut chats: BTreeMap<String, BTreeMap<String, Vec<SaveMeta>>> = BTreeMap::new();
     for m in store.list() {
         if let Some(q) = &q {
@@ -266,8 +368,7 @@ fn saves(app: &App, query: Option<&str>) -> Answer {
                 .into_iter()
                 .map(|(character, mut list)| {
                     list.sort_by(|a, b| b.created.cmp(&a.created).then(b.file.cmp(&a.file)));
-                    let saves: Vec<Value> =
-                        list.iter().map(|m| save_json(m, fp.as_deref())).collect();
+                    let saves: Vec<Value> = list.iter().map(|m| save_json(m, &fps)).collect();
                     json!({"character": character, "saves": saves})
                 })
                 .collect();
@@ -295,8 +396,8 @@ fn iso8601(t: std::time::SystemTime) -> String {
     )
 }
 
-fn files(app: &App) -> Answer {
-    let store = store(app)?;
+fn files(shared: &Shared) -> Answer {
+    let store = store(shared)?;
     let rd = std::fs::read_dir(store.dir())
         .map_err(|e| ApiError::internal(format!("cannot list the save directory: {e}")))?;
     let mut list: Vec<Value> = Vec::new();
@@ -333,8 +434,8 @@ fn forbidden(name: &str) -> ApiError {
     )
 }
 
-fn delete_file(app: &App, raw: &str) -> Answer {
-    let store = store(app)?;
+fn delete_file(shared: &Shared, raw: &str) -> Answer {
+    let store = store(shared)?;
     let name = percent_decode(raw).ok_or_else(|| forbidden(raw))?;
     // Separators, parent references and NULs never name a file of the
     // directory, however they were encoded.
@@ -385,29 +486,44 @@ async fn save_slot(app: &Arc<App>, slot: usize, tag: Option<&str>) -> Result<Opt
     let result = match save_owner(app, &lease, SaveKind::Manual, tag, None, false).await {
         OwnerSave::NoOwner | OwnerSave::Clean(_) => Ok(None),
         OwnerSave::Saved(tenant, file) => Ok(Some(
-            json!({"slot": slot, "chat": tenant.chat(), "character": tenant.character(), "file": file}),
+            json!({"slot": slot, "upstream": app.name, "chat": tenant.chat(), "character": tenant.character(), "file": file}),
         )),
         OwnerSave::Failed(tenant) => Err(
-            json!({"slot": slot, "character": tenant.character(), "reason": "the save failed (see the log and the save_failed event)"}),
+            json!({"slot": slot, "upstream": app.name, "character": tenant.character(), "reason": "the save failed (see the log and the save_failed event)"}),
         ),
     };
     lease.release(Outcome::Untouched);
     result
 }
 
-async fn save_all(app: &Arc<App>, body: &Value) -> Answer {
-    store(app)?;
+async fn save_all(fleet: &Fleet, query: Option<&str>, body: &Value) -> Answer {
+    store(&fleet.shared)?;
     let tag = tag_of(body)?;
+    let apps = selected(fleet, named_upstream(query, body)?)?;
     let mut saved = Vec::new();
     let mut failed = Vec::new();
-    for slot in 0..app.pool.len() {
-        match save_slot(app, slot, tag.as_deref()).await {
-            Ok(Some(v)) => saved.push(v),
-            Ok(None) => {}
-            Err(v) => failed.push(v),
+    for app in &apps {
+        for slot in 0..app.pool.len() {
+            match save_slot(app, slot, tag.as_deref()).await {
+                Ok(Some(v)) => saved.push(v),
+                Ok(None) => {}
+                Err(v) => failed.push(v),
+            }
         }
     }
     Ok(json_ok(&json!({"saved": saved, "failed": failed})))
+}
+
+/// The one upstream a slot id is about: the one named, or the only one.
+fn one_upstream(fleet: &Fleet, query: Option<&str>, body: &Value) -> Result<Arc<App>, ApiError> {
+    let mut apps = selected(fleet, named_upstream(query, body)?)?;
+    match apps.len() {
+        1 => Ok(apps.remove(0)),
+        0 => Err(ApiError::unavailable("kvgate has no upstream")),
+        _ => Err(ApiError::bad_request(
+            "kvgate has several upstreams: name one with ?upstream=NAME (see GET /upstreams)",
+        )),
+    }
 }
 
 fn slot_id(app: &App, raw: &str) -> Result<usize, ApiError> {
@@ -422,8 +538,9 @@ fn slot_id(app: &App, raw: &str) -> Result<usize, ApiError> {
         })
 }
 
-async fn save_one(app: &Arc<App>, raw: &str, body: &Value) -> Answer {
-    store(app)?;
+async fn save_one(fleet: &Fleet, query: Option<&str>, raw: &str, body: &Value) -> Answer {
+    store(&fleet.shared)?;
+    let app = &one_upstream(fleet, query, body)?;
     let slot = slot_id(app, raw)?;
     let tag = tag_of(body)?;
     match save_slot(app, slot, tag.as_deref()).await {
@@ -437,12 +554,35 @@ async fn save_one(app: &Arc<App>, raw: &str, body: &Value) -> Answer {
     }
 }
 
-async fn clear(app: &Arc<App>, body: &Value) -> Answer {
+async fn clear(fleet: &Fleet, query: Option<&str>, body: &Value) -> Answer {
     let erase = match body.get("erase") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(ApiError::bad_request("\"erase\" must be true or false")),
     };
+    let apps = selected(fleet, named_upstream(query, body)?)?;
+    let several = apps.len() > 1;
+    let mut cleared = Vec::new();
+    let mut erased = Vec::new();
+    for app in &apps {
+        let (c, e) = clear_upstream(app, erase).await?;
+        // With one upstream the lists stay plain slot ids, as before.
+        let tag = |slot: usize| {
+            if several {
+                json!({"upstream": app.name, "slot": slot})
+            } else {
+                json!(slot)
+            }
+        };
+        cleared.extend(c.into_iter().map(tag));
+        erased.extend(e.into_iter().map(tag));
+    }
+    Ok(json_ok(&json!({"cleared": cleared, "erased": erased})))
+}
+
+/// Releases every slot of `app` (erasing its cache in llama-server too with
+/// `erase`); returns the slots cleared and erased.
+async fn clear_upstream(app: &App, erase: bool) -> Result<(Vec<usize>, Vec<usize>), ApiError> {
     let mut cleared = Vec::new();
     let mut erased = Vec::new();
     for slot in 0..app.pool.len() {
@@ -464,11 +604,11 @@ async fn clear(app: &Arc<App>, body: &Value) -> Answer {
         lease.release(Outcome::Cleared);
         cleared.push(slot);
     }
-    Ok(json_ok(&json!({"cleared": cleared, "erased": erased})))
+    Ok((cleared, erased))
 }
 
-async fn load(app: &Arc<App>, body: &Value) -> Answer {
-    let store = store(app)?;
+async fn load(fleet: &Fleet, query: Option<&str>, body: &Value) -> Answer {
+    let store = store(&fleet.shared)?;
     let items = body
         .get("items")
         .and_then(Value::as_array)
@@ -476,6 +616,11 @@ async fn load(app: &Arc<App>, body: &Value) -> Answer {
         .ok_or_else(|| {
             ApiError::bad_request("\"items\" must be a non-empty array of {\"file\", \"chat\"?}")
         })?;
+    let _ = store.rescan();
+    let app = &match named_upstream(query, body)? {
+        Some(_) => one_upstream(fleet, query, body)?,
+        None => load_target(fleet, store, &items[0])?,
+    };
     if items.len() > app.pool.len() {
         return Err(ApiError::bad_request(format!(
             "{} saves can't be loaded into {} slots without evicting each other",
@@ -483,8 +628,7 @@ async fn load(app: &Arc<App>, body: &Value) -> Answer {
             app.pool.len()
         )));
     }
-    let _ = store.rescan();
-    let fp = current_fingerprint(app);
+    let fp = app.fingerprint.get().map(|f| f.id);
     let mut plan: Vec<(SaveMeta, Tenant)> = Vec::new();
     for item in items {
         let file = item
@@ -506,7 +650,7 @@ async fn load(app: &Arc<App>, body: &Value) -> Answer {
         let chat = match item.get("chat") {
             Some(Value::String(c)) if !c.trim().is_empty() => c.trim().to_string(),
             None | Some(Value::Null) => resident_chat(app, &meta.character)
-                .or_else(|| app.last_chat_of(&meta.character))
+                .or_else(|| app.memory.last_chat_of(&meta.character))
                 .unwrap_or_else(|| meta.chat.clone()),
             Some(_) => return Err(ApiError::bad_request("\"chat\" must be a non-empty string")),
         };
@@ -545,7 +689,7 @@ async fn load(app: &Arc<App>, body: &Value) -> Answer {
         crate::proxy::record_restore(app, slot, &r);
         match r {
             Restore::Restored { tokens, .. } => loaded.push(
-                json!({"file": meta.file, "slot": slot, "chat": tenant.chat(), "character": tenant.character(), "tokens": tokens}),
+                json!({"file": meta.file, "slot": slot, "upstream": app.name, "chat": tenant.chat(), "character": tenant.character(), "tokens": tokens}),
             ),
             Restore::Failed(reason) => failed.push(json!({"file": meta.file, "slot": slot, "reason": reason})),
             Restore::Skipped => failed.push(json!({"file": meta.file, "slot": slot, "reason": "kvgate runs without a save directory"})),
@@ -553,6 +697,40 @@ async fn load(app: &Arc<App>, body: &Value) -> Answer {
         lease.release(Outcome::Untouched);
     }
     Ok(json_ok(&json!({"loaded": loaded, "failed": failed})))
+}
+
+/// Where a load goes when no upstream is named: where the first item's
+/// character is, else where a request for it would go (among upstreams
+/// serving the save's model).
+fn load_target(
+    fleet: &Fleet,
+    store: &cache_store::CacheStore,
+    first: &Value,
+) -> Result<Arc<App>, ApiError> {
+    let meta = first
+        .get("file")
+        .and_then(Value::as_str)
+        .and_then(|f| store.get(f));
+    let Some(meta) = meta else {
+        // The plan below reports what is wrong with the item.
+        return fleet
+            .default_app()
+            .ok_or_else(|| ApiError::unavailable("kvgate has no upstream"));
+    };
+    if let Some(app) = fleet
+        .apps()
+        .into_iter()
+        .find(|a| resident_chat(a, &meta.character).is_some())
+    {
+        return Ok(app);
+    }
+    let tenant = Tenant::Character {
+        chat: meta.chat.clone(),
+        name: meta.character.clone(),
+    };
+    fleet
+        .place(&tenant, meta.model.as_deref())
+        .ok_or_else(|| ApiError::unavailable("kvgate has no upstream"))
 }
 
 fn resident_chat(app: &App, character: &str) -> Option<String> {
@@ -569,7 +747,7 @@ fn preload_id(raw: &str) -> Result<u64, ApiError> {
         .map_err(|_| ApiError::not_found(format!("no preload job {raw}")))
 }
 
-fn start_preload(app: &Arc<App>, body: &Value) -> Answer {
+fn start_preload(fleet: &Fleet, query: Option<&str>, body: &Value) -> Answer {
     let chat = body
         .get("chat")
         .and_then(Value::as_str)
@@ -598,10 +776,26 @@ fn start_preload(app: &Arc<App>, body: &Value) -> Answer {
         Some(Value::String(p)) => Some(p.clone()),
         Some(_) => return Err(ApiError::bad_request("\"prompt\" must be a string")),
     };
+    // The group goes where its first character is, or would go.
+    let app = match named_upstream(query, body)? {
+        Some(_) => one_upstream(fleet, query, body)?,
+        None => fleet
+            .place(
+                &Tenant::Character {
+                    chat: chat.to_string(),
+                    name: characters[0].clone(),
+                },
+                None,
+            )
+            .ok_or_else(|| ApiError::unavailable("kvgate has no upstream"))?,
+    };
     let id = app
         .preloads
-        .start(app, chat.to_string(), characters, prompt);
-    Ok(json_response(StatusCode::ACCEPTED, &json!({ "id": id })))
+        .start(&app, chat.to_string(), characters, prompt);
+    Ok(json_response(
+        StatusCode::ACCEPTED,
+        &json!({ "id": id, "upstream": app.name }),
+    ))
 }
 
 // === settings ===
@@ -647,17 +841,17 @@ pub fn apply_settings(s: &mut CacheSettings, body: &Map<String, Value>) -> Resul
     Ok(())
 }
 
-fn put_settings(app: &App, body: &Value) -> Answer {
+fn put_settings(shared: &Shared, body: &Value) -> Answer {
     let obj = body
         .as_object()
         .ok_or_else(|| ApiError::bad_request("settings must be a JSON object"))?;
-    let mut next = app.settings.get();
+    let mut next = shared.settings.get();
     apply_settings(&mut next, obj).map_err(ApiError::bad_request)?;
-    if let Some(store) = &app.store {
+    if let Some(store) = &shared.store {
         persist_settings(store.dir(), &next)
             .map_err(|e| ApiError::internal(format!("cannot persist the settings: {e}")))?;
     }
-    app.settings.replace(next.clone());
+    shared.settings.replace(next.clone());
     info!(settings = %settings_json(&next), "settings changed");
     Ok(json_ok(&settings_json(&next)))
 }
@@ -690,8 +884,8 @@ pub fn load_persisted_settings(
 
 // === events, metrics ===
 
-fn events(app: &App) -> Response<ProxyBody> {
-    let mut resp = Response::new(boxed(app.events.subscribe()));
+fn events(shared: &Shared) -> Response<ProxyBody> {
+    let mut resp = Response::new(boxed(shared.events.subscribe()));
     let h = resp.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
@@ -699,8 +893,8 @@ fn events(app: &App) -> Response<ProxyBody> {
     resp
 }
 
-fn metrics(app: &App) -> Response<ProxyBody> {
-    let text = app.metrics.render(app.gauges());
+fn metrics(fleet: &Fleet) -> Response<ProxyBody> {
+    let text = fleet.shared.metrics.render(fleet.gauges());
     let mut resp = Response::new(full(Bytes::from(text)));
     resp.headers_mut().insert(
         CONTENT_TYPE,

@@ -1,7 +1,9 @@
-//! The state every handler shares: configuration, policy, the slot pool, the
-//! upstream client, the cache hooks and store, live settings, metrics and
-//! events, and a little memory (each tenant's last prompt, each client's
-//! chat, what llama-server last said about its slots).
+//! The state kvgate keeps for one upstream llama-server ([`App`]): its slot
+//! pool, client, cache hooks, model fingerprint and what it last said about
+//! its slots; and the state every upstream shares ([`Shared`]): live
+//! settings, the save directory, metrics and events, preload jobs, running
+//! lifecycle tasks, and a little memory (each tenant's last prompt, each
+//! client's chat). The set of upstreams is [`crate::fleet`]'s.
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
@@ -72,9 +74,17 @@ pub struct Shared {
     pub settings: Settings,
     /// The save directory, when configured.
     pub store: Option<Arc<CacheStore>>,
-    /// The model llama-server serves, once the monitor has seen it: saves are
-    /// stamped with it and only saves under it are restored.
+    /// The model this upstream serves, once the monitor has seen it: saves
+    /// are stamped with it and only saves under it are restored. Each
+    /// upstream has its own (see [`Shared::for_upstream`]).
     pub fingerprint: Arc<Live<Option<Fingerprint>>>,
+    /// Lifecycle tasks still holding a lease (streams, saves), on any
+    /// upstream: shutdown waits for all of them.
+    pub tasks: Arc<TaskCounter>,
+    /// Running and finished preload jobs, whichever upstream they run on.
+    pub preloads: Arc<Preloads>,
+    /// What kvgate remembers of past requests.
+    pub memory: Arc<Memory>,
 }
 
 impl Shared {
@@ -87,13 +97,29 @@ impl Shared {
             settings: Arc::new(Live::new(settings)),
             store,
             fingerprint: Arc::default(),
+            tasks: Arc::default(),
+            preloads: Arc::default(),
+            memory: Arc::default(),
+        }
+    }
+
+    /// The same shared state with a fingerprint of its own, for another
+    /// upstream: two upstreams may serve different models.
+    pub fn for_upstream(&self) -> Shared {
+        Shared {
+            fingerprint: Arc::default(),
+            ..self.clone()
         }
     }
 }
 
-/// Shared state of one kvgate instance.
+/// kvgate's state for one upstream llama-server, with the [`Shared`] parts
+/// every upstream sees.
 #[derive(Debug)]
 pub struct App {
+    /// This upstream's name in the admin API and the events (`upstream-1`
+    /// for the first `--upstream`, an instance's id for a supervised one).
+    pub name: String,
     /// Validated configuration (its `cache` part is the start value of
     /// [`App::settings`]).
     pub cfg: Config,
@@ -117,19 +143,25 @@ pub struct App {
     pub events: Arc<Events>,
     /// Front-port clients, when a clients file is configured.
     pub clients: Option<Clients>,
-    /// Lifecycle tasks still holding a lease (streams, saves).
+    /// Lifecycle tasks still holding a lease (streams, saves), shared by all
+    /// upstreams.
     pub tasks: Arc<TaskCounter>,
     /// Wakes the upstream monitor for an immediate check.
     pub monitor_kick: Notify,
-    /// Running and finished preload jobs.
-    pub preloads: Preloads,
+    /// Running and finished preload jobs, shared by all upstreams.
+    pub preloads: Arc<Preloads>,
     /// Wakes the save-behind task (a generation's first token is out).
     pub save_behind_kick: Arc<Notify>,
     /// Unix seconds of the last eviction (0: none yet).
     last_eviction: std::sync::atomic::AtomicU64,
     /// What the monitor last learned about llama-server.
     pub upstream_state: Live<UpstreamState>,
-    memory: Mutex<Memory>,
+    /// Each tenant's last prompt and each client's chat, shared by all
+    /// upstreams (identity is resolved before an upstream is chosen).
+    pub memory: Arc<Memory>,
+    /// Wall-clock seconds each slot was last used (the table itself keeps no
+    /// clock).
+    last_used: Mutex<HashMap<usize, u64>>,
 }
 
 /// llama-server as last seen by the monitor.
@@ -139,15 +171,87 @@ pub struct UpstreamState {
     pub up: bool,
     /// Its slots, as `/slots` reported them.
     pub slots: Vec<SlotInfo>,
+    /// The names it answers to in a request's `model` field: the ids in
+    /// `/v1/models` (`--alias`) and the model file's name.
+    pub models: Vec<String>,
 }
 
+/// What kvgate remembers of past requests, whatever upstream served them:
+/// each tenant's last prompt (its hash tells a swipe; its text feeds
+/// preloads), each character's last chat, each client's chat.
 #[derive(Debug)]
-struct Memory {
+pub struct Memory(Mutex<Remembered>);
+
+#[derive(Debug)]
+struct Remembered {
     prompt_hashes: LruCache<Tenant, u64>,
     prompts: LruCache<Tenant, Arc<str>>,
     client_chats: LruCache<String, String>,
     character_chats: LruCache<String, String>,
-    last_used: HashMap<usize, u64>,
+}
+
+impl Default for Memory {
+    fn default() -> Memory {
+        Memory(Mutex::new(Remembered {
+            prompt_hashes: lru(MEMORY),
+            prompts: lru(PROMPTS_KEPT),
+            client_chats: lru(MEMORY),
+            character_chats: lru(MEMORY),
+        }))
+    }
+}
+
+impl Memory {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Remembered> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The tenant's previous prompt fingerprint.
+    pub fn previous_prompt(&self, tenant: &Tenant) -> Option<u64> {
+        self.lock().prompt_hashes.peek(tenant).copied()
+    }
+
+    /// Remembers a request: its prompt fingerprint, its text (for preloads),
+    /// the chat its character was last seen in.
+    pub fn remember_prompt(&self, tenant: &Tenant, hash: u64, text: Option<&str>) {
+        // Copy the prompt (up to megabytes) before taking the lock every
+        // request takes.
+        let kept: Option<Arc<str>> = match (tenant, text) {
+            (Tenant::Character { .. }, Some(t)) if t.len() <= PROMPT_KEPT_MAX => Some(Arc::from(t)),
+            _ => None,
+        };
+        let mut m = self.lock();
+        m.prompt_hashes.put(tenant.clone(), hash);
+        if let (Tenant::Character { chat, name }, Some(_)) = (tenant, text) {
+            m.character_chats.put(name.clone(), chat.clone());
+        }
+        if let Some(prompt) = kept {
+            m.prompts.put(tenant.clone(), prompt);
+        }
+    }
+
+    /// The last prompt kvgate saw for a tenant.
+    pub fn last_prompt(&self, tenant: &Tenant) -> Option<Arc<str>> {
+        self.lock().prompts.peek(tenant).cloned()
+    }
+
+    /// The chat kvgate last saw a character in.
+    pub fn last_chat_of(&self, character: &str) -> Option<String> {
+        self.lock().character_chats.peek(character).cloned()
+    }
+
+    /// Records that `client` now talks to `chat`; returns the previous chat
+    /// when it was another one (a chat switch).
+    pub fn note_client_chat(&self, client: &str, chat: &str) -> Option<String> {
+        match self
+            .lock()
+            .client_chats
+            .put(client.to_string(), chat.to_string())
+        {
+            Some(prev) if prev != chat => Some(prev),
+            _ => None,
+        }
+    }
 }
 
 fn lru<K: std::hash::Hash + Eq, V>(n: usize) -> LruCache<K, V> {
@@ -160,6 +264,7 @@ impl App {
     /// Builds the shared state. The pool starts with no slots; the upstream
     /// monitor sizes it from llama-server's `/slots`.
     pub fn new(
+        name: String,
         cfg: Config,
         policy: Policy,
         upstream: Upstream,
@@ -169,6 +274,7 @@ impl App {
     ) -> Arc<App> {
         let pool = Pool::new(0, cfg.max_queue);
         Arc::new(App {
+            name,
             cfg,
             policy,
             pool,
@@ -180,24 +286,21 @@ impl App {
             metrics: shared.metrics,
             events: shared.events,
             clients,
-            tasks: Arc::default(),
+            tasks: shared.tasks,
             monitor_kick: Notify::new(),
-            preloads: Preloads::default(),
+            preloads: shared.preloads,
             save_behind_kick: Arc::default(),
             last_eviction: std::sync::atomic::AtomicU64::new(0),
             upstream_state: Live::default(),
-            memory: Mutex::new(Memory {
-                prompt_hashes: lru(MEMORY),
-                prompts: lru(PROMPTS_KEPT),
-                client_chats: lru(MEMORY),
-                character_chats: lru(MEMORY),
-                last_used: HashMap::new(),
-            }),
+            memory: shared.memory,
+            last_used: Mutex::new(HashMap::new()),
         })
     }
 
-    fn memory(&self) -> std::sync::MutexGuard<'_, Memory> {
-        self.memory.lock().unwrap_or_else(|e| e.into_inner())
+    /// Emits an event about this upstream: `fields` (an object) gains its
+    /// name under `"upstream"`.
+    pub fn emit(&self, kind: &str, fields: impl FnOnce() -> serde_json::Value) {
+        self.events.emit_for(&self.name, kind, fields);
     }
 
     /// Records the model llama-server serves.
@@ -208,62 +311,22 @@ impl App {
         }
     }
 
-    /// The tenant's previous prompt fingerprint.
-    pub fn previous_prompt(&self, tenant: &Tenant) -> Option<u64> {
-        self.memory().prompt_hashes.peek(tenant).copied()
-    }
-
-    /// Remembers a request: its prompt fingerprint, its text (for preloads),
-    /// the chat its character was last seen in.
-    pub fn remember_prompt(&self, tenant: &Tenant, hash: u64, text: Option<&str>) {
-        // Copy the prompt (up to megabytes) before taking the lock every
-        // request takes.
-        let kept: Option<Arc<str>> = match (tenant, text) {
-            (Tenant::Character { .. }, Some(t)) if t.len() <= PROMPT_KEPT_MAX => Some(Arc::from(t)),
-            _ => None,
-        };
-        let mut m = self.memory();
-        m.prompt_hashes.put(tenant.clone(), hash);
-        if let (Tenant::Character { chat, name }, Some(_)) = (tenant, text) {
-            m.character_chats.put(name.clone(), chat.clone());
-        }
-        if let Some(prompt) = kept {
-            m.prompts.put(tenant.clone(), prompt);
-        }
-    }
-
-    /// The last prompt kvgate saw for a tenant.
-    pub fn last_prompt(&self, tenant: &Tenant) -> Option<Arc<str>> {
-        self.memory().prompts.peek(tenant).cloned()
-    }
-
-    /// The chat kvgate last saw a character in.
-    pub fn last_chat_of(&self, character: &str) -> Option<String> {
-        self.memory().character_chats.peek(character).cloned()
-    }
-
-    /// Records that `client` now talks to `chat`; returns the previous chat
-    /// when it was another one (a chat switch).
-    pub fn note_client_chat(&self, client: &str, chat: &str) -> Option<String> {
-        match self
-            .memory()
-            .client_chats
-            .put(client.to_string(), chat.to_string())
-        {
-            Some(prev) if prev != chat => Some(prev),
-            _ => None,
-        }
-    }
-
     /// Records the wall-clock time a slot was used.
     pub fn touch_slot(&self, slot: usize) {
         let now = crate::cache_store::now_unix();
-        self.memory().last_used.insert(slot, now);
+        self.last_used
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(slot, now);
     }
 
     /// Unix seconds a slot was last used.
     pub fn slot_used_at(&self, slot: usize) -> Option<u64> {
-        self.memory().last_used.get(&slot).copied()
+        self.last_used
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&slot)
+            .copied()
     }
 
     /// Records that a slot changed hands.
@@ -279,10 +342,11 @@ impl App {
         last != 0 && crate::cache_store::now_unix().saturating_sub(last) <= window_s
     }
 
-    /// The gauges' values now: llama-server up or not, slot occupancy.
+    /// This upstream's gauges now: up or not, slot occupancy.
     pub fn gauges(&self) -> Gauges {
         let mut g = Gauges {
-            upstream_up: self.upstream_state.get().up,
+            upstreams: 1,
+            upstreams_up: u64::from(self.upstream_state.get().up),
             ..Gauges::default()
         };
         self.pool.with_table(|t| {

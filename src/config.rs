@@ -18,9 +18,15 @@ pub struct Cli {
     /// Front port that clients (SillyTavern) use instead of llama-server.
     #[arg(long, env = "KVGATE_LISTEN", value_name = "ADDR")]
     pub listen: Option<String>,
-    /// llama-server's base URL.
-    #[arg(long, env = "KVGATE_UPSTREAM", value_name = "URL")]
-    pub upstream: Option<String>,
+    /// llama-server's base URL; repeat the flag (or separate URLs with
+    /// commas) for several upstreams.
+    #[arg(
+        long,
+        env = "KVGATE_UPSTREAM",
+        value_name = "URL",
+        value_delimiter = ','
+    )]
+    pub upstream: Vec<String>,
     /// Admin side port.
     #[arg(long, env = "KVGATE_ADMIN_LISTEN", value_name = "ADDR")]
     pub admin_listen: Option<String>,
@@ -97,8 +103,8 @@ pub struct Cli {
         hide_env_values = true
     )]
     pub upstream_api_key: Option<String>,
-    /// Run llama-server with this GGUF model (kvgate supervises it; excludes
-    /// --upstream).
+    /// Run llama-server with this GGUF model (kvgate supervises it; any
+    /// --upstream is used beside it).
     #[arg(long, env = "KVGATE_MODEL", value_name = "PATH.gguf")]
     pub model: Option<PathBuf>,
     /// Slots of the supervised llama-server (`-np`).
@@ -107,8 +113,9 @@ pub struct Cli {
     /// Context per slot of the supervised llama-server.
     #[arg(long, env = "KVGATE_CTX", value_name = "TOKENS")]
     pub ctx: Option<u32>,
-    /// The llama-server binary to supervise (else LLAMA_SERVER, PATH, or the
-    /// build cached by scripts/build-llama-server.sh).
+    /// The llama-server binary for --model and the instances API (else
+    /// LLAMA_SERVER, PATH, or the build cached by
+    /// scripts/build-llama-server.sh).
     #[arg(long, env = "LLAMA_SERVER", value_name = "PATH")]
     pub llama_server: Option<PathBuf>,
     /// Log filter (tracing's EnvFilter syntax), e.g. `info,kvgate=debug`.
@@ -124,7 +131,7 @@ pub struct Cli {
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     listen: Option<String>,
-    upstream: Option<String>,
+    upstream: Option<OneOrMany>,
     admin_listen: Option<String>,
     save_dir: Option<PathBuf>,
     policy: Option<String>,
@@ -145,8 +152,12 @@ pub struct FileConfig {
     admin_key_file: Option<PathBuf>,
     clients: Option<PathBuf>,
     upstream_api_key: Option<String>,
+    llama_server: Option<PathBuf>,
     log: Option<String>,
 }
+
+/// Where llama-server is expected when no upstream is configured.
+pub const DEFAULT_UPSTREAM: &str = "http://127.0.0.1:8081";
 
 /// Cache policy knobs the seed extension exposed, plus kvgate's own.
 #[derive(Debug, Clone, PartialEq)]
@@ -178,13 +189,23 @@ impl Default for CacheSettings {
     }
 }
 
+/// A TOML value that may be one string or a list of them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
 /// The validated configuration kvgate runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Front port address.
     pub listen: SocketAddr,
-    /// llama-server base URL (scheme, authority, optional path prefix).
-    pub upstream: Uri,
+    /// llama-server base URLs (scheme, authority, optional path prefix),
+    /// each an upstream with its own slot table. Empty when `--model` is the
+    /// only upstream.
+    pub upstreams: Vec<Uri>,
     /// Admin port address.
     pub admin_listen: SocketAddr,
     /// Where slot files live (llama-server's --slot-save-path).
@@ -213,8 +234,11 @@ pub struct Config {
     pub clients: Option<PathBuf>,
     /// Key kvgate sends to llama-server.
     pub upstream_api_key: Option<String>,
-    /// llama-server to supervise (`--model`), instead of `upstream`.
+    /// llama-server to supervise (`--model`), beside any `upstreams`.
     pub supervised: Option<Supervised>,
+    /// The llama-server binary for `--model` and the instances API, when
+    /// given explicitly.
+    pub llama_server: Option<PathBuf>,
     /// Log filter.
     pub log: String,
 }
@@ -228,8 +252,6 @@ pub struct Supervised {
     pub slots: u32,
     /// Context per slot.
     pub ctx: u32,
-    /// The binary, when given explicitly.
-    pub binary: Option<PathBuf>,
     /// Extra arguments.
     pub args: Vec<String>,
 }
@@ -238,7 +260,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "127.0.0.1:8080".parse().expect("constant address"),
-            upstream: Uri::from_static("http://127.0.0.1:8081"),
+            upstreams: vec![Uri::from_static(DEFAULT_UPSTREAM)],
             admin_listen: "127.0.0.1:8090".parse().expect("constant address"),
             save_dir: None,
             policy: "sillytavern".into(),
@@ -254,6 +276,7 @@ impl Default for Config {
             clients: None,
             upstream_api_key: None,
             supervised: None,
+            llama_server: None,
             log: "info".into(),
         }
     }
@@ -330,13 +353,6 @@ impl Config {
                     .map_err(|_| invalid(name, &s, "expected IP:PORT, e.g. 127.0.0.1:8080")),
             }
         };
-        if cli.model.is_some() && cli.upstream.is_some() {
-            return Err(invalid(
-                "--model",
-                "",
-                "kvgate either runs llama-server (--model) or uses one (--upstream), not both",
-            ));
-        }
         let supervised = match &cli.model {
             None => None,
             Some(m) if !m.is_file() => {
@@ -346,7 +362,6 @@ impl Config {
                 model: m.clone(),
                 slots: cli.slots.unwrap_or(2),
                 ctx: cli.ctx.unwrap_or(4096),
-                binary: cli.llama_server.clone(),
                 args: cli.llama_args.clone(),
             }),
         };
@@ -358,10 +373,24 @@ impl Config {
                 return Err(invalid("--ctx", s.ctx, "must be at least 256 tokens"));
             }
         }
-        let upstream = match cli.upstream.or(file.upstream) {
-            None => d.upstream,
-            Some(s) => parse_upstream(&s)?,
+        let urls: Vec<String> = if !cli.upstream.is_empty() {
+            cli.upstream
+        } else {
+            match file.upstream {
+                None => Vec::new(),
+                Some(OneOrMany::One(u)) => vec![u],
+                Some(OneOrMany::Many(us)) => us,
+            }
         };
+        let mut upstreams = urls
+            .iter()
+            .map(|u| parse_upstream(u.trim()))
+            .collect::<Result<Vec<Uri>, _>>()?;
+        // Without any upstream, kvgate expects llama-server at its usual
+        // place; `--model` alone is an upstream of its own.
+        if upstreams.is_empty() && supervised.is_none() {
+            upstreams = d.upstreams;
+        }
         let cache = CacheSettings {
             autosave: cli.autosave.or(file.autosave).unwrap_or(d.cache.autosave),
             save_every: cli
@@ -395,7 +424,7 @@ impl Config {
         };
         let cfg = Config {
             listen: addr("--listen", cli.listen.or(file.listen), d.listen)?,
-            upstream,
+            upstreams,
             admin_listen: addr(
                 "--admin-listen",
                 cli.admin_listen.or(file.admin_listen),
@@ -438,6 +467,7 @@ impl Config {
             clients: cli.clients.or(file.clients),
             upstream_api_key: cli.upstream_api_key.or(file.upstream_api_key),
             supervised,
+            llama_server: cli.llama_server.or(file.llama_server),
             log: cli.log.or(file.log).unwrap_or(d.log),
         };
         cfg.validate()
@@ -451,6 +481,13 @@ impl Config {
                 self.max_body_bytes,
                 "must be at least 1024",
             ));
+        }
+        for (i, u) in self.upstreams.iter().enumerate() {
+            if self.upstreams[..i].contains(u) {
+                // One llama-server counted twice would have each slot
+                // handed out twice.
+                return Err(invalid("--upstream", u, "given twice"));
+            }
         }
         if self.cache.save_every == 0 {
             return Err(invalid("--save-every", 0, "must be at least 1"));
@@ -566,7 +603,7 @@ mod tests {
     fn defaults() {
         let c = Config::from_cli(Cli::default(), None).unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
-        assert_eq!(c.upstream.to_string(), "http://127.0.0.1:8081/");
+        assert_eq!(c.upstreams[0].to_string(), "http://127.0.0.1:8081/");
         assert_eq!(c.cache, CacheSettings::default());
         assert_eq!(c.max_body_bytes, 64 << 20);
     }
@@ -592,7 +629,11 @@ mod tests {
         .unwrap();
         assert_eq!(c.listen.port(), 9000);
         assert_eq!(c.cache.save_every, 3);
-        assert_eq!(c.upstream.authority().unwrap().as_str(), "127.0.0.1:7000");
+        assert_eq!(c.upstreams.len(), 1);
+        assert_eq!(
+            c.upstreams[0].authority().unwrap().as_str(),
+            "127.0.0.1:7000"
+        );
         assert_eq!(c.save_dir.as_deref(), Some(Path::new("/tmp/kv")));
     }
 
@@ -607,16 +648,61 @@ mod tests {
             (s.slots, s.ctx, s.args.clone()),
             (3, 4096, vec!["-t".to_string(), "2".to_string()])
         );
-        let e = Config::from_cli(
+        // --model alone is the only upstream; with --upstream, both are.
+        assert!(c.upstreams.is_empty());
+        let c = Config::from_cli(
             cli(&["--model", m, "--upstream", "http://127.0.0.1:1"]),
             None,
         )
-        .unwrap_err();
-        assert!(e.to_string().contains("--model"), "{e}");
+        .unwrap();
+        assert_eq!(c.upstreams.len(), 1);
         let e = Config::from_cli(cli(&["--model", "/nonexistent.gguf"]), None).unwrap_err();
         assert!(e.to_string().contains("no such model"), "{e}");
         let e = Config::from_cli(cli(&["--model", m, "--slots", "0"]), None).unwrap_err();
         assert!(e.to_string().contains("--slots"), "{e}");
+    }
+
+    #[test]
+    fn upstreams_repeat_in_flags_and_files() {
+        let c = Config::from_cli(
+            cli(&[
+                "--upstream",
+                "http://127.0.0.1:1",
+                "--upstream",
+                "http://127.0.0.1:2,http://127.0.0.1:3/p/",
+            ]),
+            None,
+        )
+        .unwrap();
+        let got: Vec<String> = c.upstreams.iter().map(|u| u.to_string()).collect();
+        assert_eq!(
+            got,
+            [
+                "http://127.0.0.1:1/",
+                "http://127.0.0.1:2/",
+                "http://127.0.0.1:3/p"
+            ]
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("k.toml");
+        std::fs::write(
+            &f,
+            "upstream = [\"http://127.0.0.1:5\", \"http://127.0.0.1:6\"]\n",
+        )
+        .unwrap();
+        let c = Config::from_cli(cli(&["--config", f.to_str().unwrap()]), None).unwrap();
+        assert_eq!(c.upstreams.len(), 2);
+        std::fs::write(&f, "upstream = \"http://127.0.0.1:5\"\n").unwrap();
+        let c = Config::from_cli(cli(&["--config", f.to_str().unwrap()]), None).unwrap();
+        assert_eq!(c.upstreams.len(), 1);
+        let c = Config::from_cli(cli(&[]), None).unwrap();
+        assert_eq!(c.upstreams[0].to_string(), "http://127.0.0.1:8081/");
+        let e = Config::from_cli(
+            cli(&["--upstream", "http://127.0.0.1:1,http://127.0.0.1:1/"]),
+            None,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("given twice"), "{e}");
     }
 
     #[test]

@@ -45,6 +45,16 @@ impl Events {
     /// Publishes `{"type": kind, "seq", "time_ms", …fields()}`. Costs
     /// nothing when nobody listens: `fields` is not even called.
     pub fn emit(&self, kind: &str, fields: impl FnOnce() -> Value) {
+        self.publish(kind, None, fields);
+    }
+
+    /// [`Events::emit`] for an event about one upstream: it also carries
+    /// `"upstream": name` (slot ids are per upstream).
+    pub fn emit_for(&self, upstream: &str, kind: &str, fields: impl FnOnce() -> Value) {
+        self.publish(kind, Some(upstream), fields);
+    }
+
+    fn publish(&self, kind: &str, upstream: Option<&str>, fields: impl FnOnce() -> Value) {
         if self.tx.receiver_count() == 0 {
             return;
         }
@@ -61,6 +71,9 @@ impl Events {
         m.insert("time_ms".into(), Value::from(ms));
         if let Value::Object(f) = fields() {
             m.extend(f);
+        }
+        if let Some(name) = upstream {
+            m.insert("upstream".into(), Value::from(name));
         }
         let _ = self.tx.send(Arc::from(Value::Object(m).to_string()));
     }

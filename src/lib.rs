@@ -11,6 +11,10 @@
 //! - [`lease`]: async leases over the table; one operation per slot at a time.
 //! - [`upstream`]: pooled client to llama-server and its typed slot calls.
 //! - [`monitor`]: slot count, outages and restarts of llama-server.
+//! - [`fleet`]: the upstreams, and which one a request goes to (pure
+//!   placement: cache affinity, then most free slots).
+//! - [`instances`]: llama-server processes kvgate runs (`--model`, the
+//!   admin API's `/instances`), persisted in the save directory.
 //! - [`proxy`]: the front port: passthrough, and the completion lifecycle.
 //! - [`sse`]: relays response bodies untouched while observing their end.
 //! - [`hooks`]: where the cache layer acts (saves of every kind, restore).
@@ -35,9 +39,11 @@ pub mod clients;
 pub mod config;
 pub mod error;
 pub mod events;
+pub mod fleet;
 pub mod hash;
 pub mod hooks;
 pub mod identity;
+pub mod instances;
 pub mod lease;
 pub mod metrics;
 pub mod monitor;
@@ -67,8 +73,9 @@ use crate::app::{App, Shared};
 use crate::cache_store::CacheStore;
 use crate::clients::Clients;
 use crate::config::Config;
-use crate::hooks::{CacheHooks, NoCache};
-use crate::persist::Persistence;
+use crate::fleet::Fleet;
+use crate::hooks::CacheHooks;
+use crate::instances::Instances;
 use crate::policy::{Policy, PolicyError};
 
 /// Why kvgate could not start.
@@ -85,7 +92,7 @@ pub enum StartError {
         /// The OS error.
         source: std::io::Error,
     },
-    /// The save directory is unusable.
+    /// The save directory (or a file kvgate keeps there) is unusable.
     #[error("save directory {0}")]
     SaveDir(String),
     /// The clients file is unusable.
@@ -99,7 +106,8 @@ pub enum StartError {
 /// A configured kvgate, ready to serve.
 #[derive(Debug)]
 pub struct Gateway {
-    app: Arc<App>,
+    fleet: Arc<Fleet>,
+    instances: Arc<Instances>,
 }
 
 // === impl Gateway ===
@@ -111,14 +119,26 @@ impl Gateway {
     pub fn new(cfg: Config) -> Result<Gateway, StartError> {
         let policy = Policy::load(&cfg.policy)?;
         let clients = load_clients(&cfg)?;
-        Self::assemble(cfg, policy, clients)
+        Self::assemble(cfg, policy, clients, None)
     }
 
-    /// [`Gateway::new`] with the policy and clients file already loaded.
+    /// Builds kvgate with explicit cache hooks for every upstream, and no
+    /// save directory (tests plug in fakes).
+    pub fn with_hooks(mut cfg: Config, hooks: Arc<dyn CacheHooks>) -> Result<Gateway, StartError> {
+        let policy = Policy::load(&cfg.policy)?;
+        let clients = load_clients(&cfg)?;
+        cfg.save_dir = None;
+        Self::assemble(cfg, policy, clients, Some(hooks))
+    }
+
+    /// [`Gateway::new`] with the policy and clients file already loaded:
+    /// one upstream per `--upstream`, and the instances recorded in the
+    /// save directory (started by [`Gateway::serve`]).
     fn assemble(
         cfg: Config,
         policy: Policy,
         clients: Option<Clients>,
+        hooks: Option<Arc<dyn CacheHooks>>,
     ) -> Result<Gateway, StartError> {
         let mut settings = cfg.cache.clone();
         let store = match &cfg.save_dir {
@@ -135,70 +155,84 @@ impl Gateway {
                 Some(Arc::new(store))
             }
             None => {
-                warn!("no --save-dir: kvgate pins slots but saves and restores nothing");
+                if hooks.is_none() {
+                    warn!("no --save-dir: kvgate pins slots but saves and restores nothing");
+                }
                 None
             }
         };
-        let shared = Shared::new(settings, store.clone());
-        // One client (one connection pool) for everything kvgate sends.
-        let upstream = upstream_client(&cfg);
-        let hooks: Arc<dyn CacheHooks> = match store {
-            Some(store) => Arc::new(Persistence::new(store, upstream.clone(), &shared)),
-            None => Arc::new(NoCache),
-        };
+        let shared = Shared::new(settings, store);
+        let save_dir = cfg.save_dir.clone();
+        let fleet = Arc::new(Fleet::new(cfg, policy, clients, shared, hooks));
+        for (i, uri) in fleet.cfg.upstreams.iter().enumerate() {
+            let app = fleet.build_app(
+                &format!("upstream-{}", i + 1),
+                uri.clone(),
+                fleet.cfg.upstream_api_key.clone(),
+            );
+            fleet.add(app);
+        }
+        let instances =
+            Instances::load(Arc::clone(&fleet), save_dir).map_err(StartError::SaveDir)?;
         Ok(Gateway {
-            app: App::new(cfg, policy, upstream, hooks, shared, clients),
+            fleet,
+            instances: Arc::new(instances),
         })
     }
 
-    /// Builds kvgate with explicit cache hooks and no save directory (tests
-    /// plug in fakes).
-    pub fn with_hooks(cfg: Config, hooks: Arc<dyn CacheHooks>) -> Result<Gateway, StartError> {
-        let policy = Policy::load(&cfg.policy)?;
-        let clients = load_clients(&cfg)?;
-        let shared = Shared::new(cfg.cache.clone(), None);
-        let upstream = upstream_client(&cfg);
-        Ok(Gateway {
-            app: App::new(cfg, policy, upstream, hooks, shared, clients),
-        })
+    /// The first upstream's state (for tests and embedding); `None` before
+    /// kvgate has any (only `--model`, not started yet).
+    pub fn app(&self) -> Option<Arc<App>> {
+        self.fleet.apps().into_iter().next()
     }
 
-    /// The shared state (for tests and embedding).
-    pub fn app(&self) -> &Arc<App> {
-        &self.app
+    /// Every upstream, and what they share.
+    pub fn fleet(&self) -> &Arc<Fleet> {
+        &self.fleet
+    }
+
+    /// The llama-server instances kvgate runs.
+    pub fn instances(&self) -> &Arc<Instances> {
+        &self.instances
     }
 
     /// Serves the front and admin ports until `shutdown` resolves, then
     /// drains: stops accepting, lets in-flight streams finish within the
-    /// grace period, waits for their saves, and returns.
+    /// grace period, waits for their saves, saves every slot with unsaved
+    /// messages, stops the instances it runs, and returns.
     pub async fn serve(
         self,
         front: TcpListener,
         admin: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) {
-        let app = self.app;
+        let Gateway { fleet, instances } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
         let stopped = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        let grace = app.cfg.shutdown_grace;
+        let grace = fleet.cfg.shutdown_grace;
 
-        let monitor = tokio::spawn(monitor::run(Arc::clone(&app), stopped(stop_rx.clone())));
-        let saver = tokio::spawn(save_behind::run(Arc::clone(&app), stopped(stop_rx.clone())));
-        let admin_app = Arc::clone(&app);
+        fleet.start();
+        let resume = {
+            let instances = Arc::clone(&instances);
+            tokio::spawn(async move { instances.resume().await })
+        };
+        let (admin_fleet, admin_instances) = (Arc::clone(&fleet), Arc::clone(&instances));
         let admin_task = tokio::spawn(server::serve(
             "admin",
             admin,
-            move |req, _peer| admin::handle(Arc::clone(&admin_app), req),
+            move |req, _peer| {
+                admin::handle(Arc::clone(&admin_fleet), Arc::clone(&admin_instances), req)
+            },
             stopped(stop_rx.clone()),
             grace,
         ));
-        let front_app = Arc::clone(&app);
+        let front_fleet = Arc::clone(&fleet);
         let front_task = tokio::spawn(server::serve(
             "front",
             front,
-            move |req, peer| proxy::handle(Arc::clone(&front_app), req, peer),
+            move |req, peer| proxy::handle(Arc::clone(&front_fleet), req, peer),
             stopped(stop_rx.clone()),
             grace,
         ));
@@ -206,35 +240,39 @@ impl Gateway {
         shutdown.await;
         info!("shutting down: no new connections; letting streams finish");
         let _ = stop_tx.send(true);
+        resume.abort();
         let _ = front_task.await;
-        if tokio::time::timeout(grace, app.tasks.wait_idle())
+        let tasks = &fleet.shared.tasks;
+        if tokio::time::timeout(grace, tasks.wait_idle())
             .await
             .is_err()
         {
             warn!(
-                running = app.tasks.running(),
+                running = tasks.running(),
                 "lifecycle tasks still running after the grace period"
             );
         }
-        // Save every slot with unsaved messages before exiting.
-        owner_save::save_dirty_slots(
-            &app,
-            cache_store::SaveKind::Shutdown,
-            app.cfg.shutdown_grace,
-            false,
-        )
-        .await;
-        app.pool.close();
+        // Save every slot with unsaved messages before exiting, every
+        // upstream at once.
+        let saves = fleet.apps().into_iter().map(|app| {
+            tokio::spawn(async move {
+                owner_save::save_dirty_slots(
+                    &app,
+                    cache_store::SaveKind::Shutdown,
+                    app.cfg.shutdown_grace,
+                    false,
+                )
+                .await
+            })
+        });
+        for s in saves.collect::<Vec<_>>() {
+            let _ = s.await;
+        }
+        instances.shutdown().await;
+        fleet.stop_all().await;
         let _ = admin_task.await;
-        let _ = monitor.await;
-        let _ = saver.await;
         info!("kvgate stopped");
     }
-}
-
-fn upstream_client(cfg: &Config) -> upstream::Upstream {
-    upstream::Upstream::new(cfg.upstream.clone(), cfg.upstream_timeout)
-        .with_api_key(cfg.upstream_api_key.clone())
 }
 
 fn load_clients(cfg: &Config) -> Result<Option<Clients>, StartError> {
@@ -260,39 +298,44 @@ pub async fn run(
     // anything is started or bound.
     let policy = Policy::load(&cfg.policy)?;
     let clients = load_clients(&cfg)?;
-    let supervisor = match cfg.supervised.clone() {
-        None => None,
-        Some(s) => {
-            let dir = match &cfg.save_dir {
-                Some(d) => d.clone(),
-                None => default_save_dir(),
-            };
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| StartError::SaveDir(format!("{}: {e}", dir.display())))?;
-            cfg.save_dir = Some(dir.clone());
-            let binary = supervisor::find_binary(s.binary.as_deref())
-                .map_err(|e| StartError::Llama(e.to_string()))?;
-            let spec = supervisor::Spec {
-                binary,
-                model: s.model,
-                slots: s.slots,
-                ctx: s.ctx,
-                save_dir: dir,
-                args: s.args,
-            };
-            let sup = supervisor::Supervisor::start(spec)
-                .await
-                .map_err(|e| StartError::Llama(e.to_string()))?;
-            cfg.upstream =
-                config::parse_upstream(&sup.url).map_err(|e| StartError::Llama(e.to_string()))?;
-            Some(sup)
-        }
-    };
-    let result = serve_configured(cfg, policy, clients, shutdown).await;
-    if let Some(sup) = supervisor {
-        sup.stop().await;
+    let supervised = cfg.supervised.clone();
+    if supervised.is_some() && cfg.save_dir.is_none() {
+        let dir = default_save_dir();
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| StartError::SaveDir(format!("{}: {e}", dir.display())))?;
+        cfg.save_dir = Some(dir);
     }
-    result
+    let (listen, admin_listen) = (cfg.listen, cfg.admin_listen);
+    let gw = Gateway::assemble(cfg, policy, clients, None)?;
+    let bind = |addr: SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })
+    };
+    let front = bind(listen).await?;
+    let admin = bind(admin_listen).await?;
+    if let Some(s) = supervised {
+        let spec = instances::InstanceSpec {
+            model: s.model,
+            slots: s.slots,
+            ctx: s.ctx,
+            port: None,
+            args: s.args,
+        };
+        if let Err(e) = gw.instances.start_main(spec).await {
+            gw.instances.shutdown().await;
+            return Err(StartError::Llama(e.to_string()));
+        }
+    }
+    let upstreams: Vec<String> = gw
+        .fleet
+        .apps()
+        .iter()
+        .map(|a| format!("{}={}", a.name, a.upstream.base()))
+        .collect();
+    info!(front = %listen, admin = %admin_listen, upstreams = %upstreams.join(" "), "kvgate listening");
+    gw.serve(front, admin, shutdown).await;
+    Ok(())
 }
 
 /// Where a supervised llama-server keeps its slot files when no
@@ -305,24 +348,4 @@ fn default_save_dir() -> std::path::PathBuf {
         })
         .unwrap_or_else(|| std::path::PathBuf::from("."));
     base.join("kvgate").join("slots")
-}
-
-async fn serve_configured(
-    cfg: Config,
-    policy: Policy,
-    clients: Option<Clients>,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), StartError> {
-    let (listen, admin_listen, upstream) = (cfg.listen, cfg.admin_listen, cfg.upstream.clone());
-    let gw = Gateway::assemble(cfg, policy, clients)?;
-    let bind = |addr: SocketAddr| async move {
-        TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind { addr, source })
-    };
-    let front = bind(listen).await?;
-    let admin = bind(admin_listen).await?;
-    info!(front = %listen, admin = %admin_listen, %upstream, "kvgate listening");
-    gw.serve(front, admin, shutdown).await;
-    Ok(())
 }

@@ -184,8 +184,10 @@ pub fn add_time(c: &AtomicU64, d: Duration) {
 /// What the gauges show, sampled from kvgate's state when `/metrics` is read.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Gauges {
-    /// Whether llama-server answered the monitor's last poll.
-    pub upstream_up: bool,
+    /// Upstreams kvgate serves through.
+    pub upstreams: u64,
+    /// Those that answered their monitor's last poll.
+    pub upstreams_up: u64,
     /// Slots with a request or save in flight.
     pub busy: u64,
     /// Idle slots holding a character's or anonymous cache.
@@ -194,6 +196,18 @@ pub struct Gauges {
     pub free: u64,
     /// Requests waiting for a slot.
     pub queued: u64,
+}
+
+impl std::ops::AddAssign for Gauges {
+    /// Sums two upstreams' gauges.
+    fn add_assign(&mut self, o: Gauges) {
+        self.upstreams += o.upstreams;
+        self.upstreams_up += o.upstreams_up;
+        self.busy += o.busy;
+        self.owned += o.owned;
+        self.free += o.free;
+        self.queued += o.queued;
+    }
 }
 
 // === impl Metrics ===
@@ -400,8 +414,14 @@ impl Metrics {
         }
         let _ = writeln!(
             out,
-            "# HELP kvgate_upstream_up Whether llama-server answers.\n# TYPE kvgate_upstream_up gauge\nkvgate_upstream_up {}",
-            u8::from(gauges.upstream_up)
+            "# HELP kvgate_upstream_up Whether a llama-server answers (any upstream).\n# TYPE kvgate_upstream_up gauge\nkvgate_upstream_up {}",
+            u8::from(gauges.upstreams_up > 0)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP kvgate_upstreams Upstreams by state.\n# TYPE kvgate_upstreams gauge\nkvgate_upstreams{{state=\"up\"}} {}\nkvgate_upstreams{{state=\"down\"}} {}",
+            gauges.upstreams_up,
+            gauges.upstreams.saturating_sub(gauges.upstreams_up)
         );
         out
     }

@@ -31,6 +31,8 @@ struct Seen {
     max_task: Option<i64>,
     /// Whether the model fingerprint was computed for the current upstream.
     fingerprinted: bool,
+    /// The names the upstream's model answers to (see [`model_names`]).
+    models: Vec<String>,
 }
 
 /// The `/props` fields that change when llama-server comes back different.
@@ -95,8 +97,9 @@ async fn poll(app: &App, seen: &mut Seen) {
     };
     if first || changed || !seen.fingerprinted {
         seen.fingerprinted = false;
-        if let Some(fp) = fetch_fingerprint(&app.upstream, &props).await {
+        if let Some((fp, names)) = fetch_fingerprint(&app.upstream, &props).await {
             app.set_fingerprint(fp);
+            seen.models = names;
             seen.fingerprinted = true;
         }
     }
@@ -130,7 +133,7 @@ async fn poll(app: &App, seen: &mut Seen) {
         app.pool.resize(n);
     }
     if seen.up != Some(true) {
-        app.events.emit(
+        app.emit(
             "upstream_up",
             || json!({"url": app.upstream.base().to_string(), "slots": n}),
         );
@@ -138,6 +141,7 @@ async fn poll(app: &App, seen: &mut Seen) {
     app.upstream_state.replace(UpstreamState {
         up: true,
         slots: slots.clone().unwrap_or_default(),
+        models: seen.models.clone(),
     });
     seen.up = Some(true);
     seen.props_key = Some(key);
@@ -151,7 +155,7 @@ fn down(app: &App, seen: &mut Seen, e: &UpstreamError) {
     // Only a real outage counts as down (a slow answer under load does not).
     if e.is_connect() || seen.up.is_none() {
         if seen.up != Some(false) {
-            app.events.emit(
+            app.emit(
                 "upstream_down",
                 || json!({"url": app.upstream.base().to_string(), "error": e.to_string()}),
             );
@@ -166,18 +170,50 @@ fn down(app: &App, seen: &mut Seen, e: &UpstreamError) {
 }
 
 /// The fingerprint of the model llama-server serves (from `/props` and
-/// `/v1/models`).
+/// `/v1/models`), and the names it answers to.
 async fn fetch_fingerprint(
     upstream: &crate::upstream::Upstream,
     props: &Value,
-) -> Option<crate::cache_store::Fingerprint> {
+) -> Option<(crate::cache_store::Fingerprint, Vec<String>)> {
     let models = upstream
         .get_json("/v1/models", Duration::from_secs(5))
         .await
         .ok()?;
-    Some(crate::cache_store::Fingerprint::from_upstream(
-        props, &models,
+    Some((
+        crate::cache_store::Fingerprint::from_upstream(props, &models),
+        model_names(props, &models),
     ))
+}
+
+/// The names a request's `model` field may use for this upstream's model:
+/// the ids `/v1/models` lists (the `--alias`, or the model path) and the
+/// model file's name, with and without `.gguf`.
+pub fn model_names(props: &Value, models: &Value) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    let mut add = |n: &str| {
+        if !n.is_empty() && !names.iter().any(|x| x == n) {
+            names.push(n.to_string());
+        }
+    };
+    for m in models
+        .get("data")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        if let Some(id) = m.get("id").and_then(Value::as_str) {
+            add(id);
+        }
+    }
+    if let Some(path) = props.get("model_path").and_then(Value::as_str) {
+        add(path);
+        let file = path.rsplit(['/', '\\']).next().unwrap_or(path);
+        add(file);
+        if let Some(stem) = file.strip_suffix(".gguf") {
+            add(stem);
+        }
+    }
+    names
 }
 
 /// Logs what kvgate found and warns about settings that defeat it.
@@ -225,6 +261,17 @@ async fn first_contact(app: &App, props: &Value, n: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn model_names_cover_alias_path_file_and_stem() {
+        let props = serde_json::json!({"model_path": "/models/tiny-q8.gguf"});
+        let models = serde_json::json!({"data": [{"id": "tiny"}, {"id": "tiny"}]});
+        assert_eq!(
+            model_names(&props, &models),
+            ["tiny", "/models/tiny-q8.gguf", "tiny-q8.gguf", "tiny-q8"]
+        );
+        assert!(model_names(&serde_json::json!({}), &serde_json::json!({})).is_empty());
+    }
 
     #[test]
     fn props_key_ignores_volatile_fields() {

@@ -26,6 +26,8 @@ const TOKENIZE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Saves and restores through llama-server into a [`CacheStore`].
 #[derive(Debug)]
 pub struct Persistence {
+    /// The upstream's name, for the events.
+    name: String,
     store: Arc<CacheStore>,
     upstream: Upstream,
     fingerprint: Arc<Live<Option<Fingerprint>>>,
@@ -37,10 +39,16 @@ pub struct Persistence {
 // === impl Persistence ===
 
 impl Persistence {
-    /// Hooks over `store`, talking to `upstream`, sharing settings, events
-    /// and metrics with the rest of kvgate.
-    pub fn new(store: Arc<CacheStore>, upstream: Upstream, shared: &Shared) -> Persistence {
+    /// Hooks over `store`, talking to `upstream` (called `name`), sharing
+    /// settings, events and metrics with the rest of kvgate.
+    pub fn new(
+        name: &str,
+        store: Arc<CacheStore>,
+        upstream: Upstream,
+        shared: &Shared,
+    ) -> Persistence {
         Persistence {
+            name: name.to_string(),
             store,
             upstream,
             fingerprint: Arc::clone(&shared.fingerprint),
@@ -48,6 +56,11 @@ impl Persistence {
             events: Arc::clone(&shared.events),
             metrics: Arc::clone(&shared.metrics),
         }
+    }
+
+    /// Emits an event naming this upstream.
+    fn emit(&self, kind: &str, fields: impl FnOnce() -> serde_json::Value) {
+        self.events.emit_for(&self.name, kind, fields);
     }
 
     async fn do_save(
@@ -68,7 +81,7 @@ impl Persistence {
         let temp = self.store.temp_name();
         let fail = |reason: String| {
             metrics::inc(&self.metrics.save_failures);
-            self.events.emit(
+            self.emit(
                 "save_failed",
                 || json!({"slot": slot, "chat": chat, "character": character, "kind": kind.as_str(), "reason": reason}),
             );
@@ -119,7 +132,7 @@ impl Persistence {
                 info!(slot, %tenant, kind = kind.as_str(), file = %meta.file, tokens = meta.n_tokens, bytes = meta.bytes, "saved");
                 let took = started.elapsed();
                 self.metrics.saved(kind.as_str(), meta.bytes, took);
-                self.events.emit(
+                self.emit(
                     "saved",
                     || json!({"slot": slot, "chat": chat, "character": character, "kind": kind.as_str(), "file": meta.file, "tag": tag, "tokens": meta.n_tokens, "bytes": meta.bytes, "ms": took.as_secs_f64() * 1000.0}),
                 );
@@ -229,7 +242,7 @@ impl Persistence {
                 let tokens = r.n_restored.unwrap_or(0);
                 metrics::inc(&self.metrics.restores);
                 metrics::add_time(&self.metrics.restore_micros, started.elapsed());
-                self.events.emit(
+                self.emit(
                     "restored",
                     || json!({"slot": slot, "chat": chat, "character": character, "file": file, "tokens": tokens, "shared_prefix": shared_prefix, "ms": started.elapsed().as_secs_f64() * 1000.0}),
                 );
@@ -242,7 +255,7 @@ impl Persistence {
             Err(e) => {
                 metrics::inc(&self.metrics.restore_failures);
                 let reason = format!("{file}: {e}");
-                self.events.emit(
+                self.emit(
                     "restore_failed",
                     || json!({"slot": slot, "chat": chat, "character": character, "file": file, "reason": reason}),
                 );

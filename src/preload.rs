@@ -145,7 +145,7 @@ fn update(job: &Job, f: impl FnOnce(&mut Progress)) -> Progress {
 }
 
 fn publish(app: &App, p: &Progress) {
-    app.events.emit("preload_progress", || {
+    app.emit("preload_progress", || {
         serde_json::to_value(p).unwrap_or(Value::Null)
     });
 }
@@ -213,7 +213,7 @@ async fn preload_one(
         lease.release(Outcome::Untouched);
         return Ok(format!("already in slot {slot}"));
     }
-    let known = app.last_prompt(&tenant);
+    let known = app.memory.last_prompt(&tenant);
     let prompt = prompt.or(known.as_deref());
     match crate::proxy::restore(app, &lease, &tenant, prompt, None).await {
         Restore::Restored { file, tokens } => {

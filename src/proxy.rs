@@ -1,6 +1,7 @@
 //! The front port. Completions go through the named steps
-//! `classify → read → resolve → acquire → evict-save → restore → forward →
-//! relay → (autosave) → release`; everything else passes through untouched.
+//! `classify → read → resolve → place → acquire → evict-save → restore →
+//! forward → relay → (autosave) → release`; everything else passes through
+//! untouched, to the first upstream that is up.
 //!
 //! Once response headers are sent, a lifecycle task owns the slot's lease
 //! until the relayed body reports its end; only then does it autosave and
@@ -24,6 +25,7 @@ use crate::cache_store::SaveKind;
 use crate::clients::Refusal;
 use crate::error::ApiError;
 use crate::error::ErrorType;
+use crate::fleet::Fleet;
 use crate::hooks::{Generation, Restore};
 use crate::identity::{self, Api, Explicit, Identity};
 use crate::lease::{AcquireError, Lease};
@@ -54,30 +56,48 @@ pub fn completion_api(method: &Method, path: &str) -> Option<Api> {
 
 /// Serves one front-port request from `peer`.
 pub async fn handle(
-    app: Arc<App>,
+    fleet: Arc<Fleet>,
     req: Request<Incoming>,
     peer: SocketAddr,
 ) -> Response<ProxyBody> {
     let route = metrics::route_label(req.uri().path());
-    let resp = route_request(&app, req, peer).await;
-    app.metrics.request(route, resp.status().as_u16());
+    let resp = route_request(&fleet, req, peer).await;
+    fleet.shared.metrics.request(route, resp.status().as_u16());
     resp
 }
 
+/// Who sent a request, as kvgate tracks clients.
+struct Client {
+    /// The key chat switches and per-client metrics use.
+    key: String,
+    /// Authenticated against the clients file: kvgate talks to llama-server
+    /// with its own key, not the client's.
+    gatekept: bool,
+}
+
+impl Client {
+    /// Puts kvgate's upstream key in place of the client's, when kvgate is
+    /// the gatekeeper.
+    fn credentials_for(&self, app: &App, headers: &mut HeaderMap) {
+        if self.gatekept {
+            app.upstream.substitute_credentials(headers);
+        }
+    }
+}
+
 async fn route_request(
-    app: &Arc<App>,
+    fleet: &Arc<Fleet>,
     mut req: Request<Incoming>,
     peer: SocketAddr,
 ) -> Response<ProxyBody> {
     // With a clients file kvgate is the gatekeeper: it checks the client's
     // key and talks to llama-server with its own.
-    let client = match &app.clients {
+    let client = match &fleet.clients {
         Some(clients) => match clients.authenticate(req.headers()) {
-            Ok(c) => {
-                let id = format!("client-{}", c.id);
-                app.upstream.substitute_credentials(req.headers_mut());
-                id
-            }
+            Ok(c) => Client {
+                key: format!("client-{}", c.id),
+                gatekept: true,
+            },
             Err(refusal) => {
                 let why = match refusal {
                     Refusal::Missing => {
@@ -90,18 +110,30 @@ async fn route_request(
                     .into_response();
             }
         },
-        None => client_key(req.headers(), peer),
+        None => Client {
+            key: client_key(req.headers(), peer),
+            gatekept: false,
+        },
     };
     if let Some(api) = completion_api(req.method(), req.uri().path()) {
-        return match completion(app, req, api, &client).await {
+        return match completion(fleet, req, api, &client).await {
             Ok(resp) => resp,
             Err(e) => e.into_response(),
         };
     }
+    let Some(app) = fleet.default_app() else {
+        return no_upstream().into_response();
+    };
+    client.credentials_for(&app, req.headers_mut());
     if let Some(slot) = slot_action_target(req.method(), req.uri().path()) {
-        return slot_action(app, req, slot).await;
+        return slot_action(&app, req, slot).await;
     }
-    passthrough(app, req).await
+    passthrough(&app, req).await
+}
+
+/// kvgate has no upstream at all (every instance is stopped).
+fn no_upstream() -> ApiError {
+    ApiError::unavailable("no llama-server to send this to: every instance is stopped")
 }
 
 /// `POST /slots/{id}`: a client's own slot action (save, restore, erase).
@@ -217,9 +249,8 @@ fn upstream_failure(app: &App, e: UpstreamError) -> ApiError {
     }
 }
 
-/// Reads the body within the configured limit.
-async fn read_body(app: &App, headers: &HeaderMap, body: Incoming) -> Result<Bytes, ApiError> {
-    let limit = app.cfg.max_body_bytes;
+/// Reads the body within `limit` bytes.
+async fn read_body(limit: u64, headers: &HeaderMap, body: Incoming) -> Result<Bytes, ApiError> {
     let declared = headers
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -258,15 +289,15 @@ fn slot_request(body: &Value) -> SlotRequest {
 }
 
 async fn completion(
-    app: &Arc<App>,
+    fleet: &Arc<Fleet>,
     req: Request<Incoming>,
     api: Api,
-    client: &str,
+    client: &Client,
 ) -> Result<Response<ProxyBody>, ApiError> {
     let started = Instant::now();
-    app.metrics.client_completion(client);
+    fleet.shared.metrics.client_completion(&client.key);
     let (mut parts, body) = req.into_parts();
-    let raw = read_body(app, &parts.headers, body).await?;
+    let raw = read_body(fleet.cfg.max_body_bytes, &parts.headers, body).await?;
 
     // A body that is not a JSON object, or whose `id_slot` has the wrong
     // type, goes through untouched: the client sees llama-server's own
@@ -280,13 +311,22 @@ async fn completion(
         .filter(|v| v.is_object() && !bad_id_slot(v));
     let Some(mut json) = json else {
         debug!("completion body kvgate can't use; forwarding untouched");
-        return Ok(forward_relay(app, parts, full(raw)).await);
+        let app = fleet.default_app().ok_or_else(no_upstream)?;
+        client.credentials_for(&app, &mut parts.headers);
+        return Ok(forward_relay(&app, parts, full(raw)).await);
     };
 
     let explicit = explicit_identity(&parts.headers, &mut json)?;
-    let identity = identity::resolve(api, &json, &explicit, &app.policy, |t| {
-        app.previous_prompt(t)
+    let identity = identity::resolve(api, &json, &explicit, &fleet.policy, |t| {
+        fleet.shared.memory.previous_prompt(t)
     });
+    // The character stays where its cache is; a newcomer goes where slots
+    // are free (see `fleet`).
+    let model = json.get("model").and_then(Value::as_str);
+    let app = &fleet
+        .place(&identity.tenant, model)
+        .ok_or_else(no_upstream)?;
+    client.credentials_for(app, &mut parts.headers);
     let want = match slot_request(&json) {
         SlotRequest::Ours => Want::Tenant(identity.tenant.clone()),
         SlotRequest::Client(n) => {
@@ -303,15 +343,16 @@ async fn completion(
     };
     let pinned = matches!(want, Want::Pinned(_));
     if let (Tenant::Character { chat, .. }, false) = (&identity.tenant, pinned) {
-        if let Some(previous) = app.note_client_chat(client, chat) {
+        if let Some(previous) = app.memory.note_client_chat(&client.key, chat) {
             if app.settings.get().clear_on_chat_change {
                 // Saves in a task of their own: a client leaving can't cut
-                // them short.
-                let (app2, client2) = (Arc::clone(app), client.to_string());
-                detached(
-                    app,
-                    async move { chat_switch(&app2, &client2, &previous).await },
-                )
+                // them short. The previous chat may be on any upstream.
+                let (fleet2, client2) = (Arc::clone(fleet), client.key.clone());
+                detached(app, async move {
+                    for app in fleet2.apps() {
+                        chat_switch(&app, &client2, &previous).await;
+                    }
+                })
                 .await?;
             }
         }
@@ -321,19 +362,19 @@ async fn completion(
     app.metrics.queue_wait.observe(started.elapsed());
     let slot = lease.slot();
     app.touch_slot(slot);
-    app.remember_prompt(
+    app.memory.remember_prompt(
         &identity.tenant,
         identity.prompt_hash,
         json.get("prompt").and_then(Value::as_str),
     );
-    app.events.emit("slot_assigned", || {
+    app.emit("slot_assigned", || {
         json!({
             "slot": slot,
             "chat": identity.tenant.chat(),
             "character": identity.tenant.character(),
             "kind": identity.kind.as_str(),
             "resident": lease.grant().resident,
-            "client": client,
+            "client": client.key,
         })
     });
     info!(
@@ -414,7 +455,7 @@ async fn completion(
     // for background saves of other slots (see `save_behind`).
     observed.notify_on_first_byte(Arc::clone(&app.save_behind_kick));
     add_identity_headers(&mut rparts.headers, slot, &identity, restored.as_deref());
-    app.events.emit(
+    app.emit(
         "generation_started",
         || json!({"slot": slot, "chat": identity.tenant.chat(), "character": identity.tenant.character(), "status": status.as_u16()}),
     );
@@ -475,7 +516,7 @@ async fn finish(
         metrics::add(&app.metrics.prompt_cached, c);
         metrics::add(&app.metrics.prompt_evaluated, p);
     }
-    app.events.emit("generation_finished", || {
+    app.emit("generation_finished", || {
         json!({
             "slot": slot,
             "chat": identity.tenant.chat(),
@@ -573,7 +614,7 @@ pub(crate) async fn take_over(app: &App, lease: &Lease) {
     let slot = lease.slot();
     metrics::inc(&app.metrics.evictions);
     app.note_eviction();
-    app.events.emit(
+    app.emit(
         "evicted",
         || json!({"slot": slot, "chat": ev.tenant.chat(), "character": ev.tenant.character(), "usage": ev.usage}),
     );

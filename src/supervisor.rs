@@ -11,6 +11,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,6 +35,8 @@ pub struct Spec {
     pub save_dir: PathBuf,
     /// Extra llama-server arguments (after `--` on kvgate's command line).
     pub args: Vec<String>,
+    /// The loopback port to listen on; a free one when `None`.
+    pub port: Option<u16>,
 }
 
 /// Why llama-server could not be run.
@@ -83,11 +86,47 @@ pub fn find_binary(explicit: Option<&Path>) -> Result<PathBuf, SupervisorError> 
 pub struct Supervisor {
     /// Its base URL (`http://127.0.0.1:PORT`).
     pub url: String,
+    /// Its port.
+    pub port: u16,
+    state: Arc<State>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
-fn free_port() -> Result<u16, SupervisorError> {
+/// What the supervising task reports about the process.
+#[derive(Debug, Default)]
+struct State {
+    pid: AtomicU32,
+    restarts: AtomicU32,
+    /// Unix seconds the current process became healthy.
+    since: AtomicU64,
+    up: AtomicBool,
+}
+
+/// The process as last seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Status {
+    /// The process id (of `setpriv`, which execs llama-server in place).
+    pub pid: u32,
+    /// Restarts after a crash.
+    pub restarts: u32,
+    /// Unix seconds the current process became healthy.
+    pub since: u64,
+    /// Healthy (not being restarted).
+    pub up: bool,
+}
+
+impl State {
+    fn up(&self, child: &Child) {
+        self.pid.store(child.id().unwrap_or(0), Ordering::Relaxed);
+        self.since
+            .store(crate::cache_store::now_unix(), Ordering::Relaxed);
+        self.up.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A free loopback port.
+pub fn free_port() -> Result<u16, SupervisorError> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -219,7 +258,10 @@ impl Supervisor {
     /// Starts llama-server and waits until it is healthy; then keeps it
     /// running (restarting it with backoff) until [`Supervisor::stop`].
     pub async fn start(spec: Spec) -> Result<Supervisor, SupervisorError> {
-        let port = free_port()?;
+        let port = match spec.port {
+            Some(p) => p,
+            None => free_port()?,
+        };
         let url = format!("http://127.0.0.1:{port}");
         let tail = Arc::new(std::sync::Mutex::new(Vec::new()));
         let mut child = spawn(&spec, port, &tail)?;
@@ -231,14 +273,19 @@ impl Supervisor {
             )));
         }
         info!(%url, model = %spec.model.display(), slots = spec.slots, "llama-server is up");
+        let state = Arc::new(State::default());
+        state.up(&child);
         let (stop, mut stopped) = watch::channel(false);
         let url2 = url.clone();
+        let state2 = Arc::clone(&state);
         let task = tokio::spawn(async move {
+            let state = state2;
             let mut backoff = Duration::from_millis(500);
             loop {
                 tokio::select! {
                     status = child.wait() => {
                         warn!(?status, "llama-server exited; restarting it");
+                        state.up.store(false, Ordering::Relaxed);
                     }
                     _ = until_stop(&mut stopped) => {
                         stop_child(&mut child, Duration::from_secs(10)).await;
@@ -267,6 +314,8 @@ impl Supervisor {
                                 }
                                 Some(Ok(())) => {
                                     info!(url = %url2, "llama-server is up again");
+                                    state.restarts.fetch_add(1, Ordering::Relaxed);
+                                    state.up(&c);
                                     child = c;
                                     backoff = Duration::from_millis(500);
                                     break;
@@ -283,7 +332,24 @@ impl Supervisor {
                 }
             }
         });
-        Ok(Supervisor { url, stop, task })
+        Ok(Supervisor {
+            url,
+            port,
+            state,
+            stop,
+            task,
+        })
+    }
+
+    /// The process as last seen.
+    pub fn status(&self) -> Status {
+        let s = &self.state;
+        Status {
+            pid: s.pid.load(Ordering::Relaxed),
+            restarts: s.restarts.load(Ordering::Relaxed),
+            since: s.since.load(Ordering::Relaxed),
+            up: s.up.load(Ordering::Relaxed),
+        }
     }
 
     /// Stops llama-server and waits for it to be gone.

@@ -1113,7 +1113,7 @@ async fn real_llama_server_failed_save_and_death_mid_stream() {
     };
     let save = llama.save_dir.clone();
     let cfg = kvgate::config::Config {
-        upstream: kvgate::config::parse_upstream(&llama.base_url).unwrap(),
+        upstreams: vec![kvgate::config::parse_upstream(&llama.base_url).unwrap()],
         health_interval: Duration::from_millis(100),
         save_dir: Some(save.clone()),
         cache: kvgate::config::CacheSettings {

@@ -177,7 +177,7 @@ impl Kvgate {
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", front.local_addr().unwrap());
         let admin_url = format!("http://{}", admin.local_addr().unwrap());
-        let app = Arc::clone(gw.app());
+        let app = gw.app().expect("kvgate has an upstream");
         let (tx, rx) = oneshot::channel::<()>();
         let join = tokio::spawn(gw.serve(front, admin, async {
             let _ = rx.await;
@@ -331,7 +331,7 @@ impl Drop for Kvgate {
 /// Test-friendly settings: fast upstream polling, bounded waits.
 pub fn test_config(upstream: &str) -> Config {
     Config {
-        upstream: kvgate::config::parse_upstream(upstream).expect("upstream url"),
+        upstreams: vec![kvgate::config::parse_upstream(upstream).expect("upstream url")],
         health_interval: Duration::from_millis(100),
         queue_timeout: Duration::from_secs(20),
         shutdown_grace: Duration::from_secs(5),

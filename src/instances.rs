@@ -1,0 +1,716 @@
+//! llama-server instances kvgate runs itself: the `--model` one (id
+//! `main`) and those created through the admin API (`/instances`). A running
+//! instance is an upstream of the [`Fleet`], named by its id.
+//!
+//! Stopping an instance takes it out of the fleet first (no new request goes
+//! there), saves its slots' unsaved messages (each save waits for the
+//! generation in flight on its slot), and only then stops the process, so
+//! its characters lose nothing and restore from disk wherever they go next.
+//!
+//! API-created instances and their parameters persist in the save directory
+//! ([`INSTANCES_FILE`], written atomically) and come back with kvgate, in
+//! the state they were left in. Every change of state goes through a
+//! `starting`/`stopping` status that refuses concurrent changes (409), so no
+//! lock is held while a process starts or stops.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tracing::{info, warn};
+
+use crate::cache_store::{now_unix, SaveKind, TEMP_PREFIX};
+use crate::config::parse_upstream;
+use crate::fleet::Fleet;
+use crate::supervisor::{self, Supervisor};
+
+/// Where API-created instances are recorded, inside the save directory.
+pub const INSTANCES_FILE: &str = "kvgate-instances.json";
+/// The id of the instance `--model` starts.
+pub const MAIN_ID: &str = "main";
+/// Flags kvgate sets itself, refused in an instance's `args`.
+const MANAGED_FLAGS: &[&str] = &[
+    "-m",
+    "--model",
+    "-mu",
+    "--model-url",
+    "-hf",
+    "-hfr",
+    "--hf-repo",
+    "--host",
+    "--port",
+    "-np",
+    "--parallel",
+    "-c",
+    "--ctx-size",
+    "--slot-save-path",
+    "--api-key",
+    "--api-key-file",
+];
+/// Slots an instance may have.
+const MAX_SLOTS: u64 = 256;
+/// Context per slot, in tokens.
+const CTX_RANGE: std::ops::RangeInclusive<u64> = 256..=1 << 20;
+
+/// What an instance runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceSpec {
+    /// The GGUF model (absolute).
+    pub model: PathBuf,
+    /// Slots (`-np`).
+    pub slots: u32,
+    /// Context per slot.
+    pub ctx: u32,
+    /// The port asked for; a free one at each start when `None`.
+    pub port: Option<u16>,
+    /// Extra llama-server arguments.
+    pub args: Vec<String>,
+}
+
+/// Why an instance request failed; each maps to one HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum InstanceError {
+    /// Bad parameters, a port in use, or an action the instance refuses.
+    #[error("{0}")]
+    BadRequest(String),
+    /// No such instance.
+    #[error("no instance {0}")]
+    NotFound(String),
+    /// The instance is starting or stopping.
+    #[error("instance {0} is {1}; try again when it is done")]
+    Busy(String, &'static str),
+    /// llama-server could not be started (its last log lines included).
+    #[error("{0}")]
+    Start(String),
+    /// kvgate has no save directory to run instances over.
+    #[error(
+        "kvgate runs without --save-dir: instances need one for their slot files and their records"
+    )]
+    NoSaveDir,
+    /// The instances file could not be written.
+    #[error("cannot record the instances: {0}")]
+    Persist(String),
+}
+
+/// Where an instance is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Being started: waiting for llama-server's `/health`.
+    Starting,
+    /// Running (llama-server may be coming back from a crash: see
+    /// `restarting` in the listing).
+    Running,
+    /// Being stopped: saves, then the process.
+    Stopping,
+    /// Not running.
+    Stopped,
+    /// Its last start failed.
+    Failed,
+}
+
+impl Status {
+    fn as_str(self) -> &'static str {
+        match self {
+            Status::Starting => "starting",
+            Status::Running => "running",
+            Status::Stopping => "stopping",
+            Status::Stopped => "stopped",
+            Status::Failed => "failed",
+        }
+    }
+}
+
+/// One line of [`INSTANCES_FILE`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Record {
+    id: String,
+    #[serde(flatten)]
+    spec: InstanceSpec,
+    /// Whether it should run (it was left running).
+    running: bool,
+    created: u64,
+}
+
+#[derive(Debug)]
+struct Instance {
+    id: String,
+    spec: InstanceSpec,
+    /// Recorded in [`INSTANCES_FILE`] (not the `--model` one).
+    persisted: bool,
+    created: u64,
+    status: Status,
+    /// Why the last start failed.
+    error: Option<String>,
+    /// The running process.
+    process: Option<Supervisor>,
+}
+
+/// Every instance kvgate runs.
+#[derive(Debug)]
+pub struct Instances {
+    fleet: Arc<Fleet>,
+    /// The save directory, when kvgate has one.
+    dir: Option<PathBuf>,
+    list: Mutex<Vec<Instance>>,
+    /// Serialises writes of the instances file (never held across `.await`).
+    writing: Mutex<()>,
+}
+
+/// Checks a `POST /instances` body and makes it a spec (pure: the model
+/// file and the port are checked by [`check_spec`]).
+pub fn parse_create(body: &Value) -> Result<InstanceSpec, String> {
+    let obj = body.as_object().ok_or("the body must be a JSON object")?;
+    if let Some(k) = obj
+        .keys()
+        .find(|k| !["model", "slots", "ctx", "port", "args"].contains(&k.as_str()))
+    {
+        return Err(format!(
+            "unknown parameter {k:?} (model, slots, ctx, port, args)"
+        ));
+    }
+    let model = match obj.get("model") {
+        Some(Value::String(m)) if !m.trim().is_empty() && !m.contains('\0') => PathBuf::from(m),
+        _ => return Err("\"model\" must be the path of a GGUF file".into()),
+    };
+    let number = |k: &str, default: u64, range: std::ops::RangeInclusive<u64>| match obj.get(k) {
+        None | Some(Value::Null) => Ok(default),
+        Some(v) => v.as_u64().filter(|n| range.contains(n)).ok_or_else(|| {
+            format!(
+                "{k:?} must be a whole number from {} to {}",
+                range.start(),
+                range.end()
+            )
+        }),
+    };
+    let slots = number("slots", 2, 1..=MAX_SLOTS)?;
+    let ctx = number("ctx", 4096, CTX_RANGE)?;
+    let port = match obj.get("port") {
+        None | Some(Value::Null) => None,
+        Some(_) => Some(number("port", 0, 1..=65535)?),
+    };
+    let args: Vec<String> = match obj.get("args") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| v.as_str().filter(|s| !s.contains('\0')).map(str::to_string))
+            .collect::<Option<_>>()
+            .ok_or("\"args\" must be an array of strings")?,
+        Some(_) => return Err("\"args\" must be an array of strings".into()),
+    };
+    if let Some(a) = args.iter().find(|a| {
+        let flag = a.split('=').next().unwrap_or(a);
+        MANAGED_FLAGS.contains(&flag)
+    }) {
+        return Err(format!(
+            "{a:?} is set by kvgate (model, slots, ctx and port are parameters of their own)"
+        ));
+    }
+    // The ranges above make these conversions lossless.
+    Ok(InstanceSpec {
+        model,
+        slots: u32::try_from(slots).unwrap_or(u32::MAX),
+        ctx: u32::try_from(ctx).unwrap_or(u32::MAX),
+        port: port.map(|p| u16::try_from(p).unwrap_or(u16::MAX)),
+        args,
+    })
+}
+
+/// Checks what [`parse_create`] can't: the model is a readable GGUF file (its
+/// path made absolute, so a restarted kvgate finds it), and the port is free.
+pub fn check_spec(mut spec: InstanceSpec) -> Result<InstanceSpec, String> {
+    let shown = spec.model.display().to_string();
+    let path = std::fs::canonicalize(&spec.model).map_err(|e| format!("model {shown}: {e}"))?;
+    let mut magic = [0u8; 4];
+    let read =
+        std::fs::File::open(&path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic));
+    if !path.is_file() || read.is_err() || &magic != b"GGUF" {
+        return Err(format!("model {shown} is not a GGUF file"));
+    }
+    spec.model = path;
+    if let Some(port) = spec.port {
+        port_free(port)?;
+    }
+    Ok(spec)
+}
+
+fn port_free(port: u16) -> Result<(), String> {
+    std::net::TcpListener::bind(("127.0.0.1", port))
+        .map(drop)
+        .map_err(|e| format!("port {port} is in use ({e})"))
+}
+
+// === impl Instances ===
+
+impl Instances {
+    /// The instances recorded in `dir` (none without one), all stopped
+    /// until [`Instances::resume`]. A file kvgate can't read is an error:
+    /// starting without it would forget (and later overwrite) the records.
+    pub fn load(fleet: Arc<Fleet>, dir: Option<PathBuf>) -> Result<Instances, String> {
+        let mut list = Vec::new();
+        if let Some(d) = &dir {
+            let path = d.join(INSTANCES_FILE);
+            match std::fs::read(&path) {
+                Ok(bytes) => {
+                    let records: Vec<Record> = serde_json::from_slice(&bytes)
+                        .map_err(|e| format!("{}: {e}", path.display()))?;
+                    for r in records {
+                        list.push(Instance {
+                            id: r.id,
+                            spec: r.spec,
+                            persisted: true,
+                            created: r.created,
+                            // `running` here means "to be resumed".
+                            status: if r.running {
+                                Status::Starting
+                            } else {
+                                Status::Stopped
+                            },
+                            error: None,
+                            process: None,
+                        });
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("{}: {e}", path.display())),
+            }
+        }
+        Ok(Instances {
+            fleet,
+            dir,
+            list: Mutex::new(list),
+            writing: Mutex::new(()),
+        })
+    }
+
+    fn list(&self) -> std::sync::MutexGuard<'_, Vec<Instance>> {
+        self.list.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts the recorded instances that were left running (in the
+    /// background of kvgate's start: a model may take minutes to load).
+    pub async fn resume(self: &Arc<Self>) {
+        let ids: Vec<String> = self
+            .list()
+            .iter()
+            .filter(|i| i.status == Status::Starting)
+            .map(|i| i.id.clone())
+            .collect();
+        for id in ids {
+            match self.launch(&id).await {
+                Ok(()) => info!(instance = %id, "instance resumed"),
+                Err(e) => warn!(instance = %id, error = %e, "instance did not come back"),
+            }
+        }
+    }
+
+    /// Starts the `--model` instance; kvgate does not serve without it.
+    pub async fn start_main(&self, spec: InstanceSpec) -> Result<(), InstanceError> {
+        self.list().push(Instance {
+            id: MAIN_ID.into(),
+            spec,
+            persisted: false,
+            created: now_unix(),
+            status: Status::Starting,
+            error: None,
+            process: None,
+        });
+        self.launch(MAIN_ID).await
+    }
+
+    /// `POST /instances`: checks the parameters, starts llama-server, waits
+    /// until it is healthy and adds it to the fleet. A failed start leaves
+    /// nothing behind.
+    pub async fn create(&self, body: &Value) -> Result<Value, InstanceError> {
+        if self.dir.is_none() {
+            return Err(InstanceError::NoSaveDir);
+        }
+        let spec = parse_create(body).map_err(InstanceError::BadRequest)?;
+        // File checks touch the disk: off the runtime's threads.
+        let spec = tokio::task::spawn_blocking(move || check_spec(spec))
+            .await
+            .map_err(|e| InstanceError::Start(e.to_string()))?
+            .map_err(InstanceError::BadRequest)?;
+        let id = {
+            let mut list = self.list();
+            if let Some(p) = spec.port {
+                if let Some(other) = list.iter().find(|i| i.port() == Some(p)) {
+                    return Err(InstanceError::BadRequest(format!(
+                        "port {p} belongs to instance {}",
+                        other.id
+                    )));
+                }
+            }
+            let n = list
+                .iter()
+                .filter_map(|i| i.id.strip_prefix("llama-")?.parse::<u64>().ok())
+                .max()
+                .unwrap_or(0)
+                + 1;
+            let id = format!("llama-{n}");
+            list.push(Instance {
+                id: id.clone(),
+                spec,
+                persisted: true,
+                created: now_unix(),
+                status: Status::Starting,
+                error: None,
+                process: None,
+            });
+            id
+        };
+        if let Err(e) = self.launch(&id).await {
+            self.list().retain(|i| i.id != id);
+            return Err(e);
+        }
+        self.persist()?;
+        self.show(&id)
+    }
+
+    /// `GET /instances`.
+    pub fn all(&self) -> Value {
+        let ids: Vec<String> = self.list().iter().map(|i| i.id.clone()).collect();
+        let list: Vec<Value> = ids.iter().filter_map(|id| self.show(id).ok()).collect();
+        json!({ "instances": list })
+    }
+
+    /// One instance as the API shows it.
+    pub fn show(&self, id: &str) -> Result<Value, InstanceError> {
+        let (mut v, running) = {
+            let list = self.list();
+            let i = list
+                .iter()
+                .find(|i| i.id == id)
+                .ok_or_else(|| InstanceError::NotFound(id.into()))?;
+            let p = i.process.as_ref().map(|p| p.status());
+            let v = json!({
+                "id": i.id,
+                "model": i.spec.model.display().to_string(),
+                "slots": i.spec.slots,
+                "ctx": i.spec.ctx,
+                "port": i.port(),
+                "args": i.spec.args,
+                "status": i.status.as_str(),
+                "origin": if i.persisted { "api" } else { "flag" },
+                "created": i.created,
+                "started": p.map(|p| p.since),
+                "uptime_s": p.map(|p| now_unix().saturating_sub(p.since)),
+                "pid": p.map(|p| p.pid),
+                "restarts": p.map_or(0, |p| p.restarts),
+                "restarting": p.is_some_and(|p| !p.up),
+                "url": i.process.as_ref().map(|p| p.url.clone()),
+                "error": i.error,
+            });
+            (v, i.process.is_some())
+        };
+        if let Some(app) = running.then(|| self.fleet.get(id)).flatten() {
+            let g = app.gauges();
+            v["slots_busy"] = g.busy.into();
+            v["slots_free"] = g.free.into();
+            v["slots_owned"] = g.owned.into();
+            v["up"] = (g.upstreams_up > 0).into();
+        }
+        Ok(v)
+    }
+
+    /// `POST /instances/{id}/start`: starts a stopped or failed instance
+    /// (a running one is left alone).
+    pub async fn start(&self, id: &str) -> Result<Value, InstanceError> {
+        let go = self.transition(
+            id,
+            |s| match s {
+                Status::Running => Ok(false),
+                Status::Stopped | Status::Failed => Ok(true),
+                other => Err(other),
+            },
+            Status::Starting,
+        )?;
+        if go {
+            let r = self.launch(id).await;
+            self.persist()?;
+            r?;
+        }
+        self.show(id)
+    }
+
+    /// `POST /instances/{id}/stop`: saves the instance's unsaved slots, then
+    /// stops it (a stopped one is left alone).
+    pub async fn stop(&self, id: &str) -> Result<Value, InstanceError> {
+        let go = self.transition(
+            id,
+            |s| match s {
+                Status::Running => Ok(true),
+                Status::Stopped | Status::Failed => Ok(false),
+                other => Err(other),
+            },
+            Status::Stopping,
+        )?;
+        if go {
+            self.halt(id).await;
+            self.persist()?;
+        }
+        self.show(id)
+    }
+
+    /// `DELETE /instances/{id}`: stops the instance if it runs and forgets
+    /// it.
+    pub async fn delete(&self, id: &str) -> Result<Value, InstanceError> {
+        if id == MAIN_ID && self.list().iter().any(|i| i.id == id) {
+            return Err(InstanceError::BadRequest(
+                "instance main was started by --model: stop it, or restart kvgate without --model"
+                    .into(),
+            ));
+        }
+        let go = self.transition(
+            id,
+            |s| match s {
+                Status::Running => Ok(true),
+                Status::Stopped | Status::Failed => Ok(false),
+                other => Err(other),
+            },
+            Status::Stopping,
+        )?;
+        if go {
+            self.halt(id).await;
+        }
+        let shown = self.show(id)?;
+        self.list().retain(|i| i.id != id);
+        self.persist()?;
+        info!(instance = id, "instance deleted");
+        Ok(shown)
+    }
+
+    /// At kvgate's shutdown, after the last saves: stops every process. The
+    /// records keep saying which were running, so they come back.
+    pub async fn shutdown(&self) {
+        let processes: Vec<(String, Supervisor)> = self
+            .list()
+            .iter_mut()
+            .filter_map(|i| Some((i.id.clone(), i.process.take()?)))
+            .collect();
+        for (id, p) in processes {
+            self.fleet.remove(&id).await;
+            p.stop().await;
+        }
+    }
+
+    /// Moves `id` to `next` when `allowed` says so (`Ok(true)`); `Ok(false)`:
+    /// nothing to do; a status in the middle of a change is refused.
+    fn transition(
+        &self,
+        id: &str,
+        allowed: impl Fn(Status) -> Result<bool, Status>,
+        next: Status,
+    ) -> Result<bool, InstanceError> {
+        let mut list = self.list();
+        let i = list
+            .iter_mut()
+            .find(|i| i.id == id)
+            .ok_or_else(|| InstanceError::NotFound(id.into()))?;
+        match allowed(i.status) {
+            Ok(true) => {
+                i.status = next;
+                Ok(true)
+            }
+            Ok(false) => Ok(false),
+            Err(s) => Err(InstanceError::Busy(id.into(), s.as_str())),
+        }
+    }
+
+    /// Starts the process of `id` (in status `starting`) and adds it to the
+    /// fleet; on failure the instance is `failed` with the reason.
+    async fn launch(&self, id: &str) -> Result<(), InstanceError> {
+        let spec = {
+            let list = self.list();
+            let i = list
+                .iter()
+                .find(|i| i.id == id)
+                .ok_or_else(|| InstanceError::NotFound(id.into()))?;
+            i.spec.clone()
+        };
+        let started = self.run_process(&spec).await;
+        let mut list = self.list();
+        let Some(i) = list.iter_mut().find(|i| i.id == id) else {
+            // Deleted meanwhile (only at shutdown): nothing to add.
+            return Ok(());
+        };
+        match started {
+            Ok(process) => {
+                let uri = parse_upstream(&process.url)
+                    .map_err(|e| InstanceError::Start(e.to_string()))?;
+                let app = self.fleet.build_app(id, uri, None);
+                i.process = Some(process);
+                i.status = Status::Running;
+                i.error = None;
+                drop(list);
+                self.fleet.add(app);
+                Ok(())
+            }
+            Err(e) => {
+                i.status = Status::Failed;
+                i.error = Some(e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    async fn run_process(&self, spec: &InstanceSpec) -> Result<Supervisor, InstanceError> {
+        let dir = self.dir.clone().ok_or(InstanceError::NoSaveDir)?;
+        if let Some(p) = spec.port {
+            port_free(p).map_err(InstanceError::BadRequest)?;
+        }
+        let binary = supervisor::find_binary(self.fleet.cfg.llama_server.as_deref())
+            .map_err(|e| InstanceError::Start(e.to_string()))?;
+        Supervisor::start(supervisor::Spec {
+            binary,
+            model: spec.model.clone(),
+            slots: spec.slots,
+            ctx: spec.ctx,
+            save_dir: dir,
+            args: spec.args.clone(),
+            port: spec.port,
+        })
+        .await
+        .map_err(|e| InstanceError::Start(e.to_string()))
+    }
+
+    /// Takes `id` (in status `stopping`) out of the fleet, saves its unsaved
+    /// slots, and stops its process.
+    async fn halt(&self, id: &str) {
+        if let Some(app) = self.fleet.remove(id).await {
+            let saved = crate::owner_save::save_dirty_slots(
+                &app,
+                SaveKind::Shutdown,
+                app.cfg.shutdown_grace,
+                false,
+            )
+            .await;
+            app.pool.close();
+            info!(
+                instance = id,
+                saved, "instance stopping: its slots are saved"
+            );
+        }
+        let process = {
+            let mut list = self.list();
+            list.iter_mut().find(|i| i.id == id).and_then(|i| {
+                i.status = Status::Stopped;
+                i.process.take()
+            })
+        };
+        if let Some(p) = process {
+            p.stop().await;
+        }
+    }
+
+    /// Writes the API-created instances to [`INSTANCES_FILE`] atomically.
+    fn persist(&self) -> Result<(), InstanceError> {
+        let Some(dir) = &self.dir else {
+            return Ok(());
+        };
+        let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        let records: Vec<Record> = self
+            .list()
+            .iter()
+            .filter(|i| i.persisted)
+            .map(|i| Record {
+                id: i.id.clone(),
+                spec: i.spec.clone(),
+                running: matches!(i.status, Status::Running | Status::Starting),
+                created: i.created,
+            })
+            .collect();
+        write_atomically(dir, &records).map_err(|e| InstanceError::Persist(e.to_string()))
+    }
+}
+
+impl Instance {
+    /// The port it listens on, or will.
+    fn port(&self) -> Option<u16> {
+        self.process.as_ref().map(|p| p.port).or(self.spec.port)
+    }
+}
+
+fn write_atomically(dir: &Path, records: &[Record]) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{TEMP_PREFIX}{INSTANCES_FILE}"));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(records)?)?;
+    std::fs::rename(&tmp, dir.join(INSTANCES_FILE))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_parameters_are_checked() {
+        let spec =
+            parse_create(&json!({"model": "/m.gguf", "slots": 3, "args": ["-t", "2"]})).unwrap();
+        assert_eq!(
+            spec,
+            InstanceSpec {
+                model: "/m.gguf".into(),
+                slots: 3,
+                ctx: 4096,
+                port: None,
+                args: vec!["-t".into(), "2".into()],
+            }
+        );
+        for (bad, what) in [
+            (json!([]), "JSON object"),
+            (json!({}), "\"model\""),
+            (json!({"model": ""}), "\"model\""),
+            (json!({"model": "/m", "slots": 0}), "\"slots\""),
+            (json!({"model": "/m", "slots": 257}), "\"slots\""),
+            (json!({"model": "/m", "ctx": 100}), "\"ctx\""),
+            (json!({"model": "/m", "port": 0}), "\"port\""),
+            (json!({"model": "/m", "port": 70000}), "\"port\""),
+            (json!({"model": "/m", "port": "80"}), "\"port\""),
+            (json!({"model": "/m", "args": "-t 2"}), "\"args\""),
+            (json!({"model": "/m", "args": [1]}), "\"args\""),
+            (
+                json!({"model": "/m", "args": ["--port", "9"]}),
+                "set by kvgate",
+            ),
+            (
+                json!({"model": "/m", "args": ["--slot-save-path=/"]}),
+                "set by kvgate",
+            ),
+            (json!({"model": "/m", "gpu": 1}), "unknown parameter"),
+        ] {
+            let e = parse_create(&bad).unwrap_err();
+            assert!(e.contains(what), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn only_gguf_files_and_free_ports_pass_the_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("m.gguf");
+        std::fs::write(&good, b"GGUF\x03\x00\x00\x00").unwrap();
+        let bad = dir.path().join("n.gguf");
+        std::fs::write(&bad, b"not a model").unwrap();
+        let spec = |m: &Path, port| InstanceSpec {
+            model: m.to_path_buf(),
+            slots: 1,
+            ctx: 256,
+            port,
+            args: vec![],
+        };
+        assert_eq!(
+            check_spec(spec(&good, None)).unwrap().model,
+            good.canonicalize().unwrap()
+        );
+        assert!(check_spec(spec(&bad, None))
+            .unwrap_err()
+            .contains("not a GGUF"));
+        assert!(check_spec(spec(dir.path(), None))
+            .unwrap_err()
+            .contains("not a GGUF"));
+        assert!(check_spec(spec(&dir.path().join("none"), None)).is_err());
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = held.local_addr().unwrap().port();
+        assert!(check_spec(spec(&good, Some(port)))
+            .unwrap_err()
+            .contains("in use"));
+    }
+}
