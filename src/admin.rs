@@ -539,8 +539,8 @@ fn slot_id(app: &App, raw: &str) -> Result<usize, ApiError> {
 }
 
 async fn save_one(fleet: &Fleet, query: Option<&str>, raw: &str, body: &Value) -> Answer {
-    store(&fleet.shared)?;
     let app = &one_upstream(fleet, query, body)?;
+    store(&fleet.shared)?;
     let slot = slot_id(app, raw)?;
     let tag = tag_of(body)?;
     match save_slot(app, slot, tag.as_deref()).await {

@@ -217,7 +217,8 @@ impl Fleet {
     }
 
     /// Removes an upstream: new requests no longer go there, its tasks stop.
-    /// Requests already on it finish (they hold its `App`).
+    /// Requests already on it finish (they hold its `App`), and its slots
+    /// can still be leased (to save them) until the caller closes its pool.
     pub async fn remove(&self, name: &str) -> Option<Arc<App>> {
         let member = {
             let mut m = self.members_mut();
@@ -228,7 +229,6 @@ impl Fleet {
         for t in member.tasks {
             let _ = t.await;
         }
-        member.app.pool.close();
         tracing::info!(upstream = name, "upstream removed");
         Some(member.app)
     }

@@ -1,6 +1,8 @@
 mod admin;
 mod cli;
 mod fake_selftest;
+mod fleet;
+mod instances;
 mod persistence;
 mod proxy;
 mod reliability;

@@ -106,8 +106,10 @@ pub struct Kvgate {
     pub url: String,
     /// Admin port base URL.
     pub admin_url: String,
-    /// Shared state, to inspect the slot table.
+    /// The first upstream's state, to inspect its slot table.
     pub app: Arc<App>,
+    /// Every upstream.
+    pub fleet: Arc<kvgate::fleet::Fleet>,
     stop: Option<oneshot::Sender<()>>,
     join: Option<JoinHandle<()>>,
 }
@@ -159,10 +161,15 @@ impl Kvgate {
         }
     }
 
-    /// Waits until kvgate knows the upstream's model fingerprint.
+    /// Waits until kvgate knows every upstream's model fingerprint.
     pub async fn wait_fingerprint(&self) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while self.app.fingerprint.get().is_none() {
+        while self
+            .fleet
+            .apps()
+            .iter()
+            .any(|a| a.fingerprint.get().is_none())
+        {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "kvgate never learned the model fingerprint"
@@ -178,6 +185,7 @@ impl Kvgate {
         let url = format!("http://{}", front.local_addr().unwrap());
         let admin_url = format!("http://{}", admin.local_addr().unwrap());
         let app = gw.app().expect("kvgate has an upstream");
+        let fleet = Arc::clone(gw.fleet());
         let (tx, rx) = oneshot::channel::<()>();
         let join = tokio::spawn(gw.serve(front, admin, async {
             let _ = rx.await;
@@ -186,11 +194,12 @@ impl Kvgate {
             url,
             admin_url,
             app,
+            fleet,
             stop: Some(tx),
             join: Some(join),
         };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while k.app.pool.is_empty() {
+        while k.fleet.apps().iter().any(|a| a.pool.is_empty()) {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "kvgate never saw the upstream's slots"
@@ -217,7 +226,9 @@ impl Kvgate {
     /// finish just after the client's last byte).
     pub async fn wait_idle(&self) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while !(self.app.pool.is_idle() && self.app.tasks.running() == 0) {
+        while !(self.fleet.apps().iter().all(|a| a.pool.is_idle())
+            && self.app.tasks.running() == 0)
+        {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "slot table still busy: {:?}",
@@ -275,6 +286,18 @@ impl Kvgate {
             .unwrap_or_else(|_| panic!("GET {path}: no answer within 30 s"));
         assert_eq!(status, 200, "GET {path}: {v}");
         v
+    }
+
+    /// `method path` on the admin port with `key` as `X-Admin-Key` and
+    /// `body` as JSON; the status and the JSON answer.
+    pub async fn admin_json(
+        &self,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        admin_json(&self.admin_url, method, path, key, body).await
     }
 
     /// kvgate's slot table as `GET /slots` shows it.
@@ -370,6 +393,26 @@ pub async fn send(
     }
     let req = req.body(Full::new(body.into())).unwrap();
     client().request(req).await.expect("request")
+}
+
+/// `method path` on an admin port at `admin_url` (see
+/// [`Kvgate::admin_json`]).
+pub async fn admin_json(
+    admin_url: &str,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut headers = vec![("content-type", "application/json")];
+    if let Some(k) = key {
+        headers.push(("x-admin-key", k));
+    }
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let resp = send(method, &format!("{admin_url}{path}"), &headers, body).await;
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, json_body(&bytes))
 }
 
 /// POSTs JSON and returns status, headers and the whole body.
