@@ -1,5 +1,6 @@
 mod admin;
 mod group_chat;
+mod instances;
 mod persistence;
 mod smoke;
 mod supervised;

@@ -10,7 +10,7 @@ use kvgate::cache_store::SaveKind;
 
 use crate::support::kvgate::{saves_in, turn_through as turn};
 use crate::support::kvgate_bin::KvgateBin;
-use crate::support::llama::{http_json, llama_server_bin, tiny_model_path};
+use crate::support::llama::{alive, http_json, llama_server_bin, tiny_model_path};
 use crate::support::st_chat::GroupChat;
 
 /// Children of `parent` whose command line mentions llama-server.
@@ -38,17 +38,6 @@ fn llama_children(parent: u32) -> Vec<u32> {
         }
     }
     out
-}
-
-fn alive(pid: u32) -> bool {
-    // A zombie still has a /proc entry: check its state.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, r)| r.trim_start().starts_with('Z'))
-        })
-        .is_some_and(|zombie| !zombie)
 }
 
 /// Waits long enough for llama-server to load the model.

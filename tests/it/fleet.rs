@@ -23,7 +23,10 @@ async fn say(kv: &Kvgate, character: &str, model: Option<&str>) -> hyper::Header
     if let Some(m) = model {
         body["model"] = m.into();
     }
-    let headers = [("x-kvgate-chat", "tavern"), ("x-kvgate-character", character)];
+    let headers = [
+        ("x-kvgate-chat", "tavern"),
+        ("x-kvgate-character", character),
+    ];
     let (status, h, bytes) = post_json(&format!("{}/completion", kv.url), &headers, &body).await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&bytes));
     kv.wait_idle().await;
@@ -138,12 +141,16 @@ async fn a_requests_model_selects_the_upstream_serving_it() {
         .await;
     let kv = Kvgate::start(&f1.url(), |c| c.upstreams.push(upstream(&f2.url()))).await;
     kv.wait_fingerprint().await;
-    kv.wait_until("both upstreams named their models", Duration::from_secs(10), |_| {
-        kv.fleet
-            .apps()
-            .iter()
-            .all(|a| !a.upstream_state.get().models.is_empty())
-    })
+    kv.wait_until(
+        "both upstreams named their models",
+        Duration::from_secs(10),
+        |_| {
+            kv.fleet
+                .apps()
+                .iter()
+                .all(|a| !a.upstream_state.get().models.is_empty())
+        },
+    )
     .await;
 
     // beta has no more free slots than alpha: the model decides.

@@ -50,7 +50,12 @@ async fn instances_need_an_admin_key_and_a_save_directory() {
         .await;
     assert_eq!(status, 401, "{v}");
     let (status, v) = kv
-        .admin_json("POST", "/instances", Some(KEY), Some(json!({"model": "/m.gguf"})))
+        .admin_json(
+            "POST",
+            "/instances",
+            Some(KEY),
+            Some(json!({"model": "/m.gguf"})),
+        )
         .await;
     assert_api_error(status, &v, "no save directory");
     assert_eq!(status, 501);
@@ -79,14 +84,30 @@ async fn bad_instance_requests_are_refused_and_leave_nothing_behind() {
 
     for (body, status, words) in [
         (json!({}), 400, "\"model\""),
-        (json!({"model": "/nonexistent/m.gguf"}), 400, "/nonexistent/m.gguf"),
-        (json!({"model": not_gguf.display().to_string()}), 400, "not a GGUF"),
+        (
+            json!({"model": "/nonexistent/m.gguf"}),
+            400,
+            "/nonexistent/m.gguf",
+        ),
+        (
+            json!({"model": not_gguf.display().to_string()}),
+            400,
+            "not a GGUF",
+        ),
         (json!({"model": model_s, "slots": 0}), 400, "\"slots\""),
         (json!({"model": model_s, "ctx": 16}), 400, "\"ctx\""),
-        (json!({"model": model_s, "args": ["--port", "1"]}), 400, "set by kvgate"),
+        (
+            json!({"model": model_s, "args": ["--port", "1"]}),
+            400,
+            "set by kvgate",
+        ),
         (json!({"model": model_s, "args": "-t 2"}), 400, "\"args\""),
         (json!({"model": model_s, "port": busy_port}), 400, "in use"),
-        (json!({"model": model_s, "gpus": 2}), 400, "unknown parameter"),
+        (
+            json!({"model": model_s, "gpus": 2}),
+            400,
+            "unknown parameter",
+        ),
         // A start that fails: 500 with llama-server's last lines.
         (json!({"model": model_s}), 500, "this model is broken"),
     ] {
@@ -97,19 +118,14 @@ async fn bad_instance_requests_are_refused_and_leave_nothing_behind() {
         assert_eq!(got, status, "{body}: {v}");
         assert!(error_message(&v).contains(words), "{body}: {v}");
     }
-    let (status, v) = kv
-        .admin_json("POST", "/instances", Some(KEY), None)
-        .await;
+    let (status, v) = kv.admin_json("POST", "/instances", Some(KEY), None).await;
     assert_eq!(status, 400, "an empty body has no model: {v}");
 
     // Nothing was created, recorded or left running.
     let (status, v) = kv.admin_json("GET", "/instances", Some(KEY), None).await;
     assert_eq!(status, 200);
     assert_eq!(v, json!({"instances": []}));
-    assert!(!dir
-        .path()
-        .join(kvgate::instances::INSTANCES_FILE)
-        .exists());
+    assert!(!dir.path().join(kvgate::instances::INSTANCES_FILE).exists());
     assert_eq!(kv.fleet.apps().len(), 1);
 
     for (method, path) in [
@@ -122,9 +138,7 @@ async fn bad_instance_requests_are_refused_and_leave_nothing_behind() {
         assert_api_error(status, &v, path);
         assert_eq!(status, 404, "{method} {path}: {v}");
     }
-    let (status, v) = kv
-        .admin_json("PUT", "/instances", Some(KEY), None)
-        .await;
+    let (status, v) = kv.admin_json("PUT", "/instances", Some(KEY), None).await;
     assert_eq!(status, 405, "{v}");
     drop(held);
     kv.stop().await;

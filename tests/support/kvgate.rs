@@ -226,8 +226,7 @@ impl Kvgate {
     /// finish just after the client's last byte).
     pub async fn wait_idle(&self) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while !(self.fleet.apps().iter().all(|a| a.pool.is_idle())
-            && self.app.tasks.running() == 0)
+        while !(self.fleet.apps().iter().all(|a| a.pool.is_idle()) && self.app.tasks.running() == 0)
         {
             assert!(
                 tokio::time::Instant::now() < deadline,
@@ -344,6 +343,98 @@ impl Kvgate {
 }
 
 impl Drop for Kvgate {
+    fn drop(&mut self) {
+        if let Some(j) = self.join.take() {
+            j.abort();
+        }
+    }
+}
+
+/// kvgate served in-process from a configuration that may name no upstream
+/// at all (its upstreams are instances started through the admin API).
+pub struct Bare {
+    /// Front port base URL.
+    pub url: String,
+    /// Admin port base URL.
+    pub admin_url: String,
+    /// Every upstream.
+    pub fleet: Arc<kvgate::fleet::Fleet>,
+    stop: Option<oneshot::Sender<()>>,
+    join: Option<JoinHandle<()>>,
+}
+
+impl Bare {
+    /// Builds kvgate from `cfg` and serves it on ephemeral ports.
+    pub async fn start(cfg: Config) -> Bare {
+        let gw = Gateway::new(cfg).expect("gateway");
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let fleet = Arc::clone(gw.fleet());
+        let (tx, rx) = oneshot::channel::<()>();
+        Bare {
+            url: format!("http://{}", front.local_addr().unwrap()),
+            admin_url: format!("http://{}", admin.local_addr().unwrap()),
+            fleet,
+            stop: Some(tx),
+            join: Some(tokio::spawn(gw.serve(front, admin, async {
+                let _ = rx.await;
+            }))),
+        }
+    }
+
+    /// See [`Kvgate::admin_json`].
+    pub async fn admin_json(
+        &self,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        admin_json(&self.admin_url, method, path, key, body).await
+    }
+
+    /// Waits until upstream `name` is in the fleet with its slots known
+    /// (`limit` at most).
+    pub async fn wait_upstream(&self, name: &str, limit: Duration) -> Arc<App> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(app) = self.fleet.get(name).filter(|a| !a.pool.is_empty()) {
+                return app;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "upstream {name} not serving within {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until no upstream has a lease out and no lifecycle task runs.
+    pub async fn wait_idle(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !(self.fleet.apps().iter().all(|a| a.pool.is_idle())
+            && self.fleet.shared.tasks.running() == 0)
+        {
+            assert!(tokio::time::Instant::now() < deadline, "kvgate still busy");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Shuts down gracefully (saves, stops the instances) and waits.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(j) = self.join.take() {
+            tokio::time::timeout(Duration::from_secs(60), j)
+                .await
+                .expect("kvgate stops within 60 s")
+                .unwrap();
+        }
+    }
+}
+
+impl Drop for Bare {
     fn drop(&mut self) {
         if let Some(j) = self.join.take() {
             j.abort();

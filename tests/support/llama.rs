@@ -91,6 +91,17 @@ fn find_llama_server() -> Result<PathBuf, String> {
     }
 }
 
+/// Whether process `pid` runs (a zombie, dead but not reaped, does not).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, r)| r.trim_start().starts_with('Z'))
+        })
+        .is_some_and(|zombie| !zombie)
+}
+
 /// Path of the default tiny model ([`TinyModelSpec::default`]).
 ///
 /// Written once per process into Cargo's per-target temp dir (under
