@@ -265,6 +265,9 @@ impl Fleet {
     /// first one.
     pub fn default_app(&self) -> Option<Arc<App>> {
         let apps = self.apps();
+        if apps.len() < 2 {
+            return apps.into_iter().next();
+        }
         apps.iter()
             .find(|a| a.upstream_state.get().up)
             .or(apps.first())
@@ -275,6 +278,10 @@ impl Fleet {
     /// the default one when none is up.
     pub fn place(&self, tenant: &Tenant, model: Option<&str>) -> Option<Arc<App>> {
         let apps = self.apps();
+        if apps.len() < 2 {
+            // Nothing to choose: skip the snapshots on every request.
+            return apps.into_iter().next();
+        }
         let states: Vec<_> = apps.iter().map(|a| a.upstream_state.get()).collect();
         let model = model.map(str::trim).filter(|m| !m.is_empty());
         // A model no upstream answers to selects nothing: llama-server
