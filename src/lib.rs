@@ -28,6 +28,7 @@
 //! - [`preload`]: group warm-up jobs.
 //! - [`clients`]: front-port clients file and key checks.
 //! - [`supervisor`]: runs llama-server for kvgate (`--model`).
+//! - [`demo`]: `kvgate demo`, a scripted group chat against a real llama-server.
 //! - [`server`]: accept loop with graceful shutdown, shared by both ports.
 //! - [`slot_file`], [`tiny_model`], [`hash`], [`error`], [`body`]: helpers.
 
@@ -37,6 +38,7 @@ pub mod body;
 pub mod cache_store;
 pub mod clients;
 pub mod config;
+pub mod demo;
 pub mod error;
 pub mod events;
 pub mod fleet;
