@@ -1,35 +1,28 @@
-//! The `kvgate` binary: parse flags, set up logging, run until SIGINT/SIGTERM.
+//! The `kvgate` binary: parse flags, set up logging, run until SIGINT/SIGTERM;
+//! or, as `kvgate demo`, run the demo ([`kvgate::demo`]).
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use kvgate::config::{Cli, Config};
+use kvgate::demo::DemoCli;
 
 /// EX_USAGE: a bad flag or configuration value.
 const EXIT_USAGE: u8 = 64;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    // The demo is the only subcommand; `Cli` stays flat so every existing
+    // command line keeps its meaning.
+    if std::env::args_os().nth(1).is_some_and(|a| a == "demo") {
+        return demo();
+    }
+    let cli = match Cli::command()
+        .after_help("To see kvgate at work without a model: kvgate demo (see kvgate demo --help).")
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m))
+    {
         Ok(c) => c,
-        Err(e)
-            if matches!(
-                e.kind(),
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
-            ) =>
-        {
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            let msg = e.to_string();
-            let line = msg
-                .lines()
-                .next()
-                .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ");
-            eprintln!("kvgate: {line} (see kvgate --help)");
-            return ExitCode::from(EXIT_USAGE);
-        }
+        Err(e) => return clap_exit(&e, "kvgate --help"),
     };
     let kv_save_dir = std::env::var_os("KV_SAVE_DIR").map(Into::into);
     let cfg = match Config::from_cli(cli, kv_save_dir) {
@@ -62,6 +55,67 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// `kvgate demo [--llama-server PATH] [--keep DIR]`: exit 0 when the demo
+/// ran and its self-check passed, 1 otherwise.
+fn demo() -> ExitCode {
+    // The first argument ("demo") stands where clap expects the binary name.
+    let cli = match DemoCli::try_parse_from(std::env::args_os().skip(1)) {
+        Ok(c) => c,
+        Err(e) => return clap_exit(&e, "kvgate demo --help"),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kvgate demo: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        tokio::select! {
+            r = kvgate::demo::run(cli.options()) => Some(r),
+            _ = shutdown_signal() => None,
+        }
+    });
+    // Dropping the runtime drops the supervisor's task, whose llama-server
+    // child is killed on drop: nothing is left behind after an interrupt.
+    drop(rt);
+    match result {
+        Some(Ok(_)) => ExitCode::SUCCESS,
+        Some(Err(e)) => {
+            eprintln!("kvgate demo: {e}");
+            ExitCode::FAILURE
+        }
+        None => {
+            eprintln!("kvgate demo: interrupted");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Prints help or version (exit 0), or a one-line usage error pointing at
+/// `help` (exit 64).
+fn clap_exit(e: &clap::Error, help: &str) -> ExitCode {
+    if matches!(
+        e.kind(),
+        clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+    ) {
+        let _ = e.print();
+        return ExitCode::SUCCESS;
+    }
+    let msg = e.to_string();
+    let line = msg
+        .lines()
+        .next()
+        .unwrap_or("invalid arguments")
+        .trim_start_matches("error: ");
+    eprintln!("kvgate: {line} (see {help})");
+    ExitCode::from(EXIT_USAGE)
 }
 
 /// Resolves on SIGINT or SIGTERM.
