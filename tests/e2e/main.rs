@@ -1,4 +1,5 @@
 mod admin;
+mod demo;
 mod group_chat;
 mod instances;
 mod persistence;
