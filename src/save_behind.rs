@@ -40,6 +40,9 @@ pub async fn run(app: Arc<App>, shutdown: impl std::future::Future<Output = ()>)
         if app.under_eviction_pressure(PRESSURE_WINDOW_S) {
             // A slot that is busy is left alone: its owner is generating and
             // will be dirty again afterwards anyway.
+            // Counted like any lifecycle task, so "kvgate is idle" (shutdown,
+            // tests, the demo) includes these saves.
+            let _running = app.tasks.start();
             save_dirty_slots(&app, SaveKind::Eviction, HOLD_WAIT, true).await;
         }
     }

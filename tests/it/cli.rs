@@ -20,6 +20,11 @@ fn bad_flags_and_values_exit_64_with_one_line() {
         (vec!["--save-every", "0"], "--save-every"),
         (vec!["--max-queue", "many"], "--max-queue"),
         (vec!["--policy", "/nonexistent.toml"], "/nonexistent.toml"),
+        (vec!["demo", "--bogus"], "--bogus"),
+        (
+            vec!["--upstream", "http://127.0.0.1:1,http://127.0.0.1:1"],
+            "given twice",
+        ),
     ] {
         let (code, err) = kvgate(&args);
         assert_eq!(code, Some(64), "{args:?}: {err}");
@@ -30,6 +35,23 @@ fn bad_flags_and_values_exit_64_with_one_line() {
         );
         assert!(err.contains(needle), "{args:?}: {err}");
     }
+}
+
+#[test]
+fn help_names_the_demo_and_the_demo_has_its_own() {
+    let out = kvgate_command().arg("--help").output().expect("run kvgate");
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("kvgate demo"));
+    let out = kvgate_command()
+        .args(["demo", "--help"])
+        .output()
+        .expect("run kvgate demo");
+    assert_eq!(out.status.code(), Some(0));
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        help.contains("--llama-server") && help.contains("--keep"),
+        "{help}"
+    );
 }
 
 #[test]
