@@ -63,7 +63,8 @@ pub async fn handle(
     let result = match (&method, segments.as_slice()) {
         (&Method::GET, ["health"]) => Ok(json_ok(&health(&fleet))),
         (&Method::GET, ["upstreams"]) => Ok(json_ok(&upstreams(&fleet))),
-        (&Method::GET, ["slots"]) => selected(&fleet, query_param(query, "upstream"))
+        (&Method::GET, ["slots"]) => query_param(query, "upstream")
+            .and_then(|name| selected(&fleet, name))
             .map(|apps| json_ok(&slots(&apps))),
         (&Method::GET, ["saves"]) => saves(&fleet, query),
         (&Method::GET, ["files"]) => files(shared),
@@ -175,24 +176,35 @@ fn instance_error(e: InstanceError) -> ApiError {
         InstanceError::NotFound(_) => StatusCode::NOT_FOUND,
         InstanceError::Busy(..) => StatusCode::CONFLICT,
         InstanceError::NoSaveDir => StatusCode::NOT_IMPLEMENTED,
+        InstanceError::Closing => StatusCode::SERVICE_UNAVAILABLE,
         InstanceError::Start(_) | InstanceError::Persist(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };
     let kind = match status {
         StatusCode::INTERNAL_SERVER_ERROR => ErrorType::Server,
         StatusCode::NOT_FOUND => ErrorType::NotFound,
         StatusCode::NOT_IMPLEMENTED => ErrorType::NotSupported,
+        StatusCode::SERVICE_UNAVAILABLE => ErrorType::Unavailable,
         _ => ErrorType::InvalidRequest,
     };
     ApiError::new(status, kind, e.to_string())
 }
 
-/// A query parameter's value, percent-decoded (`+` is a space).
-fn query_param(query: Option<&str>, key: &str) -> Option<String> {
-    query?
-        .split('&')
-        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
-        .map(|v| percent_decode(&v.replace('+', " ")).unwrap_or_default())
-        .filter(|v| !v.is_empty())
+/// A query parameter's value, percent-decoded (`+` is a space). A value
+/// that is empty or does not decode is a 400, never taken for "not given"
+/// (for `upstream`, that would mean every upstream).
+fn query_param(query: Option<&str>, key: &str) -> Result<Option<String>, ApiError> {
+    let Some(raw) = query.and_then(|q| {
+        q.split('&')
+            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+    }) else {
+        return Ok(None);
+    };
+    match percent_decode(&raw.replace('+', " ")) {
+        Some(v) if !v.is_empty() => Ok(Some(v)),
+        _ => Err(ApiError::bad_request(format!(
+            "the {key} parameter {raw:?} is empty or not percent-encoded UTF-8"
+        ))),
+    }
 }
 
 /// The upstreams an action is about: the one `name`d, or all.
@@ -208,7 +220,7 @@ fn selected(fleet: &Fleet, name: Option<String>) -> Result<Vec<Arc<App>>, ApiErr
 
 /// The upstream a request names (`?upstream=` or `"upstream"` in the body).
 fn named_upstream(query: Option<&str>, body: &Value) -> Result<Option<String>, ApiError> {
-    match (query_param(query, "upstream"), body.get("upstream")) {
+    match (query_param(query, "upstream")?, body.get("upstream")) {
         (Some(q), _) => Ok(Some(q)),
         (None, None | Some(Value::Null)) => Ok(None),
         (None, Some(Value::String(n))) => Ok(Some(n.clone())),
@@ -345,7 +357,10 @@ fn save_json(m: &SaveMeta, fps: &[String]) -> Value {
 fn saves(fleet: &Fleet, query: Option<&str>) -> Answer {
     let store = store(&fleet.shared)?;
     let _ = store.rescan();
-    let q = query_param(query, "q").map(|v| v.to_lowercase());
+    // A search that does not decode searches for nothing in particular.
+    let q = query_param(query, "q")
+        .unwrap_or(None)
+        .map(|v| v.to_lowercase());
     let fps = current_fingerprints(fleet);
     let mut chats: BTreeMap<String, BTreeMap<String, Vec<SaveMeta>>> = BTreeMap::new();
     for m in store.list() {
@@ -629,6 +644,13 @@ async fn load(fleet: &Fleet, query: Option<&str>, body: &Value) -> Answer {
         )));
     }
     let fp = app.fingerprint.get().map(|f| f.id);
+    if fp.is_none() {
+        // Without it, a save of another model could not be told apart.
+        return Err(ApiError::unavailable(format!(
+            "upstream {}'s model is not known yet; try again in a moment",
+            app.name
+        )));
+    }
     let mut plan: Vec<(SaveMeta, Tenant)> = Vec::new();
     for item in items {
         let file = item
@@ -717,20 +739,32 @@ fn load_target(
             .default_app()
             .ok_or_else(|| ApiError::unavailable("kvgate has no upstream"));
     };
-    if let Some(app) = fleet
-        .apps()
-        .into_iter()
+    // Only upstreams serving the save's model (by fingerprint, which also
+    // covers the per-slot context) can take it.
+    let fits = |a: &Arc<App>| match (&meta.fingerprint, a.fingerprint.get()) {
+        (Some(want), Some(have)) => *want == have.id,
+        _ => true,
+    };
+    let apps: Vec<Arc<App>> = fleet.apps().into_iter().filter(fits).collect();
+    if let Some(app) = apps
+        .iter()
         .find(|a| resident_chat(a, &meta.character).is_some())
     {
-        return Ok(app);
+        return Ok(Arc::clone(app));
     }
     let tenant = Tenant::Character {
         chat: meta.chat.clone(),
         name: meta.character.clone(),
     };
-    fleet
-        .place(&tenant, meta.model.as_deref())
-        .ok_or_else(|| ApiError::unavailable("kvgate has no upstream"))
+    match fleet.place(&tenant, meta.model.as_deref()) {
+        Some(app) if fits(&app) => Ok(app),
+        // Placement chose by file name; the fingerprint disagrees.
+        other => apps
+            .into_iter()
+            .next()
+            .or(other)
+            .ok_or_else(|| ApiError::unavailable("kvgate has no upstream")),
+    }
 }
 
 fn resident_chat(app: &App, character: &str) -> Option<String> {

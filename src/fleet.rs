@@ -190,20 +190,26 @@ impl Fleet {
     }
 
     /// Adds an upstream; once the fleet is started, its monitor (which
-    /// sizes its slot table) and save-behind task run at once.
-    pub fn add(&self, app: Arc<App>) {
+    /// sizes its slot table) and save-behind task run at once. `false`, and
+    /// nothing added, when an upstream of that name exists.
+    pub fn add(&self, app: Arc<App>) -> bool {
         let (stop, _) = watch::channel(false);
         let mut member = Member {
             app,
             stop,
             tasks: Vec::new(),
         };
-        tracing::info!(upstream = %member.app.name, url = %member.app.upstream.base(), "upstream added");
         let mut members = self.members_mut();
+        if members.iter().any(|m| m.app.name == member.app.name) {
+            tracing::error!(upstream = %member.app.name, "an upstream of that name exists");
+            return false;
+        }
         if self.started.load(std::sync::atomic::Ordering::SeqCst) {
             member.watch();
         }
+        tracing::info!(upstream = %member.app.name, url = %member.app.upstream.base(), "upstream added");
         members.push(member);
+        true
     }
 
     /// Starts watching every upstream (kvgate begins serving).

@@ -14,7 +14,9 @@
 //! lock is held while a process starts or stops.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -91,6 +93,9 @@ pub enum InstanceError {
     /// The instances file could not be written.
     #[error("cannot record the instances: {0}")]
     Persist(String),
+    /// kvgate is shutting down.
+    #[error("kvgate is shutting down")]
+    Closing,
 }
 
 /// Where an instance is in its life.
@@ -136,8 +141,11 @@ struct Record {
 struct Instance {
     id: String,
     spec: InstanceSpec,
-    /// Recorded in [`INSTANCES_FILE`] (not the `--model` one).
+    /// Recorded in [`INSTANCES_FILE`] (not the `--model` one, nor one not
+    /// yet started).
     persisted: bool,
+    /// Whether it should run: recorded, and resumed at kvgate's next start.
+    wanted: bool,
     created: u64,
     status: Status,
     /// Why the last start failed.
@@ -155,6 +163,8 @@ pub struct Instances {
     list: Mutex<Vec<Instance>>,
     /// Serialises writes of the instances file (never held across `.await`).
     writing: Mutex<()>,
+    /// kvgate is shutting down: no more starts.
+    closing: AtomicBool,
 }
 
 /// Checks a `POST /instances` body and makes it a spec (pure: the model
@@ -221,6 +231,10 @@ pub fn parse_create(body: &Value) -> Result<InstanceSpec, String> {
 pub fn check_spec(mut spec: InstanceSpec) -> Result<InstanceSpec, String> {
     let shown = spec.model.display().to_string();
     let path = std::fs::canonicalize(&spec.model).map_err(|e| format!("model {shown}: {e}"))?;
+    // A FIFO or a device would block the open or the read.
+    if !path.is_file() {
+        return Err(format!("model {shown} is not a GGUF file"));
+    }
     let mut magic = [0u8; 4];
     let read =
         std::fs::File::open(&path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic));
@@ -244,35 +258,34 @@ fn port_free(port: u16) -> Result<(), String> {
 
 impl Instances {
     /// The instances recorded in `dir` (none without one), all stopped
-    /// until [`Instances::resume`]. A file kvgate can't read is an error:
-    /// starting without it would forget (and later overwrite) the records.
+    /// until [`Instances::resume`]. A file kvgate can't read, or whose
+    /// records don't hold, is an error: starting without it would forget
+    /// (and later overwrite) the records.
     pub fn load(fleet: Arc<Fleet>, dir: Option<PathBuf>) -> Result<Instances, String> {
-        let mut list = Vec::new();
+        let mut list: Vec<Instance> = Vec::new();
         if let Some(d) = &dir {
             let path = d.join(INSTANCES_FILE);
+            let bad = |why: String| format!("{}: {why}", path.display());
             match std::fs::read(&path) {
                 Ok(bytes) => {
-                    let records: Vec<Record> = serde_json::from_slice(&bytes)
-                        .map_err(|e| format!("{}: {e}", path.display()))?;
+                    let records: Vec<Record> =
+                        serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
                     for r in records {
+                        check_record(&r, &list).map_err(bad)?;
                         list.push(Instance {
                             id: r.id,
                             spec: r.spec,
                             persisted: true,
+                            wanted: r.running,
                             created: r.created,
-                            // `running` here means "to be resumed".
-                            status: if r.running {
-                                Status::Starting
-                            } else {
-                                Status::Stopped
-                            },
+                            status: Status::Stopped,
                             error: None,
                             process: None,
                         });
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(format!("{}: {e}", path.display())),
+                Err(e) => return Err(bad(e.to_string())),
             }
         }
         Ok(Instances {
@@ -280,6 +293,7 @@ impl Instances {
             dir,
             list: Mutex::new(list),
             writing: Mutex::new(()),
+            closing: AtomicBool::new(false),
         })
     }
 
@@ -287,16 +301,32 @@ impl Instances {
         self.list.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn closing(&self) -> Result<(), InstanceError> {
+        if self.closing.load(Ordering::SeqCst) {
+            Err(InstanceError::Closing)
+        } else {
+            Ok(())
+        }
+    }
+
     /// Starts the recorded instances that were left running (in the
-    /// background of kvgate's start: a model may take minutes to load).
+    /// background of kvgate's start: a model may take minutes to load). One
+    /// that fails stays `failed` and is still wanted at the next start.
     pub async fn resume(self: &Arc<Self>) {
         let ids: Vec<String> = self
             .list()
             .iter()
-            .filter(|i| i.status == Status::Starting)
+            .filter(|i| i.wanted)
             .map(|i| i.id.clone())
             .collect();
         for id in ids {
+            let stopped = |s| match s {
+                Status::Stopped => Ok(true),
+                other => Err(other),
+            };
+            if !matches!(self.transition(&id, stopped, Status::Starting), Ok(Some(_))) {
+                continue;
+            }
             match self.launch(&id).await {
                 Ok(()) => info!(instance = %id, "instance resumed"),
                 Err(e) => warn!(instance = %id, error = %e, "instance did not come back"),
@@ -310,6 +340,7 @@ impl Instances {
             id: MAIN_ID.into(),
             spec,
             persisted: false,
+            wanted: true,
             created: now_unix(),
             status: Status::Starting,
             error: None,
@@ -319,12 +350,13 @@ impl Instances {
     }
 
     /// `POST /instances`: checks the parameters, starts llama-server, waits
-    /// until it is healthy and adds it to the fleet. A failed start leaves
-    /// nothing behind.
+    /// until it is healthy, adds it to the fleet and records it. A start or
+    /// a record that fails leaves nothing behind.
     pub async fn create(&self, body: &Value) -> Result<Value, InstanceError> {
         if self.dir.is_none() {
             return Err(InstanceError::NoSaveDir);
         }
+        self.closing()?;
         let spec = parse_create(body).map_err(InstanceError::BadRequest)?;
         // File checks touch the disk: off the runtime's threads.
         let spec = tokio::task::spawn_blocking(move || check_spec(spec))
@@ -351,7 +383,9 @@ impl Instances {
             list.push(Instance {
                 id: id.clone(),
                 spec,
-                persisted: true,
+                // Recorded once it runs.
+                persisted: false,
+                wanted: true,
                 created: now_unix(),
                 status: Status::Starting,
                 error: None,
@@ -363,7 +397,17 @@ impl Instances {
             self.list().retain(|i| i.id != id);
             return Err(e);
         }
-        self.persist()?;
+        if let Some(i) = self.list().iter_mut().find(|i| i.id == id) {
+            i.persisted = true;
+        }
+        if let Err(e) = self.persist(None) {
+            // Not recorded, it would not come back: undo it.
+            if let Ok(Some(_)) = self.transition(&id, running_only, Status::Stopping) {
+                self.halt(&id).await;
+            }
+            self.list().retain(|i| i.id != id);
+            return Err(e);
+        }
         self.show(&id)
     }
 
@@ -391,7 +435,7 @@ impl Instances {
                 "port": i.port(),
                 "args": i.spec.args,
                 "status": i.status.as_str(),
-                "origin": if i.persisted { "api" } else { "flag" },
+                "origin": if i.id == MAIN_ID { "flag" } else { "api" },
                 "created": i.created,
                 "started": p.map(|p| p.since),
                 "uptime_s": p.map(|p| now_unix().saturating_sub(p.since)),
@@ -416,19 +460,18 @@ impl Instances {
     /// `POST /instances/{id}/start`: starts a stopped or failed instance
     /// (a running one is left alone).
     pub async fn start(&self, id: &str) -> Result<Value, InstanceError> {
-        let go = self.transition(
-            id,
-            |s| match s {
-                Status::Running => Ok(false),
-                Status::Stopped | Status::Failed => Ok(true),
-                other => Err(other),
-            },
-            Status::Starting,
-        )?;
-        if go {
-            let r = self.launch(id).await;
-            self.persist()?;
-            r?;
+        self.closing()?;
+        let startable = |s| match s {
+            Status::Stopped | Status::Failed => Ok(true),
+            Status::Running => Ok(false),
+            other => Err(other),
+        };
+        if self.transition(id, startable, Status::Starting)?.is_some() {
+            self.launch(id).await?;
+            if let Some(i) = self.list().iter_mut().find(|i| i.id == id) {
+                i.wanted = true;
+            }
+            self.persist(None)?;
         }
         self.show(id)
     }
@@ -436,24 +479,24 @@ impl Instances {
     /// `POST /instances/{id}/stop`: saves the instance's unsaved slots, then
     /// stops it (a stopped one is left alone).
     pub async fn stop(&self, id: &str) -> Result<Value, InstanceError> {
-        let go = self.transition(
-            id,
-            |s| match s {
-                Status::Running => Ok(true),
-                Status::Stopped | Status::Failed => Ok(false),
-                other => Err(other),
-            },
-            Status::Stopping,
-        )?;
-        if go {
+        if self
+            .transition(id, running_only, Status::Stopping)?
+            .is_some()
+        {
             self.halt(id).await;
-            self.persist()?;
         }
+        if let Some(i) = self.list().iter_mut().find(|i| i.id == id) {
+            if i.status == Status::Stopping {
+                i.status = Status::Stopped;
+            }
+            i.wanted = false;
+        }
+        self.persist(None)?;
         self.show(id)
     }
 
-    /// `DELETE /instances/{id}`: stops the instance if it runs and forgets
-    /// it.
+    /// `DELETE /instances/{id}`: stops the instance if it runs (with its
+    /// saves) and forgets it, record first.
     pub async fn delete(&self, id: &str) -> Result<Value, InstanceError> {
         if id == MAIN_ID && self.list().iter().any(|i| i.id == id) {
             return Err(InstanceError::BadRequest(
@@ -461,58 +504,72 @@ impl Instances {
                     .into(),
             ));
         }
-        let go = self.transition(
-            id,
-            |s| match s {
-                Status::Running => Ok(true),
-                Status::Stopped | Status::Failed => Ok(false),
-                other => Err(other),
-            },
-            Status::Stopping,
-        )?;
-        if go {
+        // `stopping` until it is gone: nothing can start it meanwhile.
+        let any = |s| match s {
+            Status::Running | Status::Stopped | Status::Failed => Ok(true),
+            other => Err(other),
+        };
+        let before = self.transition(id, any, Status::Stopping)?;
+        if before == Some(Status::Running) {
             self.halt(id).await;
         }
         let shown = self.show(id)?;
+        if let Err(e) = self.persist(Some(id)) {
+            if let Some(i) = self.list().iter_mut().find(|i| i.id == id) {
+                i.status = Status::Stopped;
+            }
+            return Err(e);
+        }
         self.list().retain(|i| i.id != id);
-        self.persist()?;
         info!(instance = id, "instance deleted");
         Ok(shown)
     }
 
-    /// At kvgate's shutdown, after the last saves: stops every process. The
-    /// records keep saying which were running, so they come back.
+    /// At kvgate's shutdown, after the last saves: refuses new starts, lets
+    /// starts and stops under way finish (within the grace period), then
+    /// stops every process. The records keep saying which were running, so
+    /// they come back.
     pub async fn shutdown(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + self.fleet.cfg.shutdown_grace;
+        while self
+            .list()
+            .iter()
+            .any(|i| matches!(i.status, Status::Starting | Status::Stopping))
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let processes: Vec<(String, Supervisor)> = self
             .list()
             .iter_mut()
             .filter_map(|i| Some((i.id.clone(), i.process.take()?)))
             .collect();
         for (id, p) in processes {
-            self.fleet.remove(&id).await;
+            if let Some(app) = self.fleet.remove(&id).await {
+                app.pool.close();
+            }
             p.stop().await;
         }
     }
 
-    /// Moves `id` to `next` when `allowed` says so (`Ok(true)`); `Ok(false)`:
-    /// nothing to do; a status in the middle of a change is refused.
+    /// Moves `id` to `next` when `allowed` says so (`Ok(Some(previous))`);
+    /// `Ok(None)`: nothing to do; a status in the middle of a change is
+    /// refused.
     fn transition(
         &self,
         id: &str,
         allowed: impl Fn(Status) -> Result<bool, Status>,
         next: Status,
-    ) -> Result<bool, InstanceError> {
+    ) -> Result<Option<Status>, InstanceError> {
         let mut list = self.list();
         let i = list
             .iter_mut()
             .find(|i| i.id == id)
             .ok_or_else(|| InstanceError::NotFound(id.into()))?;
         match allowed(i.status) {
-            Ok(true) => {
-                i.status = next;
-                Ok(true)
-            }
-            Ok(false) => Ok(false),
+            Ok(true) => Ok(Some(std::mem::replace(&mut i.status, next))),
+            Ok(false) => Ok(None),
             Err(s) => Err(InstanceError::Busy(id.into(), s.as_str())),
         }
     }
@@ -528,27 +585,58 @@ impl Instances {
                 .ok_or_else(|| InstanceError::NotFound(id.into()))?;
             i.spec.clone()
         };
-        let started = self.run_process(&spec).await;
-        let mut list = self.list();
-        let Some(i) = list.iter_mut().find(|i| i.id == id) else {
-            // Deleted meanwhile (only at shutdown): nothing to add.
-            return Ok(());
+        let started = match self.run_process(&spec).await {
+            Ok(p) => match parse_upstream(&p.url) {
+                Ok(uri) => Ok((p, uri)),
+                Err(e) => {
+                    p.stop().await;
+                    Err(InstanceError::Start(e.to_string()))
+                }
+            },
+            Err(e) => Err(e),
         };
-        match started {
-            Ok(process) => {
-                let uri = parse_upstream(&process.url)
-                    .map_err(|e| InstanceError::Start(e.to_string()))?;
-                let app = self.fleet.build_app(id, uri, None);
-                i.process = Some(process);
-                i.status = Status::Running;
-                i.error = None;
-                drop(list);
-                self.fleet.add(app);
-                Ok(())
-            }
+        let (process, uri) = match started {
+            Ok(x) => x,
             Err(e) => {
-                i.status = Status::Failed;
-                i.error = Some(e.to_string());
+                if let Some(i) = self.list().iter_mut().find(|i| i.id == id) {
+                    i.status = Status::Failed;
+                    i.error = Some(e.to_string());
+                }
+                return Err(e);
+            }
+        };
+        // kvgate's own key: the `--model` llama-server may run with
+        // `--api-key` among its extra arguments.
+        let app = self
+            .fleet
+            .build_app(id, uri, self.fleet.cfg.upstream_api_key.clone());
+        let refused = {
+            let mut list = self.list();
+            match list.iter_mut().find(|i| i.id == id) {
+                Some(i) if !self.closing.load(Ordering::SeqCst) => {
+                    // Added while the list is held, so no stop can come
+                    // between the fleet and the record.
+                    if self.fleet.add(app) {
+                        i.process = Some(process);
+                        i.status = Status::Running;
+                        i.error = None;
+                        None
+                    } else {
+                        i.status = Status::Failed;
+                        i.error = Some(format!("an upstream named {id} exists"));
+                        Some((
+                            process,
+                            InstanceError::Start(format!("an upstream named {id} exists")),
+                        ))
+                    }
+                }
+                _ => Some((process, InstanceError::Closing)),
+            }
+        };
+        match refused {
+            None => Ok(()),
+            Some((process, e)) => {
+                process.stop().await;
                 Err(e)
             }
         }
@@ -575,7 +663,7 @@ impl Instances {
     }
 
     /// Takes `id` (in status `stopping`) out of the fleet, saves its unsaved
-    /// slots, and stops its process.
+    /// slots, and stops its process. The caller sets the status after.
     async fn halt(&self, id: &str) {
         if let Some(app) = self.fleet.remove(id).await {
             let saved = crate::owner_save::save_dirty_slots(
@@ -591,20 +679,19 @@ impl Instances {
                 saved, "instance stopping: its slots are saved"
             );
         }
-        let process = {
-            let mut list = self.list();
-            list.iter_mut().find(|i| i.id == id).and_then(|i| {
-                i.status = Status::Stopped;
-                i.process.take()
-            })
-        };
+        let process = self
+            .list()
+            .iter_mut()
+            .find(|i| i.id == id)
+            .and_then(|i| i.process.take());
         if let Some(p) = process {
             p.stop().await;
         }
     }
 
-    /// Writes the API-created instances to [`INSTANCES_FILE`] atomically.
-    fn persist(&self) -> Result<(), InstanceError> {
+    /// Writes the API-created instances (but `except`) to
+    /// [`INSTANCES_FILE`] atomically.
+    fn persist(&self, except: Option<&str>) -> Result<(), InstanceError> {
         let Some(dir) = &self.dir else {
             return Ok(());
         };
@@ -612,16 +699,39 @@ impl Instances {
         let records: Vec<Record> = self
             .list()
             .iter()
-            .filter(|i| i.persisted)
+            .filter(|i| i.persisted && Some(i.id.as_str()) != except)
             .map(|i| Record {
                 id: i.id.clone(),
                 spec: i.spec.clone(),
-                running: matches!(i.status, Status::Running | Status::Starting),
+                running: i.wanted,
                 created: i.created,
             })
             .collect();
         write_atomically(dir, &records).map_err(|e| InstanceError::Persist(e.to_string()))
     }
+}
+
+/// For a stop: only a running instance has anything to stop.
+fn running_only(s: Status) -> Result<bool, Status> {
+    match s {
+        Status::Running => Ok(true),
+        Status::Stopped | Status::Failed => Ok(false),
+        other => Err(other),
+    }
+}
+
+/// A record read back must be one kvgate could have written.
+fn check_record(r: &Record, before: &[Instance]) -> Result<(), String> {
+    if r.id == MAIN_ID || r.id.is_empty() || before.iter().any(|i| i.id == r.id) {
+        return Err(format!("instance id {:?} is reserved or repeated", r.id));
+    }
+    let mut body = serde_json::to_value(&r.spec).map_err(|e| e.to_string())?;
+    if let Some(o) = body.as_object_mut() {
+        o.retain(|_, v| !v.is_null());
+    }
+    parse_create(&body)
+        .map(drop)
+        .map_err(|e| format!("{}: {e}", r.id))
 }
 
 impl Instance {
@@ -631,10 +741,19 @@ impl Instance {
     }
 }
 
+/// Writes `records` through a synced temporary file and a rename, so the
+/// file is always whole; the temporary file never stays behind.
 fn write_atomically(dir: &Path, records: &[Record]) -> std::io::Result<()> {
     let tmp = dir.join(format!("{TEMP_PREFIX}{INSTANCES_FILE}"));
-    std::fs::write(&tmp, serde_json::to_vec_pretty(records)?)?;
-    std::fs::rename(&tmp, dir.join(INSTANCES_FILE))
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, &serde_json::to_vec_pretty(records)?)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, dir.join(INSTANCES_FILE))
+    };
+    write().inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
 }
 
 #[cfg(test)]
@@ -680,6 +799,40 @@ mod tests {
             let e = parse_create(&bad).unwrap_err();
             assert!(e.contains(what), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn records_read_back_must_be_ones_kvgate_could_write() {
+        let record = |id: &str, slots: u32| Record {
+            id: id.into(),
+            spec: InstanceSpec {
+                model: "/m.gguf".into(),
+                slots,
+                ctx: 4096,
+                port: None,
+                args: vec![],
+            },
+            running: true,
+            created: 0,
+        };
+        assert!(check_record(&record("llama-1", 2), &[]).is_ok());
+        assert!(check_record(&record("main", 2), &[])
+            .unwrap_err()
+            .contains("reserved"));
+        assert!(check_record(&record("llama-1", 0), &[])
+            .unwrap_err()
+            .contains("\"slots\""));
+        let dir = tempfile::tempdir().unwrap();
+        write_atomically(dir.path(), &[record("llama-1", 2)]).unwrap();
+        let back: Vec<Record> =
+            serde_json::from_slice(&std::fs::read(dir.path().join(INSTANCES_FILE)).unwrap())
+                .unwrap();
+        assert_eq!(back[0].id, "llama-1");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [INSTANCES_FILE], "no temporary file left");
     }
 
     #[test]

@@ -172,7 +172,9 @@ impl Gateway {
                 uri.clone(),
                 fleet.cfg.upstream_api_key.clone(),
             );
-            fleet.add(app);
+            // Names are unique: `upstream-N`, and the config refuses a URL
+            // given twice.
+            let _ = fleet.add(app);
         }
         let instances =
             Instances::load(Arc::clone(&fleet), save_dir).map_err(StartError::SaveDir)?;

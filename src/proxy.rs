@@ -39,6 +39,8 @@ use crate::upstream::{strip_hop_by_hop, UpstreamError};
 pub const H_SLOT: &str = "x-kvgate-slot";
 /// Response header: the character (percent-encoded UTF-8) when known.
 pub const H_CHARACTER: &str = "x-kvgate-character";
+/// Response header: the upstream (its name) that served the completion.
+pub const H_UPSTREAM: &str = "x-kvgate-upstream";
 /// Response header: the file restored before the generation.
 pub const H_RESTORED: &str = "x-kvgate-restored";
 
@@ -321,11 +323,14 @@ async fn completion(
         fleet.shared.memory.previous_prompt(t)
     });
     // The character stays where its cache is; a newcomer goes where slots
-    // are free (see `fleet`).
+    // are free (see `fleet`). A client choosing its own slot works with the
+    // upstream its own slot actions go to.
     let model = json.get("model").and_then(Value::as_str);
-    let app = &fleet
-        .place(&identity.tenant, model)
-        .ok_or_else(no_upstream)?;
+    let app = &match slot_request(&json) {
+        SlotRequest::Ours => fleet.place(&identity.tenant, model),
+        SlotRequest::Client(_) => fleet.default_app(),
+    }
+    .ok_or_else(no_upstream)?;
     client.credentials_for(app, &mut parts.headers);
     let want = match slot_request(&json) {
         SlotRequest::Ours => Want::Tenant(identity.tenant.clone()),
@@ -455,6 +460,10 @@ async fn completion(
     // for background saves of other slots (see `save_behind`).
     observed.notify_on_first_byte(Arc::clone(&app.save_behind_kick));
     add_identity_headers(&mut rparts.headers, slot, &identity, restored.as_deref());
+    if let Ok(v) = HeaderValue::from_str(&percent_encode(&app.name)) {
+        // Slot ids are per upstream.
+        rparts.headers.insert(H_UPSTREAM, v);
+    }
     app.emit(
         "generation_started",
         || json!({"slot": slot, "chat": identity.tenant.chat(), "character": identity.tenant.character(), "status": status.as_u16()}),

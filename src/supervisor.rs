@@ -144,7 +144,7 @@ fn command(spec: &Spec, port: u16) -> Command {
         "-np".into(),
         spec.slots.to_string(),
         "-c".into(),
-        (spec.slots * spec.ctx).to_string(),
+        (u64::from(spec.slots) * u64::from(spec.ctx)).to_string(),
         "--slot-save-path".into(),
         format!("{}/", spec.save_dir.display()),
     ];

@@ -79,10 +79,12 @@ async fn characters_stay_where_their_cache_is_and_newcomers_go_where_slots_are_f
     assert_eq!(f1.calls_to("/completion").len(), 2);
     assert_eq!(f2.calls_to("/completion").len(), 2);
 
-    // Everyone comes back to their own upstream, as a resident.
+    // Everyone comes back to their own upstream, as a resident; the answer
+    // names the upstream (slot ids are per upstream).
     for who in ["Dave", "Alice", "Carol", "Bob"] {
         let h = say(&kv, who, None).await;
         assert!(h.get("x-kvgate-restored").is_none(), "{who}: {h:?}");
+        assert_eq!(h["x-kvgate-upstream"], expected[who].as_str(), "{who}");
     }
     assert_eq!(placement(&kv).await, expected);
     assert_eq!(f1.calls_to("/completion").len(), 4);
@@ -114,6 +116,13 @@ async fn characters_stay_where_their_cache_is_and_newcomers_go_where_slots_are_f
     );
     let (status, v) = admin_post(&kv, "/slots/clear?upstream=nope", json!({})).await;
     assert_eq!(status, 404, "{v}");
+    // A name that is empty or does not decode is an error, never "all".
+    for bad in ["/slots/clear?upstream=", "/slots/clear?upstream=%ZZ"] {
+        let (status, v) = admin_post(&kv, bad, json!({"erase": true})).await;
+        assert_api_error(status, &v, bad);
+        assert_eq!(status, 400, "{bad}: {v}");
+    }
+    assert_eq!(placement(&kv).await, expected, "nothing was cleared");
     let (status, v) = admin_post(&kv, "/slots/clear?upstream=upstream-2", json!({})).await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["cleared"], json!([0, 1]), "{v}");
@@ -124,6 +133,34 @@ async fn characters_stay_where_their_cache_is_and_newcomers_go_where_slots_are_f
     assert_eq!(ups[1]["up"], true);
     assert_eq!(ups[1]["url"], upstream(&f2.url()).to_string());
     assert_eq!(kv.metric("kvgate_upstreams{state=\"up\"}").await, 2);
+    kv.stop().await;
+}
+
+#[tokio::test]
+async fn a_clients_own_slot_is_on_the_upstream_its_slot_actions_reach() {
+    let (f1, f2) = (
+        FakeLlama::builder().slots(2).build().await,
+        FakeLlama::builder().slots(2).build().await,
+    );
+    let kv = Kvgate::start(&f1.url(), |c| c.upstreams.push(upstream(&f2.url()))).await;
+    say(&kv, "Alice", None).await;
+    // upstream-2 has more free slots now, but a client that manages slots
+    // itself (`id_slot`, `POST /slots/{id}`) talks to the first upstream.
+    let body = json!({"prompt": "raw client", "n_predict": 4, "id_slot": 1});
+    let (status, h, _) = post_json(&format!("{}/completion", kv.url), &[], &body).await;
+    assert_eq!(status, 200);
+    assert_eq!(h["x-kvgate-upstream"], "upstream-1");
+    kv.wait_idle().await;
+    // (The fake answers 501 without a save directory: the route matters.)
+    post_json(&format!("{}/slots/1?action=erase", kv.url), &[], &json!({})).await;
+    let id_slots: Vec<Option<i64>> = f1
+        .calls_to("/completion")
+        .iter()
+        .map(|c| c.json().and_then(|v| v["id_slot"].as_i64()))
+        .collect();
+    assert_eq!(id_slots, [Some(0), Some(1)]);
+    assert_eq!(f1.calls_to("/slots/1").len(), 1);
+    assert!(f2.calls_to("/completion").is_empty());
     kv.stop().await;
 }
 
