@@ -336,16 +336,7 @@ impl Instances {
 
     /// Starts the `--model` instance; kvgate does not serve without it.
     pub async fn start_main(&self, spec: InstanceSpec) -> Result<(), InstanceError> {
-        self.list().push(Instance {
-            id: MAIN_ID.into(),
-            spec,
-            persisted: false,
-            wanted: true,
-            created: now_unix(),
-            status: Status::Starting,
-            error: None,
-            process: None,
-        });
+        self.list().push(Instance::starting(MAIN_ID.into(), spec));
         self.launch(MAIN_ID).await
     }
 
@@ -380,17 +371,8 @@ impl Instances {
                 .unwrap_or(0)
                 + 1;
             let id = format!("llama-{n}");
-            list.push(Instance {
-                id: id.clone(),
-                spec,
-                // Recorded once it runs.
-                persisted: false,
-                wanted: true,
-                created: now_unix(),
-                status: Status::Starting,
-                error: None,
-                process: None,
-            });
+            // Recorded once it runs.
+            list.push(Instance::starting(id.clone(), spec));
             id
         };
         if let Err(e) = self.launch(&id).await {
@@ -735,6 +717,20 @@ fn check_record(r: &Record, before: &[Instance]) -> Result<(), String> {
 }
 
 impl Instance {
+    /// A new instance about to be started, not recorded yet.
+    fn starting(id: String, spec: InstanceSpec) -> Instance {
+        Instance {
+            id,
+            spec,
+            persisted: false,
+            wanted: true,
+            created: now_unix(),
+            status: Status::Starting,
+            error: None,
+            process: None,
+        }
+    }
+
     /// The port it listens on, or will.
     fn port(&self) -> Option<u16> {
         self.process.as_ref().map(|p| p.port).or(self.spec.port)

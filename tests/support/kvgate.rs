@@ -151,31 +151,22 @@ impl Kvgate {
 
     /// Waits until exactly `n` requests wait for a slot in kvgate.
     pub async fn wait_queued(&self, n: usize) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while self.app.pool.with_table(|t| t.queued()) != n {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{n} waiters expected"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let what = format!("{n} waiters");
+        poll_until(&what, Duration::from_secs(5), || {
+            self.app.pool.with_table(|t| t.queued()) == n
+        })
+        .await;
     }
 
     /// Waits until kvgate knows every upstream's model fingerprint.
     pub async fn wait_fingerprint(&self) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while self
-            .fleet
-            .apps()
-            .iter()
-            .any(|a| a.fingerprint.get().is_none())
-        {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "kvgate never learned the model fingerprint"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        poll_until("the model fingerprints", Duration::from_secs(10), || {
+            self.fleet
+                .apps()
+                .iter()
+                .all(|a| a.fingerprint.get().is_some())
+        })
+        .await;
     }
 
     /// Serves an already built gateway.
@@ -211,15 +202,7 @@ impl Kvgate {
 
     /// Shuts down gracefully and waits.
     pub async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(j) = self.join.take() {
-            tokio::time::timeout(Duration::from_secs(30), j)
-                .await
-                .expect("kvgate stops within 30 s")
-                .unwrap();
-        }
+        shut_down(self.stop.take(), self.join.take(), Duration::from_secs(30)).await;
     }
 
     /// Waits until no lease is held and nobody waits (lifecycle tasks may
@@ -396,41 +379,55 @@ impl Bare {
     /// Waits until upstream `name` is in the fleet with its slots known
     /// (`limit` at most).
     pub async fn wait_upstream(&self, name: &str, limit: Duration) -> Arc<App> {
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            if let Some(app) = self.fleet.get(name).filter(|a| !a.pool.is_empty()) {
-                return app;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "upstream {name} not serving within {limit:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let serving = || self.fleet.get(name).filter(|a| !a.pool.is_empty());
+        poll_until(&format!("upstream {name} serving"), limit, || {
+            serving().is_some()
+        })
+        .await;
+        serving().expect("serving")
     }
 
     /// Waits until no upstream has a lease out and no lifecycle task runs.
     pub async fn wait_idle(&self) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while !(self.fleet.apps().iter().all(|a| a.pool.is_idle())
-            && self.fleet.shared.tasks.running() == 0)
-        {
-            assert!(tokio::time::Instant::now() < deadline, "kvgate still busy");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        poll_until("kvgate idle", Duration::from_secs(30), || {
+            self.fleet.apps().iter().all(|a| a.pool.is_idle())
+                && self.fleet.shared.tasks.running() == 0
+        })
+        .await;
     }
 
     /// Shuts down gracefully (saves, stops the instances) and waits.
     pub async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(j) = self.join.take() {
-            tokio::time::timeout(Duration::from_secs(60), j)
-                .await
-                .expect("kvgate stops within 60 s")
-                .unwrap();
-        }
+        shut_down(self.stop.take(), self.join.take(), Duration::from_secs(60)).await;
+    }
+}
+
+/// Polls `done` until it holds; fails the test naming `what` after `limit`.
+pub async fn poll_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Tells a served kvgate to shut down and waits for it, `limit` at most.
+async fn shut_down(
+    stop: Option<oneshot::Sender<()>>,
+    join: Option<JoinHandle<()>>,
+    limit: Duration,
+) {
+    if let Some(tx) = stop {
+        let _ = tx.send(());
+    }
+    if let Some(j) = join {
+        tokio::time::timeout(limit, j)
+            .await
+            .unwrap_or_else(|_| panic!("kvgate stops within {limit:?}"))
+            .unwrap();
     }
 }
 
