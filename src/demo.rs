@@ -1,9 +1,9 @@
 //! `kvgate demo`: shows on a fresh machine, with one command, what kvgate is
 //! for, and checks that it works.
 //!
-//! It writes a small random-weight model ([`crate::tiny_model`]), runs
-//! llama-server with 2 slots under the [`crate::supervisor`], serves kvgate
-//! in-process in front of it, and replays a scripted SillyTavern group chat of
+//! It writes a small random-weight model ([`crate::tiny_model`]), serves
+//! kvgate in-process running llama-server with 2 slots as `kvgate --model`
+//! does (instance `main`, see [`crate::instances`]), and replays a scripted SillyTavern group chat of
 //! 3 characters through kvgate's front port. With more characters than
 //! slots, slots change hands, and a character coming back is restored from
 //! disk. Each turn prints the speaker, the slot, the file restored,
@@ -13,8 +13,7 @@
 //!
 //! The demo is also a self-check: it fails unless at least one restore was
 //! reused by llama-server (`cache_n > 0`). Nothing is left running on any
-//! path: kvgate is shut down first (its shutdown saves need llama-server),
-//! then llama-server is stopped, and the working directory is removed unless
+//! path: kvgate's shutdown saves, then stops llama-server, and the working directory is removed unless
 //! `--keep` names one.
 
 use std::collections::HashSet;
@@ -32,10 +31,12 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
 use crate::app::App;
-use crate::cache_store::{SaveKind, SaveMeta, META_SUFFIX};
-use crate::config::{self, Config};
+use crate::cache_store::{CacheStore, SaveKind, SaveMeta};
+use crate::config::Config;
+use crate::instances::InstanceSpec;
 use crate::proxy::{percent_decode, H_CHARACTER, H_RESTORED, H_SLOT};
-use crate::supervisor::{self, Spec, Supervisor};
+use crate::sse::{Observed, StreamEnd};
+use crate::supervisor;
 use crate::tiny_model::{write_tiny_model, TinyModelSpec};
 use crate::Gateway;
 
@@ -50,9 +51,6 @@ const N_PREDICT: u32 = 16;
 const READY_LIMIT: Duration = Duration::from_secs(30);
 /// Upper bound for one turn (request, stream, the saves after it).
 const TURN_LIMIT: Duration = Duration::from_secs(120);
-/// Largest response body read; the final chunk repeats the prompt, which is
-/// a few kilobytes here.
-const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
 
 /// `kvgate demo`'s command line.
 #[derive(Debug, Clone, clap::Parser)]
@@ -226,12 +224,20 @@ pub async fn run_with(opts: Options, out: &mut (dyn Write + Send)) -> Result<Sum
             if work.keep { "" } else { " (removed at the end)" },
         ),
     );
-    let sup = Supervisor::start(llama_spec(binary, model, saves.clone()))
-        .await
-        .map_err(|e| DemoError::LlamaServer(e.to_string()))?;
-    let played = with_llama(&sup.url, &saves, out).await;
-    sup.stop().await;
-    let mut summary = played?;
+    // kvgate as `kvgate --model` runs it: llama-server is instance `main`,
+    // stopped by kvgate's shutdown after its last saves.
+    let cfg = Config {
+        upstreams: Vec::new(),
+        save_dir: Some(saves),
+        llama_server: Some(binary),
+        ..Config::default()
+    };
+    let gw = Gateway::new(cfg).map_err(|e| DemoError::Kvgate(e.to_string()))?;
+    if let Err(e) = gw.instances().start_main(instance_spec(model)).await {
+        gw.instances().shutdown().await;
+        return Err(DemoError::LlamaServer(e.to_string()));
+    }
+    let mut summary = serve_and_play(gw, out).await?;
     summary.kept = work.keep.then(|| work.path.clone());
     print_summary(out, &summary);
     if summary.reused_restores().next().is_none() {
@@ -264,35 +270,22 @@ fn model_spec() -> TinyModelSpec {
     }
 }
 
-/// The supervised llama-server (kept in one place: fields added to
-/// [`Spec`] go here).
-fn llama_spec(binary: PathBuf, model: PathBuf, save_dir: PathBuf) -> Spec {
-    Spec {
-        binary,
+/// The llama-server kvgate runs for the demo.
+fn instance_spec(model: PathBuf) -> InstanceSpec {
+    InstanceSpec {
         model,
         slots: SLOTS,
         ctx: CTX_PER_SLOT,
-        save_dir,
+        port: None,
         // Warm-up only delays the start; the demo measures its own turns.
         args: vec!["--no-warmup".into()],
-        port: None,
     }
 }
 
-/// Serves kvgate in front of llama-server at `url`, plays the chat, shuts
-/// kvgate down (whatever the chat's outcome) and collects its shutdown saves.
-async fn with_llama(
-    url: &str,
-    saves: &Path,
-    out: &mut (dyn Write + Send),
-) -> Result<Summary, DemoError> {
-    let upstream = config::parse_upstream(url).map_err(|e| DemoError::Kvgate(e.to_string()))?;
-    let cfg = Config {
-        upstreams: vec![upstream],
-        save_dir: Some(saves.to_path_buf()),
-        ..Config::default()
-    };
-    let gw = Gateway::new(cfg).map_err(|e| DemoError::Kvgate(e.to_string()))?;
+/// Serves kvgate, plays the chat, shuts kvgate down (whatever the chat's
+/// outcome: that saves, then stops llama-server) and collects its shutdown
+/// saves.
+async fn serve_and_play(gw: Gateway, out: &mut (dyn Write + Send)) -> Result<Summary, DemoError> {
     let bind = || async {
         TcpListener::bind("127.0.0.1:0")
             .await
@@ -303,23 +296,27 @@ async fn with_llama(
         Ok(a) => format!("http://{a}"),
         Err(e) => return Err(DemoError::Kvgate(e.to_string())),
     };
-    // One upstream: the fleet's first (and only) one.
+    // One upstream: instance `main`.
     let app = gw
         .app()
         .ok_or_else(|| DemoError::Kvgate("no upstream".into()))?;
+    let store = app
+        .store
+        .clone()
+        .ok_or_else(|| DemoError::Kvgate("no save directory".into()))?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let served = tokio::spawn(gw.serve(front, admin, async {
         let _ = stopped.await;
     }));
 
     let mut seen = HashSet::new();
-    let played = play(&app, &front_url, saves, &mut seen, out).await;
+    let played = play(&app, &front_url, &store, &mut seen, out).await;
     let _ = stop.send(());
     if let Err(e) = served.await {
         return Err(DemoError::Kvgate(format!("its server task failed: {e}")));
     }
     let turns = played?;
-    let shutdown_saves = new_saves(saves, &mut seen);
+    let shutdown_saves = new_saves(&store, &mut seen);
     Ok(Summary {
         turns,
         shutdown_saves,
@@ -332,7 +329,7 @@ async fn with_llama(
 async fn play(
     app: &App,
     url: &str,
-    saves: &Path,
+    store: &CacheStore,
     seen: &mut HashSet<String>,
     out: &mut (dyn Write + Send),
 ) -> Result<Vec<TurnReport>, DemoError> {
@@ -347,7 +344,7 @@ async fn play(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Saves of an earlier run in a --keep directory are not this run's.
-    new_saves(saves, seen);
+    new_saves(store, seen);
 
     say(
         out,
@@ -374,7 +371,9 @@ async fn play(
             let body = chat.body_for(card);
             let answer = tokio::time::timeout(TURN_LIMIT, async {
                 let answer = complete(&client, url, &body).await?;
-                settle(app).await;
+                // Its after-effects (autosave, background saves) belong
+                // to this turn.
+                app.tasks.wait_idle().await;
                 Ok::<_, String>(answer)
             })
             .await
@@ -397,7 +396,7 @@ async fn play(
                 cache_n: answer.cache_n,
                 prompt_n: answer.prompt_n,
                 first_token: answer.first_token,
-                saved: new_saves(saves, seen),
+                saved: new_saves(store, seen),
             };
             print_turn(out, &report);
             turns.push(report);
@@ -410,15 +409,6 @@ async fn play(
         }
     }
     Ok(turns)
-}
-
-/// Waits until the turn's after-effects are done: its lifecycle task
-/// (autosave, release) and any background save holding a slot.
-async fn settle(app: &App) {
-    app.tasks.wait_idle().await;
-    while !app.pool.is_idle() {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 /// What one streamed completion through kvgate showed.
@@ -467,84 +457,48 @@ async fn complete(
     let slot = header(H_SLOT).and_then(|s| s.parse().ok());
     let character = header(H_CHARACTER);
     let restored = header(H_RESTORED);
-    let mut body = resp.into_body();
-    let mut events = SseEvents::default();
-    let mut first_token = None;
-    let mut last = None;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| format!("the stream broke: {e}"))?;
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        for event in events.push(&data)? {
-            first_token.get_or_insert_with(|| started.elapsed());
-            if let Some(err) = event.get("error") {
-                return Err(format!("llama-server: {err}"));
-            }
-            if event.get("stop") == Some(&Value::Bool(true)) {
-                last = Some(event);
-            }
+    // kvgate's own stream observer reads the final chunk's timings.
+    let (body, end) = Observed::new(resp.into_body(), true);
+    {
+        let mut body = std::pin::pin!(body);
+        while let Some(frame) = body.frame().await {
+            frame.map_err(|e| format!("the stream broke: {e}"))?;
         }
     }
+    let summary = match end.await {
+        Ok(StreamEnd::Complete(s)) => s,
+        Ok(StreamEnd::UpstreamError(e, _)) => return Err(format!("the stream broke: {e}")),
+        Ok(StreamEnd::ClientGone(_)) | Err(_) => {
+            return Err("the stream was not read to its end".into())
+        }
+    };
+    if let Some(err) = &summary.error {
+        return Err(format!("llama-server: {err}"));
+    }
     let slot = slot.ok_or("no X-Kvgate-Slot header")?;
-    let last = last.ok_or("the stream ended without a final chunk")?;
-    let timing = |key: &str| last["timings"][key].as_u64();
     Ok(Answer {
         slot,
         character,
         restored,
-        cache_n: timing("cache_n").ok_or("no timings.cache_n in the final chunk")?,
-        prompt_n: timing("prompt_n").ok_or("no timings.prompt_n in the final chunk")?,
-        first_token: first_token.unwrap_or_else(|| started.elapsed()),
+        cache_n: summary
+            .cache_n()
+            .ok_or("no timings.cache_n in the final chunk")?,
+        prompt_n: summary
+            .prompt_n()
+            .ok_or("no timings.prompt_n in the final chunk")?,
+        first_token: summary.first_byte.map_or_else(
+            || started.elapsed(),
+            |t| t.saturating_duration_since(started),
+        ),
     })
 }
 
-/// Splits a streamed body into its `data:` JSON events (llama-server's SSE:
-/// events end with a blank line; `[DONE]` and comments are skipped).
-#[derive(Debug, Default)]
-struct SseEvents {
-    buf: Vec<u8>,
-}
-
-// === impl SseEvents ===
-
-impl SseEvents {
-    /// Adds `data` and returns the events it completed.
-    fn push(&mut self, data: &[u8]) -> Result<Vec<Value>, String> {
-        if self.buf.len() + data.len() > MAX_RESPONSE_BYTES {
-            return Err(format!("response over {MAX_RESPONSE_BYTES} bytes"));
-        }
-        self.buf.extend_from_slice(data);
-        let mut events = Vec::new();
-        while let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
-            let event: Vec<u8> = self.buf.drain(..end + 2).collect();
-            for line in String::from_utf8_lossy(&event).lines() {
-                let Some(payload) = line.strip_prefix("data:").map(str::trim) else {
-                    continue;
-                };
-                if payload == "[DONE]" {
-                    continue;
-                }
-                let v = serde_json::from_str(payload)
-                    .map_err(|e| format!("an event is not JSON ({e}): {payload:.200}"))?;
-                events.push(v);
-            }
-        }
-        Ok(events)
-    }
-}
-
-/// Saves in `dir` not in `seen` (read from their sidecars), oldest first;
-/// adds them to `seen`.
-fn new_saves(dir: &Path, seen: &mut HashSet<String>) -> Vec<SaveMeta> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut fresh: Vec<SaveMeta> = entries
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().ends_with(META_SUFFIX))
-        .filter_map(|e| serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok())
-        .filter(|m: &SaveMeta| !seen.contains(&m.file))
+/// Saves in kvgate's index not in `seen`, oldest first; adds them to `seen`.
+fn new_saves(store: &CacheStore, seen: &mut HashSet<String>) -> Vec<SaveMeta> {
+    let mut fresh: Vec<SaveMeta> = store
+        .list()
+        .into_iter()
+        .filter(|m| !seen.contains(&m.file))
         .collect();
     fresh.sort_by(|a, b| a.created.cmp(&b.created).then(a.file.cmp(&b.file)));
     seen.extend(fresh.iter().map(|m| m.file.clone()));
@@ -949,26 +903,6 @@ mod tests {
         let longest = CAST.iter().map(|c| chat.prompt_for(c).len()).max();
         // One token per byte, plus BOS and the reply.
         assert!(longest.is_some_and(|n| n + 1 + N_PREDICT as usize <= CTX_PER_SLOT as usize));
-    }
-
-    #[test]
-    fn sse_events_split_across_frames_and_skip_done() {
-        let mut sse = SseEvents::default();
-        assert!(sse.push(b"data: {\"content\":\"a\"}\n").unwrap().is_empty());
-        let evs = sse
-            .push(b"\ndata: {\"stop\":true,\"timings\":{\"cache_n\":5}}\n\ndata: [DONE]\n\n")
-            .unwrap();
-        assert_eq!(evs.len(), 2);
-        assert_eq!(evs[1]["timings"]["cache_n"], 5);
-        assert!(sse.push(b"data: {oops}\n\n").is_err());
-    }
-
-    #[test]
-    fn sse_events_refuse_an_endless_body() {
-        let mut sse = SseEvents::default();
-        let chunk = vec![b'x'; 1024 * 1024];
-        let over = (0..=MAX_RESPONSE_BYTES / chunk.len()).any(|_| sse.push(&chunk).is_err());
-        assert!(over);
     }
 
     #[test]
