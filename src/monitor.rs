@@ -179,16 +179,16 @@ async fn fetch_fingerprint(
         .get_json("/v1/models", Duration::from_secs(5))
         .await
         .ok()?;
-    Some((
-        crate::cache_store::Fingerprint::from_upstream(props, &models),
-        model_names(props, &models),
-    ))
+    let fp = crate::cache_store::Fingerprint::from_upstream(props, &models);
+    let names = model_names(props, &models, &fp.model);
+    Some((fp, names))
 }
 
 /// The names a request's `model` field may use for this upstream's model:
-/// the ids `/v1/models` lists (the `--alias`, or the model path) and the
-/// model file's name, with and without `.gguf`.
-pub fn model_names(props: &Value, models: &Value) -> Vec<String> {
+/// the ids `/v1/models` lists (the `--alias`, or the model path), the model
+/// path, and its file name (`file`, as the fingerprint has it) with and
+/// without `.gguf`.
+pub fn model_names(props: &Value, models: &Value, file: &str) -> Vec<String> {
     let mut names: Vec<String> = Vec::new();
     let mut add = |n: &str| {
         if !n.is_empty() && !names.iter().any(|x| x == n) {
@@ -207,11 +207,10 @@ pub fn model_names(props: &Value, models: &Value) -> Vec<String> {
     }
     if let Some(path) = props.get("model_path").and_then(Value::as_str) {
         add(path);
-        let file = path.rsplit(['/', '\\']).next().unwrap_or(path);
-        add(file);
-        if let Some(stem) = file.strip_suffix(".gguf") {
-            add(stem);
-        }
+    }
+    add(file);
+    if let Some(stem) = file.strip_suffix(".gguf") {
+        add(stem);
     }
     names
 }
@@ -266,11 +265,13 @@ mod tests {
     fn model_names_cover_alias_path_file_and_stem() {
         let props = serde_json::json!({"model_path": "/models/tiny-q8.gguf"});
         let models = serde_json::json!({"data": [{"id": "tiny"}, {"id": "tiny"}]});
+        let file = crate::cache_store::Fingerprint::from_upstream(&props, &models).model;
         assert_eq!(
-            model_names(&props, &models),
+            model_names(&props, &models, &file),
             ["tiny", "/models/tiny-q8.gguf", "tiny-q8.gguf", "tiny-q8"]
         );
-        assert!(model_names(&serde_json::json!({}), &serde_json::json!({})).is_empty());
+        let none = serde_json::json!({});
+        assert!(model_names(&none, &none, "").is_empty());
     }
 
     #[test]

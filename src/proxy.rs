@@ -276,6 +276,7 @@ async fn read_body(limit: u64, headers: &HeaderMap, body: Incoming) -> Result<By
 }
 
 /// What the client asked for regarding slots.
+#[derive(Clone, Copy)]
 enum SlotRequest {
     /// kvgate chooses.
     Ours,
@@ -326,13 +327,14 @@ async fn completion(
     // are free (see `fleet`). A client choosing its own slot works with the
     // upstream its own slot actions go to.
     let model = json.get("model").and_then(Value::as_str);
-    let app = &match slot_request(&json) {
+    let request = slot_request(&json);
+    let app = &match request {
         SlotRequest::Ours => fleet.place(&identity.tenant, model),
         SlotRequest::Client(_) => fleet.default_app(),
     }
     .ok_or_else(no_upstream)?;
     client.credentials_for(app, &mut parts.headers);
-    let want = match slot_request(&json) {
+    let want = match request {
         SlotRequest::Ours => Want::Tenant(identity.tenant.clone()),
         SlotRequest::Client(n) => {
             // llama-server wraps large ids around (id % n_slots); serialise on
@@ -460,7 +462,8 @@ async fn completion(
     // for background saves of other slots (see `save_behind`).
     observed.notify_on_first_byte(Arc::clone(&app.save_behind_kick));
     add_identity_headers(&mut rparts.headers, slot, &identity, restored.as_deref());
-    if let Ok(v) = HeaderValue::from_str(&percent_encode(&app.name)) {
+    // kvgate names its upstreams in ASCII (`upstream-1`, `llama-1`, `main`).
+    if let Ok(v) = HeaderValue::from_str(&app.name) {
         // Slot ids are per upstream.
         rparts.headers.insert(H_UPSTREAM, v);
     }
