@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 
 use crate::support::kvgate_bin::kvgate_command;
-use crate::support::llama::llama_server_bin;
+use crate::support::llama::llama_server_bin_async;
 
 /// The whole demo: building nothing, it takes seconds; this only bounds a
 /// hang.
@@ -76,7 +76,7 @@ fn rows(stdout: &str) -> Vec<Row> {
 
 #[tokio::test]
 async fn the_demo_restores_from_disk_and_leaves_nothing_running() {
-    let Some(bin) = tokio::task::spawn_blocking(llama_server_bin).await.unwrap() else {
+    let Some(bin) = llama_server_bin_async().await else {
         return;
     };
     // --keep a directory of the test's own: llama-server's command line

@@ -11,8 +11,8 @@ use kvgate::cache_store::SaveKind;
 use kvgate::config::Config;
 use serde_json::{json, Value};
 
-use crate::support::kvgate::{assert_api_error, saves_in, turn_through, Bare};
-use crate::support::llama::{alive, llama_server_bin, tiny_model_path};
+use crate::support::kvgate::{admin_json, assert_api_error, saves_in, turn_through, Bare};
+use crate::support::llama::{alive, llama_server_bin_async, tiny_model_path};
 use crate::support::st_chat::GroupChat;
 
 const KEY: &str = "e2e-admin-key";
@@ -36,7 +36,7 @@ async fn kvgate(bin: &Path, dir: &Path) -> Bare {
 }
 
 async fn call(kv: &Bare, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    kv.admin_json(method, path, Some(KEY), body).await
+    admin_json(&kv.admin_url, method, path, Some(KEY), body).await
 }
 
 /// Creates an instance of the tiny model with 2 slots; returns its answer.
@@ -81,7 +81,7 @@ fn cache_n(last: &Value) -> u64 {
 
 #[tokio::test]
 async fn instances_are_created_listed_stopped_started_resumed_and_deleted() {
-    let Some(bin) = tokio::task::spawn_blocking(llama_server_bin).await.unwrap() else {
+    let Some(bin) = llama_server_bin_async().await else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -193,7 +193,7 @@ async fn instances_are_created_listed_stopped_started_resumed_and_deleted() {
 
 #[tokio::test]
 async fn a_character_whose_instance_stops_is_restored_on_the_other() {
-    let Some(bin) = tokio::task::spawn_blocking(llama_server_bin).await.unwrap() else {
+    let Some(bin) = llama_server_bin_async().await else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

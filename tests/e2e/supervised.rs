@@ -10,7 +10,7 @@ use kvgate::cache_store::SaveKind;
 
 use crate::support::kvgate::{saves_in, turn_through as turn};
 use crate::support::kvgate_bin::KvgateBin;
-use crate::support::llama::{alive, http_json, llama_server_bin, tiny_model_path};
+use crate::support::llama::{alive, http_json, llama_server_bin_async, tiny_model_path};
 use crate::support::st_chat::GroupChat;
 
 /// Children of `parent` whose command line mentions llama-server.
@@ -74,7 +74,7 @@ async fn start_kvgate(bin: &Path, save_dir: &Path) -> KvgateBin {
 
 #[tokio::test]
 async fn kvgate_runs_restarts_and_stops_its_llama_server() {
-    let Some(bin) = tokio::task::spawn_blocking(llama_server_bin).await.unwrap() else {
+    let Some(bin) = llama_server_bin_async().await else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -172,7 +172,7 @@ async fn kvgate_runs_restarts_and_stops_its_llama_server() {
 
 #[tokio::test]
 async fn a_sigkilled_kvgate_takes_its_llama_server_with_it() {
-    let Some(bin) = tokio::task::spawn_blocking(llama_server_bin).await.unwrap() else {
+    let Some(bin) = llama_server_bin_async().await else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -194,7 +194,7 @@ async fn a_sigkilled_kvgate_takes_its_llama_server_with_it() {
 
 #[tokio::test]
 async fn sigterm_while_llama_server_is_coming_back_does_not_wait_for_it() {
-    let Some(bin) = tokio::task::spawn_blocking(llama_server_bin).await.unwrap() else {
+    let Some(bin) = llama_server_bin_async().await else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

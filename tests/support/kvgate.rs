@@ -365,17 +365,6 @@ impl Bare {
         }
     }
 
-    /// See [`Kvgate::admin_json`].
-    pub async fn admin_json(
-        &self,
-        method: &str,
-        path: &str,
-        key: Option<&str>,
-        body: Option<Value>,
-    ) -> (u16, Value) {
-        admin_json(&self.admin_url, method, path, key, body).await
-    }
-
     /// Waits until upstream `name` is in the fleet with its slots known
     /// (`limit` at most).
     pub async fn wait_upstream(&self, name: &str, limit: Duration) -> Arc<App> {

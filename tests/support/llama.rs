@@ -56,6 +56,16 @@ pub fn llama_server_bin() -> Option<PathBuf> {
     }
 }
 
+/// [`llama_server_bin`] for async tests: the first call may build
+/// llama-server for minutes, so it runs off the runtime, and a CI panic
+/// surfaces with its own message.
+pub async fn llama_server_bin_async() -> Option<PathBuf> {
+    match tokio::task::spawn_blocking(llama_server_bin).await {
+        Ok(bin) => bin,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
 fn find_llama_server() -> Result<PathBuf, String> {
     // As in scripts/build-llama-server.sh, an empty LLAMA_SERVER is unset.
     if let Some(path) = std::env::var_os("LLAMA_SERVER").filter(|p| !p.is_empty()) {
@@ -179,12 +189,7 @@ impl LlamaServer {
     /// Returns `None` only when [`llama_server_bin`] does (the skip path);
     /// every other failure panics with the tail of the server's log.
     pub async fn start(opts: LlamaOpts) -> Option<LlamaServer> {
-        // The first call may build llama-server for minutes: keep that off
-        // the runtime, and let a CI panic surface with its own message.
-        let bin = match tokio::task::spawn_blocking(llama_server_bin).await {
-            Ok(bin) => bin?,
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
-        };
+        let bin = llama_server_bin_async().await?;
         let tmp = tempfile::Builder::new()
             .prefix("kvgate-llama-")
             .tempdir()
