@@ -4,11 +4,13 @@
 
 use std::time::Duration;
 
-use kvgate::cache_store::{SaveKind, SaveMeta, META_SUFFIX, TEMP_PREFIX};
+use kvgate::cache_store::{SaveKind, SaveMeta, TEMP_PREFIX};
 use serde_json::{json, Value};
 
 use crate::support::fake_llama::FakeLlama;
-use crate::support::kvgate::{names_in as names, post_json, saves_in as saves, Saving};
+use crate::support::kvgate::{
+    complete_saves, names_in as names, post_json, saves_in as saves, Saving,
+};
 
 const ROSTER: [&str; 4] = ["Alice", "Bob", "Carol", "Dave"];
 
@@ -152,14 +154,7 @@ async fn failed_save_keeps_no_file_and_no_reset_then_retries() {
     say(&s, "Alice", "User: one").await;
     s.fake.fail_next_save(500);
     say(&s, "Alice", "User: one\nUser: two").await;
-    assert!(saves(&s.dir).is_empty());
-    assert!(
-        !names(&s.dir)
-            .iter()
-            .any(|n| n.ends_with(".bin") || n.starts_with(TEMP_PREFIX)),
-        "{:?}",
-        names(&s.dir)
-    );
+    assert!(complete_saves(&s.dir).is_empty());
     assert_eq!(
         s.kv.app.pool.snapshot()[0].usage,
         2,
@@ -180,14 +175,7 @@ async fn saves_under_min_save_bytes_are_refused_and_leave_nothing() {
     })
     .await;
     say(&s, "Alice", "User: one").await;
-    assert!(saves(&s.dir).is_empty());
-    assert!(
-        !names(&s.dir)
-            .iter()
-            .any(|n| n.ends_with(".bin") || n.starts_with(TEMP_PREFIX)),
-        "{:?}",
-        names(&s.dir)
-    );
+    assert!(complete_saves(&s.dir).is_empty());
     assert_eq!(s.kv.app.pool.snapshot()[0].usage, 1, "nothing was saved");
 }
 
@@ -402,13 +390,8 @@ async fn a_save_that_dies_midway_leaves_no_file() {
     );
     s.fake.kill().await;
     s.kv.wait_idle().await;
-    let left = names(&s.dir);
-    assert!(
-        !left
-            .iter()
-            .any(|n| n.ends_with(".bin") || n.starts_with(TEMP_PREFIX) || n.ends_with(META_SUFFIX)),
-        "nothing of the broken save stays: {left:?}"
-    );
+    // Nothing of the broken save stays.
+    assert!(complete_saves(&s.dir).is_empty());
     assert_eq!(
         s.kv.app.pool.snapshot()[0].usage,
         1,

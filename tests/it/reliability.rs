@@ -26,19 +26,18 @@
 //! evict-save cancelled the save; non-ASCII identity headers were ignored);
 //! they guard the fixes.
 
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use kvgate::cache_store::{file_name, meta_name, now_unix, SaveMeta, META_SUFFIX, TEMP_PREFIX};
+use kvgate::cache_store::{file_name, meta_name, now_unix, META_SUFFIX, TEMP_PREFIX};
 use serde_json::{json, Value};
 
 use crate::support::fake_llama::{self, FakeLlama, FakeLlamaBuilder};
 use crate::support::kvgate::{
-    assert_api_error, json_body, names_in as names, next_chunk, post_json, raw_exchange, send,
-    EventTap, Kvgate, Saving,
+    assert_api_error, complete_saves, json_body, names_in as names, next_chunk, post_json,
+    raw_exchange, send, EventTap, Kvgate, Saving,
 };
 use crate::support::kvgate_bin::KvgateBin;
 
@@ -71,35 +70,6 @@ async fn say(s: &Setup, speaker: &str, history: &str) -> (u16, hyper::HeaderMap,
     let r = post_json(&url(s), &[], &turn(speaker, history)).await;
     s.kv.wait_idle().await;
     r
-}
-
-/// The complete saves of a directory: `.bin` files with their sidecar.
-/// Asserts that nothing else of kvgate's is there (no temporary file, no
-/// `.bin` without its sidecar, no sidecar without its `.bin`).
-fn complete_saves(dir: &Path) -> Vec<SaveMeta> {
-    let all = names(dir);
-    let mut out = Vec::new();
-    for n in &all {
-        assert!(
-            !n.starts_with(TEMP_PREFIX),
-            "temporary file {n} left in {all:?}"
-        );
-        if let Some(stem) = n.strip_suffix(".bin") {
-            let meta = format!("{stem}{META_SUFFIX}");
-            assert!(all.contains(&meta), "{n} has no sidecar: {all:?}");
-            let m: SaveMeta = serde_json::from_slice(&std::fs::read(dir.join(&meta)).unwrap())
-                .expect("sidecar is JSON");
-            assert_eq!(m.file, *n);
-            out.push(m);
-        } else if let Some(stem) = n.strip_suffix(META_SUFFIX) {
-            assert!(
-                all.contains(&format!("{stem}.bin")),
-                "sidecar {n} without its save: {all:?}"
-            );
-        }
-    }
-    out.sort_by(|a, b| a.file.cmp(&b.file));
-    out
 }
 
 /// `(slot, filename)` of the saves llama-server was asked for (without

@@ -528,6 +528,36 @@ pub fn group_turn(roster: &[&str], speaker: &str, history: &str) -> Value {
     })
 }
 
+/// The complete saves of a directory: `.bin` files with their sidecar.
+/// Asserts that nothing else of kvgate's is there (no temporary file, no
+/// `.bin` without its sidecar, no sidecar without its `.bin`).
+pub fn complete_saves(dir: &Path) -> Vec<kvgate::cache_store::SaveMeta> {
+    let all = names_in(dir);
+    let mut out = Vec::new();
+    for n in &all {
+        assert!(
+            !n.starts_with(kvgate::cache_store::TEMP_PREFIX),
+            "temporary file {n} left in {all:?}"
+        );
+        if let Some(stem) = n.strip_suffix(".bin") {
+            let meta = format!("{stem}{}", kvgate::cache_store::META_SUFFIX);
+            assert!(all.contains(&meta), "{n} has no sidecar: {all:?}");
+            let m: kvgate::cache_store::SaveMeta =
+                serde_json::from_slice(&std::fs::read(dir.join(&meta)).unwrap())
+                    .expect("sidecar is JSON");
+            assert_eq!(m.file, *n);
+            out.push(m);
+        } else if let Some(stem) = n.strip_suffix(kvgate::cache_store::META_SUFFIX) {
+            assert!(
+                all.contains(&format!("{stem}.bin")),
+                "sidecar {n} without its save: {all:?}"
+            );
+        }
+    }
+    out.sort_by(|a, b| a.file.cmp(&b.file));
+    out
+}
+
 /// The metadata of every save in a save directory (read from the
 /// sidecars), oldest first.
 pub fn saves_in(dir: &Path) -> Vec<kvgate::cache_store::SaveMeta> {
