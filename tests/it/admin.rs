@@ -82,6 +82,11 @@ async fn admin(kv: &Kvgate, method: &str, path: &str, body: Option<Value>) -> (u
     admin_raw(kv, method, path, &[], &body).await
 }
 
+/// `POST /load` with these items.
+async fn load(kv: &Kvgate, items: Value) -> (u16, Value) {
+    admin(kv, "POST", "/load", Some(json!({ "items": items }))).await
+}
+
 /// `GET path`, which must answer 200.
 async fn get(kv: &Kvgate, path: &str) -> Value {
     let (status, v) = admin(kv, "GET", path, None).await;
@@ -916,13 +921,7 @@ async fn load_never_evicts_or_moves_a_chosen_character() {
     assert_eq!(slot_of(&h), 0);
     let actions_before = s.fake.slot_actions().len();
 
-    let (status, v) = admin(
-        &s.kv,
-        "POST",
-        "/load",
-        Some(json!({"items": [{"file": fa}, {"file": fb}]})),
-    )
-    .await;
+    let (status, v) = load(&s.kv, json!([{"file": fa}, {"file": fb}])).await;
     assert_eq!(status, 200, "{v}");
     let loaded = v["loaded"].as_array().unwrap_or_else(|| panic!("{v}"));
     assert_eq!(loaded.len(), 2, "{v}");
@@ -994,13 +993,7 @@ async fn load_fills_a_slot_and_refuses_bad_requests() {
 
     // Alice is in no slot: she gets one, her save goes into it.
     let actions_before = s.fake.slot_actions().len();
-    let (status, v) = admin(
-        &s.kv,
-        "POST",
-        "/load",
-        Some(json!({"items": [{"file": fa}]})),
-    )
-    .await;
+    let (status, v) = load(&s.kv, json!([{"file": fa}])).await;
     assert_eq!(status, 200, "{v}");
     let e = &v["loaded"][0];
     assert_eq!(v["loaded"].as_array().map(Vec::len), Some(1), "{v}");
@@ -1054,13 +1047,7 @@ async fn load_fills_a_slot_and_refuses_bad_requests() {
         assert_api_error(want, &v, &body.to_string());
     }
     for hostile in ["../x.bin", "/etc/passwd", ".kvgate-tmp-1.bin", "notes.txt"] {
-        let (status, v) = admin(
-            &s.kv,
-            "POST",
-            "/load",
-            Some(json!({"items": [{"file": hostile}]})),
-        )
-        .await;
+        let (status, v) = load(&s.kv, json!([{"file": hostile}])).await;
         assert!(
             [400, 403, 404].contains(&status),
             "load {hostile}: {status} {v}"
@@ -1075,13 +1062,7 @@ async fn load_fills_a_slot_and_refuses_bad_requests() {
     );
 
     // An explicit chat owns the slot.
-    let (status, v) = admin(
-        &s.kv,
-        "POST",
-        "/load",
-        Some(json!({"items": [{"file": fb, "chat": "elsewhere"}]})),
-    )
-    .await;
+    let (status, v) = load(&s.kv, json!([{"file": fb, "chat": "elsewhere"}])).await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["loaded"][0]["chat"], "elsewhere", "{v}");
     let sl = s.kv.admin_slots().await;
@@ -1100,13 +1081,7 @@ async fn load_fills_a_slot_and_refuses_bad_requests() {
     let old = listed.iter().find(|x| x["file"] == fa.as_str()).unwrap();
     assert_eq!(old["model_match"], false, "{old}");
     let actions_before = s.fake.slot_actions().len();
-    let (status, v) = admin(
-        &s.kv,
-        "POST",
-        "/load",
-        Some(json!({"items": [{"file": fa}]})),
-    )
-    .await;
+    let (status, v) = load(&s.kv, json!([{"file": fa}])).await;
     assert_eq!(status, 409, "{v}");
     assert_api_error(409, &v, "load of another model's save");
     assert_eq!(s.fake.slot_actions().len(), actions_before);
@@ -1129,13 +1104,7 @@ async fn load_gives_the_slot_to_the_last_seen_chat_else_the_files_chat() {
         s.kv.say_body(&with_identity(turn("Alice", "User: b"), "c2", "Alice"))
             .await;
     let in_c2 = slot_of(&h2);
-    let (status, v) = admin(
-        &s.kv,
-        "POST",
-        "/load",
-        Some(json!({"items": [{"file": f1}]})),
-    )
-    .await;
+    let (status, v) = load(&s.kv, json!([{"file": f1}])).await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(
         v["loaded"][0]["chat"], "c2",
@@ -1156,7 +1125,7 @@ async fn load_gives_the_slot_to_the_last_seen_chat_else_the_files_chat() {
     } = s;
     kv.stop().await;
     let kv = Kvgate::start_saving(&fake.url(), &dir, |_| {}).await;
-    let (status, v) = admin(&kv, "POST", "/load", Some(json!({"items": [{"file": f1}]}))).await;
+    let (status, v) = load(&kv, json!([{"file": f1}])).await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["loaded"][0]["chat"], "c1", "the file's chat: {v}");
     drop(root);
