@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use kvgate::cache_store::SaveKind;
 
-use crate::support::kvgate::{saves_in, turn_through as turn};
+use crate::support::kvgate::{poll_until, saves_in, turn_through as turn};
 use crate::support::kvgate_bin::KvgateBin;
 use crate::support::llama::{alive, http_json, llama_server_bin_async, tiny_model_path};
 use crate::support::st_chat::GroupChat;
@@ -89,11 +89,10 @@ async fn kvgate_runs_restarts_and_stops_its_llama_server() {
     // stream has ended: wait for its file.
     turn(&kv.url, &mut chat, &alice).await;
     turn(&kv.url, &mut chat, &alice).await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while saves_in(dir.path()).is_empty() {
-        assert!(Instant::now() < deadline, "no autosave appeared");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    poll_until("an autosave", Duration::from_secs(20), || {
+        !saves_in(dir.path()).is_empty()
+    })
+    .await;
 
     // kill -9 the child: kvgate restarts it, and the next request restores.
     assert!(std::process::Command::new("kill")
@@ -101,15 +100,11 @@ async fn kvgate_runs_restarts_and_stops_its_llama_server() {
         .status()
         .unwrap()
         .success());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    poll_until("llama-server restarted", Duration::from_secs(60), || {
         let now = llama_children(kv_pid);
-        if now.len() == 1 && now[0] != first[0] {
-            break;
-        }
-        assert!(Instant::now() < deadline, "llama-server was not restarted");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        now.len() == 1 && now[0] != first[0]
+    })
+    .await;
     kv.wait_ready(2, READY).await;
     // The monitor has noticed the outage once the slots are no longer live.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -181,15 +176,8 @@ async fn a_sigkilled_kvgate_takes_its_llama_server_with_it() {
     let children = llama_children(kv_pid);
     assert_eq!(children.len(), 1);
     kv.child.kill().await.unwrap(); // SIGKILL
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while alive(children[0]) {
-        assert!(
-            Instant::now() < deadline,
-            "llama-server {} outlived a SIGKILLed kvgate",
-            children[0]
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let what = format!("llama-server {} gone with a SIGKILLed kvgate", children[0]);
+    poll_until(&what, Duration::from_secs(10), || !alive(children[0])).await;
 }
 
 #[tokio::test]
