@@ -138,6 +138,16 @@ fn meta_of(file: &str) -> String {
 }
 
 /// The `file` of the `saved` entry for `character` in a save answer.
+/// Alice and Bob say one line each and are saved by `POST /save`; their
+/// files.
+async fn alice_and_bob_saved(s: &Setup) -> (String, String) {
+    say(s, "Alice", "User: one").await;
+    say(s, "Bob", "User: one").await;
+    let (status, r) = admin(&s.kv, "POST", "/save", Some(json!({}))).await;
+    assert_eq!(status, 200, "{r}");
+    (saved_file(&r, "Alice"), saved_file(&r, "Bob"))
+}
+
 fn saved_file(v: &Value, character: &str) -> String {
     v["saved"]
         .as_array()
@@ -909,11 +919,8 @@ async fn slots_clear_releases_and_optionally_erases() {
 #[tokio::test]
 async fn load_never_evicts_or_moves_a_chosen_character() {
     let s = setup(2, |_| {}).await;
-    say(&s, "Alice", "User: one").await; // slot 0
-    say(&s, "Bob", "User: one").await; // slot 1
-    let (status, r) = admin(&s.kv, "POST", "/save", Some(json!({}))).await;
-    assert_eq!(status, 200, "{r}");
-    let (fa, fb) = (saved_file(&r, "Alice"), saved_file(&r, "Bob"));
+    // Alice in slot 0, Bob in slot 1.
+    let (fa, fb) = alice_and_bob_saved(&s).await;
     // Carol evicts Alice (usage 0 after the save, least recent): slot 0 is
     // Carol's (usage 1), slot 1 Bob's (usage 0), so Bob's slot is the one
     // a naive load of Alice would take.
@@ -981,11 +988,7 @@ async fn load_never_evicts_or_moves_a_chosen_character() {
 #[tokio::test]
 async fn load_fills_a_slot_and_refuses_bad_requests() {
     let s = setup(2, |_| {}).await;
-    say(&s, "Alice", "User: one").await;
-    say(&s, "Bob", "User: one").await;
-    let (status, r) = admin(&s.kv, "POST", "/save", Some(json!({}))).await;
-    assert_eq!(status, 200, "{r}");
-    let (fa, fb) = (saved_file(&r, "Alice"), saved_file(&r, "Bob"));
+    let (fa, fb) = alice_and_bob_saved(&s).await;
     let (_, h, _) = say(&s, "Carol", "User: one").await;
     let (status, r) = admin(&s.kv, "POST", &format!("/slots/{}/save", slot_of(&h)), None).await;
     assert_eq!(status, 200, "{r}");
@@ -1138,11 +1141,7 @@ async fn load_gives_the_slot_to_the_last_seen_chat_else_the_files_chat() {
 #[tokio::test]
 async fn preload_restores_saves_or_evaluates_the_last_prompt() {
     let s = setup(2, |_| {}).await;
-    say(&s, "Alice", "User: one").await;
-    say(&s, "Bob", "User: one").await;
-    let (status, r) = admin(&s.kv, "POST", "/save", Some(json!({}))).await;
-    assert_eq!(status, 200, "{r}");
-    let (fa, fb) = (saved_file(&r, "Alice"), saved_file(&r, "Bob"));
+    let (fa, fb) = alice_and_bob_saved(&s).await;
     let carol_prompt = turn("Carol", "User: one")["prompt"].clone();
     say(&s, "Carol", "User: one").await; // seen, never saved
     let (status, _) = admin(&s.kv, "POST", "/slots/clear", Some(json!({"erase": true}))).await;
