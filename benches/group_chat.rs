@@ -12,7 +12,7 @@
 //! history are scripted, not the model's random output). llama-server is
 //! restarted before turn `RESTART_AT`; that turn's time to first token is
 //! reported separately. The model is a random-weight llama GGUF written by
-//! `kvgate::tiny_model`, large enough that prompt processing dominates.
+//! `kvgate::demo::tiny_model`, large enough that prompt processing dominates.
 //!
 //! Run: `cargo bench --bench group_chat` (builds the pinned llama-server on
 //! first use, like the tests; `LLAMA_SERVER=/path` overrides;
@@ -56,8 +56,8 @@ const N_PREDICT: u32 = 100;
 const CTX_CHARS: usize = 8192;
 
 /// The model: about 25 M parameters, random weights, byte-level vocabulary.
-fn model_spec() -> kvgate::tiny_model::TinyModelSpec {
-    kvgate::tiny_model::TinyModelSpec {
+fn model_spec() -> kvgate::demo::tiny_model::TinyModelSpec {
+    kvgate::demo::tiny_model::TinyModelSpec {
         n_embd: 512,
         n_layer: 8,
         n_head: 8,
@@ -241,7 +241,7 @@ async fn replay(way: Way, script: &[Turn], restart_at: usize) -> Option<Outcome>
         samples.push(s);
     }
     if let Some((_, app, stop)) = gateway {
-        let m = &app.metrics;
+        let m = &app.shared.metrics;
         let g = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
         let restores = g(&m.restores).max(1);
         let saves = ["autosave", "eviction", "chat-switch", "shutdown"]
@@ -268,7 +268,7 @@ async fn replay(way: Way, script: &[Turn], restart_at: usize) -> Option<Outcome>
 
 type Running = (
     String,
-    std::sync::Arc<kvgate::app::App>,
+    std::sync::Arc<kvgate::upstream::Upstream>,
     tokio::sync::oneshot::Sender<()>,
 );
 
@@ -281,7 +281,7 @@ async fn start_kvgate(cfg: kvgate::config::Config) -> Running {
         .await
         .expect("bind");
     let url = format!("http://{}", front.local_addr().expect("addr"));
-    let app = gw.app().expect("kvgate has an upstream");
+    let app = gw.upstream().expect("kvgate has an upstream");
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(gw.serve(front, admin, async {
         let _ = rx.await;
@@ -316,7 +316,7 @@ fn model_path() -> std::path::PathBuf {
         spec.n_embd, spec.n_layer, spec.n_ff, spec.seed
     ));
     if !path.exists() {
-        kvgate::tiny_model::write_tiny_model(&path, &spec).expect("model");
+        kvgate::demo::tiny_model::write_tiny_model(&path, &spec).expect("model");
     }
     path
 }

@@ -16,7 +16,7 @@
 //!   adds what the proxy does around it for every completion: parse the raw
 //!   body, resolve, set `id_slot`, serialise the body again;
 //!   `fnv1a64_prompt` times the prompt fingerprint alone.
-//! - `parse_name/10k`: [`kvgate::cache_store::parse_name`] over 10,000
+//! - `parse_name/10k`: [`kvgate::store::parse_name`] over 10,000
 //!   generated file names: 40 % plain, 25 % tagged, 20 % with Unicode chat
 //!   and character parts (some of them tagged), 15 % unparseable.
 //!
@@ -52,10 +52,12 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use kvgate::cache_store::{file_name, parse_name};
-use kvgate::identity::{self, Api, Explicit, Kind};
+use kvgate::identity::{self, Api, Explicit};
 use kvgate::policy::Policy;
-use kvgate::slots::{Outcome, SlotTable, Tenant, Want};
+use kvgate::slots::{Outcome, SlotTable, Want};
+use kvgate::store::{file_name, parse_name};
+use kvgate::tenant::Kind;
+use kvgate::tenant::Tenant;
 use serde_json::{json, Value};
 
 // === slot table ===

@@ -18,67 +18,11 @@
 //! the new prompt, so the right chat's save still wins. A persona rename or a
 //! member joining a group changes the key (a new chat, as far as kvgate knows).
 
-use std::fmt;
-use std::str::FromStr;
-
 use serde_json::Value;
 
 use crate::hash::{fnv1a64, Fnv1a64};
 use crate::policy::{Policy, TextRules};
-use crate::slots::Tenant;
-
-/// The kind of generation, as SillyTavern names them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Kind {
-    /// A new message.
-    Normal,
-    /// The last message generated again.
-    Regenerate,
-    /// Another alternative for the last message (same prompt as before).
-    Swipe,
-    /// The last message extended.
-    Continue,
-    /// A background prompt (summary, image prompt, …).
-    Quiet,
-    /// The model writes the user's message.
-    Impersonate,
-}
-
-impl Kind {
-    /// The lowercase wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::Normal => "normal",
-            Kind::Regenerate => "regenerate",
-            Kind::Swipe => "swipe",
-            Kind::Continue => "continue",
-            Kind::Quiet => "quiet",
-            Kind::Impersonate => "impersonate",
-        }
-    }
-}
-
-impl fmt::Display for Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Kind {
-    type Err = IdentityError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(match s.trim().to_ascii_lowercase().as_str() {
-            "normal" | "group_chat" => Kind::Normal,
-            "regenerate" => Kind::Regenerate,
-            "swipe" => Kind::Swipe,
-            "continue" => Kind::Continue,
-            "quiet" => Kind::Quiet,
-            "impersonate" => Kind::Impersonate,
-            _ => return Err(IdentityError::BadKind(s.to_string())),
-        })
-    }
-}
+use crate::tenant::{Kind, Tenant, UnknownKind};
 
 /// Which API shape the body has.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,6 +46,12 @@ pub enum IdentityError {
     /// An explicit name that is empty or contains control characters.
     #[error("invalid {0} name: it must be 1 to 1000 characters without control characters")]
     BadName(&'static str),
+}
+
+impl From<UnknownKind> for IdentityError {
+    fn from(e: UnknownKind) -> IdentityError {
+        IdentityError::BadKind(e.0)
+    }
 }
 
 /// Identity the client stated itself.

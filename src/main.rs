@@ -5,7 +5,6 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches, Parser};
 use kvgate::config::{Cli, Config};
-use kvgate::demo::DemoCli;
 
 /// EX_USAGE: a bad flag or configuration value.
 const EXIT_USAGE: u8 = 64;
@@ -13,6 +12,7 @@ const EXIT_USAGE: u8 = 64;
 fn main() -> ExitCode {
     // The demo is the only subcommand; `Cli` stays flat so every existing
     // command line keeps its meaning.
+    #[cfg(feature = "demo")]
     if std::env::args_os().nth(1).is_some_and(|a| a == "demo") {
         return demo();
     }
@@ -59,7 +59,10 @@ fn main() -> ExitCode {
 
 /// `kvgate demo [--llama-server PATH] [--keep DIR]`: exit 0 when the demo
 /// ran and its self-check passed, 1 otherwise.
+#[cfg(feature = "demo")]
 fn demo() -> ExitCode {
+    use kvgate::demo::DemoCli;
+
     // The first argument ("demo") stands where clap expects the binary name.
     let cli = match DemoCli::try_parse_from(std::env::args_os().skip(1)) {
         Ok(c) => c,

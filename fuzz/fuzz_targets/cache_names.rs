@@ -6,7 +6,7 @@
 //! `parse_name` as a file name.
 #![no_main]
 
-use kvgate::cache_store::{
+use kvgate::store::{
     file_name, is_cache_file_name, normalize, parse_name, parse_stamp, utc_stamp, ParsedName,
     MAX_NAME_BYTES, MAX_TAG_BYTES,
 };

@@ -9,12 +9,13 @@
 //! the fuzzer can work on prompts and stop strings directly.
 #![no_main]
 
-use kvgate::cache_store::{
+use kvgate::store::{
     file_name, is_cache_file_name, normalize, parse_name, utc_stamp, MAX_NAME_BYTES,
 };
-use kvgate::identity::{resolve, Api, Explicit, Kind};
+use kvgate::identity::{resolve, Api, Explicit};
+use kvgate::tenant::Kind;
 use kvgate::policy::Policy;
-use kvgate::slots::Tenant;
+use kvgate::tenant::Tenant;
 use kvgate_fuzz::ambiguous;
 use libfuzzer_sys::fuzz_target;
 use serde_json::{json, Value};

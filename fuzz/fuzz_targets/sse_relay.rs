@@ -1,4 +1,4 @@
-//! The SSE relay: `kvgate::sse::Observed` over arbitrary bytes in arbitrary
+//! The SSE relay: `kvgate::http::sse::Observed` over arbitrary bytes in arbitrary
 //! chunkings must hand the client exactly the bytes it got, in order, and
 //! report the end exactly once and truthfully.
 //!
@@ -14,7 +14,7 @@ use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use http_body::{Body, Frame};
-use kvgate::sse::{Observed, StreamEnd};
+use kvgate::http::sse::{Observed, StreamEnd};
 use libfuzzer_sys::fuzz_target;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;

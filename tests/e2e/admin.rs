@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use kvgate::cache_store::SaveKind;
+use kvgate::store::SaveKind;
 use serde_json::{json, Value};
 
 use crate::support::kvgate::{

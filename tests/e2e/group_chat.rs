@@ -202,7 +202,7 @@ async fn start() -> Option<(LlamaServer, Kvgate)> {
     })
     .await?;
     let kv = Kvgate::start(&llama.base_url, |_| {}).await;
-    assert_eq!(kv.app.pool.len(), SLOTS);
+    assert_eq!(kv.upstream.pool.len(), SLOTS);
     Some((llama, kv))
 }
 

@@ -7,8 +7,8 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use kvgate::cache_store::SaveKind;
 use kvgate::config::Config;
+use kvgate::store::SaveKind;
 use serde_json::{json, Value};
 
 use crate::support::kvgate::{admin_json, assert_api_error, saves_in, turn_through, Bare};
@@ -187,7 +187,7 @@ async fn instances_are_created_listed_stopped_started_resumed_and_deleted() {
     )
     .unwrap();
     assert_eq!(record, json!([]));
-    assert!(kv.fleet.apps().is_empty());
+    assert!(kv.app.upstreams().is_empty());
     kv.stop().await;
 }
 

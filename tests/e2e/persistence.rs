@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use kvgate::cache_store::{SaveKind, SaveMeta};
+use kvgate::store::{SaveKind, SaveMeta};
 
 use crate::support::kvgate::{saves_in, saving_over_llama, turn_through};
 use crate::support::kvgate_bin::KvgateBin;

@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use kvgate::cache_store::SaveKind;
+use kvgate::store::SaveKind;
 
 use crate::support::kvgate::{poll_until, saves_in, turn_through as turn};
 use crate::support::kvgate_bin::KvgateBin;

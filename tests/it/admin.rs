@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
-use kvgate::cache_store::{now_unix, SaveKind, SaveMeta, META_SUFFIX, TEMP_PREFIX};
 use kvgate::config::Config;
+use kvgate::store::{now_unix, SaveKind, SaveMeta, META_SUFFIX, TEMP_PREFIX};
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 

@@ -361,7 +361,10 @@ async fn slot_actions() {
     assert_eq!(v["n_saved"], 9);
     let path = fake.saved_file("a.bin");
     assert_eq!(v["n_written"], std::fs::metadata(&path).unwrap().len());
-    assert_eq!(kvgate::slot_file::read_tokens(&path).unwrap(), tokens);
+    assert_eq!(
+        kvgate::llama::slot_file::read_tokens(&path).unwrap(),
+        tokens
+    );
 
     let (s, v) = call_json(
         &fake,
@@ -487,7 +490,7 @@ async fn slot_action_waits_for_busy_slot() {
     let (status, _) = save.await.unwrap();
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
-        kvgate::slot_file::read_tokens(&fake.saved_file("s.bin")).unwrap(),
+        kvgate::llama::slot_file::read_tokens(&fake.saved_file("s.bin")).unwrap(),
         fake.slot_tokens(0)
     );
 }

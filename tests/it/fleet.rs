@@ -59,7 +59,7 @@ async fn characters_stay_where_their_cache_is_and_newcomers_go_where_slots_are_f
         FakeLlama::builder().slots(2).build().await,
     );
     let kv = Kvgate::start(&f1.url(), |c| c.upstreams.push(upstream(&f2.url()))).await;
-    assert_eq!(kv.fleet.apps().len(), 2);
+    assert_eq!(kv.app.upstreams().len(), 2);
 
     for who in ["Alice", "Bob", "Carol", "Dave"] {
         say(&kv, who, None).await;
@@ -182,10 +182,10 @@ async fn a_requests_model_selects_the_upstream_serving_it() {
         "both upstreams named their models",
         Duration::from_secs(10),
         |_| {
-            kv.fleet
-                .apps()
+            kv.app
+                .upstreams()
                 .iter()
-                .all(|a| !a.upstream_state.get().models.is_empty())
+                .all(|a| !a.state.get().models.is_empty())
         },
     )
     .await;
@@ -229,7 +229,7 @@ async fn an_upstream_going_down_moves_its_characters_which_restore_from_disk() {
     say(&kv, "Bob", None).await;
     assert_eq!(placement(&kv).await["Alice"], "upstream-1");
     // Autosaved after its turn (save_every 1).
-    let alice_save = kvgate::cache_store::CacheStore::open(dir.path())
+    let alice_save = kvgate::store::CacheStore::open(dir.path())
         .unwrap()
         .list()
         .into_iter()
@@ -238,7 +238,7 @@ async fn an_upstream_going_down_moves_its_characters_which_restore_from_disk() {
 
     f1.stop().await;
     kv.wait_until("upstream-1 seen down", Duration::from_secs(10), |_| {
-        !kv.fleet.get("upstream-1").unwrap().upstream_state.get().up
+        !kv.app.upstream("upstream-1").unwrap().state.get().up
     })
     .await;
     assert_eq!(kv.metric("kvgate_upstreams{state=\"down\"}").await, 1);

@@ -126,7 +126,7 @@ async fn bad_instance_requests_are_refused_and_leave_nothing_behind() {
     assert_eq!(status, 200);
     assert_eq!(v, json!({"instances": []}));
     assert!(!dir.path().join(kvgate::instances::INSTANCES_FILE).exists());
-    assert_eq!(kv.fleet.apps().len(), 1);
+    assert_eq!(kv.app.upstreams().len(), 1);
 
     for (method, path) in [
         ("GET", "/instances/llama-1"),

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use kvgate::cache_store::{SaveKind, SaveMeta, TEMP_PREFIX};
+use kvgate::store::{SaveKind, SaveMeta, TEMP_PREFIX};
 use serde_json::{json, Value};
 
 use crate::support::fake_llama::FakeLlama;
@@ -104,7 +104,7 @@ async fn evicted_character_is_saved_then_restored_with_cache_reuse() {
     let alice_again = calls.iter().rposition(|c| c.is_completion()).unwrap();
     assert!(restore_at < alice_again);
     assert_eq!(
-        s.kv.app.pool.snapshot()[slot].usage,
+        s.kv.upstream.pool.snapshot()[slot].usage,
         1,
         "restore resets, the new message counts"
     );
@@ -142,7 +142,7 @@ async fn autosave_every_n_messages_with_rotation() {
         .collect();
     assert_eq!(bins.len(), 3, "{bins:?}");
     assert_eq!(
-        s.kv.app.pool.snapshot()[0].usage,
+        s.kv.upstream.pool.snapshot()[0].usage,
         0,
         "the 10th message was just saved"
     );
@@ -156,14 +156,14 @@ async fn failed_save_keeps_no_file_and_no_reset_then_retries() {
     say(&s, "Alice", "User: one\nUser: two").await;
     assert!(complete_saves(&s.dir).is_empty());
     assert_eq!(
-        s.kv.app.pool.snapshot()[0].usage,
+        s.kv.upstream.pool.snapshot()[0].usage,
         2,
         "counter not reset by a failed save"
     );
     say(&s, "Alice", "User: one\nUser: two\nUser: three").await;
     let v = saves(&s.dir);
     assert_eq!(v.len(), 1, "the next autosave retried");
-    assert_eq!(s.kv.app.pool.snapshot()[0].usage, 0);
+    assert_eq!(s.kv.upstream.pool.snapshot()[0].usage, 0);
 }
 
 #[tokio::test]
@@ -176,7 +176,11 @@ async fn saves_under_min_save_bytes_are_refused_and_leave_nothing() {
     .await;
     say(&s, "Alice", "User: one").await;
     assert!(complete_saves(&s.dir).is_empty());
-    assert_eq!(s.kv.app.pool.snapshot()[0].usage, 1, "nothing was saved");
+    assert_eq!(
+        s.kv.upstream.pool.snapshot()[0].usage,
+        1,
+        "nothing was saved"
+    );
 }
 
 #[tokio::test]
@@ -191,7 +195,8 @@ async fn failed_restore_still_generates_on_an_empty_slot() {
     assert!(h.get("x-kvgate-restored").is_none());
     assert_eq!(events.last().unwrap()["stop"], true);
     assert_eq!(
-        s.kv.app
+        s.kv.upstream
+            .shared
             .metrics
             .restore_failures
             .load(std::sync::atomic::Ordering::Relaxed),
@@ -236,7 +241,7 @@ async fn chat_switch_saves_and_releases_the_previous_chat_but_speaker_changes_do
         "the previous chat's slots were released"
     );
     let owners: Vec<Option<String>> =
-        s.kv.app
+        s.kv.upstream
             .pool
             .snapshot()
             .iter()
@@ -288,7 +293,7 @@ async fn saves_of_another_model_are_listed_but_never_restored() {
     say(&s, "Alice", "User: a").await;
     assert_eq!(saves(&s.dir).len(), 1);
     // llama-server comes back with another model.
-    let before = s.kv.app.fingerprint.get().expect("fingerprint");
+    let before = s.kv.upstream.fingerprint.get().expect("fingerprint");
     s.fake.set_model_path("/models/other.gguf");
     s.fake.restart().await;
     // kvgate has noticed: a new fingerprint, and Alice's slot is not live.
@@ -347,7 +352,7 @@ async fn client_slot_actions_pass_through_and_update_the_table() {
     .await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     s.kv.wait_idle().await;
-    assert_eq!(s.kv.app.pool.snapshot()[0].owner, None);
+    assert_eq!(s.kv.upstream.pool.snapshot()[0].owner, None);
     assert_eq!(saves(&s.dir).len(), 1);
     assert_eq!(saves(&s.dir)[0].kind, SaveKind::Eviction);
     // A client's own save goes through and leaves ownership alone.
@@ -361,7 +366,7 @@ async fn client_slot_actions_pass_through_and_update_the_table() {
     assert_eq!(status, 200);
     assert!(&s.dir.join("mine.bin").exists());
     assert_eq!(
-        s.kv.app.pool.snapshot()[0]
+        s.kv.upstream.pool.snapshot()[0]
             .owner
             .as_ref()
             .and_then(|t| t.character()),
@@ -393,7 +398,7 @@ async fn a_save_that_dies_midway_leaves_no_file() {
     // Nothing of the broken save stays.
     assert!(complete_saves(&s.dir).is_empty());
     assert_eq!(
-        s.kv.app.pool.snapshot()[0].usage,
+        s.kv.upstream.pool.snapshot()[0].usage,
         1,
         "the message is still unsaved"
     );
@@ -412,7 +417,7 @@ async fn save_behind_keeps_saves_off_the_next_speakers_path() {
     s.fake.set_event_delay(Duration::from_millis(60));
     say(&s, "Dave", "User: a\nAlice: hi\nBob: yo\nCarol: hey").await;
     let after_dave = saves(&s.dir);
-    let snapshot = s.kv.app.pool.snapshot();
+    let snapshot = s.kv.upstream.pool.snapshot();
     let dirty_idle = snapshot
         .iter()
         .filter(|x| x.usage >= 1 && x.owner.as_ref().and_then(|t| t.character()) != Some("Dave"))

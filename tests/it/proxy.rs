@@ -6,9 +6,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use kvgate::cache_store::SaveKind;
-use kvgate::hooks::{BoxFuture, CacheHooks, Generation, Restore};
-use kvgate::slots::{SlotId, Tenant};
+use kvgate::slots::SlotId;
+use kvgate::store::hooks::{BoxFuture, CacheHooks, Generation, Restore};
+use kvgate::store::SaveKind;
+use kvgate::tenant::Tenant;
 use serde_json::{json, Value};
 
 use crate::support::fake_llama::{self, FakeLlama};
@@ -145,7 +146,7 @@ async fn passthrough_is_byte_exact_both_ways() {
         fake.clear_calls();
     }
     assert_eq!(
-        kv.app
+        kv.upstream
             .pool
             .snapshot()
             .iter()
@@ -188,7 +189,7 @@ async fn completion_is_pinned_and_otherwise_unchanged() {
     let call = fake.calls_to("/completion").pop().unwrap();
     assert_eq!(call.header("connection"), Some("close"));
     kv.wait_idle().await;
-    let slot = &kv.app.pool.snapshot()[0];
+    let slot = &kv.upstream.pool.snapshot()[0];
     assert_eq!(
         slot.owner,
         Some(Tenant::Character {
@@ -363,7 +364,7 @@ async fn client_disconnect_cancels_upstream_and_frees_the_slot() {
         "llama-server's generation was not cancelled"
     );
     kv.wait_idle().await;
-    let slot = &kv.app.pool.snapshot()[0];
+    let slot = &kv.upstream.pool.snapshot()[0];
     assert_eq!(
         slot.owner.as_ref().and_then(|t| t.character()),
         Some("Alice")
@@ -610,7 +611,7 @@ async fn queue_timeout_gives_503_and_leaves_nothing_queued() {
         "{}",
         String::from_utf8_lossy(&body)
     );
-    assert_eq!(kv.app.pool.with_table(|t| t.queued()), 0);
+    assert_eq!(kv.upstream.pool.queued(), 0);
     fake.set_gate(false);
     fake.release_events(10);
     first.await.unwrap();
@@ -718,7 +719,7 @@ async fn client_chosen_id_slot_is_honoured_and_serialised() {
     assert_eq!(fake.completions().last().unwrap()["id_slot"], 0);
     kv.wait_idle().await;
     assert_eq!(
-        kv.app.pool.snapshot()[0].owner,
+        kv.upstream.pool.snapshot()[0].owner,
         None,
         "slot 0's contents are unknown now"
     );
@@ -743,11 +744,11 @@ async fn upstream_restart_marks_every_slot_unknown() {
         assert_eq!(s, 200);
     }
     kv.wait_idle().await;
-    assert!(kv.app.pool.snapshot().iter().all(|s| s.live));
+    assert!(kv.upstream.pool.snapshot().iter().all(|s| s.live));
     fake.restart().await;
     kv.wait_all_lost(Duration::from_secs(5)).await;
     let owners: Vec<Option<String>> = kv
-        .app
+        .upstream
         .pool
         .snapshot()
         .iter()
@@ -764,7 +765,7 @@ async fn upstream_restart_marks_every_slot_unknown() {
         "affinity kept"
     );
     assert!(
-        kv.app.pool.snapshot().iter().all(|s| s.usage == 0),
+        kv.upstream.pool.snapshot().iter().all(|s| s.usage == 0),
         "nothing left to save"
     );
 }
@@ -838,7 +839,7 @@ async fn upstream_dying_mid_stream_ends_cleanly_with_an_error_event() {
     assert_eq!(events[0]["content"], fake_llama::event_text(0));
     assert_eq!(events[2]["error"]["type"], "server_error");
     kv.wait_idle().await;
-    let slot = &kv.app.pool.snapshot()[0];
+    let slot = &kv.upstream.pool.snapshot()[0];
     assert!(!slot.live, "contents unknown after a broken stream");
     assert!(slot.lease.is_none());
 }

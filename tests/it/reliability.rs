@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use kvgate::cache_store::{file_name, meta_name, now_unix, META_SUFFIX, TEMP_PREFIX};
+use kvgate::store::{file_name, meta_name, now_unix, META_SUFFIX, TEMP_PREFIX};
 use serde_json::{json, Value};
 
 use crate::support::fake_llama::{self, FakeLlama, FakeLlamaBuilder};
@@ -140,7 +140,7 @@ async fn a_broken_stream_saves_nothing_from_the_broken_state() {
     let events = crate::support::kvgate::sse_events(&body);
     assert_eq!(events.len(), 3, "two tokens, then the error: {events:?}");
     assert_eq!(events[2]["error"]["type"], "server_error");
-    let slot = &s.kv.app.pool.snapshot()[0];
+    let slot = &s.kv.upstream.pool.snapshot()[0];
     assert!(slot.lease.is_none(), "the slot is free");
     assert!(!slot.live, "its contents are unknown");
     assert!(
@@ -206,7 +206,7 @@ async fn hung_and_silent_upstreams_hit_their_timeouts_and_free_the_slot() {
     );
     kv.wait_idle().await;
     assert!(
-        !kv.app.pool.snapshot()[0].live,
+        !kv.upstream.pool.snapshot()[0].live,
         "contents unknown after 504"
     );
     fake.unhang();
@@ -247,7 +247,7 @@ async fn hung_and_silent_upstreams_hit_their_timeouts_and_free_the_slot() {
         "{last}"
     );
     kv.wait_idle().await;
-    assert!(!kv.app.pool.snapshot()[0].live);
+    assert!(!kv.upstream.pool.snapshot()[0].live);
 
     // kvgate keeps serving once llama-server is well again.
     fake.set_gate(false);
@@ -416,7 +416,7 @@ async fn a_restore_that_fails_still_generates_on_an_empty_slot() {
     let failed = events.wait_for("restore_failed", 1).await;
     assert_eq!(failed[0]["file"], saved[0].file.as_str());
     assert_eq!(s.kv.metric("kvgate_restore_failures_total").await, 1);
-    let slot = &s.kv.app.pool.snapshot()[0];
+    let slot = &s.kv.upstream.pool.snapshot()[0];
     assert!(slot.live && slot.lease.is_none());
 }
 
@@ -499,7 +499,7 @@ async fn client_gone_while_queued_restoring_streaming_or_saving_leaks_nothing() 
     alice.abort();
     let _ = alice.await;
     s.kv.wait_idle().await;
-    assert!(s.kv.app.pool.snapshot()[0].lease.is_none());
+    assert!(s.kv.upstream.pool.snapshot()[0].lease.is_none());
     s.fake.set_restore_delay(Duration::ZERO);
     assert!(
         s.fake
@@ -532,9 +532,9 @@ async fn client_gone_while_queued_restoring_streaming_or_saving_leaks_nothing() 
 
     // Autosaving: the client has its last byte and is gone while the save
     // runs; the save is not cut short.
-    let mut settings = s.kv.app.settings.get();
+    let mut settings = s.kv.upstream.shared.settings.get();
     settings.save_every = 1;
-    s.kv.app.settings.replace(settings);
+    s.kv.upstream.shared.settings.replace(settings);
     s.fake.set_save_delay(Duration::from_millis(300));
     let before = complete_saves(&s.dir).len();
     let (status, _, _) = post_json(&url(&s), &[], &turn("Alice", "User: d")).await;
@@ -546,7 +546,7 @@ async fn client_gone_while_queued_restoring_streaming_or_saving_leaks_nothing() 
         "the autosave completed"
     );
     assert_eq!(s.usage(0), 0);
-    assert!(s.kv.app.pool.is_idle());
+    assert!(s.kv.upstream.pool.is_idle());
 }
 
 /// A client that leaves while its grant is saving the slot's previous owner
@@ -570,7 +570,7 @@ async fn client_gone_during_an_evict_save_loses_nothing() {
             .await
     );
     let saves = complete_saves(&s.dir); // no temporary file may be left
-    let slot = s.kv.app.pool.snapshot()[0].clone();
+    let slot = s.kv.upstream.pool.snapshot()[0].clone();
     let alice_kept = slot.owner.as_ref().and_then(|t| t.character()) == Some("Alice")
         && slot.live
         && slot.usage == 1;
@@ -981,9 +981,8 @@ async fn hostile_identities_get_clear_errors_and_kvgate_keeps_serving() {
             .map(|v| v.to_str().unwrap().to_string());
         match character {
             Some(c) => assert!(
-                got.as_deref().is_some_and(
-                    |g| g.starts_with(c) || g.starts_with(&kvgate::proxy::percent_encode(c))
-                ),
+                got.as_deref().is_some_and(|g| g.starts_with(c)
+                    || g.starts_with(&kvgate::http::percent::percent_encode(c))),
                 "{what}: character {got:?}"
             ),
             None => assert_eq!(got, None, "{what}: anonymous"),
@@ -1049,7 +1048,7 @@ async fn a_non_ascii_identity_header_is_honoured_or_refused() {
         let honoured = std::str::from_utf8(value).is_ok_and(|v| {
             head.to_ascii_lowercase().contains(&format!(
                 "x-kvgate-character: {}",
-                kvgate::proxy::percent_encode(v).to_ascii_lowercase()
+                kvgate::http::percent::percent_encode(v).to_ascii_lowercase()
             ))
         });
         assert!(
@@ -1094,7 +1093,7 @@ async fn real_llama_server_failed_save_and_death_mid_stream() {
     };
     let kv = Kvgate::serve(kvgate::Gateway::new(cfg).unwrap()).await;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while kv.app.fingerprint.get().is_none() {
+    while kv.upstream.fingerprint.get().is_none() {
         assert!(Instant::now() < deadline, "no model fingerprint");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -1104,7 +1103,7 @@ async fn real_llama_server_failed_save_and_death_mid_stream() {
         b["n_predict"] = json!(4);
         b
     };
-    let usage = || kv.app.pool.snapshot()[0].usage;
+    let usage = || kv.upstream.pool.snapshot()[0].usage;
 
     assert_eq!(post_json(&url, &[], &say("User: a")).await.0, 200);
     kv.wait_idle().await;
@@ -1163,7 +1162,7 @@ async fn real_llama_server_failed_save_and_death_mid_stream() {
     let last = events.last().unwrap();
     assert_eq!(last["error"]["type"], "server_error", "clean end: {last}");
     kv.wait_idle().await;
-    let slot = kv.app.pool.snapshot()[0].clone();
+    let slot = kv.upstream.pool.snapshot()[0].clone();
     assert!(!slot.live && slot.lease.is_none(), "{slot:?}");
     assert_eq!(
         complete_saves(&save),

@@ -38,10 +38,11 @@
 
 use std::collections::HashSet;
 
-use kvgate::identity::Kind;
 use kvgate::slots::{
-    Evicted, Grant, LeaseId, Outcome, SlotId, SlotTable, TableError, Tenant, Ticket, Want,
+    Evicted, Grant, LeaseId, Outcome, SlotId, SlotTable, TableError, Ticket, Want,
 };
+use kvgate::tenant::Kind;
+use kvgate::tenant::Tenant;
 use proptest::prelude::*;
 
 /// The tenants requests come from: characters in two chats (one name in

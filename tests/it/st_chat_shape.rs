@@ -4,9 +4,10 @@
 
 use std::collections::BTreeSet;
 
-use kvgate::identity::{resolve, roster_key, Api, Explicit, Identity, Kind, Source};
+use kvgate::identity::{resolve, roster_key, Api, Explicit, Identity, Source};
 use kvgate::policy::Policy;
-use kvgate::slots::Tenant;
+use kvgate::tenant::Kind;
+use kvgate::tenant::Tenant;
 use serde_json::Value;
 
 use crate::support::st_chat::{recorded_bodies, template, Character, GroupChat, PER_REQUEST_KEYS};

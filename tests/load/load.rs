@@ -19,8 +19,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
-use kvgate::lease::Pool;
-use kvgate::slots::{LeaseId, SlotId, Tenant};
+use kvgate::slots::Pool;
+use kvgate::slots::{LeaseId, SlotId};
+use kvgate::tenant::Tenant;
 use serde_json::{json, Value};
 
 use crate::support::fake_llama::{self, FakeLlama};
@@ -228,7 +229,7 @@ async fn five_hundred_concurrent_streams_complete_intact_with_invariants_and_fla
     .await;
     let pad: Arc<str> = "lorem ipsum dolor sit amet ".repeat(PAD / 27 + 1).into();
     let stop = Arc::new(AtomicBool::new(false));
-    let sampling = sampler(Arc::clone(&kv.app.pool), Arc::clone(&stop));
+    let sampling = sampler(Arc::clone(&kv.upstream.pool), Arc::clone(&stop));
 
     let started = Instant::now();
     // Warm-up round: connections, buffers, the allocator's arenas, the
@@ -249,7 +250,7 @@ async fn five_hundred_concurrent_streams_complete_intact_with_invariants_and_fla
     assert_eq!(violation, None);
     assert!(samples > 10, "the table was sampled only {samples} times");
 
-    let evictions = kv.app.metrics.evictions.load(Ordering::Relaxed);
+    let evictions = kv.upstream.shared.metrics.evictions.load(Ordering::Relaxed);
     assert!(evictions > 0, "50 characters on 4 slots must evict");
     let growth = after.last().unwrap().saturating_sub(base);
     eprintln!(

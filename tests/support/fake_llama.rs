@@ -9,7 +9,7 @@
 //!   takes the lowest idle slot. Each slot caches its tokens, so `cache_n` /
 //!   `prompt_n` in `timings` reflect prefix reuse.
 //! * `POST /slots/{id}?action=save|restore|erase` writes and reads real files
-//!   whose header is [`kvgate::slot_file::encode_header`].
+//!   whose header is [`kvgate::llama::slot_file::encode_header`].
 //! * streaming in `data: {json}\n\n` events; the OpenAI routes end with
 //!   `data: [DONE]`, `/completion` does not.
 //! * a byte-level tokenizer: token = byte + 3, BOS = 1 (see [`tokenize`]).
@@ -59,7 +59,7 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
-use kvgate::slot_file;
+use kvgate::llama::slot_file;
 
 // ---------------------------------------------------------------------------
 // Constants and the byte-level tokenizer

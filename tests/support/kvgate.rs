@@ -13,7 +13,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use kvgate::app::App;
 use kvgate::config::Config;
-use kvgate::hooks::{CacheHooks, NoCache};
+use kvgate::store::hooks::{CacheHooks, NoCache};
+use kvgate::upstream::Upstream;
 use kvgate::Gateway;
 use serde_json::Value;
 use tokio::net::TcpListener;
@@ -58,7 +59,7 @@ impl Saving {
 
     /// Messages since the last save of `slot`.
     pub fn usage(&self, slot: usize) -> u32 {
-        self.kv.app.pool.snapshot()[slot].usage
+        self.kv.upstream.pool.snapshot()[slot].usage
     }
 }
 
@@ -107,9 +108,9 @@ pub struct Kvgate {
     /// Admin port base URL.
     pub admin_url: String,
     /// The first upstream's state, to inspect its slot table.
+    pub upstream: Arc<Upstream>,
+    /// The application: every upstream, and what they share.
     pub app: Arc<App>,
-    /// Every upstream.
-    pub fleet: Arc<kvgate::fleet::Fleet>,
     stop: Option<oneshot::Sender<()>>,
     join: Option<JoinHandle<()>>,
 }
@@ -153,7 +154,7 @@ impl Kvgate {
     pub async fn wait_queued(&self, n: usize) {
         let what = format!("{n} waiters");
         poll_until(&what, Duration::from_secs(5), || {
-            self.app.pool.with_table(|t| t.queued()) == n
+            self.upstream.pool.queued() == n
         })
         .await;
     }
@@ -161,8 +162,8 @@ impl Kvgate {
     /// Waits until kvgate knows every upstream's model fingerprint.
     pub async fn wait_fingerprint(&self) {
         poll_until("the model fingerprints", Duration::from_secs(10), || {
-            self.fleet
-                .apps()
+            self.app
+                .upstreams()
                 .iter()
                 .all(|a| a.fingerprint.get().is_some())
         })
@@ -175,8 +176,8 @@ impl Kvgate {
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", front.local_addr().unwrap());
         let admin_url = format!("http://{}", admin.local_addr().unwrap());
-        let app = gw.app().expect("kvgate has an upstream");
-        let fleet = Arc::clone(gw.fleet());
+        let upstream = gw.upstream().expect("kvgate has an upstream");
+        let app = Arc::clone(gw.app());
         let (tx, rx) = oneshot::channel::<()>();
         let join = tokio::spawn(gw.serve(front, admin, async {
             let _ = rx.await;
@@ -184,13 +185,13 @@ impl Kvgate {
         let k = Kvgate {
             url,
             admin_url,
+            upstream,
             app,
-            fleet,
             stop: Some(tx),
             join: Some(join),
         };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while k.fleet.apps().iter().any(|a| a.pool.is_empty()) {
+        while k.app.upstreams().iter().any(|a| a.pool.is_empty()) {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "kvgate never saw the upstream's slots"
@@ -209,12 +210,13 @@ impl Kvgate {
     /// finish just after the client's last byte).
     pub async fn wait_idle(&self) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while !(self.fleet.apps().iter().all(|a| a.pool.is_idle()) && self.app.tasks.running() == 0)
+        while !(self.app.upstreams().iter().all(|a| a.pool.is_idle())
+            && self.upstream.shared.tasks.running() == 0)
         {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "slot table still busy: {:?}",
-                self.app.pool.snapshot()
+                self.upstream.pool.snapshot()
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -232,13 +234,13 @@ impl Kvgate {
 
     /// Waits until `done` holds for kvgate's state, `limit` at most (`what`
     /// names the wait in the failure).
-    pub async fn wait_until(&self, what: &str, limit: Duration, done: impl Fn(&App) -> bool) {
+    pub async fn wait_until(&self, what: &str, limit: Duration, done: impl Fn(&Upstream) -> bool) {
         let deadline = tokio::time::Instant::now() + limit;
-        while !done(&self.app) {
+        while !done(&self.upstream) {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "{what}: not within {limit:?}; slots {:?}",
-                self.app.pool.snapshot()
+                self.upstream.pool.snapshot()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -340,8 +342,8 @@ pub struct Bare {
     pub url: String,
     /// Admin port base URL.
     pub admin_url: String,
-    /// Every upstream.
-    pub fleet: Arc<kvgate::fleet::Fleet>,
+    /// The application: every upstream, and what they share.
+    pub app: Arc<App>,
     stop: Option<oneshot::Sender<()>>,
     join: Option<JoinHandle<()>>,
 }
@@ -352,12 +354,12 @@ impl Bare {
         let gw = Gateway::new(cfg).expect("gateway");
         let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let fleet = Arc::clone(gw.fleet());
+        let app = Arc::clone(gw.app());
         let (tx, rx) = oneshot::channel::<()>();
         Bare {
             url: format!("http://{}", front.local_addr().unwrap()),
             admin_url: format!("http://{}", admin.local_addr().unwrap()),
-            fleet,
+            app,
             stop: Some(tx),
             join: Some(tokio::spawn(gw.serve(front, admin, async {
                 let _ = rx.await;
@@ -367,8 +369,8 @@ impl Bare {
 
     /// Waits until upstream `name` is in the fleet with its slots known
     /// (`limit` at most).
-    pub async fn wait_upstream(&self, name: &str, limit: Duration) -> Arc<App> {
-        let serving = || self.fleet.get(name).filter(|a| !a.pool.is_empty());
+    pub async fn wait_upstream(&self, name: &str, limit: Duration) -> Arc<Upstream> {
+        let serving = || self.app.upstream(name).filter(|a| !a.pool.is_empty());
         poll_until(&format!("upstream {name} serving"), limit, || {
             serving().is_some()
         })
@@ -379,8 +381,8 @@ impl Bare {
     /// Waits until no upstream has a lease out and no lifecycle task runs.
     pub async fn wait_idle(&self) {
         poll_until("kvgate idle", Duration::from_secs(30), || {
-            self.fleet.apps().iter().all(|a| a.pool.is_idle())
-                && self.fleet.shared.tasks.running() == 0
+            self.app.upstreams().iter().all(|a| a.pool.is_idle())
+                && self.app.shared.tasks.running() == 0
         })
         .await;
     }
@@ -531,23 +533,23 @@ pub fn group_turn(roster: &[&str], speaker: &str, history: &str) -> Value {
 /// The complete saves of a directory: `.bin` files with their sidecar.
 /// Asserts that nothing else of kvgate's is there (no temporary file, no
 /// `.bin` without its sidecar, no sidecar without its `.bin`).
-pub fn complete_saves(dir: &Path) -> Vec<kvgate::cache_store::SaveMeta> {
+pub fn complete_saves(dir: &Path) -> Vec<kvgate::store::SaveMeta> {
     let all = names_in(dir);
     let mut out = Vec::new();
     for n in &all {
         assert!(
-            !n.starts_with(kvgate::cache_store::TEMP_PREFIX),
+            !n.starts_with(kvgate::store::TEMP_PREFIX),
             "temporary file {n} left in {all:?}"
         );
         if let Some(stem) = n.strip_suffix(".bin") {
-            let meta = format!("{stem}{}", kvgate::cache_store::META_SUFFIX);
+            let meta = format!("{stem}{}", kvgate::store::META_SUFFIX);
             assert!(all.contains(&meta), "{n} has no sidecar: {all:?}");
-            let m: kvgate::cache_store::SaveMeta =
+            let m: kvgate::store::SaveMeta =
                 serde_json::from_slice(&std::fs::read(dir.join(&meta)).unwrap())
                     .expect("sidecar is JSON");
             assert_eq!(m.file, *n);
             out.push(m);
-        } else if let Some(stem) = n.strip_suffix(kvgate::cache_store::META_SUFFIX) {
+        } else if let Some(stem) = n.strip_suffix(kvgate::store::META_SUFFIX) {
             assert!(
                 all.contains(&format!("{stem}.bin")),
                 "sidecar {n} without its save: {all:?}"
@@ -560,14 +562,14 @@ pub fn complete_saves(dir: &Path) -> Vec<kvgate::cache_store::SaveMeta> {
 
 /// The metadata of every save in a save directory (read from the
 /// sidecars), oldest first.
-pub fn saves_in(dir: &Path) -> Vec<kvgate::cache_store::SaveMeta> {
-    let mut v: Vec<kvgate::cache_store::SaveMeta> = std::fs::read_dir(dir)
+pub fn saves_in(dir: &Path) -> Vec<kvgate::store::SaveMeta> {
+    let mut v: Vec<kvgate::store::SaveMeta> = std::fs::read_dir(dir)
         .expect("save dir")
         .flatten()
         .filter(|e| {
             e.file_name()
                 .to_string_lossy()
-                .ends_with(kvgate::cache_store::META_SUFFIX)
+                .ends_with(kvgate::store::META_SUFFIX)
         })
         .map(|e| {
             serde_json::from_slice(&std::fs::read(e.path()).expect("sidecar"))

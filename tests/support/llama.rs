@@ -2,7 +2,7 @@
 //!
 //! [`LlamaServer::start`] runs the pinned llama-server binary (see
 //! [`llama_server_bin`]) on a free local port with the tiny random-weight model
-//! from `kvgate::tiny_model`, waits until `/health` answers 200 and kills the
+//! from `kvgate::demo::tiny_model`, waits until `/health` answers 200 and kills the
 //! process again when dropped. When no binary can be had the tests skip (they
 //! print `SKIP: ...` and return), except under `CI=true`, where that is a
 //! failure.
@@ -18,7 +18,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use kvgate::tiny_model::{write_tiny_model, TinyModelSpec};
+use kvgate::demo::tiny_model::{write_tiny_model, TinyModelSpec};
 use tokio::process::{Child, Command};
 
 /// How long llama-server gets to load the model and answer `/health`.

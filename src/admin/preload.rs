@@ -1,0 +1,92 @@
+//! `POST /preload`, `GET /preload/{id}`, `DELETE /preload/{id}`: group
+//! warm-up jobs (the jobs themselves are [`super::preload_jobs`]'s).
+
+use hyper::StatusCode;
+use serde_json::{json, Value};
+
+use crate::app::App;
+use crate::http::body::json_response;
+use crate::http::error::ApiError;
+use crate::tenant::Tenant;
+
+use super::preload_jobs::Preloads;
+use super::request::{json_ok, named_upstream, one_upstream, Answer};
+
+/// A job id from the path.
+pub(crate) fn preload_id(raw: &str) -> Result<u64, ApiError> {
+    raw.parse()
+        .map_err(|_| ApiError::not_found(format!("no preload job {raw}")))
+}
+
+/// `POST /preload`: starts a job warming up a chat's characters.
+pub(crate) fn start_preload(
+    app: &App,
+    preloads: &Preloads,
+    query: Option<&str>,
+    body: &Value,
+) -> Answer {
+    let chat = body
+        .get("chat")
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| ApiError::bad_request("\"chat\" must be a non-empty string"))?;
+    let characters: Vec<String> = body
+        .get("characters")
+        .and_then(Value::as_array)
+        .filter(|a| !a.is_empty() && a.len() <= 256)
+        .and_then(|a| {
+            a.iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_string)
+                })
+                .collect::<Option<Vec<_>>>()
+        })
+        .ok_or_else(|| {
+            ApiError::bad_request("\"characters\" must be a non-empty array of names")
+        })?;
+    let prompt = match body.get("prompt") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(p)) => Some(p.clone()),
+        Some(_) => return Err(ApiError::bad_request("\"prompt\" must be a string")),
+    };
+    // The group goes where its first character is, or would go.
+    let upstream = match named_upstream(query, body)? {
+        Some(_) => one_upstream(app, query, body)?,
+        None => app
+            .place(
+                &Tenant::Character {
+                    chat: chat.to_string(),
+                    name: characters[0].clone(),
+                },
+                None,
+            )
+            .ok_or_else(|| ApiError::unavailable("kvgate has no upstream"))?,
+    };
+    let id = preloads.start(&upstream, chat.to_string(), characters, prompt);
+    Ok(json_response(
+        StatusCode::ACCEPTED,
+        &json!({ "id": id, "upstream": upstream.name }),
+    ))
+}
+
+/// `GET /preload/{id}`: a job's progress.
+pub(crate) fn progress(preloads: &Preloads, raw: &str) -> Answer {
+    let id = preload_id(raw)?;
+    let p = preloads
+        .progress(id)
+        .ok_or_else(|| ApiError::not_found(format!("no preload job {id}")))?;
+    Ok(json_ok(&serde_json::to_value(p).unwrap_or(Value::Null)))
+}
+
+/// `DELETE /preload/{id}`: cancels a job at once.
+pub(crate) fn cancel(preloads: &Preloads, raw: &str) -> Answer {
+    let id = preload_id(raw)?;
+    let p = preloads
+        .cancel(id)
+        .ok_or_else(|| ApiError::not_found(format!("no preload job {id}")))?;
+    Ok(json_ok(&serde_json::to_value(p).unwrap_or(Value::Null)))
+}

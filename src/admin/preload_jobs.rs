@@ -1,0 +1,277 @@
+//! Group preload (warm-up): for each character of a chat in turn, take a
+//! slot, restore its best save, or else evaluate a prompt with a 1-token
+//! generation and save the result (kind `preload`). Jobs run in the
+//! background; progress is readable and published as events; cancelling
+//! aborts the job at once, and dropping its lease frees the slot.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio::task::JoinHandle;
+
+use crate::session::{self, OwnerSave};
+use crate::slots::table::{Outcome, Want};
+use crate::store::hooks::Restore;
+use crate::store::meta::SaveKind;
+use crate::tenant::{Kind, Tenant};
+use crate::upstream::Upstream;
+
+/// Where a job is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum JobState {
+    /// Working through its characters.
+    Running,
+    /// Every character was handled.
+    Done,
+    /// Cancelled by `DELETE /preload/{id}`.
+    Cancelled,
+}
+
+/// A character the job could not warm up.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub(crate) struct Failure {
+    /// The character.
+    pub(crate) character: String,
+    /// Why.
+    pub(crate) reason: String,
+}
+
+/// Progress of one job, as `GET /preload/{id}` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct Progress {
+    /// Job id.
+    pub(crate) id: u64,
+    /// Chat the characters belong to.
+    pub(crate) chat: String,
+    /// Running, done or cancelled.
+    pub(crate) state: JobState,
+    /// The character being worked on.
+    pub(crate) current: Option<String>,
+    /// Characters handled.
+    pub(crate) done: usize,
+    /// Characters in the job.
+    pub(crate) total: usize,
+    /// Characters warmed up, with what was done.
+    pub(crate) succeeded: Vec<Value>,
+    /// Characters that failed, with the reason.
+    pub(crate) failed: Vec<Failure>,
+}
+
+#[derive(Debug)]
+struct Job {
+    progress: Mutex<Progress>,
+    handle: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// All jobs of this kvgate.
+#[derive(Debug, Default)]
+pub(crate) struct Preloads {
+    next: AtomicU64,
+    jobs: Mutex<HashMap<u64, Arc<Job>>>,
+}
+
+impl Preloads {
+    /// Starts a job; returns its id.
+    pub(crate) fn start(
+        &self,
+        upstream: &Arc<Upstream>,
+        chat: String,
+        characters: Vec<String>,
+        prompt: Option<String>,
+    ) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let job = Arc::new(Job {
+            progress: Mutex::new(Progress {
+                id,
+                chat: chat.clone(),
+                state: JobState::Running,
+                current: None,
+                done: 0,
+                total: characters.len(),
+                succeeded: Vec::new(),
+                failed: Vec::new(),
+            }),
+            handle: Mutex::new(None),
+        });
+        self.jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, Arc::clone(&job));
+        let upstream2 = Arc::clone(upstream);
+        let job2 = Arc::clone(&job);
+        let handle =
+            tokio::spawn(async move { run(upstream2, job2, chat, characters, prompt).await });
+        *job.handle.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+        id
+    }
+
+    /// A job's progress.
+    pub(crate) fn progress(&self, id: u64) -> Option<Progress> {
+        let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        jobs.get(&id)
+            .map(|j| j.progress.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
+    /// Cancels a job at once. Returns its progress, or `None` if unknown.
+    pub(crate) fn cancel(&self, id: u64) -> Option<Progress> {
+        let job = self
+            .jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .cloned()?;
+        if let Some(h) = job.handle.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            // Aborting drops the job's future, and with it its lease (the
+            // slot is released) and any request to llama-server.
+            h.abort();
+        }
+        let mut p = job.progress.lock().unwrap_or_else(|e| e.into_inner());
+        if p.state == JobState::Running {
+            p.state = JobState::Cancelled;
+            p.current = None;
+        }
+        Some(p.clone())
+    }
+}
+
+fn update(job: &Job, f: impl FnOnce(&mut Progress)) -> Progress {
+    let mut p = job.progress.lock().unwrap_or_else(|e| e.into_inner());
+    f(&mut p);
+    p.clone()
+}
+
+fn publish(upstream: &Upstream, p: &Progress) {
+    upstream.emit("preload_progress", || {
+        serde_json::to_value(p).unwrap_or(Value::Null)
+    });
+}
+
+async fn run(
+    upstream: Arc<Upstream>,
+    job: Arc<Job>,
+    chat: String,
+    characters: Vec<String>,
+    prompt: Option<String>,
+) {
+    for character in characters {
+        let p = update(&job, |p| p.current = Some(character.clone()));
+        publish(&upstream, &p);
+        let limit = Duration::from_secs(upstream.shared.settings.get().preload_timeout_s);
+        let result = tokio::time::timeout(
+            limit,
+            preload_one(&upstream, &chat, &character, prompt.as_deref()),
+        )
+        .await;
+        let p = update(&job, |p| {
+            p.done += 1;
+            match result {
+                Ok(Ok(what)) => p
+                    .succeeded
+                    .push(json!({"character": character, "result": what})),
+                Ok(Err(reason)) => p.failed.push(Failure {
+                    character: character.clone(),
+                    reason,
+                }),
+                Err(_) => p.failed.push(Failure {
+                    character: character.clone(),
+                    reason: format!("timed out after {} s", limit.as_secs()),
+                }),
+            }
+        });
+        publish(&upstream, &p);
+    }
+    let p = update(&job, |p| {
+        p.state = JobState::Done;
+        p.current = None;
+    });
+    publish(&upstream, &p);
+}
+
+/// Warms one character up; returns what was done.
+async fn preload_one(
+    upstream: &Arc<Upstream>,
+    chat: &str,
+    character: &str,
+    prompt: Option<&str>,
+) -> Result<String, String> {
+    let tenant = Tenant::Character {
+        chat: chat.to_string(),
+        name: character.to_string(),
+    };
+    let lease = upstream
+        .pool
+        .acquire(
+            Want::Tenant(tenant.clone()),
+            upstream.shared.cfg.queue_timeout,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let slot = lease.slot();
+    session::take_over(upstream, &lease).await;
+    if lease.grant().resident {
+        lease.release(Outcome::Untouched);
+        return Ok(format!("already in slot {slot}"));
+    }
+    let known = upstream.shared.memory.last_prompt(&tenant);
+    let prompt = prompt.or(known.as_deref());
+    match session::restore(upstream, &lease, &tenant, prompt, None).await {
+        Restore::Restored { file, tokens } => {
+            lease.release(Outcome::Untouched);
+            return Ok(format!(
+                "restored {file} ({tokens} tokens) into slot {slot}"
+            ));
+        }
+        // A failed restore leaves an empty slot: evaluate the prompt instead.
+        Restore::Failed(_) | Restore::Skipped => {}
+    }
+    let Some(prompt) = prompt else {
+        lease.release(Outcome::Untouched);
+        return Err(
+            "no save and no prompt known for this character (send one in \"prompt\")".into(),
+        );
+    };
+    let body = json!({"prompt": prompt, "n_predict": 1, "id_slot": slot, "cache_prompt": true, "stream": false});
+    let limit = Duration::from_secs(upstream.shared.settings.get().preload_timeout_s);
+    let (status, answer) = upstream
+        .client
+        .call_json(hyper::Method::POST, "/completion", Some(&body), limit)
+        .await
+        .map_err(|e| e.to_string())?;
+    if !status.is_success() {
+        lease.release(Outcome::Failed);
+        let msg = answer
+            .pointer("/error/message")
+            .and_then(Value::as_str)
+            .unwrap_or("error");
+        return Err(format!("llama-server answered {status}: {msg}"));
+    }
+    lease.apply(Outcome::Generated(Kind::Quiet));
+    let evaluated = answer
+        .pointer("/timings/prompt_n")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    let result = match session::save_owner(
+        upstream,
+        &lease,
+        SaveKind::Preload,
+        None,
+        Some(&tenant),
+        false,
+    )
+    .await
+    {
+        OwnerSave::Saved(_, file) => Ok(format!(
+            "evaluated {evaluated} tokens in slot {slot}, saved {file}"
+        )),
+        _ => Ok(format!(
+            "evaluated {evaluated} tokens in slot {slot} (not saved)"
+        )),
+    };
+    lease.release(Outcome::Untouched);
+    result
+}

@@ -1,0 +1,8 @@
+//! The upstreams as a fleet: where a request goes ([`placement`], pure), and
+//! the two tasks that watch each upstream: its [`monitor`] (slot count,
+//! model, outages and restarts) and [`save_behind`] (background saves that
+//! keep evictions cheap).
+
+pub(crate) mod monitor;
+pub(crate) mod placement;
+pub(crate) mod save_behind;

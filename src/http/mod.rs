@@ -1,0 +1,11 @@
+//! HTTP plumbing shared by both ports, knowing nothing of slots: response
+//! bodies ([`body`]), llama.cpp-style errors ([`error`]), percent-encoding
+//! ([`percent`]), the accept loop
+//! with graceful shutdown ([`server`]) and the relay that watches a
+//! streamed answer for its end ([`sse`]).
+
+pub mod body;
+pub mod error;
+pub mod percent;
+pub mod server;
+pub mod sse;

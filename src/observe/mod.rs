@@ -1,0 +1,6 @@
+//! What kvgate tells the outside about itself: the live event stream
+//! ([`events`], `GET /events`) and Prometheus metrics ([`metrics`],
+//! `GET /metrics`).
+
+pub mod events;
+pub mod metrics;

@@ -1,0 +1,414 @@
+//! A completion through kvgate, as its phases over one [`Turn`]:
+//!
+//! read → resolve → place → chat switch → acquire → prepare (save the
+//! evicted owner, restore) → forward → relay → finish.
+//!
+//! Once response headers are sent, a lifecycle task owns the slot's lease
+//! until the relayed body reports its end; only then does it record the
+//! outcome, autosave and release, so a save never races the generation it
+//! saves.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper::header::{HeaderMap, HeaderValue, ACCEPT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::http::request::Parts;
+use hyper::{Request, Response, StatusCode};
+use serde_json::{json, Value};
+use tracing::{debug, info, warn};
+
+use crate::app::App;
+use crate::http::body::{boxed, full, ProxyBody};
+use crate::http::sse::{Observed, StreamEnd};
+use crate::identity::{self, Api, Identity};
+use crate::llama::client::Driven;
+use crate::observe::metrics;
+use crate::session;
+use crate::slots::lease::Lease;
+use crate::slots::table::{Outcome, Want};
+use crate::store::hooks::Restore;
+use crate::store::meta::now_unix;
+use crate::tenant::Tenant;
+use crate::upstream::Upstream;
+
+use super::client::Client;
+use super::failure::Failure;
+use super::headers::{add_identity_headers, explicit_identity};
+use super::outcome;
+use super::passthrough::{forward_relay, llama_failed, read_body};
+
+/// One completion on its way through kvgate.
+struct Turn {
+    /// When kvgate received it.
+    started: Instant,
+    /// The request body, parsed; kvgate adds `id_slot` before forwarding
+    /// (and the turn lets go of it then).
+    body: Value,
+    /// Who it is for, and what kind of generation.
+    identity: Identity,
+    /// `Some(slot)` when the client chose its slot itself (`id_slot` ≥ 0).
+    client_slot: Option<usize>,
+}
+
+/// Serves one completion: the top of the phases.
+pub(crate) async fn completion(
+    app: &Arc<App>,
+    req: Request<Incoming>,
+    api: Api,
+    client: &Client,
+) -> Result<Response<ProxyBody>, Failure> {
+    let started = Instant::now();
+    app.shared.metrics.client_completion(&client.key);
+    let (mut parts, body) = req.into_parts();
+    let raw = read_body(app.shared.cfg.max_body_bytes, &parts.headers, body).await?;
+    let Some(body) = usable_body(&raw) else {
+        debug!("completion body kvgate can't use; forwarding untouched");
+        return pass_untouched(app, parts, raw, client).await;
+    };
+    let turn = Turn::resolve(app, api, &parts.headers, body, started)?;
+    let upstream = turn.place(app)?;
+    client.credentials_for(&upstream, &mut parts.headers);
+    let want = turn.want(&upstream)?;
+    turn.chat_switch(app, &upstream, client).await?;
+    let lease = session::acquire(&upstream, want).await?;
+    upstream
+        .shared
+        .metrics
+        .queue_wait
+        .observe(started.elapsed());
+    turn.begin(&upstream, &lease, client);
+    let (mut turn, lease, restored) = turn.prepare(&upstream, lease).await?;
+    let resp = match forward(&upstream, &mut turn, &lease, parts).await {
+        Ok(resp) => resp,
+        Err(f) => {
+            lease.release(if matches!(&f, Failure::Llama(e) if e.is_connect()) {
+                Outcome::Untouched
+            } else {
+                Outcome::Failed
+            });
+            return Err(f);
+        }
+    };
+    Ok(relay(&upstream, turn, lease, resp, restored.as_deref()))
+}
+
+/// The body as kvgate can use it: a JSON object whose `id_slot`, if any, is
+/// a number. Anything else goes through untouched: the client sees
+/// llama-server's own error, and kvgate guesses no slot for it.
+fn usable_body(raw: &[u8]) -> Option<Value> {
+    let bad_id_slot = |v: &Value| {
+        v.get("id_slot")
+            .is_some_and(|s| !s.is_null() && !s.is_i64() && !s.is_u64())
+    };
+    serde_json::from_slice::<Value>(raw)
+        .ok()
+        .filter(|v| v.is_object() && !bad_id_slot(v))
+}
+
+/// A body kvgate can't use goes to the default upstream unchanged.
+async fn pass_untouched(
+    app: &App,
+    mut parts: Parts,
+    raw: Bytes,
+    client: &Client,
+) -> Result<Response<ProxyBody>, Failure> {
+    let upstream = app.default_upstream().ok_or_else(Failure::no_upstream)?;
+    client.credentials_for(&upstream, &mut parts.headers);
+    Ok(forward_relay(&upstream, parts, full(raw)).await)
+}
+
+// === impl Turn ===
+
+impl Turn {
+    /// Resolve: who the completion is for (explicit identity first, else
+    /// the policy's inference), and whether the client chose its slot.
+    fn resolve(
+        app: &App,
+        api: Api,
+        headers: &HeaderMap,
+        mut body: Value,
+        started: Instant,
+    ) -> Result<Turn, Failure> {
+        let explicit = explicit_identity(headers, &mut body)?;
+        let identity = identity::resolve(api, &body, &explicit, &app.policy, |t| {
+            app.shared.memory.previous_prompt(t)
+        });
+        let client_slot = match body.get("id_slot").and_then(Value::as_i64) {
+            Some(n) if n >= 0 => Some(usize::try_from(n).unwrap_or(usize::MAX)),
+            _ => None,
+        };
+        Ok(Turn {
+            started,
+            body,
+            identity,
+            client_slot,
+        })
+    }
+
+    fn tenant(&self) -> &Tenant {
+        &self.identity.tenant
+    }
+
+    /// Place: the character stays where its cache is; a newcomer goes where
+    /// slots are free (see `fleet::placement`). A client choosing its own
+    /// slot works with the upstream its own slot actions go to.
+    fn place(&self, app: &App) -> Result<Arc<Upstream>, Failure> {
+        let model = self.body.get("model").and_then(Value::as_str);
+        match self.client_slot {
+            None => app.place(self.tenant(), model),
+            Some(_) => app.default_upstream(),
+        }
+        .ok_or_else(Failure::no_upstream)
+    }
+
+    /// What to ask the slot table for.
+    fn want(&self, upstream: &Upstream) -> Result<Want, Failure> {
+        let Some(n) = self.client_slot else {
+            return Ok(Want::Tenant(self.tenant().clone()));
+        };
+        // llama-server wraps large ids around (id % n_slots): serialise on
+        // the slot it will really use.
+        match upstream.pool.len() {
+            0 => Err(Failure::Busy(
+                "llama-server's slots are not known yet".into(),
+            )),
+            len => Ok(Want::Pinned(n % len)),
+        }
+    }
+
+    /// Chat switch: when the client moved to another chat, the previous
+    /// chat's slots are saved and released (on every upstream), in a task of
+    /// its own so a client leaving can't cut the saves short.
+    async fn chat_switch(
+        &self,
+        app: &Arc<App>,
+        upstream: &Upstream,
+        client: &Client,
+    ) -> Result<(), Failure> {
+        let (Tenant::Character { chat, .. }, None) = (self.tenant(), self.client_slot) else {
+            return Ok(());
+        };
+        let Some(previous) = app.shared.memory.note_client_chat(&client.key, chat) else {
+            return Ok(());
+        };
+        if !app.shared.settings.get().clear_on_chat_change {
+            return Ok(());
+        }
+        let (app, client) = (Arc::clone(app), client.key.clone());
+        session::detached(upstream, async move {
+            for upstream in app.upstreams() {
+                session::chat_switch(&upstream, &client, &previous).await;
+            }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// The slot is ours: remember the prompt, tell the monitors and the log.
+    fn begin(&self, upstream: &Upstream, lease: &Lease, client: &Client) {
+        let (slot, identity) = (lease.slot(), &self.identity);
+        lease.stamp_used(now_unix());
+        let prompt = self.body.get("prompt").and_then(Value::as_str);
+        let memory = &upstream.shared.memory;
+        memory.remember_prompt(&identity.tenant, identity.prompt_hash, prompt);
+        upstream.emit("slot_assigned", || {
+            json!({
+                "slot": slot,
+                "chat": identity.tenant.chat(),
+                "character": identity.tenant.character(),
+                "kind": identity.kind.as_str(),
+                "resident": lease.grant().resident,
+                "client": client.key,
+            })
+        });
+        info!(
+            slot,
+            tenant = %identity.tenant,
+            kind = %identity.kind,
+            source = ?identity.source,
+            resident = lease.grant().resident,
+            "completion"
+        );
+    }
+
+    /// Prepare: the previous owner's unsaved messages go to disk, then the
+    /// tenant's best save comes in, right before the generation. Both run in
+    /// a task that owns the lease (and borrows the body for the restore
+    /// decision), so a client that goes away meanwhile can't cut a save or
+    /// restore short; the turn and the lease come back with the file
+    /// restored, if any.
+    async fn prepare(
+        self,
+        upstream: &Arc<Upstream>,
+        lease: Lease,
+    ) -> Result<(Turn, Lease, Option<String>), Failure> {
+        let resident = lease.grant().resident;
+        if resident {
+            metrics::inc(&upstream.shared.metrics.resident_hits);
+        }
+        let needs_restore = !resident && self.client_slot.is_none() && self.tenant().is_character();
+        if lease.grant().evicted.is_none() && !needs_restore {
+            return Ok((self, lease, None));
+        }
+        let holder = Arc::clone(upstream);
+        let prepared = session::detached(upstream, async move {
+            session::take_over(&holder, &lease).await;
+            if !needs_restore {
+                return (self, lease, None);
+            }
+            let prompt = self.body.get("prompt").and_then(Value::as_str);
+            let messages = self.body.get("messages");
+            let r = session::restore(&holder, &lease, self.tenant(), prompt, messages).await;
+            let restored = match r {
+                Restore::Restored { file, .. } => Some(file),
+                _ => None,
+            };
+            (self, lease, restored)
+        })
+        .await?;
+        Ok(prepared)
+    }
+
+    /// The body llama-server gets: the client's, pinned to the slot. It is
+    /// taken out of the turn (a prompt can be megabytes; nothing reads it
+    /// after this).
+    fn take_body_for(&mut self, slot: usize) -> Result<Bytes, Failure> {
+        let mut body = std::mem::take(&mut self.body);
+        if self.client_slot.is_none() {
+            body["id_slot"] = Value::from(slot);
+        }
+        serde_json::to_vec(&body)
+            .map(Bytes::from)
+            .map_err(|e| Failure::Kvgate(e.to_string()))
+    }
+}
+
+/// Forward: the body pinned to the leased slot goes to llama-server.
+async fn forward(
+    upstream: &Upstream,
+    turn: &mut Turn,
+    lease: &Lease,
+    mut parts: Parts,
+) -> Result<Response<Driven>, Failure> {
+    let bytes = turn.take_body_for(lease.slot())?;
+    parts
+        .headers
+        .insert(CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    // kvgate reads the stream: it must not arrive compressed.
+    parts.headers.remove(ACCEPT_ENCODING);
+    upstream
+        .client
+        .forward_completion(parts, full(bytes))
+        .await
+        .map_err(|e| llama_failed(upstream, e))
+}
+
+/// Relay: the answer streams to the client through an observer, and a
+/// lifecycle task holding the lease waits for its end to [`finish`].
+fn relay(
+    upstream: &Arc<Upstream>,
+    turn: Turn,
+    lease: Lease,
+    resp: Response<Driven>,
+    restored: Option<&str>,
+) -> Response<ProxyBody> {
+    let (mut parts, body) = resp.into_parts();
+    crate::llama::client::strip_hop_by_hop(&mut parts.headers);
+    let sse = parts
+        .headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let idle = upstream.shared.cfg.stream_idle_timeout;
+    let (mut observed, end) = Observed::with_idle_timeout(body, sse, Some(idle));
+    // Once the first token is out, the prompt is processed: a good moment
+    // for background saves of other slots (see `fleet::save_behind`).
+    observed.notify_on_first_byte(Arc::clone(&upstream.save_behind_kick));
+    let slot = lease.slot();
+    add_identity_headers(
+        &mut parts.headers,
+        slot,
+        &turn.identity,
+        restored,
+        &upstream.name,
+    );
+    let (status, tenant) = (parts.status, turn.tenant());
+    upstream.emit(
+        "generation_started",
+        || json!({"slot": slot, "chat": tenant.chat(), "character": tenant.character(), "status": status.as_u16()}),
+    );
+    let guard = upstream.shared.tasks.start();
+    let upstream = Arc::clone(upstream);
+    tokio::spawn(async move {
+        let _guard = guard;
+        let end = end
+            .await
+            .unwrap_or(StreamEnd::ClientGone(Default::default()));
+        finish(&upstream, lease, &turn, status, end).await;
+    });
+    Response::from_parts(parts, boxed(observed))
+}
+
+/// Finish: after the body's end, record what the slot holds, count and
+/// tell, autosave, release.
+async fn finish(
+    upstream: &Upstream,
+    lease: Lease,
+    turn: &Turn,
+    status: StatusCode,
+    end: StreamEnd,
+) {
+    let (slot, identity) = (lease.slot(), &turn.identity);
+    let pinned = turn.client_slot.is_some();
+    let outcome = outcome::decide(pinned, status, &end, identity.kind);
+    if let (false, StreamEnd::UpstreamError(e, _)) = (pinned, &end) {
+        if !status.is_client_error() && !status.is_server_error() {
+            metrics::inc(&upstream.shared.metrics.upstream_errors);
+            warn!(slot, error = %e, "upstream broke off the stream");
+            upstream.monitor_kick.notify_one();
+        }
+    }
+    report(upstream, slot, turn, &end, outcome);
+    lease.apply(outcome);
+    if let Outcome::Generated(_) = outcome {
+        session::autosave(upstream, &lease, &identity.tenant).await;
+    }
+    lease.release(Outcome::Untouched);
+}
+
+/// Metrics, the `generation_finished` event and a debug line for a turn.
+fn report(upstream: &Upstream, slot: usize, turn: &Turn, end: &StreamEnd, outcome: Outcome) {
+    let (m, identity, summary) = (&upstream.shared.metrics, &turn.identity, end.summary());
+    let ttft = summary
+        .first_byte
+        .map(|t| t.saturating_duration_since(turn.started));
+    if let Some(t) = ttft {
+        m.ttft.observe(t);
+    }
+    if let (Some(c), Some(p)) = (summary.cache_n(), summary.prompt_n()) {
+        metrics::add(&m.prompt_cached, c);
+        metrics::add(&m.prompt_evaluated, p);
+    }
+    upstream.emit("generation_finished", || {
+        json!({
+            "slot": slot,
+            "chat": identity.tenant.chat(),
+            "character": identity.tenant.character(),
+            "kind": identity.kind.as_str(),
+            "outcome": outcome::label(end, outcome),
+            "cache_n": summary.cache_n(),
+            "prompt_n": summary.prompt_n(),
+            "ttft_ms": ttft.map(|t| t.as_secs_f64() * 1000.0),
+        })
+    });
+    debug!(
+        slot,
+        ?outcome,
+        cache_n = summary.cache_n(),
+        prompt_n = summary.prompt_n(),
+        bytes = summary.bytes,
+        "generation ended"
+    );
+}

@@ -1,0 +1,83 @@
+//! One front-port request in: who sent it (and whether they may), then the
+//! path it takes: a completion, a client's own slot action, or passthrough.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response};
+
+use crate::app::App;
+use crate::http::body::ProxyBody;
+use crate::identity::Api;
+use crate::observe::metrics;
+
+use super::client::Client;
+use super::completion::completion;
+use super::failure::Failure;
+use super::passthrough::passthrough;
+use super::slot_action::{slot_action, slot_action_target};
+
+/// Which completion API a path is, if kvgate intercepts it.
+pub fn completion_api(method: &Method, path: &str) -> Option<Api> {
+    if method != Method::POST {
+        return None;
+    }
+    match path {
+        "/completion" | "/completions" | "/v1/completions" => Some(Api::Text),
+        "/chat/completions" | "/v1/chat/completions" => Some(Api::Chat),
+        _ => None,
+    }
+}
+
+/// Serves one front-port request from `peer`.
+pub async fn handle(
+    app: Arc<App>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<ProxyBody> {
+    let route = metrics::route_label(req.uri().path());
+    let resp = route_request(&app, req, peer)
+        .await
+        .unwrap_or_else(|f| f.into_api_error().into_response());
+    app.shared.metrics.request(route, resp.status().as_u16());
+    resp
+}
+
+async fn route_request(
+    app: &Arc<App>,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Response<ProxyBody>, Failure> {
+    let client = Client::identify(app.clients.as_ref(), req.headers(), peer)?;
+    if let Some(api) = completion_api(req.method(), req.uri().path()) {
+        return completion(app, req, api, &client).await;
+    }
+    let upstream = app.default_upstream().ok_or_else(Failure::no_upstream)?;
+    client.credentials_for(&upstream, req.headers_mut());
+    if let Some(slot) = slot_action_target(req.method(), req.uri().path()) {
+        return slot_action(&upstream, req, slot).await;
+    }
+    Ok(passthrough(&upstream, req).await)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intercepted_paths() {
+        for p in ["/completion", "/completions", "/v1/completions"] {
+            assert_eq!(completion_api(&Method::POST, p), Some(Api::Text));
+        }
+        for p in ["/chat/completions", "/v1/chat/completions"] {
+            assert_eq!(completion_api(&Method::POST, p), Some(Api::Chat));
+        }
+        assert_eq!(completion_api(&Method::GET, "/completion"), None);
+        assert_eq!(completion_api(&Method::POST, "/tokenize"), None);
+        assert_eq!(
+            completion_api(&Method::POST, "/v1/chat/completions/control"),
+            None
+        );
+    }
+}

@@ -1,0 +1,23 @@
+//! The front port. Completions go through the phases of [`completion`];
+//! a client's own slot actions are serialised with kvgate's work on the
+//! slot ([`slot_action`]); everything else passes through untouched, to the
+//! first upstream that is up ([`passthrough`]).
+//!
+//! - [`front`]: one request in: who sent it, which path it takes.
+//! - [`completion`]: the completion path as named phases over one turn.
+//! - [`outcome`]: what a finished completion means for its slot (pure).
+//! - [`slot_action`], [`passthrough`]: the other two paths.
+//! - [`headers`], [`client`], [`failure`]: identity headers, who the client
+//!   is, who failed.
+
+pub mod client;
+pub mod completion;
+pub mod failure;
+pub mod front;
+pub mod headers;
+pub mod outcome;
+pub mod passthrough;
+pub mod slot_action;
+
+pub use front::{completion_api, handle};
+pub use headers::{H_CHARACTER, H_RESTORED, H_SLOT, H_UPSTREAM};

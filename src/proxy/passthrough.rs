@@ -1,0 +1,87 @@
+//! Requests kvgate does not act on go to llama-server untouched (method,
+//! path, query, end-to-end headers, body) and the answer streams back as it
+//! arrives. Also the two reads every front-port path shares: a body within
+//! the limit, and what a failed call to llama-server means.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderMap, CONTENT_LENGTH};
+use hyper::http::request::Parts;
+use hyper::{Request, Response};
+use tracing::warn;
+
+use crate::http::body::{boxed, ProxyBody};
+use crate::llama::client::{strip_hop_by_hop, UpstreamError};
+use crate::observe::metrics;
+use crate::upstream::Upstream;
+
+use super::failure::Failure;
+
+/// Forwards a request as is and relays the response as it arrives.
+pub(crate) async fn passthrough(
+    upstream: &Upstream,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let (parts, body) = req.into_parts();
+    forward_relay(upstream, parts, boxed(body)).await
+}
+
+/// Forwards `parts` and `body` unchanged and relays the answer, or the
+/// error kvgate gives when llama-server can't be reached.
+pub(crate) async fn forward_relay(
+    upstream: &Upstream,
+    parts: Parts,
+    body: ProxyBody,
+) -> Response<ProxyBody> {
+    match upstream.client.forward(parts, body).await {
+        Ok(resp) => relay(resp),
+        Err(e) => llama_failed(upstream, e).into_api_error().into_response(),
+    }
+}
+
+/// Copies status and end-to-end headers; the body streams through.
+fn relay(resp: Response<Incoming>) -> Response<ProxyBody> {
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, boxed(body))
+}
+
+/// A call to llama-server failed: count it, have the monitor look at once
+/// when it could not even connect, and say so to the client.
+pub(crate) fn llama_failed(upstream: &Upstream, e: UpstreamError) -> Failure {
+    metrics::inc(&upstream.shared.metrics.upstream_errors);
+    if e.is_connect() {
+        upstream.monitor_kick.notify_one();
+    }
+    warn!(error = %e, "upstream request failed");
+    Failure::Llama(e)
+}
+
+/// Reads the body within `limit` bytes.
+pub(crate) async fn read_body(
+    limit: u64,
+    headers: &HeaderMap,
+    body: Incoming,
+) -> Result<Bytes, Failure> {
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(Failure::TooLarge(limit));
+    }
+    let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
+    match Limited::new(body, limit_usize).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(Failure::TooLarge(limit))
+        }
+        Err(e) => Err(Failure::Client(format!(
+            "could not read the request body: {e}"
+        ))),
+    }
+}

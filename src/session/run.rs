@@ -1,0 +1,39 @@
+//! How slot work runs: leases are acquired with kvgate's queue bound and
+//! metrics, and work that must not be cut short runs in a task of its own.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use crate::slots::lease::{AcquireError, Lease};
+use crate::slots::table::Want;
+use crate::upstream::Upstream;
+
+/// Waits (FIFO, within the configured queue timeout) for a lease on what
+/// `want` asks of `upstream`; a refusal counts as a queue rejection.
+pub(crate) async fn acquire(upstream: &Arc<Upstream>, want: Want) -> Result<Lease, AcquireError> {
+    let timeout = upstream.shared.cfg.queue_timeout;
+    upstream.pool.acquire(want, timeout).await.inspect_err(|_| {
+        crate::observe::metrics::inc(&upstream.shared.metrics.queue_rejections);
+    })
+}
+
+/// Why detached work did not come back.
+#[derive(Debug, thiserror::Error)]
+#[error("slot work failed: {0}")]
+pub(crate) struct Detached(String);
+
+/// Runs `work` in a task of its own, so that the request future being
+/// dropped (the client went away) cannot interrupt a save or a restore half
+/// way; counted so shutdown waits for it.
+pub(crate) async fn detached<T: Send + 'static>(
+    upstream: &Upstream,
+    work: impl Future<Output = T> + Send + 'static,
+) -> Result<T, Detached> {
+    let guard = upstream.shared.tasks.start();
+    tokio::spawn(async move {
+        let _guard = guard;
+        work.await
+    })
+    .await
+    .map_err(|e| Detached(e.to_string()))
+}

@@ -1,0 +1,106 @@
+//! The live cache settings: shared by the admin port (which changes them)
+//! and the proxy and cache layer (which read them), shown and changed as
+//! JSON, and persisted in the save directory so they outlive a restart.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde_json::{json, Map, Value};
+
+use crate::config::CacheSettings;
+use crate::live::Live;
+use crate::store::meta::TEMP_PREFIX;
+
+/// Where live settings are persisted, inside the save directory.
+pub const SETTINGS_FILE: &str = "kvgate-settings.json";
+
+/// Settings shared between the admin port and the proxy and cache layer.
+pub type Settings = Arc<Live<CacheSettings>>;
+
+/// The settings as the API shows them.
+pub fn settings_json(s: &CacheSettings) -> Value {
+    json!({
+        "autosave": s.autosave,
+        "save_every": s.save_every,
+        "max_files": s.max_files,
+        "clear_on_chat_change": s.clear_on_chat_change,
+        "preload_timeout_s": s.preload_timeout_s,
+    })
+}
+
+/// Applies a partial settings object; unknown keys and bad values are errors.
+pub fn apply_settings(s: &mut CacheSettings, body: &Map<String, Value>) -> Result<(), String> {
+    for (k, v) in body {
+        let positive = |v: &Value| -> Result<u64, String> {
+            v.as_u64()
+                .filter(|n| *n >= 1)
+                .ok_or_else(|| format!("{k} must be a whole number ≥ 1"))
+        };
+        let boolean = |v: &Value| {
+            v.as_bool()
+                .ok_or_else(|| format!("{k} must be true or false"))
+        };
+        match k.as_str() {
+            "autosave" => s.autosave = boolean(v)?,
+            "clear_on_chat_change" => s.clear_on_chat_change = boolean(v)?,
+            "save_every" => {
+                s.save_every = u32::try_from(positive(v)?)
+                    .map_err(|_| "save_every is too large".to_string())?
+            }
+            "max_files" => {
+                s.max_files =
+                    u32::try_from(positive(v)?).map_err(|_| "max_files is too large".to_string())?
+            }
+            "preload_timeout_s" => s.preload_timeout_s = positive(v)?,
+            other => return Err(format!("unknown setting {other:?}")),
+        }
+    }
+    Ok(())
+}
+
+/// Writes the settings file atomically.
+pub fn persist_settings(dir: &Path, s: &CacheSettings) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{}{SETTINGS_FILE}", TEMP_PREFIX));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&settings_json(s))?)?;
+    std::fs::rename(&tmp, dir.join(SETTINGS_FILE))
+}
+
+/// Applies settings persisted by an earlier run, if any.
+pub fn load_persisted_settings(dir: &Path, s: &mut CacheSettings) -> Result<bool, String> {
+    let path = dir.join(SETTINGS_FILE);
+    let text = match std::fs::read(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let v: Value = serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| format!("{}: not a JSON object", path.display()))?;
+    apply_settings(s, obj).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_apply_and_refuse() {
+        let mut s = CacheSettings::default();
+        let body = json!({"save_every": 3, "autosave": false});
+        apply_settings(&mut s, body.as_object().unwrap()).unwrap();
+        assert_eq!((s.save_every, s.autosave), (3, false));
+        for bad in [
+            json!({"save_every": 0}),
+            json!({"max_files": "x"}),
+            json!({"autosave": 1}),
+            json!({"nope": 1}),
+        ] {
+            assert!(
+                apply_settings(&mut s, bad.as_object().unwrap()).is_err(),
+                "{bad}"
+            );
+        }
+    }
+}

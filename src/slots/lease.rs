@@ -1,0 +1,403 @@
+//! Slot leases: the async face of the pure [`SlotTable`]. A [`Lease`] is the
+//! right to do one thing at a time on one slot (generate, save, restore,
+//! erase). Waiting is FIFO through the table's queue; grants travel to their
+//! waiters over oneshot channels. The table lock is a `std` mutex, never held
+//! across an `.await`.
+//!
+//! A lease is released exactly once: explicitly with an [`Outcome`], or on
+//! drop with [`Outcome::Failed`] (the slot's contents are then unknown, so the
+//! owner restores next time). A grant whose waiter has gone away is released
+//! at once, so no slot is ever left locked by a cancelled request.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use crate::slots::table::{Grant, Outcome, Slot, SlotId, SlotTable, TableError, Ticket, Want};
+
+/// Why no lease was granted.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum AcquireError {
+    /// The table refused (queue full, no such slot, slots unknown).
+    #[error(transparent)]
+    Table(#[from] TableError),
+    /// Waited too long.
+    #[error("no slot became free within {0:.0} s")]
+    Timeout(f64),
+    /// The pool is shutting down.
+    #[error("kvgate is shutting down")]
+    Closed,
+}
+
+#[derive(Debug)]
+struct Inner {
+    table: SlotTable,
+    waiters: HashMap<Ticket, oneshot::Sender<Grant>>,
+    closed: bool,
+}
+
+/// The shared slot table plus its waiters.
+#[derive(Debug)]
+pub struct Pool {
+    inner: Mutex<Inner>,
+}
+
+// === impl Pool ===
+
+impl Pool {
+    /// A pool over `n` slots (0 until the upstream is known).
+    pub fn new(n: usize, max_queue: usize) -> Arc<Pool> {
+        Arc::new(Pool {
+            inner: Mutex::new(Inner {
+                table: SlotTable::new(n, max_queue),
+                waiters: HashMap::new(),
+                closed: false,
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves the table consistent (every
+        // mutation is a single call), so poisoning is not fatal.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits (FIFO, bounded by `timeout`) for a lease on what `want` asks.
+    pub async fn acquire(
+        self: &Arc<Self>,
+        want: Want,
+        timeout: Duration,
+    ) -> Result<Lease, AcquireError> {
+        let (tx, rx) = oneshot::channel();
+        let ticket = {
+            let mut inner = self.lock();
+            if inner.closed {
+                return Err(AcquireError::Closed);
+            }
+            let (ticket, grants) = inner.table.enqueue(want)?;
+            inner.waiters.insert(ticket, tx);
+            deliver(&mut inner, grants);
+            ticket
+        };
+        let mut guard = WaitGuard {
+            pool: self,
+            ticket,
+            rx: Some(rx),
+        };
+        let rx = guard.rx.as_mut().expect("set above");
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(grant)) => {
+                guard.rx = None;
+                Ok(Lease {
+                    pool: Arc::clone(self),
+                    grant,
+                    released: false,
+                })
+            }
+            // The sender was dropped: the pool closed or the slot vanished.
+            Ok(Err(_)) => Err(AcquireError::Closed),
+            Err(_) => Err(AcquireError::Timeout(timeout.as_secs_f64())),
+        }
+    }
+
+    /// Reads the table (the admin view, placement, gauges, tests).
+    pub fn read<R>(&self, f: impl FnOnce(&SlotTable) -> R) -> R {
+        f(&self.lock().table)
+    }
+
+    /// Changes one leased slot's state; only [`Lease`]'s methods call it,
+    /// so every change to a slot is made by its lease holder.
+    fn change<R>(&self, f: impl FnOnce(&mut SlotTable) -> R) -> R {
+        f(&mut self.lock().table)
+    }
+
+    /// llama-server restarted: no slot holds its owner's cache any more.
+    /// With [`Pool::reconcile`], the only changes made without a lease:
+    /// they record what llama-server did, whoever holds the slot.
+    pub(crate) fn lose_all_caches(&self) {
+        self.lock().table.invalidate_all();
+    }
+
+    /// Marks the slots that llama-server reports empty although kvgate
+    /// believed them live (see [`SlotTable::reconcile`]); returns them.
+    pub(crate) fn reconcile(&self, empty: &[bool], ticks_before: &[u64]) -> Vec<SlotId> {
+        self.lock().table.reconcile(empty, ticks_before)
+    }
+
+    /// Requests waiting for a slot.
+    pub fn queued(&self) -> usize {
+        self.lock().table.queued()
+    }
+
+    /// A copy of every slot's state.
+    pub fn snapshot(&self) -> Vec<Slot> {
+        self.lock().table.slots().to_vec()
+    }
+
+    /// True when no lease is held and nobody waits.
+    pub fn is_idle(&self) -> bool {
+        self.lock().table.is_idle()
+    }
+
+    /// Number of slots (0 while unknown).
+    pub fn len(&self) -> usize {
+        self.lock().table.len()
+    }
+
+    /// True while the slot count is unknown.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Adopts the upstream's slot count and serves waiters it allows.
+    pub fn resize(&self, n: usize) {
+        let mut inner = self.lock();
+        let grants = inner.table.resize(n);
+        // Waiters for slots that no longer exist were dropped from the queue:
+        // dropping their senders ends their waits.
+        let queued: Vec<Ticket> = inner.waiters.keys().copied().collect();
+        for t in queued {
+            if !grants.iter().any(|(g, _)| *g == t) && !inner.table.is_queued(t) {
+                inner.waiters.remove(&t);
+            }
+        }
+        deliver(&mut inner, grants);
+    }
+
+    /// Stops new acquisitions and wakes every waiter with `Closed`.
+    pub fn close(&self) {
+        let mut inner = self.lock();
+        inner.closed = true;
+        let tickets: Vec<Ticket> = inner.waiters.keys().copied().collect();
+        for t in tickets {
+            inner.table.cancel(t);
+        }
+        inner.waiters.clear();
+    }
+
+    fn release(&self, slot: SlotId, lease: u64, outcome: Outcome) {
+        let mut inner = self.lock();
+        let grants = inner.table.release(slot, lease, outcome);
+        deliver(&mut inner, grants);
+    }
+}
+
+/// Hands grants to their waiters. A waiter that is gone gets its grant
+/// released on the spot, which may serve the next waiter, and so on.
+fn deliver(inner: &mut Inner, mut grants: Vec<(Ticket, Grant)>) {
+    while let Some((ticket, grant)) = grants.pop() {
+        let sent = match inner.waiters.remove(&ticket) {
+            Some(tx) => tx.send(grant.clone()).is_ok(),
+            None => false,
+        };
+        if !sent {
+            let more = inner
+                .table
+                .release(grant.slot, grant.lease, Outcome::Untouched);
+            grants.extend(more);
+        }
+    }
+}
+
+/// Cleans up a wait that ends without a lease (timeout, cancellation).
+struct WaitGuard<'a> {
+    pool: &'a Arc<Pool>,
+    ticket: Ticket,
+    rx: Option<oneshot::Receiver<Grant>>,
+}
+
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        let Some(mut rx) = self.rx.take() else {
+            return;
+        };
+        let mut inner = self.pool.lock();
+        inner.waiters.remove(&self.ticket);
+        if !inner.table.cancel(self.ticket) {
+            // Granted but never taken: the grant may sit in the channel.
+            if let Ok(grant) = rx.try_recv() {
+                let grants = inner
+                    .table
+                    .release(grant.slot, grant.lease, Outcome::Untouched);
+                deliver(&mut inner, grants);
+            }
+        }
+    }
+}
+
+/// The right to use one slot until released.
+#[derive(Debug)]
+pub struct Lease {
+    pool: Arc<Pool>,
+    grant: Grant,
+    released: bool,
+}
+
+// === impl Lease ===
+
+impl Lease {
+    /// The slot.
+    pub fn slot(&self) -> SlotId {
+        self.grant.slot
+    }
+
+    /// What the table decided when granting.
+    pub fn grant(&self) -> &Grant {
+        &self.grant
+    }
+
+    /// The pool the lease belongs to.
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    /// Applies an outcome to the slot without releasing it (the holder has
+    /// more to do, e.g. an autosave after the generation).
+    pub(crate) fn apply(&self, outcome: Outcome) {
+        self.pool
+            .change(|t| t.apply(self.grant.slot, self.grant.lease, outcome));
+    }
+
+    /// The slot's state now.
+    pub fn state(&self) -> Slot {
+        self.pool
+            .read(|t| t.slots().get(self.grant.slot).cloned().unwrap_or_default())
+    }
+
+    /// The slot's usage counter now.
+    pub fn usage(&self) -> u32 {
+        self.state().usage
+    }
+
+    /// The owner's cache is on disk: nothing unsaved.
+    pub(crate) fn mark_saved(&self) {
+        self.pool.change(|t| t.mark_saved(self.grant.slot));
+    }
+
+    /// The slot holds the cache restored from `file`.
+    pub(crate) fn mark_restored(&self, file: &str) {
+        self.pool.change(|t| t.mark_restored(self.grant.slot, file));
+    }
+
+    /// The slot holds nothing (a failed restore cleared it).
+    pub(crate) fn mark_empty(&self) {
+        self.pool.change(|t| t.mark_empty(self.grant.slot));
+    }
+
+    /// A generation runs on the slot now (Unix seconds, for display).
+    pub(crate) fn stamp_used(&self, unix: u64) {
+        self.pool.change(|t| t.stamp_used(self.grant.slot, unix));
+    }
+
+    /// Releases with `outcome`.
+    pub fn release(mut self, outcome: Outcome) {
+        self.released = true;
+        self.pool
+            .release(self.grant.slot, self.grant.lease, outcome);
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if !self.released {
+            self.pool
+                .release(self.grant.slot, self.grant.lease, Outcome::Failed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tenant::Kind;
+    use crate::tenant::Tenant;
+
+    fn want(n: &str) -> Want {
+        Want::Tenant(Tenant::Character {
+            chat: "c".into(),
+            name: n.into(),
+        })
+    }
+
+    const T: Duration = Duration::from_secs(5);
+
+    #[tokio::test]
+    async fn waiter_gets_slot_when_released() {
+        let pool = Pool::new(1, 4);
+        let a = pool.acquire(want("A"), T).await.unwrap();
+        let p2 = Arc::clone(&pool);
+        let waiting = tokio::spawn(async move { p2.acquire(want("B"), T).await.map(|l| l.slot()) });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        a.release(Outcome::Generated(Kind::Normal));
+        assert_eq!(waiting.await.unwrap().unwrap(), 0);
+        assert!(pool.is_idle(), "B's lease was dropped after the task ended");
+    }
+
+    #[tokio::test]
+    async fn cancelled_waiter_leaves_nothing_locked() {
+        let pool = Pool::new(1, 4);
+        let a = pool.acquire(want("A"), T).await.unwrap();
+        let p2 = Arc::clone(&pool);
+        let waiting = tokio::spawn(async move { p2.acquire(want("B"), T).await.map(|l| l.slot()) });
+        tokio::task::yield_now().await;
+        waiting.abort();
+        let _ = waiting.await;
+        drop(a);
+        assert!(pool.is_idle());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn timeout_gives_up_and_cleans_up() {
+        let pool = Pool::new(1, 4);
+        let _a = pool.acquire(want("A"), T).await.unwrap();
+        let err = pool
+            .acquire(want("B"), Duration::from_secs(2))
+            .await
+            .unwrap_err();
+        assert_eq!(err, AcquireError::Timeout(2.0));
+        assert_eq!(pool.queued(), 0);
+    }
+
+    #[tokio::test]
+    async fn grant_to_a_vanished_waiter_is_passed_on() {
+        let pool = Pool::new(1, 4);
+        let a = pool.acquire(want("A"), T).await.unwrap();
+        // Simulate a waiter whose receiver is gone before delivery.
+        let (tx, rx) = oneshot::channel();
+        drop(rx);
+        {
+            let mut inner = pool.lock();
+            let (ticket, grants) = inner.table.enqueue(want("B")).unwrap();
+            assert!(grants.is_empty());
+            inner.waiters.insert(ticket, tx);
+        }
+        let p2 = Arc::clone(&pool);
+        let c = tokio::spawn(async move { p2.acquire(want("C"), T).await.map(|l| l.slot()) });
+        tokio::task::yield_now().await;
+        a.release(Outcome::Generated(Kind::Normal));
+        assert_eq!(
+            c.await.unwrap().unwrap(),
+            0,
+            "B's unclaimed grant went to C"
+        );
+        assert!(pool.is_idle());
+    }
+
+    #[tokio::test]
+    async fn close_wakes_waiters() {
+        let pool = Pool::new(1, 4);
+        let _a = pool.acquire(want("A"), T).await.unwrap();
+        let p2 = Arc::clone(&pool);
+        let w = tokio::spawn(async move { p2.acquire(want("B"), T).await.map(|l| l.slot()) });
+        tokio::task::yield_now().await;
+        pool.close();
+        assert_eq!(w.await.unwrap().unwrap_err(), AcquireError::Closed);
+        assert_eq!(
+            pool.acquire(want("C"), T).await.unwrap_err(),
+            AcquireError::Closed
+        );
+    }
+}

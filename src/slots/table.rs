@@ -1,0 +1,805 @@
+//! The slot table: which tenant (chat + character) owns which llama-server
+//! slot, who is using a slot right now, and who waits for one.
+//!
+//! This module is pure: no I/O, no async, no clock. [`crate::lease`] wraps it
+//! in a mutex and turns its grants into RAII leases; everything the table
+//! decides is decided in one call, so a decision and its reservation can never
+//! be separated by an `.await` (llama-swap's "a read that gates a mutation is a
+//! bug").
+//!
+//! # Rules
+//! - A tenant already resident in a slot gets that slot; requests for a busy
+//!   resident slot queue behind it (same character = serialised).
+//! - Otherwise the lowest free (unowned, idle) slot.
+//! - Otherwise the idle slot with the smallest usage counter, ties broken by
+//!   least recent use, then by the lowest id (the seed extension's rule, with
+//!   LRU added so ties do not always hit slot 0).
+//! - A slot with a lease (a request in flight, a save, a restore) is never
+//!   evicted. Waiters are served in FIFO order among those that can proceed.
+//! - Usage counts messages since the last save or restore: `normal` +1;
+//!   `regenerate`, `swipe`, `continue`, `quiet` +1 only when it is 0;
+//!   `impersonate` no change. Anonymous tenants never count.
+
+use std::collections::VecDeque;
+
+use crate::tenant::{Kind, Tenant};
+
+/// Index of a llama-server slot (`id_slot`).
+pub type SlotId = usize;
+
+/// What a request asks the table for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Want {
+    /// A slot for this tenant, chosen by kvgate.
+    Tenant(Tenant),
+    /// Exactly this slot, because the client chose it (`id_slot` ≥ 0) or a
+    /// client's slot action targets it. The grant takes the slot from its
+    /// owner (reported as evicted); afterwards its contents are unknown.
+    Pinned(SlotId),
+    /// Exclusive use of this slot without changing its owner (a save, an
+    /// inspection); the release outcome says what changed.
+    Hold(SlotId),
+}
+
+/// Handle of a queued request.
+pub type Ticket = u64;
+
+/// Identifies one lease so a stale release can't free someone else's slot.
+pub type LeaseId = u64;
+
+/// The previous owner of a slot that a grant takes over.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Evicted {
+    /// Who held the slot.
+    pub tenant: Tenant,
+    /// Its usage counter: ≥ 1 means unsaved messages (save before eviction).
+    pub usage: u32,
+    /// Whether the slot still held the tenant's live cache.
+    pub live: bool,
+}
+
+/// A slot handed to a request. The holder must call
+/// [`SlotTable::release`] with the same lease id exactly once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    /// The slot to use as `id_slot`.
+    pub slot: SlotId,
+    /// The lease to release.
+    pub lease: LeaseId,
+    /// True when the slot already holds this tenant's live cache.
+    pub resident: bool,
+    /// Set when the grant takes the slot from another tenant.
+    pub evicted: Option<Evicted>,
+    /// Usage counter of the slot at grant time (for the new owner).
+    pub usage: u32,
+}
+
+/// How a lease ended; decides what the table believes about the slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A generation for the owner finished (fully or stopped by the client):
+    /// the slot holds a valid prefix of the owner's conversation.
+    Generated(Kind),
+    /// Something went wrong upstream: the slot's contents are unknown.
+    Failed,
+    /// The lease did nothing to the slot (e.g. the request was refused
+    /// before reaching llama-server).
+    Untouched,
+    /// The slot was used by someone kvgate does not track (a client-pinned
+    /// request, a client's own slot action) or erased: it belongs to nobody.
+    Cleared,
+}
+
+/// One slot's bookkeeping.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Slot {
+    /// Current owner, kept across eviction-free idle periods.
+    pub owner: Option<Tenant>,
+    /// Whether llama-server's slot holds the owner's cache right now. False
+    /// after an upstream restart or failure: the owner keeps its affinity
+    /// but its next request must restore from disk.
+    pub live: bool,
+    /// Messages since the last save or restore.
+    pub usage: u32,
+    /// Logical time of the last grant (for LRU tie breaks).
+    pub last_used: u64,
+    /// Wall-clock Unix seconds of the last generation, as its caller stamped
+    /// it (the table reads no clock); shown by the admin API.
+    pub used_at: Option<u64>,
+    /// The lease in force, if any.
+    pub lease: Option<LeaseId>,
+    /// Restored but not generated on since: llama-server's `/slots` shows
+    /// no task for such a slot, which must not be mistaken for a lost cache.
+    pub fresh: bool,
+    /// The lease in force is a [`Want::Hold`] (a save or an inspection, not
+    /// a generation): the slot will be free again shortly and unchanged.
+    pub held: bool,
+    /// The save the live cache was restored from (generations since then
+    /// only extend it); gone with the cache.
+    pub restored_from: Option<String>,
+}
+
+impl Slot {
+    /// llama-server's slot no longer holds the owner's cache.
+    fn lose_cache(&mut self) {
+        self.live = false;
+        self.restored_from = None;
+    }
+}
+
+/// A queued request.
+#[derive(Clone, Debug)]
+struct Waiter {
+    ticket: Ticket,
+    want: Want,
+}
+
+/// Why a request was refused outright.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TableError {
+    /// The wait queue is full.
+    #[error("all {slots} slots are busy and {queued} requests are already waiting")]
+    QueueFull {
+        /// Number of slots.
+        slots: usize,
+        /// Queue length.
+        queued: usize,
+    },
+    /// A pinned slot that does not exist.
+    #[error("slot {0} does not exist")]
+    NoSuchSlot(SlotId),
+    /// The upstream's slot count is not known yet.
+    #[error("the upstream's slots are not known yet")]
+    NoSlots,
+}
+
+/// The pure allocator. See the module docs for its rules.
+#[derive(Debug, Clone)]
+pub struct SlotTable {
+    slots: Vec<Slot>,
+    queue: VecDeque<Waiter>,
+    max_queue: usize,
+    tick: u64,
+    next_ticket: Ticket,
+    next_lease: LeaseId,
+}
+
+// === impl SlotTable ===
+
+impl SlotTable {
+    /// A table of `n` empty slots whose wait queue holds at most `max_queue`.
+    pub fn new(n: usize, max_queue: usize) -> Self {
+        SlotTable {
+            slots: vec![Slot::default(); n],
+            queue: VecDeque::new(),
+            max_queue,
+            tick: 0,
+            next_ticket: 1,
+            next_lease: 1,
+        }
+    }
+
+    /// Number of slots.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// True when the upstream's slot count is unknown (zero slots).
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// Read access to every slot.
+    pub fn slots(&self) -> &[Slot] {
+        &self.slots
+    }
+
+    /// Number of queued requests.
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// The slot a tenant is resident in, if any.
+    pub fn resident(&self, tenant: &Tenant) -> Option<SlotId> {
+        self.slots
+            .iter()
+            .position(|s| s.owner.as_ref() == Some(tenant))
+    }
+
+    /// True when no slot is leased and nobody waits.
+    pub fn is_idle(&self) -> bool {
+        self.queue.is_empty() && self.slots.iter().all(|s| s.lease.is_none())
+    }
+
+    /// Queues a request and serves whatever can be served now, in FIFO order.
+    /// Returns the ticket and the grants made by this call (which may include
+    /// the new ticket's own grant). The queue bound applies only to requests
+    /// that must wait.
+    pub fn enqueue(&mut self, want: Want) -> Result<(Ticket, Vec<(Ticket, Grant)>), TableError> {
+        if self.slots.is_empty() {
+            return Err(TableError::NoSlots);
+        }
+        if let Want::Pinned(s) | Want::Hold(s) = want {
+            if s >= self.slots.len() {
+                return Err(TableError::NoSuchSlot(s));
+            }
+        }
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        self.queue.push_back(Waiter { ticket, want });
+        let grants = self.dispatch();
+        let served = grants.iter().any(|(t, _)| *t == ticket);
+        if !served && self.queue.len() > self.max_queue {
+            self.queue.retain(|w| w.ticket != ticket);
+            return Err(TableError::QueueFull {
+                slots: self.slots.len(),
+                queued: self.queue.len(),
+            });
+        }
+        Ok((ticket, grants))
+    }
+
+    /// Removes a waiter that gave up (timeout, client gone). Returns whether it
+    /// was still queued; if it was already granted, the caller owns a lease
+    /// and must release it instead.
+    pub fn cancel(&mut self, ticket: Ticket) -> bool {
+        let before = self.queue.len();
+        self.queue.retain(|w| w.ticket != ticket);
+        self.queue.len() != before
+    }
+
+    /// Ends a lease and serves the waiters that can now proceed.
+    /// A release with a stale lease id changes nothing.
+    pub fn release(
+        &mut self,
+        slot: SlotId,
+        lease: LeaseId,
+        outcome: Outcome,
+    ) -> Vec<(Ticket, Grant)> {
+        if !self.apply(slot, lease, outcome) {
+            return Vec::new();
+        }
+        self.slots[slot].lease = None;
+        self.slots[slot].held = false;
+        self.dispatch()
+    }
+
+    /// Whether `ticket` still waits in the queue.
+    pub fn is_queued(&self, ticket: Ticket) -> bool {
+        self.queue.iter().any(|w| w.ticket == ticket)
+    }
+
+    /// Applies an outcome to a leased slot without releasing it (the holder
+    /// has more to do, such as an autosave). Returns false for a stale lease.
+    pub fn apply(&mut self, slot: SlotId, lease: LeaseId, outcome: Outcome) -> bool {
+        let Some(s) = self.slots.get_mut(slot) else {
+            return false;
+        };
+        if s.lease != Some(lease) {
+            return false;
+        }
+        match outcome {
+            Outcome::Generated(kind) => {
+                s.live = true;
+                s.fresh = false;
+                if s.owner.as_ref().is_some_and(Tenant::is_character) {
+                    s.usage = next_usage(s.usage, kind);
+                }
+            }
+            Outcome::Failed => s.lose_cache(),
+            Outcome::Untouched => {}
+            Outcome::Cleared => {
+                s.owner = None;
+                s.lose_cache();
+                s.usage = 0;
+                s.fresh = false;
+            }
+        }
+        true
+    }
+
+    /// Records when (Unix seconds) a generation last ran on the slot.
+    pub fn stamp_used(&mut self, slot: SlotId, unix: u64) {
+        if let Some(s) = self.slots.get_mut(slot) {
+            s.used_at = Some(unix);
+        }
+    }
+
+    /// Records a successful save of the slot's cache: nothing is unsaved.
+    pub fn mark_saved(&mut self, slot: SlotId) {
+        if let Some(s) = self.slots.get_mut(slot) {
+            s.usage = 0;
+        }
+    }
+
+    /// Records a successful restore: the slot holds the owner's cache as of
+    /// the restored `file`, so nothing is unsaved.
+    pub fn mark_restored(&mut self, slot: SlotId, file: &str) {
+        if let Some(s) = self.slots.get_mut(slot) {
+            s.usage = 0;
+            s.live = true;
+            s.fresh = true;
+            s.restored_from = Some(file.to_string());
+        }
+    }
+
+    /// Records that the slot's cache is gone (a failed restore clears it).
+    pub fn mark_empty(&mut self, slot: SlotId) {
+        if let Some(s) = self.slots.get_mut(slot) {
+            s.lose_cache();
+        }
+    }
+
+    /// The upstream restarted: every cache is gone. Owners keep their slots
+    /// (affinity) but must restore; nothing is left to save.
+    pub fn invalidate_all(&mut self) {
+        for s in &mut self.slots {
+            s.lose_cache();
+            s.usage = 0;
+        }
+    }
+
+    /// Reconciles with llama-server's `/slots`: a slot kvgate believes holds
+    /// a live cache but llama-server reports empty has lost it (a restart
+    /// between polls, or idle-slot clearing). `observed_empty[i]` is what the
+    /// poll saw; `ticks_before[i]` is slot i's `last_used` when the poll was
+    /// sent, so a slot granted since then is left alone. Returns the slots
+    /// marked lost; their unsaved messages are gone with the cache.
+    pub fn reconcile(&mut self, observed_empty: &[bool], ticks_before: &[u64]) -> Vec<SlotId> {
+        let mut lost = Vec::new();
+        for (id, s) in self.slots.iter_mut().enumerate() {
+            let (Some(&empty), Some(&tick)) = (observed_empty.get(id), ticks_before.get(id)) else {
+                continue;
+            };
+            if empty && s.live && !s.fresh && s.lease.is_none() && s.last_used == tick {
+                s.lose_cache();
+                s.usage = 0;
+                lost.push(id);
+            }
+        }
+        lost
+    }
+
+    /// Adopts a new slot count (first contact, or an upstream restarted with
+    /// another `-np`). Existing leases on removed slots are dropped from the
+    /// table; their holders' releases become no-ops. Returns the grants the
+    /// new slots allow.
+    pub fn resize(&mut self, n: usize) -> Vec<(Ticket, Grant)> {
+        self.slots.resize_with(n, Slot::default);
+        let len = self.slots.len();
+        self.queue
+            .retain(|w| !matches!(w.want, Want::Pinned(s) | Want::Hold(s) if s >= len));
+        self.dispatch()
+    }
+
+    /// Serves waiters in FIFO order. Two passes: first those whose slot is
+    /// already theirs (resident or pinned) and idle, then newcomers, so a
+    /// newcomer never evicts a slot whose owner is being served in this pass.
+    fn dispatch(&mut self) -> Vec<(Ticket, Grant)> {
+        let mut grants = Vec::new();
+        let mut i = 0;
+        while i < self.queue.len() {
+            let target = match &self.queue[i].want {
+                Want::Pinned(s) | Want::Hold(s) => Some(*s),
+                Want::Tenant(t) => self.resident(t),
+            };
+            match target {
+                Some(slot) => {
+                    if self.slots[slot].lease.is_none() {
+                        let w = self.queue.remove(i).expect("index in range");
+                        let g = self.grant(slot, &w.want);
+                        grants.push((w.ticket, g));
+                    } else {
+                        i += 1;
+                    }
+                }
+                None => i += 1,
+            }
+        }
+        let mut i = 0;
+        while i < self.queue.len() {
+            let Want::Tenant(t) = &self.queue[i].want else {
+                i += 1;
+                continue;
+            };
+            // A tenant that became resident during this pass (an earlier
+            // waiter for the same tenant got a slot) waits behind that slot.
+            if self.resident(t).is_some() {
+                i += 1;
+                continue;
+            }
+            match self.pick_for_newcomer() {
+                Some(slot) => {
+                    let w = self.queue.remove(i).expect("index in range");
+                    let g = self.grant(slot, &w.want);
+                    grants.push((w.ticket, g));
+                }
+                // Nothing is idle: later newcomers can't be served either.
+                None => break,
+            }
+        }
+        grants
+    }
+
+    /// Lowest free slot, else the idle slot with least usage, then least
+    /// recently used, then lowest id. When that slot has unsaved messages
+    /// while another slot is only held for a save (which leaves it clean),
+    /// the newcomer waits for that one instead: the wait is shorter than the
+    /// save an eviction of the dirty slot would need, and the dirty slot
+    /// (usually the latest speaker) stays resident.
+    fn pick_for_newcomer(&self) -> Option<SlotId> {
+        let idle = || {
+            self.slots
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.lease.is_none())
+        };
+        if let Some((id, _)) = idle().find(|(_, s)| s.owner.is_none()) {
+            return Some(id);
+        }
+        let best = idle().min_by_key(|(id, s)| (s.usage, s.last_used, *id));
+        match best {
+            Some((_, s)) if s.usage >= 1 && self.slots.iter().any(|x| x.held) => None,
+            other => other.map(|(id, _)| id),
+        }
+    }
+
+    fn grant(&mut self, slot: SlotId, want: &Want) -> Grant {
+        self.tick += 1;
+        let lease = self.next_lease;
+        self.next_lease += 1;
+        let s = &mut self.slots[slot];
+        s.lease = Some(lease);
+        s.held = matches!(want, Want::Hold(_));
+        // A save or an inspection is not a use: it must not make the slot
+        // look recently used to the eviction order.
+        if !s.held {
+            s.last_used = self.tick;
+        }
+        let (resident, evicted) = match want {
+            Want::Tenant(t) if s.owner.as_ref() == Some(t) => (s.live, None),
+            Want::Hold(_) => (s.live, None),
+            // A newcomer, or a client pinning the slot, takes it from its
+            // owner: report the owner so unsaved messages can be saved first.
+            Want::Tenant(_) | Want::Pinned(_) => {
+                let ev = s.owner.take().map(|tenant| Evicted {
+                    tenant,
+                    usage: s.usage,
+                    live: s.live,
+                });
+                if let Want::Tenant(t) = want {
+                    s.owner = Some(t.clone());
+                }
+                s.usage = 0;
+                s.lose_cache();
+                (false, ev)
+            }
+        };
+        Grant {
+            slot,
+            lease,
+            resident,
+            evicted,
+            usage: s.usage,
+        }
+    }
+}
+
+/// The usage rule for a completed generation of `kind`.
+pub fn next_usage(usage: u32, kind: Kind) -> u32 {
+    match kind {
+        Kind::Normal => usage.saturating_add(1),
+        Kind::Regenerate | Kind::Swipe | Kind::Continue | Kind::Quiet => usage.max(1),
+        Kind::Impersonate => usage,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ch(name: &str) -> Tenant {
+        Tenant::Character {
+            chat: "c".into(),
+            name: name.into(),
+        }
+    }
+
+    fn want(name: &str) -> Want {
+        Want::Tenant(ch(name))
+    }
+
+    /// Enqueues and expects an immediate grant.
+    fn take(t: &mut SlotTable, w: Want) -> Grant {
+        let (ticket, grants) = t.enqueue(w).expect("enqueue");
+        grants
+            .into_iter()
+            .find(|(k, _)| *k == ticket)
+            .map(|(_, g)| g)
+            .expect("granted at once")
+    }
+
+    fn finish(t: &mut SlotTable, g: &Grant, kind: Kind) -> Vec<(Ticket, Grant)> {
+        t.release(g.slot, g.lease, Outcome::Generated(kind))
+    }
+
+    #[test]
+    fn lowest_free_slot_then_resident() {
+        let mut t = SlotTable::new(3, 8);
+        let a = take(&mut t, want("A"));
+        assert_eq!(a.slot, 0);
+        assert!(!a.resident);
+        finish(&mut t, &a, Kind::Normal);
+        let b = take(&mut t, want("B"));
+        assert_eq!(b.slot, 1);
+        finish(&mut t, &b, Kind::Normal);
+        let a2 = take(&mut t, want("A"));
+        assert_eq!(a2.slot, 0);
+        assert!(a2.resident);
+        assert_eq!(a2.evicted, None);
+    }
+
+    #[test]
+    fn restored_from_lasts_as_long_as_the_restored_cache() {
+        let mut t = SlotTable::new(1, 8);
+        let from = |t: &SlotTable| t.slots()[0].restored_from.clone();
+        let a = take(&mut t, want("A"));
+        t.mark_restored(0, "a.bin");
+        finish(&mut t, &a, Kind::Normal);
+        assert_eq!(from(&t).as_deref(), Some("a.bin"), "generations extend it");
+        let a = take(&mut t, want("A"));
+        t.release(a.slot, a.lease, Outcome::Failed);
+        assert_eq!(from(&t), None, "a failed generation");
+        let a = take(&mut t, want("A"));
+        t.mark_restored(0, "a.bin");
+        t.release(a.slot, a.lease, Outcome::Cleared);
+        assert_eq!(from(&t), None, "cleared (chat switch, erase)");
+        let a = take(&mut t, want("A"));
+        t.mark_restored(0, "a.bin");
+        finish(&mut t, &a, Kind::Normal);
+        let b = take(&mut t, want("B"));
+        assert_eq!(from(&t), None, "another character took the slot");
+        t.mark_restored(0, "b.bin");
+        finish(&mut t, &b, Kind::Normal);
+        t.invalidate_all();
+        assert_eq!(from(&t), None, "llama-server restarted");
+        let b = take(&mut t, want("B"));
+        t.mark_restored(0, "b.bin");
+        t.mark_empty(0);
+        assert_eq!(from(&t), None, "a failed restore");
+        finish(&mut t, &b, Kind::Normal);
+    }
+
+    #[test]
+    fn evicts_least_usage_then_lru() {
+        let mut t = SlotTable::new(2, 8);
+        let a = take(&mut t, want("A"));
+        finish(&mut t, &a, Kind::Normal);
+        let a = take(&mut t, want("A"));
+        finish(&mut t, &a, Kind::Normal); // A usage 2
+        let b = take(&mut t, want("B"));
+        finish(&mut t, &b, Kind::Normal); // B usage 1
+        let c = take(&mut t, want("C"));
+        assert_eq!(c.slot, 1, "B has the smallest usage");
+        assert_eq!(
+            c.evicted,
+            Some(Evicted {
+                tenant: ch("B"),
+                usage: 1,
+                live: true
+            })
+        );
+        finish(&mut t, &c, Kind::Normal); // C usage 1, A usage 2
+        t.mark_saved(0); // A usage 0
+        let d = take(&mut t, want("D"));
+        assert_eq!(d.slot, 0);
+        finish(&mut t, &d, Kind::Impersonate); // D usage 0
+        t.mark_saved(1); // C usage 0 too: tie, D used more recently
+        let e = take(&mut t, want("E"));
+        assert_eq!(e.slot, 1, "tie on usage goes to the least recently used");
+    }
+
+    #[test]
+    fn busy_slots_are_never_evicted_and_waiters_are_fifo() {
+        let mut t = SlotTable::new(2, 8);
+        let a = take(&mut t, want("A"));
+        let b = take(&mut t, want("B"));
+        let (tc, g) = t.enqueue(want("C")).unwrap();
+        assert!(g.is_empty(), "both slots busy: C waits");
+        let (td, g) = t.enqueue(want("D")).unwrap();
+        assert!(g.is_empty());
+        let (ta2, g) = t.enqueue(want("A")).unwrap();
+        assert!(g.is_empty(), "A's own slot is busy: A waits behind it");
+        // B finishes: C (first in line) takes slot 1, D still waits.
+        let grants = finish(&mut t, &b, Kind::Normal);
+        assert_eq!(grants.len(), 1);
+        assert_eq!(grants[0].0, tc);
+        assert_eq!(grants[0].1.slot, 1);
+        // A finishes: A's waiter gets its slot back before D may evict it.
+        let grants = finish(&mut t, &a, Kind::Normal);
+        assert_eq!(grants.len(), 1);
+        assert_eq!(grants[0].0, ta2);
+        assert!(grants[0].1.resident);
+        assert_eq!(t.queued(), 1);
+        assert!(!t.cancel(tc), "granted tickets are no longer queued");
+        assert!(t.cancel(td));
+    }
+
+    #[test]
+    fn queue_bound_refuses_extra_waiters() {
+        let mut t = SlotTable::new(1, 1);
+        let _a = take(&mut t, want("A"));
+        assert!(t.enqueue(want("B")).unwrap().1.is_empty());
+        assert_eq!(
+            t.enqueue(want("C")),
+            Err(TableError::QueueFull {
+                slots: 1,
+                queued: 1
+            })
+        );
+        assert_eq!(t.queued(), 1);
+    }
+
+    #[test]
+    fn usage_rules_per_kind() {
+        assert_eq!(next_usage(0, Kind::Normal), 1);
+        assert_eq!(next_usage(3, Kind::Normal), 4);
+        for k in [Kind::Regenerate, Kind::Swipe, Kind::Continue, Kind::Quiet] {
+            assert_eq!(next_usage(0, k), 1, "{k:?} counts when 0");
+            assert_eq!(next_usage(2, k), 2, "{k:?} does not count otherwise");
+        }
+        assert_eq!(next_usage(0, Kind::Impersonate), 0);
+        assert_eq!(next_usage(5, Kind::Impersonate), 5);
+    }
+
+    #[test]
+    fn anonymous_never_counts() {
+        let mut t = SlotTable::new(1, 4);
+        let g = take(&mut t, Want::Tenant(Tenant::Anonymous { key: "x".into() }));
+        finish(&mut t, &g, Kind::Normal);
+        assert_eq!(t.slots()[0].usage, 0);
+    }
+
+    #[test]
+    fn pinned_waits_for_busy_slot_and_clears_owner() {
+        let mut t = SlotTable::new(2, 4);
+        let a = take(&mut t, want("A"));
+        let (tp, g) = t.enqueue(Want::Pinned(0)).unwrap();
+        assert!(g.is_empty(), "pinned request waits for the busy slot");
+        let grants = finish(&mut t, &a, Kind::Normal);
+        assert_eq!(grants[0].0, tp);
+        let p = &grants[0].1;
+        assert_eq!(
+            p.evicted.as_ref().map(|e| (e.tenant.clone(), e.usage)),
+            Some((ch("A"), 1)),
+            "the owner's unsaved message is reported"
+        );
+        t.release(p.slot, p.lease, Outcome::Cleared);
+        assert_eq!(t.slots()[0].owner, None);
+        let a2 = take(&mut t, want("A"));
+        assert!(!a2.resident, "A lost its cache to the pinned request");
+        assert_eq!(a2.slot, 0, "lowest free slot");
+        assert_eq!(t.enqueue(Want::Pinned(7)), Err(TableError::NoSuchSlot(7)));
+    }
+
+    #[test]
+    fn hold_keeps_the_owner_and_serialises() {
+        let mut t = SlotTable::new(1, 4);
+        let a = take(&mut t, want("A"));
+        let (th, g) = t.enqueue(Want::Hold(0)).unwrap();
+        assert!(g.is_empty(), "waits for A's generation");
+        let grants = finish(&mut t, &a, Kind::Normal);
+        assert_eq!(grants[0].0, th);
+        let h = &grants[0].1;
+        assert_eq!(h.evicted, None);
+        assert!(h.resident);
+        t.mark_saved(0);
+        t.release(h.slot, h.lease, Outcome::Untouched);
+        assert_eq!(t.slots()[0].owner, Some(ch("A")));
+        assert_eq!(t.slots()[0].usage, 0);
+        let a2 = take(&mut t, want("A"));
+        assert!(a2.resident);
+    }
+
+    #[test]
+    fn a_newcomer_waits_for_a_slot_being_saved_rather_than_evict_a_dirty_one() {
+        let mut t = SlotTable::new(2, 4);
+        let a = take(&mut t, want("A"));
+        finish(&mut t, &a, Kind::Normal); // A dirty (usage 1)
+        let b = take(&mut t, want("B"));
+        finish(&mut t, &b, Kind::Normal); // B dirty
+                                          // A save of B is under way (save-behind): C must not evict dirty A.
+        let hold = take(&mut t, Want::Hold(1));
+        let (tc, g) = t.enqueue(want("C")).unwrap();
+        assert!(g.is_empty(), "C waits for B's save");
+        t.mark_saved(1);
+        let grants = t.release(hold.slot, hold.lease, Outcome::Untouched);
+        assert_eq!(grants[0].0, tc);
+        assert_eq!(grants[0].1.slot, 1, "C takes the slot that was just saved");
+        assert_eq!(
+            grants[0].1.evicted.as_ref().map(|e| e.usage),
+            Some(0),
+            "no save needed"
+        );
+        assert_eq!(t.slots()[0].owner, Some(ch("A")), "A stays resident");
+        // Without a save under way, a dirty slot is evicted as usual.
+        let mut t = SlotTable::new(1, 4);
+        let a = take(&mut t, want("A"));
+        finish(&mut t, &a, Kind::Normal);
+        assert_eq!(take(&mut t, want("C")).evicted.map(|e| e.usage), Some(1));
+    }
+
+    #[test]
+    fn stale_release_changes_nothing() {
+        let mut t = SlotTable::new(1, 4);
+        let a = take(&mut t, want("A"));
+        t.release(a.slot, a.lease + 100, Outcome::Cleared);
+        assert_eq!(t.slots()[0].lease, Some(a.lease));
+        finish(&mut t, &a, Kind::Normal);
+        finish(&mut t, &a, Kind::Normal);
+        assert_eq!(t.slots()[0].usage, 1, "double release is ignored");
+    }
+
+    #[test]
+    fn failure_and_restart_mark_unknown() {
+        let mut t = SlotTable::new(2, 4);
+        let a = take(&mut t, want("A"));
+        t.release(a.slot, a.lease, Outcome::Failed);
+        let a = take(&mut t, want("A"));
+        assert!(!a.resident, "contents unknown after a failure");
+        finish(&mut t, &a, Kind::Normal);
+        t.invalidate_all();
+        assert_eq!(t.slots()[0].usage, 0);
+        let a = take(&mut t, want("A"));
+        assert_eq!(a.slot, 0, "affinity survives a restart");
+        assert!(!a.resident);
+    }
+
+    #[test]
+    fn reconcile_marks_only_untouched_live_slots_lost() {
+        let mut t = SlotTable::new(3, 4);
+        for n in ["A", "B", "C"] {
+            let g = take(&mut t, want(n));
+            finish(&mut t, &g, Kind::Normal);
+        }
+        let ticks: Vec<u64> = t.slots().iter().map(|s| s.last_used).collect();
+        // B is used again after the poll was sent: its emptiness is stale.
+        let b = take(&mut t, want("B"));
+        finish(&mut t, &b, Kind::Normal);
+        let lost = t.reconcile(&[true, true, false], &ticks);
+        assert_eq!(lost, vec![0]);
+        assert!(!t.slots()[0].live);
+        assert_eq!(t.slots()[0].usage, 0);
+        assert!(t.slots()[1].live && t.slots()[2].live);
+    }
+
+    #[test]
+    fn same_new_tenant_twice_shares_one_slot() {
+        let mut t = SlotTable::new(2, 4);
+        let (t1, g1) = t.enqueue(want("A")).unwrap();
+        let (t2, g2) = t.enqueue(want("A")).unwrap();
+        assert_eq!(g1.len(), 1);
+        assert_eq!(g1[0].0, t1);
+        assert!(g2.is_empty(), "second A waits behind the first");
+        let grants = finish(&mut t, &g1[0].1, Kind::Normal);
+        assert_eq!(grants[0].0, t2);
+        assert_eq!(grants[0].1.slot, 0);
+        assert!(grants[0].1.resident);
+    }
+
+    #[test]
+    fn resize_keeps_owners_and_serves_waiters() {
+        let mut t = SlotTable::new(0, 4);
+        assert_eq!(t.enqueue(want("A")), Err(TableError::NoSlots));
+        let grants = t.resize(2);
+        assert!(grants.is_empty());
+        let a = take(&mut t, want("A"));
+        let _b = take(&mut t, want("B"));
+        let (tc, g) = t.enqueue(want("C")).unwrap();
+        assert!(g.is_empty());
+        let grants = t.resize(3);
+        assert_eq!(grants[0].0, tc);
+        assert_eq!(grants[0].1.slot, 2);
+        assert_eq!(t.slots()[a.slot].owner, Some(ch("A")));
+    }
+}

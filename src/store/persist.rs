@@ -1,0 +1,299 @@
+//! The cache hooks for real: saves go through llama-server's slot actions
+//! into a temporary name, are checked and committed by the
+//! [`CacheStore`]; restores pick the save sharing the longest token prefix
+//! with the new prompt, under the same model fingerprint.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper::Method;
+use serde_json::json;
+use tracing::{debug, info, warn};
+
+use crate::live::Live;
+use crate::llama::client::{LlamaClient, SlotAction};
+use crate::observe::metrics;
+use crate::shared::Shared;
+use crate::slots::table::SlotId;
+use crate::store::hooks::{BoxFuture, CacheHooks, Generation, Restore};
+use crate::store::index::{CacheStore, NewSave};
+use crate::store::meta::{Fingerprint, SaveKind, StoreError};
+use crate::store::names::choose_best;
+use crate::tenant::Tenant;
+
+/// Bound on one save or restore (a large cache takes a while to write).
+const SLOT_IO_TIMEOUT: Duration = Duration::from_secs(300);
+/// Bound on tokenizing a prompt for the restore decision.
+const TOKENIZE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Saves and restores through llama-server into a [`CacheStore`].
+#[derive(Debug)]
+pub struct Persistence {
+    /// The upstream's name, for the events.
+    name: String,
+    store: Arc<CacheStore>,
+    client: LlamaClient,
+    /// The model the upstream serves (its own, shared with its state).
+    fingerprint: Arc<Live<Option<Fingerprint>>>,
+    /// Settings, events and metrics.
+    shared: Arc<Shared>,
+}
+
+// === impl Persistence ===
+
+impl Persistence {
+    /// Hooks over `store` for the upstream called `name`, reached through
+    /// `client` and serving the model `fingerprint` names; settings, events
+    /// and metrics are the `shared` ones.
+    pub fn new(
+        name: &str,
+        store: Arc<CacheStore>,
+        client: LlamaClient,
+        fingerprint: Arc<Live<Option<Fingerprint>>>,
+        shared: Arc<Shared>,
+    ) -> Persistence {
+        Persistence {
+            name: name.to_string(),
+            store,
+            client,
+            fingerprint,
+            shared,
+        }
+    }
+
+    /// Emits an event naming this upstream.
+    fn emit(&self, kind: &str, fields: impl FnOnce() -> serde_json::Value) {
+        self.shared.events.emit_for(&self.name, kind, fields);
+    }
+
+    async fn do_save(
+        &self,
+        slot: SlotId,
+        tenant: &Tenant,
+        kind: SaveKind,
+        tag: Option<&str>,
+    ) -> Option<String> {
+        let (Some(chat), Some(character)) = (tenant.chat(), tenant.character()) else {
+            return None;
+        };
+        let Some(fp) = self.fingerprint.get() else {
+            warn!(slot, %tenant, "not saving: llama-server's model is not known yet");
+            return None;
+        };
+        let started = Instant::now();
+        let temp = self.store.temp_name();
+        let fail = |reason: String| {
+            metrics::inc(&self.shared.metrics.save_failures);
+            self.emit(
+                "save_failed",
+                || json!({"slot": slot, "chat": chat, "character": character, "kind": kind.as_str(), "reason": reason}),
+            );
+        };
+        let reply = match self
+            .client
+            .slot_action(slot, SlotAction::Save, Some(&temp), SLOT_IO_TIMEOUT)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                // llama-server may have written part of the file.
+                self.store.discard_temp(&temp);
+                warn!(slot, %tenant, kind = kind.as_str(), error = %e, "save failed; the usage counter is kept so the next save retries");
+                fail(e.to_string());
+                return None;
+            }
+        };
+        // Checking, the sidecar (with its fsync), the rename and rotation are
+        // file work: off the async workers, which relay other streams.
+        let store = Arc::clone(&self.store);
+        let (chat_o, character_o, tag_o) = (
+            chat.to_string(),
+            character.to_string(),
+            tag.map(str::to_string),
+        );
+        let keep = tag
+            .is_none()
+            .then(|| self.shared.settings.get().max_files as usize);
+        let committed = tokio::task::spawn_blocking(move || {
+            let new = NewSave {
+                chat: &chat_o,
+                character: &character_o,
+                tag: tag_o.as_deref(),
+                kind,
+                fingerprint: Some(&fp),
+                n_saved: reply.n_saved.unwrap_or(0),
+                n_written: reply.n_written.unwrap_or(0),
+            };
+            let meta = store.commit(&temp, &new)?;
+            let rotated = keep.map(|keep| store.rotate(&chat_o, &character_o, keep));
+            Ok::<_, StoreError>((meta, rotated.unwrap_or_default()))
+        })
+        .await
+        .unwrap_or_else(|e| Err(StoreError::Rejected(format!("the commit task failed: {e}"))));
+        match committed {
+            Ok((meta, rotated)) => {
+                info!(slot, %tenant, kind = kind.as_str(), file = %meta.file, tokens = meta.n_tokens, bytes = meta.bytes, "saved");
+                let took = started.elapsed();
+                self.shared.metrics.saved(kind.as_str(), meta.bytes, took);
+                self.emit(
+                    "saved",
+                    || json!({"slot": slot, "chat": chat, "character": character, "kind": kind.as_str(), "file": meta.file, "tag": tag, "tokens": meta.n_tokens, "bytes": meta.bytes, "ms": took.as_secs_f64() * 1000.0}),
+                );
+                if !rotated.is_empty() {
+                    debug!(deleted = ?rotated, "rotation");
+                }
+                Some(meta.file)
+            }
+            Err(e) => {
+                warn!(slot, %tenant, kind = kind.as_str(), error = %e, "save rejected; nothing kept");
+                fail(e.to_string());
+                None
+            }
+        }
+    }
+
+    /// Tokenizes the new prompt the way `/completion` will.
+    async fn prompt_tokens(&self, g: &Generation<'_>) -> Option<Vec<i32>> {
+        let text = match (g.prompt, g.messages) {
+            (Some(p), _) => p.to_string(),
+            (None, Some(messages)) => {
+                let body = serde_json::json!({ "messages": messages });
+                let (status, v) = self
+                    .client
+                    .call_json(
+                        Method::POST,
+                        "/apply-template",
+                        Some(&body),
+                        TOKENIZE_TIMEOUT,
+                    )
+                    .await
+                    .ok()?;
+                if !status.is_success() {
+                    return None;
+                }
+                v.get("prompt")?.as_str()?.to_string()
+            }
+            (None, None) => return None,
+        };
+        match self.client.tokenize(&text, TOKENIZE_TIMEOUT).await {
+            Ok(t) => Some(t),
+            Err(e) => {
+                debug!(error = %e, "tokenize failed; choosing the newest save");
+                None
+            }
+        }
+    }
+
+    async fn do_restore(&self, g: Generation<'_>) -> Restore {
+        let tenant = g.tenant;
+        let (Some(chat), Some(character)) = (tenant.chat(), tenant.character()) else {
+            return Restore::Skipped;
+        };
+        let Some(fp) = self.fingerprint.get() else {
+            return Restore::Skipped;
+        };
+        let candidates = self.store.candidates(chat, character, &fp.id);
+        if candidates.is_empty() {
+            return Restore::Skipped;
+        }
+        let chosen = match self.prompt_tokens(&g).await {
+            Some(prompt) => {
+                // Token lists come from the saves' headers (file reads).
+                let store = Arc::clone(&self.store);
+                let with_tokens: Vec<_> = tokio::task::spawn_blocking(move || {
+                    candidates
+                        .into_iter()
+                        .filter_map(|m| store.tokens(&m.file).ok().map(|t| (m, t)))
+                        .collect()
+                })
+                .await
+                .unwrap_or_default();
+                // Restores happen only for a slot that does not hold this
+                // tenant's live cache (another tenant's, or nothing), so the
+                // save must share more than the BOS token to be worth it.
+                choose_best(&with_tokens, &prompt, 1).map(|(m, lcp)| (m.file.clone(), lcp))
+            }
+            None => candidates
+                .iter()
+                .max_by_key(|m| (m.created, m.file.clone()))
+                .map(|m| (m.file.clone(), 0)),
+        };
+        let Some((file, lcp)) = chosen else {
+            return Restore::Skipped;
+        };
+        self.load_save(g.slot, tenant, &file, Some(lcp)).await
+    }
+
+    /// Loads `file` into `slot` for `tenant`, with its metrics, event and
+    /// log line (`shared_prefix`: the tokens it shares with the new prompt,
+    /// when known).
+    async fn load_save(
+        &self,
+        slot: SlotId,
+        tenant: &Tenant,
+        file: &str,
+        shared_prefix: Option<usize>,
+    ) -> Restore {
+        let (chat, character) = (tenant.chat(), tenant.character());
+        let started = Instant::now();
+        match self
+            .client
+            .slot_action(slot, SlotAction::Restore, Some(file), SLOT_IO_TIMEOUT)
+            .await
+        {
+            Ok(r) => {
+                let tokens = r.n_restored.unwrap_or(0);
+                metrics::inc(&self.shared.metrics.restores);
+                metrics::add_time(&self.shared.metrics.restore_micros, started.elapsed());
+                self.emit(
+                    "restored",
+                    || json!({"slot": slot, "chat": chat, "character": character, "file": file, "tokens": tokens, "shared_prefix": shared_prefix, "ms": started.elapsed().as_secs_f64() * 1000.0}),
+                );
+                info!(slot, %tenant, %file, tokens, ?shared_prefix, "restored");
+                Restore::Restored {
+                    file: file.to_string(),
+                    tokens,
+                }
+            }
+            Err(e) => {
+                metrics::inc(&self.shared.metrics.restore_failures);
+                let reason = format!("{file}: {e}");
+                self.emit(
+                    "restore_failed",
+                    || json!({"slot": slot, "chat": chat, "character": character, "file": file, "reason": reason}),
+                );
+                Restore::Failed(reason)
+            }
+        }
+    }
+}
+
+impl CacheHooks for Persistence {
+    fn save<'a>(
+        &'a self,
+        slot: SlotId,
+        tenant: &'a Tenant,
+        kind: SaveKind,
+        tag: Option<&'a str>,
+    ) -> BoxFuture<'a, Option<String>> {
+        Box::pin(self.do_save(slot, tenant, kind, tag))
+    }
+
+    fn restore<'a>(&'a self, generation: Generation<'a>) -> BoxFuture<'a, Restore> {
+        Box::pin(self.do_restore(generation))
+    }
+
+    fn restore_file<'a>(
+        &'a self,
+        slot: SlotId,
+        tenant: &'a Tenant,
+        file: &'a str,
+    ) -> BoxFuture<'a, Restore> {
+        Box::pin(self.load_save(slot, tenant, file, None))
+    }
+
+    fn autosave_due(&self, usage: u32) -> bool {
+        let s = self.shared.settings.get();
+        s.autosave && usage >= s.save_every
+    }
+}
