@@ -24,6 +24,7 @@ use crate::policy::Policy;
 use crate::shared::Shared;
 use crate::store::hooks::{CacheHooks, NoCache};
 use crate::store::persist::Persistence;
+use crate::sync::UnpoisonedRw;
 use crate::tenant::Tenant;
 use crate::upstream::Upstream;
 
@@ -99,11 +100,11 @@ impl App {
     }
 
     fn members(&self) -> RwLockReadGuard<'_, Vec<Member>> {
-        self.members.read().unwrap_or_else(|e| e.into_inner())
+        self.members.read_unpoisoned()
     }
 
     fn members_mut(&self) -> RwLockWriteGuard<'_, Vec<Member>> {
-        self.members.write().unwrap_or_else(|e| e.into_inner())
+        self.members.write_unpoisoned()
     }
 
     /// Builds (without adding) an upstream at `uri` called `name`; kvgate

@@ -321,6 +321,99 @@ fn invalid(name: &'static str, value: impl ToString, reason: impl ToString) -> C
     }
 }
 
+/// A duration flag: a positive number of seconds, else `default`.
+fn secs(name: &'static str, v: Option<f64>, default: Duration) -> Result<Duration, ConfigError> {
+    match v {
+        None => Ok(default),
+        Some(s) if s.is_finite() && s > 0.0 && s < 1e9 => Ok(Duration::from_secs_f64(s)),
+        Some(s) => Err(invalid(name, s, "must be a positive number of seconds")),
+    }
+}
+
+/// An address flag: `IP:PORT`, else `default`.
+fn addr(
+    name: &'static str,
+    v: Option<String>,
+    default: SocketAddr,
+) -> Result<SocketAddr, ConfigError> {
+    match v {
+        None => Ok(default),
+        Some(s) => s
+            .parse()
+            .map_err(|_| invalid(name, &s, "expected IP:PORT, e.g. 127.0.0.1:8080")),
+    }
+}
+
+/// The llama-server `--model` asks kvgate to run, checked.
+fn supervised(cli: &Cli) -> Result<Option<Supervised>, ConfigError> {
+    let Some(m) = &cli.model else {
+        return Ok(None);
+    };
+    if !m.is_file() {
+        return Err(invalid("--model", m.display(), "no such model file"));
+    }
+    let s = Supervised {
+        model: m.clone(),
+        slots: cli.slots.unwrap_or(2),
+        ctx: cli.ctx.unwrap_or(4096),
+        args: cli.llama_args.clone(),
+    };
+    if s.slots == 0 || s.slots > 256 {
+        return Err(invalid("--slots", s.slots, "must be 1..=256"));
+    }
+    if s.ctx < 256 {
+        return Err(invalid("--ctx", s.ctx, "must be at least 256 tokens"));
+    }
+    Ok(Some(s))
+}
+
+/// The upstreams the flags (else the file) name; `None` for the default
+/// when none is named and there is no `--model` (kvgate then expects
+/// llama-server at its usual place; `--model` alone is an upstream of its
+/// own).
+fn upstreams(
+    flags: &[String],
+    file: &Option<OneOrMany>,
+    supervised: bool,
+) -> Result<Option<Vec<Uri>>, ConfigError> {
+    let urls: Vec<String> = match (flags, file) {
+        ([_, ..], _) => flags.to_vec(),
+        ([], None) => Vec::new(),
+        ([], Some(OneOrMany::One(u))) => vec![u.clone()],
+        ([], Some(OneOrMany::Many(us))) => us.clone(),
+    };
+    let parsed = urls
+        .iter()
+        .map(|u| parse_upstream(u.trim()))
+        .collect::<Result<Vec<Uri>, _>>()?;
+    Ok(if parsed.is_empty() && !supervised {
+        None
+    } else {
+        Some(parsed)
+    })
+}
+
+/// The cache settings: flag, else file, else default, each.
+fn cache_settings(cli: &Cli, file: &FileConfig, d: &CacheSettings) -> CacheSettings {
+    CacheSettings {
+        autosave: cli.autosave.or(file.autosave).unwrap_or(d.autosave),
+        save_every: cli.save_every.or(file.save_every).unwrap_or(d.save_every),
+        max_files: cli.max_files.or(file.max_files).unwrap_or(d.max_files),
+        clear_on_chat_change: cli
+            .clear_on_chat_change
+            .or(file.clear_on_chat_change)
+            .unwrap_or(d.clear_on_chat_change),
+        min_save_bytes: cli
+            .min_save_bytes
+            .or(file.min_save_bytes)
+            .unwrap_or(d.min_save_bytes),
+        preload_timeout_s: cli
+            .preload_timeout
+            .or(file.preload_timeout)
+            .unwrap_or(d.preload_timeout_s),
+    }
+}
+
 // === impl Config ===
 
 impl Config {
@@ -332,88 +425,9 @@ impl Config {
             None => FileConfig::default(),
         };
         let d = Config::default();
-        let secs = |name: &'static str,
-                    v: Option<f64>,
-                    default: Duration|
-         -> Result<Duration, ConfigError> {
-            match v {
-                None => Ok(default),
-                Some(s) if s.is_finite() && s > 0.0 && s < 1e9 => Ok(Duration::from_secs_f64(s)),
-                Some(s) => Err(invalid(name, s, "must be a positive number of seconds")),
-            }
-        };
-        let addr = |name: &'static str,
-                    v: Option<String>,
-                    default: SocketAddr|
-         -> Result<SocketAddr, ConfigError> {
-            match v {
-                None => Ok(default),
-                Some(s) => s
-                    .parse()
-                    .map_err(|_| invalid(name, &s, "expected IP:PORT, e.g. 127.0.0.1:8080")),
-            }
-        };
-        let supervised = match &cli.model {
-            None => None,
-            Some(m) if !m.is_file() => {
-                return Err(invalid("--model", m.display(), "no such model file"))
-            }
-            Some(m) => Some(Supervised {
-                model: m.clone(),
-                slots: cli.slots.unwrap_or(2),
-                ctx: cli.ctx.unwrap_or(4096),
-                args: cli.llama_args.clone(),
-            }),
-        };
-        if let Some(s) = &supervised {
-            if s.slots == 0 || s.slots > 256 {
-                return Err(invalid("--slots", s.slots, "must be 1..=256"));
-            }
-            if s.ctx < 256 {
-                return Err(invalid("--ctx", s.ctx, "must be at least 256 tokens"));
-            }
-        }
-        let urls: Vec<String> = if !cli.upstream.is_empty() {
-            cli.upstream
-        } else {
-            match file.upstream {
-                None => Vec::new(),
-                Some(OneOrMany::One(u)) => vec![u],
-                Some(OneOrMany::Many(us)) => us,
-            }
-        };
-        let mut upstreams = urls
-            .iter()
-            .map(|u| parse_upstream(u.trim()))
-            .collect::<Result<Vec<Uri>, _>>()?;
-        // Without any upstream, kvgate expects llama-server at its usual
-        // place; `--model` alone is an upstream of its own.
-        if upstreams.is_empty() && supervised.is_none() {
-            upstreams = d.upstreams;
-        }
-        let cache = CacheSettings {
-            autosave: cli.autosave.or(file.autosave).unwrap_or(d.cache.autosave),
-            save_every: cli
-                .save_every
-                .or(file.save_every)
-                .unwrap_or(d.cache.save_every),
-            max_files: cli
-                .max_files
-                .or(file.max_files)
-                .unwrap_or(d.cache.max_files),
-            clear_on_chat_change: cli
-                .clear_on_chat_change
-                .or(file.clear_on_chat_change)
-                .unwrap_or(d.cache.clear_on_chat_change),
-            min_save_bytes: cli
-                .min_save_bytes
-                .or(file.min_save_bytes)
-                .unwrap_or(d.cache.min_save_bytes),
-            preload_timeout_s: cli
-                .preload_timeout
-                .or(file.preload_timeout)
-                .unwrap_or(d.cache.preload_timeout_s),
-        };
+        let supervised = supervised(&cli)?;
+        let upstreams = upstreams(&cli.upstream, &file.upstream, supervised.is_some())?;
+        let cache = cache_settings(&cli, &file, &d.cache);
         let admin_key = match (
             cli.admin_key.or(file.admin_key),
             cli.admin_key_file.or(file.admin_key_file),
@@ -424,7 +438,7 @@ impl Config {
         };
         let cfg = Config {
             listen: addr("--listen", cli.listen.or(file.listen), d.listen)?,
-            upstreams,
+            upstreams: upstreams.unwrap_or(d.upstreams),
             admin_listen: addr(
                 "--admin-listen",
                 cli.admin_listen.or(file.admin_listen),

@@ -175,30 +175,7 @@ pub fn resolve(
     previous_prompt: impl Fn(&Tenant) -> Option<u64>,
 ) -> Identity {
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    let (reading, prompt_hash, anon_basis) = match api {
-        Api::Text => {
-            let prompt = body.get("prompt");
-            let hash = hash_value(prompt);
-            match prompt.and_then(Value::as_str) {
-                Some(p) => (
-                    read_text(p, &stop_strings(body), stream, &policy.text),
-                    hash,
-                    prefix(p, policy.anonymous.prefix_chars),
-                ),
-                None => (Reading::default(), hash, value_prefix(prompt, policy)),
-            }
-        }
-        Api::Chat => {
-            let messages = body.get("messages");
-            let hash = hash_value(messages);
-            (
-                read_chat(body, policy),
-                hash,
-                chat_prefix(messages, policy.anonymous.prefix_chars),
-            )
-        }
-    };
-
+    let (reading, prompt_hash, anon_basis) = read_body(api, body, stream, policy);
     let (character, source) = match (&explicit.character, &reading.character) {
         (Some(c), _) => (Some(c.clone()), Source::Explicit),
         (None, Some(c)) => (Some(c.clone()), Source::Inferred),
@@ -226,26 +203,20 @@ pub fn resolve(
             key: anonymous_key(&anon_basis, policy.anonymous.prefix_chars),
         },
     };
-
-    let kind = match explicit.kind {
-        Some(k) => k,
-        None => {
-            let k = reading.kind.unwrap_or(if stream {
-                Kind::Normal
-            } else if matches!(source, Source::Anonymous) && policy.text.non_stream_is_quiet {
-                Kind::Quiet
-            } else {
-                Kind::Normal
-            });
-            // The same prompt again for the same tenant is a swipe (or a
-            // regenerate: on the wire the two are identical).
-            if k == Kind::Normal && previous_prompt(&tenant) == Some(prompt_hash) {
-                Kind::Swipe
-            } else {
-                k
-            }
+    let kind = explicit.kind.unwrap_or_else(|| {
+        let quiet =
+            !stream && matches!(source, Source::Anonymous) && policy.text.non_stream_is_quiet;
+        let k = reading
+            .kind
+            .unwrap_or(if quiet { Kind::Quiet } else { Kind::Normal });
+        // The same prompt again for the same tenant is a swipe (or a
+        // regenerate: on the wire the two are identical).
+        if k == Kind::Normal && previous_prompt(&tenant) == Some(prompt_hash) {
+            Kind::Swipe
+        } else {
+            k
         }
-    };
+    });
 
     Identity {
         tenant,
@@ -254,6 +225,35 @@ pub fn resolve(
         user: reading.user,
         roster,
         prompt_hash,
+    }
+}
+
+/// What the body says by its shape: the policy's reading of the prompt (or
+/// messages), their hash (a swipe repeats it), and the text an anonymous
+/// tenant's key is taken from.
+fn read_body(api: Api, body: &Value, stream: bool, policy: &Policy) -> (Reading, u64, String) {
+    match api {
+        Api::Text => {
+            let prompt = body.get("prompt");
+            let hash = hash_value(prompt);
+            match prompt.and_then(Value::as_str) {
+                Some(p) => (
+                    read_text(p, &stop_strings(body), stream, &policy.text),
+                    hash,
+                    prefix(p, policy.anonymous.prefix_chars),
+                ),
+                None => (Reading::default(), hash, value_prefix(prompt, policy)),
+            }
+        }
+        Api::Chat => {
+            let messages = body.get("messages");
+            let hash = hash_value(messages);
+            (
+                read_chat(body, policy),
+                hash,
+                chat_prefix(messages, policy.anonymous.prefix_chars),
+            )
+        }
     }
 }
 

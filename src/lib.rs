@@ -73,6 +73,7 @@ mod admin;
 mod fleet;
 mod gateway;
 mod session;
+mod sync;
 
 #[cfg(feature = "demo")]
 pub mod demo;

@@ -1,6 +1,7 @@
 //! [`Live<T>`]: a value read often and replaced whole now and then (the live
 //! settings, an upstream's model fingerprint, what its monitor last saw).
 
+use crate::sync::UnpoisonedRw;
 use std::sync::RwLock;
 
 /// A value read often and replaced whole now and then, shared by the
@@ -19,15 +20,12 @@ impl<T: Clone> Live<T> {
 
     /// A copy of the current value.
     pub fn get(&self) -> T {
-        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.0.read_unpoisoned().clone()
     }
 
     /// Puts `value` in place; returns the value it replaced.
     pub fn replace(&self, value: T) -> T {
-        std::mem::replace(
-            &mut *self.0.write().unwrap_or_else(|e| e.into_inner()),
-            value,
-        )
+        std::mem::replace(&mut *self.0.write_unpoisoned(), value)
     }
 }
 

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use lru::LruCache;
 
+use crate::sync::Unpoisoned;
 use crate::tenant::Tenant;
 
 /// How many tenants' prompt fingerprints and clients' chats are remembered.
@@ -41,7 +42,7 @@ impl Default for Memory {
 
 impl Memory {
     fn lock(&self) -> std::sync::MutexGuard<'_, Remembered> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.0.lock_unpoisoned()
     }
 
     /// The tenant's previous prompt fingerprint.

@@ -17,6 +17,7 @@ use crate::session::{self, OwnerSave};
 use crate::slots::table::{Outcome, Want};
 use crate::store::hooks::Restore;
 use crate::store::meta::SaveKind;
+use crate::sync::Unpoisoned;
 use crate::tenant::{Kind, Tenant};
 use crate::upstream::Upstream;
 
@@ -98,39 +99,30 @@ impl Preloads {
             }),
             handle: Mutex::new(None),
         });
-        self.jobs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, Arc::clone(&job));
+        self.jobs.lock_unpoisoned().insert(id, Arc::clone(&job));
         let upstream2 = Arc::clone(upstream);
         let job2 = Arc::clone(&job);
         let handle =
             tokio::spawn(async move { run(upstream2, job2, chat, characters, prompt).await });
-        *job.handle.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+        *job.handle.lock_unpoisoned() = Some(handle);
         id
     }
 
     /// A job's progress.
     pub(crate) fn progress(&self, id: u64) -> Option<Progress> {
-        let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
-        jobs.get(&id)
-            .map(|j| j.progress.lock().unwrap_or_else(|e| e.into_inner()).clone())
+        let jobs = self.jobs.lock_unpoisoned();
+        jobs.get(&id).map(|j| j.progress.lock_unpoisoned().clone())
     }
 
     /// Cancels a job at once. Returns its progress, or `None` if unknown.
     pub(crate) fn cancel(&self, id: u64) -> Option<Progress> {
-        let job = self
-            .jobs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&id)
-            .cloned()?;
-        if let Some(h) = job.handle.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        let job = self.jobs.lock_unpoisoned().get(&id).cloned()?;
+        if let Some(h) = job.handle.lock_unpoisoned().take() {
             // Aborting drops the job's future, and with it its lease (the
             // slot is released) and any request to llama-server.
             h.abort();
         }
-        let mut p = job.progress.lock().unwrap_or_else(|e| e.into_inner());
+        let mut p = job.progress.lock_unpoisoned();
         if p.state == JobState::Running {
             p.state = JobState::Cancelled;
             p.current = None;
@@ -140,7 +132,7 @@ impl Preloads {
 }
 
 fn update(job: &Job, f: impl FnOnce(&mut Progress)) -> Progress {
-    let mut p = job.progress.lock().unwrap_or_else(|e| e.into_inner());
+    let mut p = job.progress.lock_unpoisoned();
     f(&mut p);
     p.clone()
 }
@@ -235,26 +227,9 @@ async fn preload_one(
             "no save and no prompt known for this character (send one in \"prompt\")".into(),
         );
     };
-    let body = json!({"prompt": prompt, "n_predict": 1, "id_slot": slot, "cache_prompt": true, "stream": false});
-    let limit = Duration::from_secs(upstream.shared.settings.get().preload_timeout_s);
-    let (status, answer) = upstream
-        .client
-        .call_json(hyper::Method::POST, "/completion", Some(&body), limit)
-        .await
-        .map_err(|e| e.to_string())?;
-    if !status.is_success() {
-        lease.release(Outcome::Failed);
-        let msg = answer
-            .pointer("/error/message")
-            .and_then(Value::as_str)
-            .unwrap_or("error");
-        return Err(format!("llama-server answered {status}: {msg}"));
-    }
+    // On an error the lease is dropped: the slot's contents are unknown.
+    let evaluated = evaluate(upstream, slot, prompt).await?;
     lease.apply(Outcome::Generated(Kind::Quiet));
-    let evaluated = answer
-        .pointer("/timings/prompt_n")
-        .and_then(Value::as_u64)
-        .unwrap_or(0);
     let result = match session::save_owner(
         upstream,
         &lease,
@@ -274,4 +249,27 @@ async fn preload_one(
     };
     lease.release(Outcome::Untouched);
     result
+}
+
+/// Has llama-server evaluate `prompt` in `slot` with a 1-token generation;
+/// returns the prompt tokens it evaluated.
+async fn evaluate(upstream: &Upstream, slot: usize, prompt: &str) -> Result<u64, String> {
+    let body = json!({"prompt": prompt, "n_predict": 1, "id_slot": slot, "cache_prompt": true, "stream": false});
+    let limit = Duration::from_secs(upstream.shared.settings.get().preload_timeout_s);
+    let (status, answer) = upstream
+        .client
+        .call_json(hyper::Method::POST, "/completion", Some(&body), limit)
+        .await
+        .map_err(|e| e.to_string())?;
+    if !status.is_success() {
+        let msg = answer
+            .pointer("/error/message")
+            .and_then(Value::as_str)
+            .unwrap_or("error");
+        return Err(format!("llama-server answered {status}: {msg}"));
+    }
+    Ok(answer
+        .pointer("/timings/prompt_n")
+        .and_then(Value::as_u64)
+        .unwrap_or(0))
 }

@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use serde_json::json;
 
-use crate::llama::client::{LlamaClient, UpstreamError};
+use crate::llama::client::{LlamaClient, SlotInfo, UpstreamError};
 use crate::observe::metrics;
 use crate::store::meta::Fingerprint;
 use crate::upstream::{Upstream, UpstreamState};
@@ -63,22 +63,16 @@ pub(crate) async fn run(upstream: Arc<Upstream>, shutdown: impl std::future::Fut
     }
 }
 
-async fn poll(upstream: &Upstream, seen: &mut Seen) {
-    let ticks_before: Vec<u64> = upstream
-        .pool
-        .snapshot()
-        .iter()
-        .map(|s| s.last_used)
-        .collect();
-    let props = match upstream.client.get_json("/props", POLL_TIMEOUT).await {
-        Ok(p) => p,
-        Err(e) => return down(upstream, seen, &e),
-    };
+/// `/props`, `/slots` (`None` with `--no-slots`) and the slot count.
+async fn read_upstream(
+    upstream: &Upstream,
+) -> Result<(Value, Option<Vec<SlotInfo>>, usize), UpstreamError> {
+    let props = upstream.client.get_json("/props", POLL_TIMEOUT).await?;
     let slots = match upstream.client.slots(POLL_TIMEOUT).await {
         Ok(s) => Some(s),
         // `--no-slots`: fall back to /props for the count.
         Err(UpstreamError::Status { status, .. }) if status == StatusCode::NOT_IMPLEMENTED => None,
-        Err(e) => return down(upstream, seen, &e),
+        Err(e) => return Err(e),
     };
     let n = match &slots {
         Some(s) => s.len(),
@@ -87,6 +81,36 @@ async fn poll(upstream: &Upstream, seen: &mut Seen) {
             .and_then(Value::as_u64)
             .and_then(|n| usize::try_from(n).ok())
             .unwrap_or(0),
+    };
+    Ok((props, slots, n))
+}
+
+/// Marks the slots llama-server reports empty although kvgate believed
+/// them live. A slot that never ran a task (no `id_task`) or holds no
+/// tokens is empty; kvgate's own restores are always followed by a
+/// generation in the same lease, so a live slot has run a task.
+fn reconcile(upstream: &Upstream, slots: &[SlotInfo], ticks_before: &[u64]) {
+    let empty: Vec<bool> = slots
+        .iter()
+        .map(|s| s.id_task.is_none() || s.n_prompt_tokens == Some(0))
+        .collect();
+    let lost = upstream.pool.reconcile(&empty, ticks_before);
+    if !lost.is_empty() {
+        warn!(?lost, "llama-server no longer holds these slots' caches; their characters will restore from disk");
+    }
+}
+
+/// One look at llama-server: slot count, model, outages and restarts.
+async fn poll(upstream: &Upstream, seen: &mut Seen) {
+    let ticks_before: Vec<u64> = upstream
+        .pool
+        .snapshot()
+        .iter()
+        .map(|s| s.last_used)
+        .collect();
+    let (props, slots, n) = match read_upstream(upstream).await {
+        Ok(read) => read,
+        Err(e) => return down(upstream, seen, &e),
     };
     let key = props_key(&props);
     let max_task = slots
@@ -122,17 +146,7 @@ async fn poll(upstream: &Upstream, seen: &mut Seen) {
         upstream.pool.lose_all_caches();
     }
     if let Some(slots) = &slots {
-        // A slot that never ran a task (no `id_task`) or holds no tokens is
-        // empty. kvgate's own restores are always followed by a generation
-        // in the same lease, so a live slot has run a task.
-        let empty: Vec<bool> = slots
-            .iter()
-            .map(|s| s.id_task.is_none() || s.n_prompt_tokens == Some(0))
-            .collect();
-        let lost = upstream.pool.reconcile(&empty, &ticks_before);
-        if !lost.is_empty() {
-            warn!(?lost, "llama-server no longer holds these slots' caches; their characters will restore from disk");
-        }
+        reconcile(upstream, slots, &ticks_before);
     }
     if upstream.pool.len() != n {
         info!(slots = n, "adopting llama-server's slot count");

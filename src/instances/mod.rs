@@ -27,6 +27,7 @@ use crate::config::parse_upstream;
 use crate::session;
 use crate::store::meta::{now_unix, SaveKind, TEMP_PREFIX};
 
+use crate::sync::Unpoisoned;
 use spec::{check_spec, parse_create, port_free, InstanceSpec};
 use supervisor::Supervisor;
 
@@ -178,7 +179,7 @@ impl Instances {
     }
 
     fn list(&self) -> std::sync::MutexGuard<'_, Vec<Instance>> {
-        self.list.lock().unwrap_or_else(|e| e.into_inner())
+        self.list.lock_unpoisoned()
     }
 
     fn closing(&self) -> Result<(), InstanceError> {
@@ -557,7 +558,7 @@ impl Instances {
         let Some(dir) = &self.dir else {
             return Ok(());
         };
-        let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        let _writing = self.writing.lock_unpoisoned();
         let records: Vec<Record> = self
             .list()
             .iter()

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::sync::Unpoisoned;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
@@ -196,7 +197,7 @@ fn spawn(
             let mut lines = BufReader::new(stream).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 info!(target: "llama-server", "{line}");
-                let mut t = tail.lock().unwrap_or_else(|e| e.into_inner());
+                let mut t = tail.lock_unpoisoned();
                 t.push(line);
                 if t.len() > 20 {
                     t.remove(0);
@@ -225,7 +226,7 @@ async fn start_healthy(
     for r in readers {
         let _ = tokio::time::timeout(Duration::from_secs(2), r).await;
     }
-    let last = tail.lock().unwrap_or_else(|e| e.into_inner()).join("\n");
+    let last = tail.lock_unpoisoned().join("\n");
     Err(SupervisorError::Start(format!(
         "{e}; its last lines:\n{last}"
     )))

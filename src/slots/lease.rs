@@ -16,6 +16,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 use crate::slots::table::{Grant, Outcome, Slot, SlotId, SlotTable, TableError, Ticket, Want};
+use crate::sync::Unpoisoned;
 
 /// Why no lease was granted.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -61,7 +62,7 @@ impl Pool {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock leaves the table consistent (every
         // mutation is a single call), so poisoning is not fatal.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.lock_unpoisoned()
     }
 
     /// Waits (FIFO, bounded by `timeout`) for a lease on what `want` asks.
@@ -246,11 +247,6 @@ impl Lease {
     /// What the table decided when granting.
     pub fn grant(&self) -> &Grant {
         &self.grant
-    }
-
-    /// The pool the lease belongs to.
-    pub fn pool(&self) -> &Arc<Pool> {
-        &self.pool
     }
 
     /// Applies an outcome to the slot without releasing it (the holder has

@@ -36,6 +36,7 @@ use crate::store::meta::{
 use crate::store::names::{
     file_name, is_cache_file_name, meta_name, parse_name, parse_stamp, rotation_victims,
 };
+use crate::sync::Unpoisoned;
 
 /// Token lists of saves kept in memory for restore decisions.
 const TOKEN_CACHE: usize = 256;
@@ -117,7 +118,7 @@ impl CacheStore {
     }
 
     fn index(&self) -> MutexGuard<'_, HashMap<String, SaveMeta>> {
-        self.index.lock().unwrap_or_else(|e| e.into_inner())
+        self.index.lock_unpoisoned()
     }
 
     fn clean_leftovers(&self) {
@@ -300,10 +301,7 @@ impl CacheStore {
         }
         index.insert(file.clone(), meta.clone());
         drop(index);
-        self.tokens
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .put(file, Arc::new(header));
+        self.tokens.lock_unpoisoned().put(file, Arc::new(header));
         Ok(meta)
     }
 
@@ -358,12 +356,7 @@ impl CacheStore {
 
     /// The token list a save holds (from its header; cached).
     pub fn tokens(&self, file: &str) -> Result<Arc<Vec<i32>>, StoreError> {
-        if let Some(t) = self
-            .tokens
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(file)
-        {
+        if let Some(t) = self.tokens.lock_unpoisoned().get(file) {
             return Ok(Arc::clone(t));
         }
         let toks = slot_file::read_tokens(&self.dir.join(file))
@@ -377,8 +370,7 @@ impl CacheStore {
                 other => StoreError::Rejected(format!("{file}: {other}")),
             })?;
         self.tokens
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .lock_unpoisoned()
             .put(file.to_string(), Arc::clone(&toks));
         Ok(toks)
     }
@@ -418,10 +410,7 @@ impl CacheStore {
     }
 
     fn forget_tokens(&self, file: &str) {
-        self.tokens
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop(file);
+        self.tokens.lock_unpoisoned().pop(file);
     }
 
     /// Applies rotation for one chat and character; returns what it deleted.

@@ -17,7 +17,7 @@ use crate::shared::Shared;
 use crate::slots::table::SlotId;
 use crate::store::hooks::{BoxFuture, CacheHooks, Generation, Restore};
 use crate::store::index::{CacheStore, NewSave};
-use crate::store::meta::{Fingerprint, SaveKind, StoreError};
+use crate::store::meta::{Fingerprint, SaveKind, SaveMeta, StoreError};
 use crate::store::names::choose_best;
 use crate::tenant::Tenant;
 
@@ -25,6 +25,22 @@ use crate::tenant::Tenant;
 const SLOT_IO_TIMEOUT: Duration = Duration::from_secs(300);
 /// Bound on tokenizing a prompt for the restore decision.
 const TOKENIZE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A save llama-server wrote under a temporary name, to be checked and
+/// committed.
+#[derive(Debug)]
+struct Pending {
+    temp: String,
+    chat: String,
+    character: String,
+    tag: Option<String>,
+    kind: SaveKind,
+    fingerprint: Fingerprint,
+    n_saved: u64,
+    n_written: u64,
+    /// Untagged saves to keep per chat and character (rotation), if any.
+    keep: Option<usize>,
+}
 
 /// Saves and restores through llama-server into a [`CacheStore`].
 #[derive(Debug)]
@@ -66,6 +82,8 @@ impl Persistence {
         self.shared.events.emit_for(&self.name, kind, fields);
     }
 
+    /// Saves the tenant's cache from `slot` as `kind` (see
+    /// [`CacheHooks::save`]).
     async fn do_save(
         &self,
         slot: SlotId,
@@ -103,33 +121,21 @@ impl Persistence {
                 return None;
             }
         };
-        // Checking, the sidecar (with its fsync), the rename and rotation are
-        // file work: off the async workers, which relay other streams.
-        let store = Arc::clone(&self.store);
-        let (chat_o, character_o, tag_o) = (
-            chat.to_string(),
-            character.to_string(),
-            tag.map(str::to_string),
-        );
         let keep = tag
             .is_none()
             .then(|| self.shared.settings.get().max_files as usize);
-        let committed = tokio::task::spawn_blocking(move || {
-            let new = NewSave {
-                chat: &chat_o,
-                character: &character_o,
-                tag: tag_o.as_deref(),
-                kind,
-                fingerprint: Some(&fp),
-                n_saved: reply.n_saved.unwrap_or(0),
-                n_written: reply.n_written.unwrap_or(0),
-            };
-            let meta = store.commit(&temp, &new)?;
-            let rotated = keep.map(|keep| store.rotate(&chat_o, &character_o, keep));
-            Ok::<_, StoreError>((meta, rotated.unwrap_or_default()))
-        })
-        .await
-        .unwrap_or_else(|e| Err(StoreError::Rejected(format!("the commit task failed: {e}"))));
+        let pending = Pending {
+            temp,
+            chat: chat.to_string(),
+            character: character.to_string(),
+            tag: tag.map(str::to_string),
+            kind,
+            fingerprint: fp,
+            n_saved: reply.n_saved.unwrap_or(0),
+            n_written: reply.n_written.unwrap_or(0),
+            keep,
+        };
+        let committed = self.commit(pending).await;
         match committed {
             Ok((meta, rotated)) => {
                 info!(slot, %tenant, kind = kind.as_str(), file = %meta.file, tokens = meta.n_tokens, bytes = meta.bytes, "saved");
@@ -150,6 +156,30 @@ impl Persistence {
                 None
             }
         }
+    }
+
+    /// Checks and commits a save llama-server wrote, then rotates; the
+    /// checks, the sidecar (with its fsync), the rename and rotation are
+    /// file work, so they run off the async workers, which relay other
+    /// streams. Returns the save and the files rotation deleted.
+    async fn commit(&self, p: Pending) -> Result<(SaveMeta, Vec<String>), StoreError> {
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || {
+            let new = NewSave {
+                chat: &p.chat,
+                character: &p.character,
+                tag: p.tag.as_deref(),
+                kind: p.kind,
+                fingerprint: Some(&p.fingerprint),
+                n_saved: p.n_saved,
+                n_written: p.n_written,
+            };
+            let meta = store.commit(&p.temp, &new)?;
+            let rotated = p.keep.map(|keep| store.rotate(&p.chat, &p.character, keep));
+            Ok((meta, rotated.unwrap_or_default()))
+        })
+        .await
+        .unwrap_or_else(|e| Err(StoreError::Rejected(format!("the commit task failed: {e}"))))
     }
 
     /// Tokenizes the new prompt the way `/completion` will.
