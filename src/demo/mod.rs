@@ -339,28 +339,10 @@ async fn play(
     seen: &mut HashSet<String>,
     out: &mut (dyn Write + Send),
 ) -> Result<Vec<TurnReport>, DemoError> {
-    let deadline = Instant::now() + READY_LIMIT;
-    while upstream.pool.is_empty() || upstream.fingerprint.get().is_none() {
-        if Instant::now() > deadline {
-            return Err(DemoError::Kvgate(format!(
-                "did not learn llama-server's slots and model within {} s",
-                READY_LIMIT.as_secs()
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until_ready(upstream).await?;
     // Saves of an earlier run in a --keep directory are not this run's.
     new_saves(store, seen);
-
-    say(
-        out,
-        format_args!(
-            "\ncache_n: prompt tokens llama-server took from the slot's KV cache; prompt_n: the ones it had to read.\n\
-             Indented: the saves kvgate made during the turn.\n\
-             \n{:>4}  {:<7} {:>4}  {:>7}  {:>8}  {:>9}  restored from disk\n",
-            "turn", "speaker", "slot", "cache_n", "prompt_n", "1st token"
-        ),
-    );
+    print_table_head(out);
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
     let mut chat = Chat::opened();
@@ -369,31 +351,7 @@ async fn play(
         chat.push("User", user_line);
         for (card, reply) in CAST.iter().zip(replies) {
             let turn = turns.len() + 1;
-            let fail = |reason: String| DemoError::Turn {
-                turn,
-                speaker: card.name,
-                reason,
-            };
-            let body = chat.body_for(card);
-            let answer = tokio::time::timeout(TURN_LIMIT, async {
-                let answer = complete(&client, url, &body).await?;
-                // Its after-effects (autosave, background saves) belong
-                // to this turn.
-                upstream.shared.tasks.wait_idle().await;
-                Ok::<_, String>(answer)
-            })
-            .await
-            .map_err(|_| fail(format!("not finished within {} s", TURN_LIMIT.as_secs())))?
-            .map_err(fail)?;
-            // The point of the demo: kvgate must have recognised the speaker
-            // from the SillyTavern-shaped prompt alone.
-            if answer.character.as_deref() != Some(card.name) {
-                return Err(fail(format!(
-                    "kvgate took the request for {}, not {}",
-                    answer.character.as_deref().unwrap_or("no character"),
-                    card.name
-                )));
-            }
+            let answer = play_turn(&client, upstream, url, &chat, card, turn).await?;
             let report = TurnReport {
                 turn,
                 character: card.name,
@@ -415,6 +373,73 @@ async fn play(
         }
     }
     Ok(turns)
+}
+
+/// Polls until kvgate has learned llama-server's slots and model, or
+/// [`READY_LIMIT`] has passed.
+async fn wait_until_ready(upstream: &Upstream) -> Result<(), DemoError> {
+    let deadline = Instant::now() + READY_LIMIT;
+    while upstream.pool.is_empty() || upstream.fingerprint.get().is_none() {
+        if Instant::now() > deadline {
+            return Err(DemoError::Kvgate(format!(
+                "did not learn llama-server's slots and model within {} s",
+                READY_LIMIT.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// Prints what the columns mean, then the head of the turn table.
+fn print_table_head(out: &mut (dyn Write + Send)) {
+    say(
+        out,
+        format_args!(
+            "\ncache_n: prompt tokens llama-server took from the slot's KV cache; prompt_n: the ones it had to read.\n\
+             Indented: the saves kvgate made during the turn.\n\
+             \n{:>4}  {:<7} {:>4}  {:>7}  {:>8}  {:>9}  restored from disk\n",
+            "turn", "speaker", "slot", "cache_n", "prompt_n", "1st token"
+        ),
+    );
+}
+
+/// Sends `card`'s request for the chat so far and waits for the stream and
+/// the saves it set off; fails unless kvgate took it for `card`.
+async fn play_turn(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    upstream: &Upstream,
+    url: &str,
+    chat: &Chat,
+    card: &Card,
+    turn: usize,
+) -> Result<Answer, DemoError> {
+    let fail = |reason: String| DemoError::Turn {
+        turn,
+        speaker: card.name,
+        reason,
+    };
+    let body = chat.body_for(card);
+    let answer = tokio::time::timeout(TURN_LIMIT, async {
+        let answer = complete(client, url, &body).await?;
+        // Its after-effects (autosave, background saves) belong
+        // to this turn.
+        upstream.shared.tasks.wait_idle().await;
+        Ok::<_, String>(answer)
+    })
+    .await
+    .map_err(|_| fail(format!("not finished within {} s", TURN_LIMIT.as_secs())))?
+    .map_err(fail)?;
+    // The point of the demo: kvgate must have recognised the speaker
+    // from the SillyTavern-shaped prompt alone.
+    if answer.character.as_deref() != Some(card.name) {
+        return Err(fail(format!(
+            "kvgate took the request for {}, not {}",
+            answer.character.as_deref().unwrap_or("no character"),
+            card.name
+        )));
+    }
+    Ok(answer)
 }
 
 /// What one streamed completion through kvgate showed.
@@ -544,37 +569,41 @@ fn print_saves(out: &mut (dyn Write + Send), saves: &[SaveMeta]) {
     }
 }
 
+/// Prints the shutdown saves, the restore statistics, the save counts and
+/// where the files went.
 fn print_summary(out: &mut (dyn Write + Send), s: &Summary) {
+    print_shutdown_saves(out, &s.shutdown_saves);
+    print_restore_stats(out, s);
+    print_save_counts(out, s);
+    match &s.kept {
+        Some(dir) => say(
+            out,
+            format_args!("llama-server stopped; files kept in {}\n", dir.display()),
+        ),
+        None => say(
+            out,
+            format_args!("llama-server stopped; temporary files removed.\n"),
+        ),
+    }
+}
+
+/// Prints the saves kvgate made as it shut down, or that there were none.
+fn print_shutdown_saves(out: &mut (dyn Write + Send), saves: &[SaveMeta]) {
     say(out, format_args!("\nkvgate shut down:\n"));
-    if s.shutdown_saves.is_empty() {
+    if saves.is_empty() {
         say(
             out,
             format_args!("{:>10} nothing: no slot had unsaved messages\n", "saved"),
         );
     }
-    print_saves(out, &s.shutdown_saves);
-    let mean = |v: &[u64]| {
-        if v.is_empty() {
-            0
-        } else {
-            v.iter().sum::<u64>() / v.len() as u64
-        }
-    };
+    print_saves(out, saves);
+}
+
+/// Prints what restores saved: cache use after a restore and, when there
+/// are both kinds of turn, first-token times against cold first turns.
+fn print_restore_stats(out: &mut (dyn Write + Send), s: &Summary) {
     let reused: Vec<&TurnReport> = s.reused_restores().collect();
-    // A character's first turn without a restore has no cache of its own
-    // (cache_n counts at most the few tokens all prompts share).
-    let cold: Vec<&TurnReport> = s
-        .turns
-        .iter()
-        .enumerate()
-        .filter(|(i, t)| {
-            t.restored.is_none() && !s.turns[..*i].iter().any(|p| p.character == t.character)
-        })
-        .map(|(_, t)| t)
-        .collect();
-    let pick = |ts: &[&TurnReport], f: fn(&TurnReport) -> u64| -> Vec<u64> {
-        ts.iter().map(|t| f(t)).collect()
-    };
+    let cold = cold_turns(s);
     say(
         out,
         format_args!(
@@ -582,8 +611,8 @@ fn print_summary(out: &mut (dyn Write + Send), s: &Summary) {
              llama-server took {} prompt tokens from the cache (mean cache_n) and read {} (mean prompt_n).\n",
             reused.len(),
             s.turns.len(),
-            mean(&pick(&reused, |t| t.cache_n)),
-            mean(&pick(&reused, |t| t.prompt_n)),
+            mean_of(&reused, |t| t.cache_n),
+            mean_of(&reused, |t| t.prompt_n),
         ),
     );
     if !reused.is_empty() && !cold.is_empty() {
@@ -591,12 +620,38 @@ fn print_summary(out: &mut (dyn Write + Send), s: &Summary) {
             out,
             format_args!(
                 "first token: {} ms on average after a restore, {} ms on a first turn without one (mean prompt_n {}).\n",
-                mean(&pick(&reused, |t| millis(t.first_token))),
-                mean(&pick(&cold, |t| millis(t.first_token))),
-                mean(&pick(&cold, |t| t.prompt_n)),
+                mean_of(&reused, |t| millis(t.first_token)),
+                mean_of(&cold, |t| millis(t.first_token)),
+                mean_of(&cold, |t| t.prompt_n),
             ),
         );
     }
+}
+
+/// A character's first turns without a restore: they have no cache of
+/// their own (cache_n counts at most the few tokens all prompts share).
+fn cold_turns(s: &Summary) -> Vec<&TurnReport> {
+    s.turns
+        .iter()
+        .enumerate()
+        .filter(|(i, t)| {
+            t.restored.is_none() && !s.turns[..*i].iter().any(|p| p.character == t.character)
+        })
+        .map(|(_, t)| t)
+        .collect()
+}
+
+/// The integer mean of `f` over `turns`; 0 for none.
+fn mean_of(turns: &[&TurnReport], f: fn(&TurnReport) -> u64) -> u64 {
+    if turns.is_empty() {
+        0
+    } else {
+        turns.iter().map(|t| f(t)).sum::<u64>() / turns.len() as u64
+    }
+}
+
+/// Prints how many saves the whole run made, by kind.
+fn print_save_counts(out: &mut (dyn Write + Send), s: &Summary) {
     let all: Vec<&SaveMeta> = s
         .turns
         .iter()
@@ -614,16 +669,6 @@ fn print_summary(out: &mut (dyn Write + Send), s: &Summary) {
             count(SaveKind::Shutdown),
         ),
     );
-    match &s.kept {
-        Some(dir) => say(
-            out,
-            format_args!("llama-server stopped; files kept in {}\n", dir.display()),
-        ),
-        None => say(
-            out,
-            format_args!("llama-server stopped; temporary files removed.\n"),
-        ),
-    }
 }
 
 fn millis(d: Duration) -> u64 {

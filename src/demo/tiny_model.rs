@@ -227,78 +227,125 @@ fn temp_path(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
+/// Writes the whole GGUF file: header, metadata, tensor infos, tensor data.
 fn write_gguf<W: Write>(w: &mut W, spec: &TinyModelSpec) -> io::Result<()> {
     let mut g = GgufWriter { w, written: 0 };
     let tensors = spec.tensors();
     let vocab = vocab();
-    let head_dim = spec.n_embd / spec.n_head;
+    let scalars = ScalarKvs::of(spec, vocab.len());
+    write_header(&mut g, tensors.len(), scalars.len() + VOCAB_AND_NAME_KVS)?;
+    write_metadata(&mut g, &scalars, &vocab)?;
+    write_tensor_infos(&mut g, &tensors)?;
+    write_tensor_data(&mut g, &tensors, spec.seed)
+}
 
-    let u32_kvs: [(&str, u32); 13] = [
-        ("general.alignment", ALIGNMENT as u32),
-        ("general.file_type", FILE_TYPE_ALL_F32),
-        ("llama.vocab_size", vocab.len() as u32),
-        ("llama.context_length", spec.n_ctx_train),
-        ("llama.embedding_length", spec.n_embd),
-        ("llama.block_count", spec.n_layer),
-        ("llama.feed_forward_length", spec.n_ff),
-        ("llama.attention.head_count", spec.n_head),
-        ("llama.attention.head_count_kv", spec.n_head),
-        ("llama.rope.dimension_count", head_dim),
-        ("tokenizer.ggml.unknown_token_id", UNK_ID),
-        ("tokenizer.ggml.bos_token_id", BOS_ID),
-        ("tokenizer.ggml.eos_token_id", EOS_ID),
-    ];
-    let f32_kvs: [(&str, f32); 2] = [
-        ("llama.rope.freq_base", 10_000.0),
-        ("llama.attention.layer_norm_rms_epsilon", 1e-5),
-    ];
-    let bool_kvs: [(&str, bool); 3] = [
-        ("tokenizer.ggml.add_bos_token", true),
-        ("tokenizer.ggml.add_eos_token", false),
-        ("tokenizer.ggml.add_space_prefix", false),
-    ];
-    // architecture, name, tokenizer model, tokens, scores, token types
-    let n_kv = u32_kvs.len() + f32_kvs.len() + bool_kvs.len() + 6;
+/// Metadata keys [`write_metadata`] writes besides the [`ScalarKvs`]:
+/// architecture, name, tokenizer model, tokens, scores, token types.
+const VOCAB_AND_NAME_KVS: usize = 6;
 
-    // Header.
+/// The numeric and boolean metadata, grouped by GGUF value type.
+struct ScalarKvs {
+    u32s: [(&'static str, u32); 13],
+    f32s: [(&'static str, f32); 2],
+    bools: [(&'static str, bool); 3],
+}
+
+impl ScalarKvs {
+    /// The values for `spec`, whose vocabulary has `n_vocab` tokens.
+    fn of(spec: &TinyModelSpec, n_vocab: usize) -> ScalarKvs {
+        let head_dim = spec.n_embd / spec.n_head;
+        ScalarKvs {
+            u32s: [
+                ("general.alignment", ALIGNMENT as u32),
+                ("general.file_type", FILE_TYPE_ALL_F32),
+                ("llama.vocab_size", n_vocab as u32),
+                ("llama.context_length", spec.n_ctx_train),
+                ("llama.embedding_length", spec.n_embd),
+                ("llama.block_count", spec.n_layer),
+                ("llama.feed_forward_length", spec.n_ff),
+                ("llama.attention.head_count", spec.n_head),
+                ("llama.attention.head_count_kv", spec.n_head),
+                ("llama.rope.dimension_count", head_dim),
+                ("tokenizer.ggml.unknown_token_id", UNK_ID),
+                ("tokenizer.ggml.bos_token_id", BOS_ID),
+                ("tokenizer.ggml.eos_token_id", EOS_ID),
+            ],
+            f32s: [
+                ("llama.rope.freq_base", 10_000.0),
+                ("llama.attention.layer_norm_rms_epsilon", 1e-5),
+            ],
+            bools: [
+                ("tokenizer.ggml.add_bos_token", true),
+                ("tokenizer.ggml.add_eos_token", false),
+                ("tokenizer.ggml.add_space_prefix", false),
+            ],
+        }
+    }
+
+    /// How many keys these are.
+    fn len(&self) -> usize {
+        self.u32s.len() + self.f32s.len() + self.bools.len()
+    }
+}
+
+/// Writes the magic, the version (3) and the tensor and key counts.
+fn write_header<W: Write>(
+    g: &mut GgufWriter<'_, W>,
+    n_tensors: usize,
+    n_kv: usize,
+) -> io::Result<()> {
     g.bytes(b"GGUF")?;
     g.u32(3)?;
-    g.u64(tensors.len() as u64)?;
-    g.u64(n_kv as u64)?;
+    g.u64(n_tensors as u64)?;
+    g.u64(n_kv as u64)
+}
 
-    // Metadata.
+/// Writes every metadata key: names, the scalars, then the tokenizer and
+/// its vocabulary arrays.
+fn write_metadata<W: Write>(
+    g: &mut GgufWriter<'_, W>,
+    scalars: &ScalarKvs,
+    vocab: &[(String, i32)],
+) -> io::Result<()> {
     g.kv_str("general.architecture", "llama")?;
     g.kv_str("general.name", "kvgate-tiny")?;
-    for (k, v) in u32_kvs {
+    for (k, v) in scalars.u32s {
         g.key(k, GGUF_TYPE_UINT32)?;
         g.u32(v)?;
     }
-    for (k, v) in f32_kvs {
+    for (k, v) in scalars.f32s {
         g.key(k, GGUF_TYPE_FLOAT32)?;
         g.f32(v)?;
     }
-    for (k, v) in bool_kvs {
+    for (k, v) in scalars.bools {
         g.key(k, GGUF_TYPE_BOOL)?;
         g.bytes(&[u8::from(v)])?;
     }
     g.kv_str("tokenizer.ggml.model", "llama")?;
     g.array_header("tokenizer.ggml.tokens", GGUF_TYPE_STRING, vocab.len())?;
-    for (text, _) in &vocab {
+    for (text, _) in vocab {
         g.str(text)?;
     }
     g.array_header("tokenizer.ggml.scores", GGUF_TYPE_FLOAT32, vocab.len())?;
-    for _ in &vocab {
+    for _ in vocab {
         g.f32(0.0)?;
     }
     g.array_header("tokenizer.ggml.token_type", GGUF_TYPE_INT32, vocab.len())?;
-    for (_, ty) in &vocab {
+    for (_, ty) in vocab {
         g.bytes(&ty.to_le_bytes())?;
     }
+    Ok(())
+}
 
-    // Tensor infos: offsets are relative to the data section and each tensor
-    // starts on an ALIGNMENT boundary.
+/// Writes each tensor's name, shape, type and data offset, then pads to the
+/// data section. Offsets are relative to the data section and each tensor
+/// starts on an ALIGNMENT boundary.
+fn write_tensor_infos<W: Write>(
+    g: &mut GgufWriter<'_, W>,
+    tensors: &[TensorDesc],
+) -> io::Result<()> {
     let mut offset = 0u64;
-    for t in &tensors {
+    for t in tensors {
         g.str(&t.name)?;
         g.u32(t.ne.len() as u32)?;
         for &d in &t.ne {
@@ -308,11 +355,18 @@ fn write_gguf<W: Write>(w: &mut W, spec: &TinyModelSpec) -> io::Result<()> {
         g.u64(offset)?;
         offset += pad_to(t.n_bytes(), ALIGNMENT);
     }
-    g.pad()?;
+    g.pad()
+}
 
-    // Tensor data.
-    let mut rng = SplitMix64::new(spec.seed);
-    for t in &tensors {
+/// Writes every tensor's values, each padded to ALIGNMENT: ones for the
+/// norms, seeded random weights for the rest.
+fn write_tensor_data<W: Write>(
+    g: &mut GgufWriter<'_, W>,
+    tensors: &[TensorDesc],
+    seed: u64,
+) -> io::Result<()> {
+    let mut rng = SplitMix64::new(seed);
+    for t in tensors {
         // Uniform in ±1/sqrt(fan_in) keeps activations of the random network
         // in a sane range, so no NaN or inf can reach the sampler.
         let scale = 1.0 / (t.ne[0] as f32).sqrt();
