@@ -4,4 +4,5 @@ pub mod fake_llama;
 pub mod kvgate;
 pub mod kvgate_bin;
 pub mod llama;
+pub mod prometheus;
 pub mod st_chat;
