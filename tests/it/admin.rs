@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http_body_util::BodyExt;
 use kvgate::cache_store::{now_unix, SaveKind, SaveMeta, META_SUFFIX, TEMP_PREFIX};
 use kvgate::config::Config;
 use serde_json::{json, Value};
@@ -47,40 +46,14 @@ fn with_identity(mut body: Value, chat: &str, character: &str) -> Value {
     body
 }
 
-type Setup = Saving;
-
-async fn setup(slots: usize, tweak: impl FnOnce(&mut Config)) -> Setup {
+async fn setup(slots: usize, tweak: impl FnOnce(&mut Config)) -> Saving {
     Saving::start(slots, |b| b, tweak).await
 }
 
-/// One admin request with a raw body; status and body.
-async fn admin_raw(
-    kv: &Kvgate,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> (u16, Value) {
-    let url = format!("{}{path}", kv.admin_url);
-    let mut h = headers.to_vec();
-    if !body.is_empty() {
-        h.push(("content-type", "application/json"));
-    }
-    let fut = async {
-        let resp = send(method, &url, &h, body.to_string()).await;
-        let status = resp.status().as_u16();
-        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-        (status, json_body(&bytes))
-    };
-    tokio::time::timeout(Duration::from_secs(5), fut)
-        .await
-        .unwrap_or_else(|_| panic!("{method} {path}: no complete answer within 5 s"))
-}
-
-/// One admin request with an optional JSON body.
+/// One admin request with an optional JSON body (see [`Kvgate::admin_raw`]).
 async fn admin(kv: &Kvgate, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
     let body = body.map(|b| b.to_string()).unwrap_or_default();
-    admin_raw(kv, method, path, &[], &body).await
+    kv.admin_raw(method, path, &[], &body).await
 }
 
 /// `POST /load` with these items.
@@ -88,18 +61,11 @@ async fn load(kv: &Kvgate, items: Value) -> (u16, Value) {
     admin(kv, "POST", "/load", Some(json!({ "items": items }))).await
 }
 
-/// `GET path`, which must answer 200.
-async fn get(kv: &Kvgate, path: &str) -> Value {
-    let (status, v) = admin(kv, "GET", path, None).await;
-    assert_eq!(status, 200, "GET {path}: {v}");
-    v
-}
-
 /// Polls `GET path` until `pred` holds (5 s at most).
 async fn poll(kv: &Kvgate, path: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let v = get(kv, path).await;
+        let v = kv.admin_get(path).await;
         if pred(&v) {
             return v;
         }
@@ -108,7 +74,7 @@ async fn poll(kv: &Kvgate, path: &str, what: &str, pred: impl Fn(&Value) -> bool
     }
 }
 
-async fn say(s: &Setup, speaker: &str, history: &str) -> (u16, hyper::HeaderMap, Vec<Value>) {
+async fn say(s: &Saving, speaker: &str, history: &str) -> (u16, hyper::HeaderMap, Vec<Value>) {
     s.kv.say_body(&turn(speaker, history)).await
 }
 
@@ -141,7 +107,7 @@ fn meta_of(file: &str) -> String {
 /// The `file` of the `saved` entry for `character` in a save answer.
 /// Alice and Bob say one line each and are saved by `POST /save`; their
 /// files.
-async fn alice_and_bob_saved(s: &Setup) -> (String, String) {
+async fn alice_and_bob_saved(s: &Saving) -> (String, String) {
     say(s, "Alice", "User: one").await;
     say(s, "Bob", "User: one").await;
     let (status, r) = admin(&s.kv, "POST", "/save", Some(json!({}))).await;
@@ -200,7 +166,7 @@ async fn raw_http(
 #[tokio::test]
 async fn health_reports_kvgate_and_llama_server() {
     let s = setup(2, |_| {}).await;
-    let v = get(&s.kv, "/health").await;
+    let v = s.kv.admin_get("/health").await;
     assert_eq!(v["status"], "ok", "{v}");
     let up = &v["upstream"];
     assert_eq!(
@@ -256,7 +222,7 @@ async fn unknown_admin_paths_and_methods_are_refused() {
 #[tokio::test]
 async fn slots_show_owners_counters_busy_and_the_queue_without_blocking() {
     let s = setup(2, |_| {}).await;
-    let v = get(&s.kv, "/slots").await;
+    let v = s.kv.admin_get("/slots").await;
     let sl = v["slots"].as_array().expect("slots");
     assert_eq!(sl.len(), 2, "{v}");
     for (i, x) in sl.iter().enumerate() {
@@ -315,7 +281,7 @@ async fn slots_show_owners_counters_busy_and_the_queue_without_blocking() {
     assert_eq!(v["slots"][1]["busy"], true, "{v}");
     assert_eq!(v["slots"][1]["character"], "Bob", "{v}");
     // The gate holds the slots until it opens: an admin request that waited
-    // for them would hang, and `admin` fails after 5 s.
+    // for them would hang, and `admin` fails after 30 s.
     for path in [
         "/slots",
         "/health",
@@ -333,7 +299,7 @@ async fn slots_show_owners_counters_busy_and_the_queue_without_blocking() {
         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     }
     s.kv.wait_idle().await;
-    let v = get(&s.kv, "/slots").await;
+    let v = s.kv.admin_get("/slots").await;
     assert_eq!(v["queued"], 0, "{v}");
     assert!(
         v["slots"]
@@ -364,7 +330,7 @@ async fn saves_group_by_chat_and_character_newest_first_and_filter() {
     let disk = saves(&s.dir);
     assert_eq!(disk.len(), 4, "{disk:?}");
 
-    let v = get(&s.kv, "/saves").await;
+    let v = s.kv.admin_get("/saves").await;
     let chats = v["chats"].as_array().unwrap_or_else(|| panic!("{v}"));
     let chat_names: BTreeSet<&str> = chats.iter().map(|c| c["chat"].as_str().unwrap()).collect();
     assert_eq!(chat_names, BTreeSet::from(["tavern", "dungeon"]), "{v}");
@@ -403,7 +369,7 @@ async fn saves_group_by_chat_and_character_newest_first_and_filter() {
         ("TaV", vec!["tavern"]),
         ("zzz", vec![]),
     ] {
-        let v = get(&s.kv, &format!("/saves?q={q}")).await;
+        let v = s.kv.admin_get(&format!("/saves?q={q}")).await;
         let got: BTreeSet<&str> = v["chats"]
             .as_array()
             .unwrap_or_else(|| panic!("q={q}: {v}"))
@@ -412,7 +378,7 @@ async fn saves_group_by_chat_and_character_newest_first_and_filter() {
             .collect();
         assert_eq!(got, want.into_iter().collect::<BTreeSet<_>>(), "q={q}: {v}");
     }
-    let v = get(&s.kv, "/saves?q=alice").await;
+    let v = s.kv.admin_get("/saves?q=alice").await;
     assert!(
         v["chats"][0]["characters"]
             .as_array()
@@ -437,7 +403,7 @@ async fn saves_group_by_chat_and_character_newest_first_and_filter() {
         "only Carol is in a slot: {r}"
     );
     let tagged = saved_file(&r, "Carol");
-    let listed = character_of(&get(&s.kv, "/saves?q=carol").await, "dungeon", "Carol");
+    let listed = character_of(&s.kv.admin_get("/saves?q=carol").await, "dungeon", "Carol");
     assert_eq!(
         listed[0]["file"],
         tagged.as_str(),
@@ -488,7 +454,7 @@ async fn files_list_and_delete_also_under_the_plugin_prefix() {
     std::fs::write(s.dir.join(legacy), b"legacy bytes").unwrap();
 
     for prefix in ["", PLUGIN] {
-        let v = get(&s.kv, &format!("{prefix}/files")).await;
+        let v = s.kv.admin_get(&format!("{prefix}/files")).await;
         let files = v["files"].as_array().unwrap_or_else(|| panic!("{v}"));
         for f in [&fa, &fm, &legacy.to_string()] {
             let e = files
@@ -523,7 +489,7 @@ async fn files_list_and_delete_also_under_the_plugin_prefix() {
             "sidecar of {file} still there"
         );
     }
-    let v = get(&s.kv, "/files").await;
+    let v = s.kv.admin_get("/files").await;
     for f in [&fa, &fm] {
         assert!(
             !v["files"]
@@ -534,7 +500,7 @@ async fn files_list_and_delete_also_under_the_plugin_prefix() {
             "{v}"
         );
     }
-    let v = get(&s.kv, "/saves").await;
+    let v = s.kv.admin_get("/saves").await;
     assert!(
         !v.to_string().contains(&fa) && !v.to_string().contains(&fm),
         "deleted saves are no longer listed: {v}"
@@ -779,7 +745,7 @@ async fn save_endpoints_tag_reset_rotate_and_refuse() {
 
     // Untagged, with no body at all (as in the README's curl): save now,
     // reset the counters.
-    let (status, v) = admin_raw(&s.kv, "POST", "/slots/0/save", &[], "").await;
+    let (status, v) = s.kv.admin_raw("POST", "/slots/0/save", &[], "").await;
     assert_eq!(status, 200, "{v}");
     let plain = saved_file(&v, "Alice");
     assert!(!plain.contains("_tag_"), "{plain}");
@@ -1057,7 +1023,7 @@ async fn load_fills_a_slot_and_refuses_bad_requests() {
             "load {hostile}: {status} {v}"
         );
     }
-    let (status, v) = admin_raw(&s.kv, "POST", "/load", &[], "{not json").await;
+    let (status, v) = s.kv.admin_raw("POST", "/load", &[], "{not json").await;
     assert_eq!(status, 400, "{v}");
     assert_eq!(
         s.fake.slot_actions().len(),
@@ -1074,14 +1040,14 @@ async fn load_fills_a_slot_and_refuses_bad_requests() {
     assert_eq!(sl[bob]["chat"], "elsewhere", "{sl:?}");
 
     // A save of another model: listed as such, never loaded.
-    let fp = get(&s.kv, "/health").await["upstream"]["fingerprint"].clone();
+    let fp = s.kv.admin_get("/health").await["upstream"]["fingerprint"].clone();
     s.fake.set_model_path("/models/other.gguf");
     s.fake.restart().await;
     poll(&s.kv, "/health", "new fingerprint", |v| {
         v["upstream"]["up"] == true && v["upstream"]["fingerprint"] != fp
     })
     .await;
-    let listed = character_of(&get(&s.kv, "/saves?q=alice").await, CHAT, "Alice");
+    let listed = character_of(&s.kv.admin_get("/saves?q=alice").await, CHAT, "Alice");
     let old = listed.iter().find(|x| x["file"] == fa.as_str()).unwrap();
     assert_eq!(old["model_match"], false, "{old}");
     let actions_before = s.fake.slot_actions().len();
@@ -1121,7 +1087,7 @@ async fn load_gives_the_slot_to_the_last_seen_chat_else_the_files_chat() {
     );
 
     // A fresh kvgate has seen nobody: the file's own chat.
-    let Setup {
+    let Saving {
         fake,
         kv,
         root,
@@ -1296,7 +1262,7 @@ async fn preload_reports_failures_and_refuses_bad_requests() {
         assert_eq!(status, 400, "{body}: {v}");
         assert_api_error(400, &v, &body.to_string());
     }
-    let (status, _) = admin_raw(&s.kv, "POST", "/preload", &[], "chat=x").await;
+    let (status, _) = s.kv.admin_raw("POST", "/preload", &[], "chat=x").await;
     assert_eq!(status, 400);
     for (method, path) in [
         ("GET", "/preload/999999"),
@@ -1331,7 +1297,7 @@ async fn preload_cancel_frees_every_slot() {
             .await,
         "the preload never reached llama-server"
     );
-    let p = get(&s.kv, &format!("/preload/{id}")).await;
+    let p = s.kv.admin_get(&format!("/preload/{id}")).await;
     assert_eq!(p["state"], "running", "{p}");
     assert_eq!(p["current"], "Alice", "{p}");
     assert_eq!(
@@ -1345,16 +1311,16 @@ async fn preload_cancel_frees_every_slot() {
     );
 
     // llama-server holds the request until the gate opens: a cancel that
-    // waited for it would hang, and `admin` fails after 5 s.
+    // waited for it would hang, and `admin` fails after 30 s.
     let (status, v) = admin(&s.kv, "DELETE", &format!("/preload/{id}"), None).await;
     assert_eq!(status, 200, "{v}");
-    let p = get(&s.kv, &format!("/preload/{id}")).await;
+    let p = s.kv.admin_get(&format!("/preload/{id}")).await;
     assert_eq!(p["state"], "cancelled", "{p}");
     // No slot stays locked, although llama-server still holds the request.
     s.kv.wait_idle().await;
     let sl = s.kv.admin_slots().await;
     assert!(sl.iter().all(|x| x["busy"] == false), "{sl:?}");
-    assert_eq!(get(&s.kv, "/slots").await["queued"], 0);
+    assert_eq!(s.kv.admin_get("/slots").await["queued"], 0);
 
     s.fake.set_gate(false);
     // Alice's request ends; a preload that went on would start Bob now.
@@ -1366,7 +1332,7 @@ async fn preload_cancel_frees_every_slot() {
     s.kv.wait_idle().await;
     assert_eq!(s.fake.completions().len(), 1, "Bob was never started");
     assert_eq!(
-        get(&s.kv, &format!("/preload/{id}")).await["state"],
+        s.kv.admin_get(&format!("/preload/{id}")).await["state"],
         "cancelled"
     );
     assert!(
@@ -1422,7 +1388,7 @@ async fn preload_gives_up_on_a_character_after_preload_timeout_s() {
 #[tokio::test]
 async fn settings_get_put_validate_and_apply_live() {
     let s = setup(1, |_| {}).await;
-    let v = get(&s.kv, "/settings").await;
+    let v = s.kv.admin_get("/settings").await;
     for (k, want) in [
         ("autosave", json!(true)),
         ("save_every", json!(5)),
@@ -1452,10 +1418,12 @@ async fn settings_get_put_validate_and_apply_live() {
         assert_eq!(status, 400, "{bad}: {e}");
         assert_api_error(400, &e, &bad.to_string());
     }
-    let (status, _) = admin_raw(&s.kv, "PUT", "/settings", &[], "save_every=3").await;
+    let (status, _) =
+        s.kv.admin_raw("PUT", "/settings", &[], "save_every=3")
+            .await;
     assert_eq!(status, 400);
     assert_eq!(
-        get(&s.kv, "/settings").await,
+        s.kv.admin_get("/settings").await,
         v,
         "a refused PUT changes nothing"
     );
@@ -1463,7 +1431,7 @@ async fn settings_get_put_validate_and_apply_live() {
     // Live: every message autosaves from now on.
     let (status, r) = admin(&s.kv, "PUT", "/settings", Some(json!({"save_every": 1}))).await;
     assert_eq!(status, 200, "{r}");
-    let now = get(&s.kv, "/settings").await;
+    let now = s.kv.admin_get("/settings").await;
     assert_eq!(now["save_every"], 1, "{now}");
     assert_eq!(now["max_files"], 10, "a subset leaves the rest: {now}");
     let file: Value =
@@ -1505,7 +1473,7 @@ async fn settings_persist_across_restarts() {
     )
     .await;
     assert_eq!(status, 200, "{v}");
-    let Setup {
+    let Saving {
         fake,
         kv,
         root,
@@ -1515,7 +1483,7 @@ async fn settings_persist_across_restarts() {
 
     // Same save directory, default configuration: the saved settings win.
     let kv = Kvgate::start_saving(&fake.url(), &dir, |_| {}).await;
-    let v = get(&kv, "/settings").await;
+    let v = kv.admin_get("/settings").await;
     for (k, want) in [
         ("autosave", json!(true)),
         ("save_every", json!(1)),
@@ -1536,7 +1504,7 @@ async fn settings_persist_across_restarts() {
     assert_eq!(status, 200);
     kv.stop().await;
     let kv = Kvgate::start_saving(&fake.url(), &dir, |_| {}).await;
-    let v = get(&kv, "/settings").await;
+    let v = kv.admin_get("/settings").await;
     assert_eq!(
         (v["save_every"].as_u64(), v["max_files"].as_u64()),
         (Some(4), Some(3)),
@@ -1558,7 +1526,7 @@ const SCRIPT: [(&str, &str); 4] = [
     ("Alice", "User: Hello!\nBob: Hi.\nCarol: Hey."),
 ];
 
-async fn run_script(s: &Setup) -> Vec<(usize, hyper::HeaderMap, Vec<Value>)> {
+async fn run_script(s: &Saving) -> Vec<(usize, hyper::HeaderMap, Vec<Value>)> {
     let mut out = Vec::new();
     for (who, history) in SCRIPT {
         let (_, h, events) = say(s, who, history).await;
@@ -1980,7 +1948,7 @@ async fn admin_key_is_required_on_every_endpoint() {
     ];
     for (method, path, body) in &endpoints {
         for headers in bad {
-            let (status, v) = admin_raw(&s.kv, method, path, headers, body).await;
+            let (status, v) = s.kv.admin_raw(method, path, headers, body).await;
             assert_eq!(status, 401, "{method} {path} with {headers:?}: {v}");
             assert_api_error(401, &v, path);
         }
@@ -1997,15 +1965,16 @@ async fn admin_key_is_required_on_every_endpoint() {
     let bearer = format!("Bearer {KEY}");
     for headers in [[("x-admin-key", KEY)], [("authorization", bearer.as_str())]] {
         for path in ["/health", "/slots", "/settings", "/files", "/metrics"] {
-            let (status, v) = admin_raw(&s.kv, "GET", path, &headers, "").await;
+            let (status, v) = s.kv.admin_raw("GET", path, &headers, "").await;
             assert_eq!(status, 200, "{path} with {headers:?}: {v}");
         }
-        let (status, v) = admin_raw(&s.kv, "GET", "/nope", &headers, "").await;
+        let (status, v) = s.kv.admin_raw("GET", "/nope", &headers, "").await;
         assert_eq!(status, 404, "{v}");
     }
-    let v = admin_raw(&s.kv, "GET", "/settings", &[("x-admin-key", KEY)], "")
-        .await
-        .1;
+    let v =
+        s.kv.admin_raw("GET", "/settings", &[("x-admin-key", KEY)], "")
+            .await
+            .1;
     assert_eq!(v["save_every"], 5, "the refused PUT changed nothing: {v}");
 }
 
