@@ -1,4 +1,6 @@
-//! Shared test support: a programmable fake llama-server and a real one.
+//! Shared test support: a programmable fake llama-server and a real one,
+//! kvgate in-process and as a binary, SillyTavern-shaped chats, and a
+//! Prometheus text parser.
 #![allow(dead_code)]
 pub mod fake_llama;
 pub mod kvgate;
