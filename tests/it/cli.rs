@@ -1,7 +1,11 @@
 //! The binary's command line: bad flags and values give one clear line and
-//! exit code 64; an unusable save directory stops kvgate before it serves.
+//! exit code 64; an unusable save directory, clients file or admin key file
+//! stops kvgate before it serves; a non-loopback admin port needs a key.
+
+use std::time::{Duration, Instant};
 
 use crate::support::kvgate_bin::kvgate_command;
+use crate::support::llama::free_port;
 
 fn kvgate(args: &[&str]) -> (Option<i32>, String) {
     let out = kvgate_command().args(args).output().expect("run kvgate");
@@ -83,4 +87,167 @@ fn unusable_save_dir_is_refused_at_start() {
 fn help_and_version_exit_0() {
     assert_eq!(kvgate(&["--help"]).0, Some(0));
     assert_eq!(kvgate(&["--version"]).0, Some(0));
+}
+
+/// Environment variables for a child process.
+type Env<'a> = Vec<(&'a str, &'a str)>;
+
+#[test]
+fn a_non_loopback_admin_port_needs_a_key() {
+    let base = [
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        "http://127.0.0.1:9",
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let empty_key = dir.path().join("empty.key");
+    std::fs::write(&empty_key, "\n").unwrap();
+    for extra in [
+        vec!["--admin-listen", "0.0.0.0:0"],
+        vec!["--admin-listen", "[::]:0"],
+        vec!["--admin-listen", "192.0.2.10:8090"],
+        vec!["--admin-listen", "0.0.0.0:0", "--admin-key", " "],
+        vec![
+            "--admin-listen",
+            "0.0.0.0:0",
+            "--admin-key-file",
+            empty_key.to_str().unwrap(),
+        ],
+    ] {
+        let (code, err) = kvgate(&[&base[..], &extra[..]].concat());
+        assert_eq!(code, Some(64), "{extra:?}: {err}");
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "{extra:?}: one line, got {err:?}"
+        );
+        assert!(err.contains("--admin"), "{extra:?}: {err}");
+    }
+    // The same through the environment.
+    let out = kvgate_command()
+        .args(base)
+        .env("KVGATE_ADMIN_LISTEN", "0.0.0.0:0")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+
+    // With a key (flag, environment or file) it starts and serves.
+    let key_file = dir.path().join("admin.key");
+    std::fs::write(&key_file, "file-key\n").unwrap();
+    let port = || free_port().to_string();
+    let (p1, p2, p3, p4) = (port(), port(), port(), port());
+    let (a1, a2, a3, a4) = (
+        format!("0.0.0.0:{p1}"),
+        format!("0.0.0.0:{p2}"),
+        format!("0.0.0.0:{p3}"),
+        format!("127.0.0.1:{p4}"),
+    );
+    // (flags, environment, the admin port, the key /health needs)
+    type Variant<'a> = (Vec<&'a str>, Env<'a>, &'a str, Option<&'a str>);
+    let variants: Vec<Variant<'_>> = vec![
+        (
+            vec!["--admin-listen", &a1, "--admin-key", "k1"],
+            vec![],
+            &p1,
+            Some("k1"),
+        ),
+        (
+            vec!["--admin-listen", &a2],
+            vec![("KVGATE_ADMIN_KEY", "k2")],
+            &p2,
+            Some("k2"),
+        ),
+        (
+            vec![
+                "--admin-listen",
+                &a3,
+                "--admin-key-file",
+                key_file.to_str().unwrap(),
+            ],
+            vec![],
+            &p3,
+            Some("file-key"),
+        ),
+        (vec!["--admin-listen", &a4], vec![], &p4, None),
+    ];
+    for (extra, env, admin_port, key) in variants {
+        let log = dir.path().join("kvgate.log");
+        let mut child = kvgate_command()
+            .args(base)
+            .args(&extra)
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        // It serves: the admin /health answers 200 (with the key).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let served = loop {
+            if let Some(status) = blocking_health(admin_port, key) {
+                break status;
+            }
+            if child.try_wait().unwrap().is_some() || Instant::now() > deadline {
+                break 0;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let _ = child.kill();
+        child.wait().unwrap();
+        assert_eq!(
+            served,
+            200,
+            "{extra:?} {env:?}: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+}
+
+/// `GET /health` on the admin port, blocking; the status, or `None` while
+/// nothing listens.
+fn blocking_health(port: &str, key: Option<&str>) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).ok()?;
+    let key = key
+        .map(|k| format!("x-admin-key: {k}\r\n"))
+        .unwrap_or_default();
+    write!(
+        c,
+        "GET /health HTTP/1.1\r\nhost: kvgate\r\n{key}connection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    c.read_to_string(&mut out).ok()?;
+    out.get(9..12)?.parse().ok()
+}
+
+#[test]
+fn unusable_clients_or_key_files_stop_kvgate_with_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("clients.toml");
+    std::fs::write(&bad, "[[client]]\nid = \"no-key\"\n").unwrap();
+    let missing = dir.path().join("missing.toml");
+    for (flag, file) in [
+        ("--clients", &missing),
+        ("--clients", &bad),
+        ("--admin-key-file", &missing),
+    ] {
+        let (code, err) = kvgate(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "http://127.0.0.1:9",
+            flag,
+            file.to_str().unwrap(),
+        ]);
+        assert_eq!(code, Some(64), "{flag} {file:?}: {err}");
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "{flag}: one line, got {err:?}"
+        );
+        assert!(err.contains(file.to_str().unwrap()), "{flag}: {err}");
+    }
 }

@@ -613,7 +613,15 @@ async fn sigkill_during_a_save_leaves_only_complete_files_and_the_index_rebuilds
         let (status, _, _) = post_json(&url, &[], &turn("Alice", &history)).await;
         assert_eq!(status, 200);
         let deadline = Instant::now() + Duration::from_secs(5);
-        while complete_saves(&dir).len() < n {
+        // A save is complete once its `.bin` is renamed into place (the
+        // last step); its temporary file may still be there before that.
+        let renamed = || {
+            names(&dir)
+                .iter()
+                .filter(|f| f.ends_with(".bin") && !f.starts_with(TEMP_PREFIX))
+                .count()
+        };
+        while renamed() < n {
             assert!(
                 Instant::now() < deadline,
                 "autosave {n} missing:\n{}",

@@ -258,18 +258,35 @@ impl Kvgate {
     /// `GET path` on the admin port, which must answer 200 with JSON within
     /// 30 s.
     pub async fn admin_get(&self, path: &str) -> Value {
+        let (status, v) = self.admin_raw("GET", path, &[], "").await;
+        assert_eq!(status, 200, "GET {path}: {v}");
+        v
+    }
+
+    /// `method path` on the admin port with `headers` and a raw `body`
+    /// (labelled JSON when there is one); the status and the answer as JSON,
+    /// which must arrive whole within 30 s.
+    pub async fn admin_raw(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> (u16, Value) {
         let url = format!("{}{path}", self.admin_url);
+        let mut h = headers.to_vec();
+        if !body.is_empty() {
+            h.push(("content-type", "application/json"));
+        }
         let fut = async {
-            let resp = send("GET", &url, &[], "").await;
+            let resp = send(method, &url, &h, body.to_string()).await;
             let status = resp.status().as_u16();
             let bytes = resp.into_body().collect().await.expect("body").to_bytes();
             (status, json_body(&bytes))
         };
-        let (status, v) = tokio::time::timeout(Duration::from_secs(30), fut)
+        tokio::time::timeout(Duration::from_secs(30), fut)
             .await
-            .unwrap_or_else(|_| panic!("GET {path}: no answer within 30 s"));
-        assert_eq!(status, 200, "GET {path}: {v}");
-        v
+            .unwrap_or_else(|_| panic!("{method} {path}: no complete answer within 30 s"))
     }
 
     /// `method path` on the admin port with `key` as `X-Admin-Key` and
