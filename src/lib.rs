@@ -29,8 +29,9 @@
 //! - `llama/`: the HTTP client to llama-server and the slot-file reader.
 //! - `http/`: bodies, llama.cpp-style errors, the accept loop, the SSE relay.
 //! - [`observe`]: the event stream and Prometheus metrics.
-//! - Pure leaves: [`identity`] and [`policy`] (who a request is for),
-//!   [`tenant`], [`config`], [`live`], `clients`, `hash`.
+//! - Leaves: [`identity`] and [`policy`] (who a request is for, pure),
+//!   [`tenant`], [`config`], [`clients`] (front-port keys), [`live`],
+//!   `sync`, `hash`.
 //! - `demo/` (feature `demo`, on by default): `kvgate demo` and the tiny
 //!   model writer; the core never imports it.
 //!

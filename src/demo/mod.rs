@@ -16,6 +16,8 @@
 //! path: kvgate's shutdown saves, then stops llama-server, and the working directory is removed unless
 //! `--keep` names one.
 
+pub mod tiny_model;
+
 use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -42,8 +44,6 @@ use crate::upstream::Upstream;
 use crate::Gateway;
 
 use tiny_model::{write_tiny_model, TinyModelSpec};
-
-pub mod tiny_model;
 
 /// llama-server's slots: fewer than the characters, so slots change hands.
 const SLOTS: u32 = 2;

@@ -13,6 +13,9 @@
 //! `starting`/`stopping` status that refuses concurrent changes (409), so no
 //! lock is held while a process starts or stops.
 
+pub mod spec;
+pub mod supervisor;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,13 +29,10 @@ use crate::app::App;
 use crate::config::parse_upstream;
 use crate::session;
 use crate::store::meta::{now_unix, SaveKind, TEMP_PREFIX};
-
 use crate::sync::Unpoisoned;
+
 use spec::{check_spec, parse_create, port_free, InstanceSpec};
 use supervisor::Supervisor;
-
-pub mod spec;
-pub mod supervisor;
 
 /// Where API-created instances are recorded, inside the save directory.
 pub const INSTANCES_FILE: &str = "kvgate-instances.json";
