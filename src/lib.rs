@@ -6,7 +6,7 @@
 //! save/restore timeline; this is the map.
 //!
 //! # Layout
-//! From the top down; a module imports only from modules below it.
+//! From the top down, roughly by layer; there is no import cycle.
 //! - [`Gateway`], [`run`] (`gateway.rs`): build kvgate from a [`config::Config`],
 //!   serve both ports, drain and save at shutdown.
 //! - `proxy/`: the front port. Passthrough, a client's own slot actions, and

@@ -1,8 +1,9 @@
 //! [`Live<T>`]: a value read often and replaced whole now and then (the live
 //! settings, an upstream's model fingerprint, what its monitor last saw).
 
-use crate::sync::UnpoisonedRw;
 use std::sync::RwLock;
+
+use crate::sync::UnpoisonedRw;
 
 /// A value read often and replaced whole now and then, shared by the
 /// handlers and the cache hooks: the live settings, the model fingerprint.

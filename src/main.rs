@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use clap::{CommandFactory, FromArgMatches, Parser};
+use clap::{CommandFactory, FromArgMatches};
 use kvgate::config::{Cli, Config};
 
 /// EX_USAGE: a bad flag or configuration value.
@@ -16,8 +16,11 @@ fn main() -> ExitCode {
     if std::env::args_os().nth(1).is_some_and(|a| a == "demo") {
         return demo();
     }
-    let cli = match Cli::command()
-        .after_help("To see kvgate at work without a model: kvgate demo (see kvgate demo --help).")
+    let command = Cli::command();
+    #[cfg(feature = "demo")]
+    let command = command
+        .after_help("To see kvgate at work without a model: kvgate demo (see kvgate demo --help).");
+    let cli = match command
         .try_get_matches()
         .and_then(|m| Cli::from_arg_matches(&m))
     {
@@ -61,6 +64,7 @@ fn main() -> ExitCode {
 /// ran and its self-check passed, 1 otherwise.
 #[cfg(feature = "demo")]
 fn demo() -> ExitCode {
+    use clap::Parser;
     use kvgate::demo::DemoCli;
 
     // The first argument ("demo") stands where clap expects the binary name.

@@ -63,7 +63,7 @@ impl Upstream {
     /// An upstream called `name` reached through `client`, serving the model
     /// `fingerprint` will name (shared with its hooks). The pool starts
     /// with no slots; the monitor sizes it from llama-server's `/slots`.
-    pub fn new(
+    pub(crate) fn new(
         name: String,
         client: LlamaClient,
         hooks: Arc<dyn CacheHooks>,

@@ -1,6 +1,7 @@
 //! Which upstream a request goes to, pure. Placement ([`place`]) keeps a
-//! character where its cache is: on the upstream whose table holds it. A newcomer goes to the upstream with the
-//! most free slots among those up and serving the requested model. An
+//! character where its cache is: on the upstream whose table holds it. A
+//! newcomer goes to the upstream with the most free slots among those up
+//! and serving the requested model. An
 //! upstream that is down is skipped, so its characters move and restore
 //! from disk: saves are keyed by model fingerprint, and upstreams sharing a
 //! save directory restore each other's saves.

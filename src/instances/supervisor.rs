@@ -15,11 +15,12 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::sync::Unpoisoned;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tracing::{info, warn};
+
+use crate::sync::Unpoisoned;
 
 /// What to run.
 #[derive(Debug, Clone)]

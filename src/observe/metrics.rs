@@ -1,12 +1,13 @@
 //! Counters and histograms, rendered in the Prometheus text format on the
 //! admin port. Updates are atomics or a short map lock, never an `.await`.
 
-use crate::sync::Unpoisoned;
 use std::collections::BTreeMap;
 use std::fmt::{Display, Write as _};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
+
+use crate::sync::Unpoisoned;
 
 /// A histogram with fixed upper bounds (seconds).
 #[derive(Debug)]

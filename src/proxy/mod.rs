@@ -10,14 +10,14 @@
 //! - [`headers`], [`client`], [`failure`]: identity headers, who the client
 //!   is, who failed.
 
-pub mod client;
-pub mod completion;
-pub mod failure;
+mod client;
+mod completion;
+mod failure;
 pub mod front;
 pub mod headers;
-pub mod outcome;
-pub mod passthrough;
-pub mod slot_action;
+mod outcome;
+mod passthrough;
+mod slot_action;
 
 pub use front::{completion_api, handle};
 pub use headers::{H_CHARACTER, H_RESTORED, H_SLOT, H_UPSTREAM};

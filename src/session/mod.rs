@@ -4,8 +4,9 @@
 //! one, saving the owner (autosave, save-behind, chat switch, manual,
 //! preload, shutdown), clearing, and recording each result in the slot
 //! table. The proxy, the admin API, preload jobs, save-behind, instance
-//! stops and shutdown call these functions; none of them marks the table
-//! itself.
+//! stops and shutdown call these functions; none of them marks what a slot
+//! holds itself. (The holder of a generation's lease records the
+//! generation: its outcome and when it ran.)
 //!
 //! - [`prepare`]: take over, restore, load a chosen save.
 //! - [`save`]: save the current owner; dirty slots; chat switch; autosave.

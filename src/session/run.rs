@@ -19,7 +19,7 @@ pub(crate) async fn acquire(upstream: &Arc<Upstream>, want: Want) -> Result<Leas
 
 /// Why detached work did not come back.
 #[derive(Debug, thiserror::Error)]
-#[error("slot work failed: {0}")]
+#[error("slot preparation failed: {0}")]
 pub(crate) struct Detached(String);
 
 /// Runs `work` in a task of its own, so that the request future being

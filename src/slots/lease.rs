@@ -104,7 +104,7 @@ impl Pool {
     }
 
     /// Reads the table (the admin view, placement, gauges, tests).
-    pub fn read<R>(&self, f: impl FnOnce(&SlotTable) -> R) -> R {
+    pub(crate) fn read<R>(&self, f: impl FnOnce(&SlotTable) -> R) -> R {
         f(&self.lock().table)
     }
 
@@ -115,8 +115,9 @@ impl Pool {
     }
 
     /// llama-server restarted: no slot holds its owner's cache any more.
-    /// With [`Pool::reconcile`], the only changes made without a lease:
-    /// they record what llama-server did, whoever holds the slot.
+    /// With [`Pool::reconcile`] and [`Pool::resize`], the only changes made
+    /// without a lease: they record what llama-server did, whoever holds
+    /// the slot (only the monitor calls them).
     pub(crate) fn lose_all_caches(&self) {
         self.lock().table.invalidate_all();
     }
@@ -257,7 +258,7 @@ impl Lease {
     }
 
     /// The slot's state now.
-    pub fn state(&self) -> Slot {
+    pub(crate) fn state(&self) -> Slot {
         self.pool
             .read(|t| t.slots().get(self.grant.slot).cloned().unwrap_or_default())
     }

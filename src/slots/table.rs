@@ -1,7 +1,7 @@
 //! The slot table: which tenant (chat + character) owns which llama-server
 //! slot, who is using a slot right now, and who waits for one.
 //!
-//! This module is pure: no I/O, no async, no clock. [`crate::lease`] wraps it
+//! This module is pure: no I/O, no async, no clock. [`crate::slots::lease`] wraps it
 //! in a mutex and turns its grants into RAII leases; everything the table
 //! decides is decided in one call, so a decision and its reservation can never
 //! be separated by an `.await` (llama-swap's "a read that gates a mutation is a
