@@ -8,36 +8,34 @@
 //! its characters lose nothing and restore from disk wherever they go next.
 //!
 //! API-created instances and their parameters persist in the save directory
-//! ([`INSTANCES_FILE`], written atomically) and come back with kvgate, in
+//! ([`records::INSTANCES_FILE`], written atomically) and come back with kvgate, in
 //! the state they were left in. Every change of state goes through a
 //! `starting`/`stopping` status that refuses concurrent changes (409), so no
 //! lock is held while a process starts or stops.
 
+pub mod records;
 pub mod spec;
 pub mod supervisor;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
 use crate::app::App;
 use crate::config::parse_upstream;
 use crate::session;
-use crate::store::meta::{now_unix, SaveKind, TEMP_PREFIX};
+use crate::store::meta::{now_unix, SaveKind};
 use crate::sync::Unpoisoned;
 
+use records::Record;
+pub use records::{INSTANCES_FILE, MAIN_ID};
 use spec::{check_spec, parse_create, port_free, InstanceSpec};
 use supervisor::Supervisor;
 
-/// Where API-created instances are recorded, inside the save directory.
-pub const INSTANCES_FILE: &str = "kvgate-instances.json";
-/// The id of the instance `--model` starts.
-pub const MAIN_ID: &str = "main";
 /// Why an instance request failed; each maps to one HTTP status.
 #[derive(Debug, thiserror::Error)]
 pub enum InstanceError {
@@ -94,22 +92,11 @@ impl Status {
     }
 }
 
-/// One line of [`INSTANCES_FILE`].
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Record {
-    id: String,
-    #[serde(flatten)]
-    spec: InstanceSpec,
-    /// Whether it should run (it was left running).
-    running: bool,
-    created: u64,
-}
-
 #[derive(Debug)]
 struct Instance {
     id: String,
     spec: InstanceSpec,
-    /// Recorded in [`INSTANCES_FILE`] (not the `--model` one, nor one not
+    /// Recorded in [`records::INSTANCES_FILE`] (not the `--model` one, nor one not
     /// yet started).
     persisted: bool,
     /// Whether it should run: recorded, and resumed at kvgate's next start.
@@ -145,28 +132,17 @@ impl Instances {
     pub fn load(app: Arc<App>, dir: Option<PathBuf>) -> Result<Instances, String> {
         let mut list: Vec<Instance> = Vec::new();
         if let Some(d) = &dir {
-            let path = d.join(INSTANCES_FILE);
-            let bad = |why: String| format!("{}: {why}", path.display());
-            match std::fs::read(&path) {
-                Ok(bytes) => {
-                    let records: Vec<Record> =
-                        serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
-                    for r in records {
-                        check_record(&r, &list).map_err(bad)?;
-                        list.push(Instance {
-                            id: r.id,
-                            spec: r.spec,
-                            persisted: true,
-                            wanted: r.running,
-                            created: r.created,
-                            status: Status::Stopped,
-                            error: None,
-                            process: None,
-                        });
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(bad(e.to_string())),
+            for r in records::read(d)? {
+                list.push(Instance {
+                    id: r.id,
+                    spec: r.spec,
+                    persisted: true,
+                    wanted: r.running,
+                    created: r.created,
+                    status: Status::Stopped,
+                    error: None,
+                    process: None,
+                });
             }
         }
         Ok(Instances {
@@ -553,7 +529,7 @@ impl Instances {
     }
 
     /// Writes the API-created instances (but `except`) to
-    /// [`INSTANCES_FILE`] atomically.
+    /// [`records::INSTANCES_FILE`] atomically.
     fn persist(&self, except: Option<&str>) -> Result<(), InstanceError> {
         let Some(dir) = &self.dir else {
             return Ok(());
@@ -570,7 +546,7 @@ impl Instances {
                 created: i.created,
             })
             .collect();
-        write_atomically(dir, &records).map_err(|e| InstanceError::Persist(e.to_string()))
+        records::write(dir, &records).map_err(|e| InstanceError::Persist(e.to_string()))
     }
 }
 
@@ -581,20 +557,6 @@ fn running_only(s: Status) -> Result<bool, Status> {
         Status::Stopped | Status::Failed => Ok(false),
         other => Err(other),
     }
-}
-
-/// A record read back must be one kvgate could have written.
-fn check_record(r: &Record, before: &[Instance]) -> Result<(), String> {
-    if r.id == MAIN_ID || r.id.is_empty() || before.iter().any(|i| i.id == r.id) {
-        return Err(format!("instance id {:?} is reserved or repeated", r.id));
-    }
-    let mut body = serde_json::to_value(&r.spec).map_err(|e| e.to_string())?;
-    if let Some(o) = body.as_object_mut() {
-        o.retain(|_, v| !v.is_null());
-    }
-    parse_create(&body)
-        .map(drop)
-        .map_err(|e| format!("{}: {e}", r.id))
 }
 
 impl Instance {
@@ -618,23 +580,10 @@ impl Instance {
     }
 }
 
-/// Writes `records` through a synced temporary file and a rename, so the
-/// file is always whole; the temporary file never stays behind.
-fn write_atomically(dir: &Path, records: &[Record]) -> std::io::Result<()> {
-    let tmp = dir.join(format!("{TEMP_PREFIX}{INSTANCES_FILE}"));
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        std::io::Write::write_all(&mut f, &serde_json::to_vec_pretty(records)?)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, dir.join(INSTANCES_FILE))
-    };
-    write().inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
-    })
-}
-
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::spec::*;
     use super::*;
 
@@ -677,40 +626,6 @@ mod tests {
             let e = parse_create(&bad).unwrap_err();
             assert!(e.contains(what), "{bad}: {e}");
         }
-    }
-
-    #[test]
-    fn records_read_back_must_be_ones_kvgate_could_write() {
-        let record = |id: &str, slots: u32| Record {
-            id: id.into(),
-            spec: InstanceSpec {
-                model: "/m.gguf".into(),
-                slots,
-                ctx: 4096,
-                port: None,
-                args: vec![],
-            },
-            running: true,
-            created: 0,
-        };
-        assert!(check_record(&record("llama-1", 2), &[]).is_ok());
-        assert!(check_record(&record("main", 2), &[])
-            .unwrap_err()
-            .contains("reserved"));
-        assert!(check_record(&record("llama-1", 0), &[])
-            .unwrap_err()
-            .contains("\"slots\""));
-        let dir = tempfile::tempdir().unwrap();
-        write_atomically(dir.path(), &[record("llama-1", 2)]).unwrap();
-        let back: Vec<Record> =
-            serde_json::from_slice(&std::fs::read(dir.path().join(INSTANCES_FILE)).unwrap())
-                .unwrap();
-        assert_eq!(back[0].id, "llama-1");
-        let names: Vec<_> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(names, [INSTANCES_FILE], "no temporary file left");
     }
 
     #[test]
