@@ -5,7 +5,7 @@
 //! instance started through the admin API) is an [`Upstream`] with its own
 //! slot table, client, model fingerprint, monitor and save-behind task; they
 //! share settings, the save directory, metrics, events and memory. A request
-//! about a tenant goes where [`crate::fleet::placement`] says.
+//! about a tenant goes where `fleet::placement` says.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -227,7 +227,7 @@ impl App {
             .cloned()
     }
 
-    /// The upstream for `tenant`'s request naming `model` (see [`place`]);
+    /// The upstream for `tenant`'s request naming `model` (see `fleet::placement::place`);
     /// the default one when none is up.
     pub fn place(&self, tenant: &Tenant, model: Option<&str>) -> Option<Arc<Upstream>> {
         let all = self.upstreams();

@@ -2,7 +2,7 @@
 //! slot pool, cache hooks, model fingerprint and what its monitor last saw,
 //! with the [`Shared`] state every upstream sees. The set of upstreams is
 //! [`crate::app::App`]'s; every change to a slot goes through
-//! [`crate::session`].
+//! `session/`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -1,13 +1,13 @@
-//! The front port. Completions go through the phases of [`completion`];
+//! The front port. Completions go through the phases of `completion`;
 //! a client's own slot actions are serialised with kvgate's work on the
-//! slot ([`slot_action`]); everything else passes through untouched, to the
-//! first upstream that is up ([`passthrough`]).
+//! slot (`slot_action`); everything else passes through untouched, to the
+//! first upstream that is up (`passthrough`).
 //!
-//! - [`front`]: one request in: who sent it, which path it takes.
-//! - [`completion`]: the completion path as named phases over one turn.
-//! - [`outcome`]: what a finished completion means for its slot (pure).
-//! - [`slot_action`], [`passthrough`]: the other two paths.
-//! - [`headers`], [`client`], [`failure`]: identity headers, who the client
+//! - `front`: one request in: who sent it, which path it takes.
+//! - `completion`: the completion path as named phases over one turn.
+//! - `outcome`: what a finished completion means for its slot (pure).
+//! - `slot_action`, `passthrough`: the other two paths.
+//! - `headers`, `client`, `failure`: identity headers, who the client
 //!   is, who failed.
 
 mod client;

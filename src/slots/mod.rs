@@ -1,6 +1,6 @@
 //! The slots of one llama-server: the pure [`table`] (who owns which slot,
 //! who uses it, who waits) and its async face, the [`lease`]. A lease is the
-//! right to do one thing on one slot; [`crate::session`] is the one door
+//! right to do one thing on one slot; `session/` is the one door
 //! through which work on a leased slot changes what the table believes.
 
 pub mod lease;
