@@ -363,12 +363,10 @@ async fn finish(
     let (slot, identity) = (lease.slot(), &turn.identity);
     let pinned = turn.client_slot.is_some();
     let outcome = outcome::decide(pinned, status, &end, identity.kind);
-    if let (false, StreamEnd::UpstreamError(e, _)) = (pinned, &end) {
-        if !status.is_client_error() && !status.is_server_error() {
-            metrics::inc(&upstream.shared.metrics.upstream_errors);
-            warn!(slot, error = %e, "upstream broke off the stream");
-            upstream.monitor_kick.notify_one();
-        }
+    if let Some(e) = outcome::broke_off(pinned, status, &end) {
+        metrics::inc(&upstream.shared.metrics.upstream_errors);
+        warn!(slot, error = %e, "upstream broke off the stream");
+        upstream.monitor_kick.notify_one();
     }
     report(upstream, slot, turn, &end, outcome);
     lease.apply(outcome);

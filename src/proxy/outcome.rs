@@ -11,24 +11,38 @@ use crate::tenant::Kind;
 /// answered with `status` and whose stream ended as `end`; `pinned` when
 /// the client chose the slot itself.
 pub(crate) fn decide(pinned: bool, status: StatusCode, end: &StreamEnd, kind: Kind) -> Outcome {
-    if pinned {
-        // A client-managed slot: kvgate no longer knows what it holds.
-        return Outcome::Cleared;
-    }
-    if status.is_client_error() {
-        // Refused before any work (bad parameters, context too small).
-        return Outcome::Untouched;
-    }
-    if status.is_server_error() {
-        return Outcome::Failed;
-    }
-    match end {
+    by_status(pinned, status).unwrap_or(match end {
         StreamEnd::Complete(s) if s.error.is_none() => Outcome::Generated(kind),
         StreamEnd::Complete(_) => Outcome::Failed,
         // A stopped generation (SillyTavern's Stop button) leaves a valid
         // prefix in the slot, and the partial message is kept by the client.
         StreamEnd::ClientGone(_) => Outcome::Generated(kind),
         StreamEnd::UpstreamError(..) => Outcome::Failed,
+    })
+}
+
+/// The error when llama-server broke off the stream of a generation kvgate
+/// judges by its stream (not pinned, not refused, not failed by status):
+/// then the monitor should look, and the metrics count it.
+pub(crate) fn broke_off(pinned: bool, status: StatusCode, end: &StreamEnd) -> Option<&str> {
+    match (by_status(pinned, status), end) {
+        (None, StreamEnd::UpstreamError(e, _)) => Some(e),
+        _ => None,
+    }
+}
+
+/// What the status alone decides, whatever the stream did.
+fn by_status(pinned: bool, status: StatusCode) -> Option<Outcome> {
+    if pinned {
+        // A client-managed slot: kvgate no longer knows what it holds.
+        Some(Outcome::Cleared)
+    } else if status.is_client_error() {
+        // Refused before any work (bad parameters, context too small).
+        Some(Outcome::Untouched)
+    } else if status.is_server_error() {
+        Some(Outcome::Failed)
+    } else {
+        None
     }
 }
 
@@ -86,6 +100,16 @@ mod tests {
         assert_eq!(decide(false, bad, &complete(), k), Outcome::Untouched);
         let err = StatusCode::INTERNAL_SERVER_ERROR;
         assert_eq!(decide(false, err, &complete(), k), Outcome::Failed);
+    }
+
+    #[test]
+    fn only_a_stream_judged_by_its_end_can_break_off() {
+        let broke = StreamEnd::UpstreamError("reset".into(), Summary::default());
+        assert_eq!(broke_off(false, OK, &broke), Some("reset"));
+        assert_eq!(broke_off(true, OK, &broke), None);
+        assert_eq!(broke_off(false, StatusCode::BAD_REQUEST, &broke), None);
+        assert_eq!(broke_off(false, StatusCode::BAD_GATEWAY, &broke), None);
+        assert_eq!(broke_off(false, OK, &complete()), None);
     }
 
     #[test]
