@@ -9,11 +9,11 @@ use crate::http::body::json_response;
 use crate::http::error::ApiError;
 use crate::tenant::Tenant;
 
-use super::preload_jobs::Preloads;
+use super::preload_jobs::{Preloads, Progress};
 use super::request::{json_ok, named_upstream, one_upstream, Answer};
 
 /// A job id from the path.
-pub(crate) fn preload_id(raw: &str) -> Result<u64, ApiError> {
+fn preload_id(raw: &str) -> Result<u64, ApiError> {
     raw.parse()
         .map_err(|_| ApiError::not_found(format!("no preload job {raw}")))
 }
@@ -75,18 +75,17 @@ pub(crate) fn start_preload(
 
 /// `GET /preload/{id}`: a job's progress.
 pub(crate) fn progress(preloads: &Preloads, raw: &str) -> Answer {
-    let id = preload_id(raw)?;
-    let p = preloads
-        .progress(id)
-        .ok_or_else(|| ApiError::not_found(format!("no preload job {id}")))?;
-    Ok(json_ok(&serde_json::to_value(p).unwrap_or(Value::Null)))
+    job_answer(raw, |id| preloads.progress(id))
 }
 
 /// `DELETE /preload/{id}`: cancels a job at once.
 pub(crate) fn cancel(preloads: &Preloads, raw: &str) -> Answer {
+    job_answer(raw, |id| preloads.cancel(id))
+}
+
+/// The job the path names, as `look` finds it; 404 when there is none.
+fn job_answer(raw: &str, look: impl FnOnce(u64) -> Option<Progress>) -> Answer {
     let id = preload_id(raw)?;
-    let p = preloads
-        .cancel(id)
-        .ok_or_else(|| ApiError::not_found(format!("no preload job {id}")))?;
+    let p = look(id).ok_or_else(|| ApiError::not_found(format!("no preload job {id}")))?;
     Ok(json_ok(&serde_json::to_value(p).unwrap_or(Value::Null)))
 }
