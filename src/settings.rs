@@ -9,7 +9,7 @@ use serde_json::{json, Map, Value};
 
 use crate::config::CacheSettings;
 use crate::live::Live;
-use crate::store::meta::TEMP_PREFIX;
+use crate::store::atomic::write_whole;
 
 /// Where live settings are persisted, inside the save directory.
 pub const SETTINGS_FILE: &str = "kvgate-settings.json";
@@ -60,9 +60,11 @@ pub fn apply_settings(s: &mut CacheSettings, body: &Map<String, Value>) -> Resul
 
 /// Writes the settings file atomically.
 pub fn persist_settings(dir: &Path, s: &CacheSettings) -> std::io::Result<()> {
-    let tmp = dir.join(format!("{}{SETTINGS_FILE}", TEMP_PREFIX));
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&settings_json(s))?)?;
-    std::fs::rename(&tmp, dir.join(SETTINGS_FILE))
+    write_whole(
+        dir,
+        SETTINGS_FILE,
+        &serde_json::to_vec_pretty(&settings_json(s))?,
+    )
 }
 
 /// Applies settings persisted by an earlier run, if any.

@@ -7,7 +7,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::instances::spec::{parse_create, InstanceSpec};
-use crate::store::meta::TEMP_PREFIX;
+use crate::store::atomic::write_whole;
 
 /// Where API-created instances are recorded, inside the save directory.
 pub const INSTANCES_FILE: &str = "kvgate-instances.json";
@@ -57,19 +57,10 @@ fn check_record(r: &Record, before: &[Record]) -> Result<(), String> {
         .map_err(|e| format!("{}: {e}", r.id))
 }
 
-/// Writes `records` through a synced temporary file and a rename, so the
+/// Writes `records` whole (see `store::atomic`): a synced temporary file and a rename, so the
 /// file is always whole; the temporary file never stays behind.
 pub(crate) fn write(dir: &Path, records: &[Record]) -> std::io::Result<()> {
-    let tmp = dir.join(format!("{TEMP_PREFIX}{INSTANCES_FILE}"));
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        std::io::Write::write_all(&mut f, &serde_json::to_vec_pretty(records)?)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, dir.join(INSTANCES_FILE))
-    };
-    write().inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
-    })
+    write_whole(dir, INSTANCES_FILE, &serde_json::to_vec_pretty(records)?)
 }
 
 #[cfg(test)]

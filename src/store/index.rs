@@ -20,7 +20,6 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::Write;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,6 +29,7 @@ use lru::LruCache;
 use tracing::{debug, info, warn};
 
 use crate::llama::slot_file;
+use crate::store::atomic::write_whole;
 use crate::store::meta::{
     io, now_unix, Fingerprint, SaveKind, SaveMeta, StoreError, META_SUFFIX, TEMP_PREFIX,
 };
@@ -307,19 +307,9 @@ impl CacheStore {
 
     fn write_meta(&self, meta: &SaveMeta) -> Result<(), StoreError> {
         let name = meta_name(&meta.file);
-        let tmp = self.dir.join(format!("{TEMP_PREFIX}{name}"));
         let body =
             serde_json::to_vec_pretty(meta).map_err(|e| StoreError::Rejected(e.to_string()))?;
-        let write = || -> std::io::Result<()> {
-            let mut f = fs::File::create(&tmp)?;
-            f.write_all(&body)?;
-            f.sync_all()?;
-            fs::rename(&tmp, self.dir.join(&name))
-        };
-        write().map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            io(format!("writing {name}"))(e)
-        })
+        write_whole(&self.dir, &name, &body).map_err(io(format!("writing {name}")))
     }
 
     /// Every indexed save.

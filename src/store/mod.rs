@@ -1,5 +1,6 @@
 //! The save directory and the cache layer on top of it.
 //!
+//! - `atomic`: small files written whole (temp, sync, rename).
 //! - [`meta`]: what a save is (kind, model fingerprint, sidecar metadata).
 //! - [`names`]: seed-compatible file names and the restore choice (pure).
 //! - [`index`]: the directory and its index: checked commits, rotation.
@@ -7,6 +8,7 @@
 //! - [`persist`]: the hooks for real: saves and restores through
 //!   llama-server's slot actions into the store.
 
+pub(crate) mod atomic;
 pub mod hooks;
 pub mod index;
 pub mod meta;
