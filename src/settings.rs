@@ -12,7 +12,7 @@ use crate::live::Live;
 use crate::store::atomic::write_whole;
 
 /// Where live settings are persisted, inside the save directory.
-pub const SETTINGS_FILE: &str = "kvgate-settings.json";
+pub use crate::store::reserved::SETTINGS_FILE;
 
 /// Settings shared between the admin port and the proxy and cache layer.
 pub type Settings = Arc<Live<CacheSettings>>;

@@ -10,7 +10,7 @@ use crate::instances::spec::{parse_create, InstanceSpec};
 use crate::store::atomic::write_whole;
 
 /// Where API-created instances are recorded, inside the save directory.
-pub const INSTANCES_FILE: &str = "kvgate-instances.json";
+pub use crate::store::reserved::INSTANCES_FILE;
 /// The id of the instance `--model` starts (never recorded).
 pub const MAIN_ID: &str = "main";
 

@@ -24,6 +24,7 @@ use crate::http::body::{boxed, full, ProxyBody};
 use crate::http::sse::{Observed, StreamEnd};
 use crate::identity::{self, Api, Identity};
 use crate::llama::client::Driven;
+use crate::llama::slot_route::{beyond_kvgate, body_id_slot};
 use crate::observe::metrics;
 use crate::session;
 use crate::slots::lease::Lease;
@@ -63,8 +64,8 @@ pub(crate) async fn completion(
     app.shared.metrics.client_completion(&client.key);
     let (mut parts, body) = req.into_parts();
     let raw = read_body(app.shared.cfg.max_body_bytes, &parts.headers, body).await?;
-    let Some(body) = usable_body(&raw) else {
-        debug!("completion body kvgate can't use; forwarding untouched");
+    let Some(body) = usable_body(&raw)? else {
+        debug!("completion body that is no JSON object; forwarding untouched");
         return pass_untouched(app, parts, raw, client).await;
     };
     let turn = Turn::resolve(app, api, &parts.headers, body, started)?;
@@ -94,17 +95,20 @@ pub(crate) async fn completion(
     Ok(relay(&upstream, turn, lease, resp, restored.as_deref()))
 }
 
-/// The body as kvgate can use it: a JSON object whose `id_slot`, if any, is
-/// a number. Anything else goes through untouched: the client sees
-/// llama-server's own error, and kvgate guesses no slot for it.
-fn usable_body(raw: &[u8]) -> Option<Value> {
-    let bad_id_slot = |v: &Value| {
-        v.get("id_slot")
-            .is_some_and(|s| !s.is_null() && !s.is_i64() && !s.is_u64())
-    };
-    serde_json::from_slice::<Value>(raw)
-        .ok()
-        .filter(|v| v.is_object() && !bad_id_slot(v))
+/// The body as kvgate can use it: a JSON object. Anything llama-server
+/// can't read either goes through untouched for its own error (it touches
+/// no slot then). JSON llama-server reads but kvgate can't (nested deeper
+/// than 128 levels) is refused: passed through, it would reach a slot
+/// without a lease.
+fn usable_body(raw: &[u8]) -> Result<Option<Value>, Failure> {
+    match serde_json::from_slice::<Value>(raw) {
+        Ok(v) if v.is_object() => Ok(Some(v)),
+        Ok(_) => Ok(None),
+        Err(e) if beyond_kvgate(&e) => Err(Failure::Client(format!(
+            "kvgate can't read this request's JSON ({e}); llama-server would read it, so it is refused rather than sent past kvgate's slot lease"
+        ))),
+        Err(_) => Ok(None),
+    }
 }
 
 /// A body kvgate can't use goes to the default upstream unchanged.
@@ -135,10 +139,9 @@ impl Turn {
         let identity = identity::resolve(api, &body, &explicit, &app.policy, |t| {
             app.shared.memory.previous_prompt(t)
         });
-        let client_slot = match body.get("id_slot").and_then(Value::as_i64) {
-            Some(n) if n >= 0 => Some(usize::try_from(n).unwrap_or(usize::MAX)),
-            _ => None,
-        };
+        // Read as llama-server reads it (`"1"` is any slot, `true` is 1);
+        // kvgate then writes the slot it leased back as a plain number.
+        let client_slot = usize::try_from(body_id_slot(&body)).ok();
         Ok(Turn {
             started,
             body,
@@ -271,14 +274,13 @@ impl Turn {
         Ok(prepared)
     }
 
-    /// The body llama-server gets: the client's, pinned to the slot. It is
-    /// taken out of the turn (a prompt can be megabytes; nothing reads it
-    /// after this).
+    /// The body llama-server gets: the client's, pinned to the slot (a
+    /// client's own choice as the plain number kvgate read, so llama-server
+    /// can't read `1.9` or `true` differently). It is taken out of the turn
+    /// (a prompt can be megabytes; nothing reads it after this).
     fn take_body_for(&mut self, slot: usize) -> Result<Bytes, Failure> {
         let mut body = std::mem::take(&mut self.body);
-        if self.client_slot.is_none() {
-            body["id_slot"] = Value::from(slot);
-        }
+        body["id_slot"] = Value::from(self.client_slot.unwrap_or(slot));
         serde_json::to_vec(&body)
             .map(Bytes::from)
             .map_err(|e| Failure::Kvgate(e.to_string()))

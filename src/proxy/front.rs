@@ -10,13 +10,14 @@ use hyper::{Method, Request, Response};
 use crate::app::App;
 use crate::http::body::ProxyBody;
 use crate::identity::Api;
+use crate::llama::slot_route::SlotRoute;
 use crate::observe::metrics;
 
 use super::client::Client;
 use super::completion::completion;
 use super::failure::Failure;
 use super::passthrough::passthrough;
-use super::slot_action::{slot_action, slot_action_target};
+use super::slot_action::{slot_action, slot_route_of};
 
 /// Which completion API a path is, if kvgate intercepts it.
 pub fn completion_api(method: &Method, path: &str) -> Option<Api> {
@@ -55,10 +56,12 @@ async fn route_request(
     }
     let upstream = app.default_upstream().ok_or_else(Failure::no_upstream)?;
     client.credentials_for(&upstream, req.headers_mut());
-    if let Some(slot) = slot_action_target(req.method(), req.uri().path()) {
-        return slot_action(&upstream, req, slot).await;
+    match slot_route_of(&req) {
+        SlotRoute::Action { id, verb } => slot_action(&upstream, req, id, verb).await,
+        SlotRoute::Ambiguous(why) => Err(Failure::Client(why.into())),
+        // llama-server refuses these itself, touching no slot.
+        SlotRoute::Refused | SlotRoute::NotSlotAction => Ok(passthrough(&upstream, req).await),
     }
-    Ok(passthrough(&upstream, req).await)
 }
 
 #[cfg(test)]

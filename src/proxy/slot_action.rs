@@ -1,28 +1,73 @@
 //! A client's own slot action (`POST /slots/{id}?action=save|restore|erase`):
-//! passed through while kvgate holds the slot, so it never races a
-//! generation, then the table learns what happened through the lease.
+//! read as llama-server reads it ([`slot_route`]), refused when it names one
+//! of kvgate's own files ([`reserved`]), otherwise passed through while
+//! kvgate holds the slot, so it never races a generation; then the table
+//! learns what happened through the lease.
 
 use std::sync::Arc;
 
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use hyper::header::{HeaderMap, CONTENT_TYPE};
 use hyper::{Method, Request, Response};
+use serde_json::Value;
 
-use crate::http::body::{boxed, full, ProxyBody};
+use crate::http::body::{full, ProxyBody};
 use crate::llama::client::strip_hop_by_hop;
+use crate::llama::slot_route::{beyond_kvgate, slot_route, SlotRoute, Verb};
 use crate::session;
 use crate::slots::table::{Outcome, Want};
+use crate::store::reserved::reserved;
 use crate::upstream::Upstream;
 
 use super::failure::Failure;
-use super::passthrough::{llama_failed, passthrough};
+use super::passthrough::{forward_relay, llama_failed, read_body};
 
-/// `POST /slots/{id}`: the slot a client's own slot action targets.
-pub(crate) fn slot_action_target(method: &Method, path: &str) -> Option<usize> {
-    if method != Method::POST {
-        return None;
+/// How llama-server will read this request's slot, if it names one.
+pub(crate) fn slot_route_of<B>(req: &Request<B>) -> SlotRoute {
+    slot_route(
+        req.method() == Method::POST,
+        req.uri().path(),
+        req.uri().query(),
+        is_form(req.headers()),
+    )
+}
+
+/// A form body, whose fields httplib adds to the query's.
+fn is_form(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| {
+            t.trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        })
+}
+
+/// Refuses a save or restore whose body names one of kvgate's own files.
+/// A body llama-server can't read either passes for its own error; one
+/// nested too deeply for kvgate to read is refused, since llama-server
+/// would read it.
+fn check_file_name(raw: &[u8]) -> Result<(), Failure> {
+    let body = match serde_json::from_slice::<Value>(raw) {
+        Ok(body) => body,
+        Err(e) if beyond_kvgate(&e) => {
+            return Err(Failure::Client(format!(
+                "kvgate can't read this slot action's body ({e}); send plain JSON"
+            )))
+        }
+        Err(_) => return Ok(()),
+    };
+    let Some(name) = body.get("filename").and_then(Value::as_str) else {
+        return Ok(());
+    };
+    match reserved(name) {
+        Some(why) => Err(Failure::Client(format!(
+            "the file name {name:?} is refused: {why}"
+        ))),
+        None => Ok(()),
     }
-    path.strip_prefix("/slots/")?.parse().ok()
 }
 
 /// Passes a client's slot action through while holding the slot, then
@@ -31,17 +76,21 @@ pub(crate) fn slot_action_target(method: &Method, path: &str) -> Option<usize> {
 pub(crate) async fn slot_action(
     upstream: &Arc<Upstream>,
     req: Request<Incoming>,
-    id: usize,
+    id: u32,
+    verb: Verb,
 ) -> Result<Response<ProxyBody>, Failure> {
+    let (parts, body) = req.into_parts();
+    let raw = read_body(upstream.shared.cfg.max_body_bytes, &parts.headers, body).await?;
+    if verb != Verb::Erase {
+        check_file_name(&raw)?;
+    }
     let n = upstream.pool.len();
     if n == 0 {
-        return Ok(passthrough(upstream, req).await);
+        // No slot is known, so kvgate holds none: nothing to race.
+        return Ok(forward_relay(upstream, parts, full(raw)).await);
     }
-    let slot = id % n;
-    let is_save = req
-        .uri()
-        .query()
-        .is_some_and(|q| q.split('&').any(|kv| kv == "action=save"));
+    let slot = usize::try_from(id).unwrap_or(usize::MAX) % n;
+    let is_save = verb == Verb::Save;
     let want = if is_save {
         Want::Hold(slot)
     } else {
@@ -56,8 +105,7 @@ pub(crate) async fn slot_action(
         lease
     })
     .await?;
-    let (parts, body) = req.into_parts();
-    let resp = match upstream.client.forward(parts, boxed(body)).await {
+    let resp = match upstream.client.forward(parts, full(raw)).await {
         Ok(resp) => resp,
         Err(e) => {
             lease.release(Outcome::Cleared);

@@ -7,6 +7,7 @@
 //! - [`hooks`]: the points where the cache layer acts around a generation.
 //! - [`persist`]: the hooks for real: saves and restores through
 //!   llama-server's slot actions into the store.
+//! - [`reserved`]: the names kvgate keeps for itself (pure).
 
 pub(crate) mod atomic;
 pub mod hooks;
@@ -14,6 +15,7 @@ pub mod index;
 pub mod meta;
 pub mod names;
 pub mod persist;
+pub mod reserved;
 
 pub use hooks::{CacheHooks, Generation, NoCache, Restore};
 pub use index::{CacheStore, NewSave};

@@ -7,6 +7,7 @@ mod persistence;
 mod proxy;
 mod reliability;
 mod slot_props;
+mod slot_rules;
 mod st_chat_shape;
 #[path = "../support/mod.rs"]
 mod support;

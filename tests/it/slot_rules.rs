@@ -1,0 +1,225 @@
+//! The front port's slot rules against the fake llama-server: every way a
+//! request can name a slot waits for kvgate's lease, ambiguous spellings are
+//! refused, and slot actions can't name kvgate's own files.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+
+use crate::support::fake_llama::FakeLlama;
+use crate::support::kvgate::{
+    assert_api_error, group_turn, json_body, names_in, post_json, send, spawn_post, Kvgate, Saving,
+};
+
+/// POSTs `body` to `path` on `base`; status and JSON answer.
+async fn post(base: &str, path: &str, content_type: &str, body: &str) -> (u16, Value) {
+    let resp = send(
+        "POST",
+        &format!("{base}{path}"),
+        &[("content-type", content_type)],
+        body.to_string(),
+    )
+    .await;
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, json_body(&bytes))
+}
+
+#[tokio::test]
+async fn slot_actions_cannot_name_kvgates_own_files() {
+    let s = Saving::start(2, |f| f, |_| {}).await;
+    s.fake.clear_calls();
+    // Something of kvgate's own to protect, as a real deployment has.
+    std::fs::write(s.dir.join("kvgate-settings.json"), "{}").unwrap();
+    let before = names_in(&s.dir);
+    for name in [
+        "kvgate-settings.json",
+        "KVGATE-SETTINGS.JSON",
+        "kvgate-instances.json",
+        "chat_20260101120000_character_Alice.meta.json",
+        ".kvgate-tmp-1-x.bin",
+        ".kvgate.lock",
+        "x_99991231235959_character_Alice.bin",
+        "chat_20260101120000_tag_t_character_Bob.bin",
+    ] {
+        for action in ["save", "restore"] {
+            let body = json!({ "filename": name }).to_string();
+            let path = format!("/slots/0?action={action}");
+            let (status, v) = post(&s.kv.url, &path, "application/json", &body).await;
+            assert_eq!(status, 400, "{action} {name}: {v}");
+            assert_api_error(400, &v, name);
+            assert!(
+                v["error"]["message"].as_str().unwrap().contains(name),
+                "the refusal names the file: {v}"
+            );
+        }
+    }
+    assert!(
+        s.fake.slot_actions().is_empty(),
+        "llama-server never saw them: {:?}",
+        s.fake.slot_actions()
+    );
+    assert_eq!(names_in(&s.dir), before, "no file written or replaced");
+    assert_eq!(
+        std::fs::read_to_string(s.dir.join("kvgate-settings.json")).unwrap(),
+        "{}"
+    );
+
+    // Every other name passes as before (llama.cpp's own tests use these).
+    let body = json!({ "filename": "slot1.bin" }).to_string();
+    let (status, v) = post(&s.kv.url, "/slots/0?action=save", "application/json", &body).await;
+    assert_eq!(status, 200, "{v}");
+    assert!(s.dir.join("slot1.bin").is_file());
+    let (status, v) = post(
+        &s.kv.url,
+        "/slots/1?action=restore",
+        "application/json",
+        &body,
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    s.kv.wait_idle().await;
+}
+
+#[tokio::test]
+async fn every_spelling_of_a_slot_waits_for_its_lease() {
+    let roster = ["Alice", "Bob"];
+    // llama-server decodes the path twice and reads the id with stoi: each
+    // of these erases slot 0 there, so each must wait for slot 0 here.
+    for path in [
+        "/slots/%30?action=erase",
+        "/slots/0abc?action=erase",
+        "/slots/%2530?action=erase",
+        "/slots/0/?action=erase",
+        "/slots/%20+0?action=erase",
+        "/slots/0?action=%65rase",
+        "/slots/2?action=erase",
+    ] {
+        // A fresh pair each time: gate permits left over would let the next
+        // generation finish early.
+        let fake = FakeLlama::builder()
+            .slots(2)
+            .events(2)
+            .gate(true)
+            .build()
+            .await;
+        let kv = Kvgate::start(&fake.url(), |_| {}).await;
+        let alice = spawn_post(
+            &format!("{}/completion", kv.url),
+            group_turn(&roster, "Alice", path),
+        );
+        assert!(
+            fake.wait_for(Duration::from_secs(5), |f| f.slot_is_processing(0))
+                .await,
+            "Alice generates in slot 0"
+        );
+        let url = format!("{}{path}", kv.url);
+        let erase = tokio::spawn(async move {
+            let resp = send("POST", &url, &[], Bytes::new()).await;
+            resp.status().as_u16()
+        });
+        kv.wait_queued(1).await;
+        let reached = fake
+            .calls()
+            .iter()
+            .filter(|c| c.path.starts_with("/slots/") && c.query.as_deref() != Some("action=save"))
+            .count();
+        assert_eq!(
+            reached,
+            0,
+            "{path} reached llama-server during a generation: {:?}",
+            fake.calls()
+                .iter()
+                .map(|c| (c.path.clone(), c.query.clone()))
+                .collect::<Vec<_>>()
+        );
+        fake.set_gate(false);
+        fake.release_events(10);
+        assert_eq!(alice.await.unwrap().0, 200);
+        erase.await.unwrap();
+        kv.wait_idle().await;
+        assert_eq!(
+            kv.upstream.pool.snapshot()[0].owner,
+            None,
+            "{path}: after the erase slot 0 holds nobody"
+        );
+    }
+}
+
+#[tokio::test]
+async fn ambiguous_slot_actions_are_refused() {
+    let s = Saving::start(2, |f| f, |_| {}).await;
+    s.fake.clear_calls();
+    let body = json!({ "filename": "slot1.bin" }).to_string();
+    let (status, v) = post(
+        &s.kv.url,
+        "/slots/0?action=save&action=restore",
+        "application/json",
+        &body,
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    assert_api_error(400, &v, "two actions");
+    // httplib adds a form body's fields to the query's.
+    let (status, v) = post(
+        &s.kv.url,
+        "/slots/0",
+        "application/x-www-form-urlencoded",
+        "action=erase",
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    assert_api_error(400, &v, "form body");
+    // Nested deeper than kvgate reads: llama-server would read it.
+    let deep = format!(
+        "{{\"filename\":\"slot1.bin\",\"x\":{}1{}}}",
+        "[".repeat(200),
+        "]".repeat(200)
+    );
+    let (status, v) = post(&s.kv.url, "/slots/0?action=save", "application/json", &deep).await;
+    assert_eq!(status, 400, "{v}");
+    assert!(s.fake.slot_actions().is_empty());
+    assert!(s
+        .fake
+        .calls()
+        .iter()
+        .all(|c| !c.path.starts_with("/slots/")));
+}
+
+#[tokio::test]
+async fn a_completion_names_its_slot_as_llama_server_reads_it() {
+    let fake = FakeLlama::builder().slots(2).events(1).build().await;
+    let kv = Kvgate::start(&fake.url(), |_| {}).await;
+    let url = format!("{}/completion", kv.url);
+    // A string is "any slot" to llama-server: kvgate places it and leases.
+    let (status, headers, _) = post_json(&url, &[], &json!({"prompt": "x", "id_slot": "0"})).await;
+    assert_eq!(status, 200);
+    let slot = headers["x-kvgate-slot"].to_str().unwrap().to_string();
+    assert_eq!(
+        fake.completions().last().unwrap()["id_slot"],
+        json!(slot.parse::<u64>().unwrap()),
+        "forwarded with the slot kvgate leased"
+    );
+    // `true` and 1.9 are slot 1 to llama-server (nlohmann's int cast).
+    for id in [json!(true), json!(1.9)] {
+        let (status, headers, _) =
+            post_json(&url, &[], &json!({"prompt": "x", "id_slot": id})).await;
+        assert_eq!(status, 200);
+        assert_eq!(headers["x-kvgate-slot"], "1", "{id}");
+        assert_eq!(fake.completions().last().unwrap()["id_slot"], 1, "{id}");
+    }
+    // Too deep for kvgate to read, so it can't be leased: refused.
+    let n = fake.completions().len();
+    let deep = format!(
+        "{{\"prompt\":\"x\",\"id_slot\":0,\"x\":{}1{}}}",
+        "[".repeat(200),
+        "]".repeat(200)
+    );
+    let (status, v) = post(&kv.url, "/completion", "application/json", &deep).await;
+    assert_eq!(status, 400, "{v}");
+    assert_api_error(400, &v, "deep body");
+    assert_eq!(fake.completions().len(), n, "it never reached llama-server");
+    kv.wait_idle().await;
+}
