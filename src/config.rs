@@ -45,6 +45,10 @@ pub struct Cli {
     /// How many requests may wait for a slot before 503.
     #[arg(long, env = "KVGATE_MAX_QUEUE", value_name = "N")]
     pub max_queue: Option<usize>,
+    /// How many of one client's requests may wait for a slot, with a clients
+    /// file (default: a quarter of --max-queue, at least 1).
+    #[arg(long, env = "KVGATE_MAX_QUEUE_PER_CLIENT", value_name = "N")]
+    pub max_queue_per_client: Option<usize>,
     /// Longest wait for a slot before 503 (seconds).
     #[arg(long, env = "KVGATE_QUEUE_TIMEOUT", value_name = "SECS")]
     pub queue_timeout: Option<f64>,
@@ -137,6 +141,7 @@ pub struct FileConfig {
     policy: Option<String>,
     max_body_bytes: Option<u64>,
     max_queue: Option<usize>,
+    max_queue_per_client: Option<usize>,
     queue_timeout: Option<f64>,
     upstream_timeout: Option<f64>,
     stream_idle_timeout: Option<f64>,
@@ -216,6 +221,8 @@ pub struct Config {
     pub max_body_bytes: u64,
     /// Wait-queue bound.
     pub max_queue: usize,
+    /// Wait-queue bound per client of the clients file.
+    pub max_queue_per_client: usize,
     /// Wait-queue timeout.
     pub queue_timeout: Duration,
     /// Upstream response-header timeout.
@@ -266,6 +273,7 @@ impl Default for Config {
             policy: "sillytavern".into(),
             max_body_bytes: 64 * 1024 * 1024,
             max_queue: 64,
+            max_queue_per_client: 16,
             queue_timeout: Duration::from_secs(300),
             upstream_timeout: Duration::from_secs(600),
             health_interval: Duration::from_secs(2),
@@ -436,6 +444,7 @@ impl Config {
             (None, Some(path)) => Some(read_key_file(&path)?),
             (None, None) => None,
         };
+        let max_queue = cli.max_queue.or(file.max_queue).unwrap_or(d.max_queue);
         let cfg = Config {
             listen: addr("--listen", cli.listen.or(file.listen), d.listen)?,
             upstreams: upstreams.unwrap_or(d.upstreams),
@@ -450,7 +459,11 @@ impl Config {
                 .max_body_bytes
                 .or(file.max_body_bytes)
                 .unwrap_or(d.max_body_bytes),
-            max_queue: cli.max_queue.or(file.max_queue).unwrap_or(d.max_queue),
+            max_queue,
+            max_queue_per_client: cli
+                .max_queue_per_client
+                .or(file.max_queue_per_client)
+                .unwrap_or((max_queue / 4).max(1)),
             queue_timeout: secs(
                 "--queue-timeout",
                 cli.queue_timeout.or(file.queue_timeout),

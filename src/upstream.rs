@@ -70,10 +70,12 @@ impl Upstream {
         fingerprint: Arc<Live<Option<Fingerprint>>>,
         shared: Arc<Shared>,
     ) -> Arc<Upstream> {
+        let pool = Pool::new(0, shared.cfg.max_queue);
+        pool.set_client_bound(shared.cfg.max_queue_per_client);
         Arc::new(Upstream {
             name,
             client,
-            pool: Pool::new(0, shared.cfg.max_queue),
+            pool,
             hooks,
             fingerprint,
             state: Live::default(),

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use hyper::header::HeaderMap;
 
 use crate::clients::{Clients, Refusal};
+use crate::slots::table::ClientTag;
 use crate::upstream::Upstream;
 
 use super::failure::Failure;
@@ -47,6 +48,13 @@ impl Client {
                 Refusal::Untrusted => "this client is not trusted",
             })),
         }
+    }
+
+    /// The client as the slot table knows it: only clients of a clients
+    /// file are told apart (for their queue share, fair order and `/slots`
+    /// view); without one, every client is trusted alike.
+    pub(crate) fn tag(&self) -> Option<ClientTag> {
+        self.gatekept.then(|| ClientTag::from(self.key.as_str()))
     }
 
     /// Puts kvgate's upstream key in place of the client's, when kvgate is

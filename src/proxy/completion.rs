@@ -73,7 +73,7 @@ pub(crate) async fn completion(
     client.credentials_for(&upstream, &mut parts.headers);
     let want = turn.want(&upstream)?;
     turn.chat_switch(app, &upstream, client).await?;
-    let lease = session::acquire(&upstream, want).await?;
+    let lease = session::acquire(&upstream, want, client.tag()).await?;
     upstream
         .shared
         .metrics

@@ -18,6 +18,7 @@ use super::completion::completion;
 use super::failure::Failure;
 use super::passthrough::passthrough;
 use super::slot_action::{slot_action, slot_route_of};
+use super::slots_view::{is_slots_listing, own_slots};
 
 /// Which completion API a path is, if kvgate intercepts it.
 pub fn completion_api(method: &Method, path: &str) -> Option<Api> {
@@ -56,8 +57,11 @@ async fn route_request(
     }
     let upstream = app.default_upstream().ok_or_else(Failure::no_upstream)?;
     client.credentials_for(&upstream, req.headers_mut());
+    if let (Some(tag), true) = (client.tag(), is_slots_listing(&req)) {
+        return own_slots(&upstream, req, tag).await;
+    }
     match slot_route_of(&req) {
-        SlotRoute::Action { id, verb } => slot_action(&upstream, req, id, verb).await,
+        SlotRoute::Action { id, verb } => slot_action(&upstream, req, id, verb, &client).await,
         SlotRoute::Ambiguous(why) => Err(Failure::Client(why.into())),
         // llama-server refuses these itself, touching no slot.
         SlotRoute::Refused | SlotRoute::NotSlotAction => Ok(passthrough(&upstream, req).await),

@@ -7,6 +7,7 @@
 //! - `completion`: the completion path as named phases over one turn.
 //! - `outcome`: what a finished completion means for its slot (pure).
 //! - `slot_action`, `passthrough`: the other two paths.
+//! - `slots_view`: what a client of a clients file sees of `GET /slots`.
 //! - `headers`, `client`, `failure`: identity headers, who the client
 //!   is, who failed.
 
@@ -18,6 +19,7 @@ pub mod headers;
 mod outcome;
 mod passthrough;
 mod slot_action;
+mod slots_view;
 
 pub use front::{completion_api, handle};
 pub use headers::{H_CHARACTER, H_RESTORED, H_SLOT, H_UPSTREAM};

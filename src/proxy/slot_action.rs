@@ -20,6 +20,7 @@ use crate::slots::table::{Outcome, Want};
 use crate::store::reserved::reserved;
 use crate::upstream::Upstream;
 
+use super::client::Client;
 use super::failure::Failure;
 use super::passthrough::{forward_relay, llama_failed, read_body};
 
@@ -78,6 +79,7 @@ pub(crate) async fn slot_action(
     req: Request<Incoming>,
     id: u32,
     verb: Verb,
+    client: &Client,
 ) -> Result<Response<ProxyBody>, Failure> {
     let (parts, body) = req.into_parts();
     let raw = read_body(upstream.shared.cfg.max_body_bytes, &parts.headers, body).await?;
@@ -96,7 +98,7 @@ pub(crate) async fn slot_action(
     } else {
         Want::Pinned(slot)
     };
-    let lease = session::acquire(upstream, want).await?;
+    let lease = session::acquire(upstream, want, client.tag()).await?;
     // The owner's unsaved messages go to disk before its cache is replaced,
     // in a task of its own so a client leaving can't cut the save short.
     let holder = Arc::clone(upstream);

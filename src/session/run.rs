@@ -5,16 +5,25 @@ use std::future::Future;
 use std::sync::Arc;
 
 use crate::slots::lease::{AcquireError, Lease};
-use crate::slots::table::Want;
+use crate::slots::table::{ClientTag, Want};
 use crate::upstream::Upstream;
 
-/// Waits (FIFO, within the configured queue timeout) for a lease on what
-/// `want` asks of `upstream`; a refusal counts as a queue rejection.
-pub(crate) async fn acquire(upstream: &Arc<Upstream>, want: Want) -> Result<Lease, AcquireError> {
+/// Waits (within the configured queue timeout) for a lease on what `want`
+/// asks of `upstream` for client `by`; a refusal counts as a queue
+/// rejection.
+pub(crate) async fn acquire(
+    upstream: &Arc<Upstream>,
+    want: Want,
+    by: Option<ClientTag>,
+) -> Result<Lease, AcquireError> {
     let timeout = upstream.shared.cfg.queue_timeout;
-    upstream.pool.acquire(want, timeout).await.inspect_err(|_| {
-        crate::observe::metrics::inc(&upstream.shared.metrics.queue_rejections);
-    })
+    upstream
+        .pool
+        .acquire_as(want, by, timeout)
+        .await
+        .inspect_err(|_| {
+            crate::observe::metrics::inc(&upstream.shared.metrics.queue_rejections);
+        })
 }
 
 /// Why detached work did not come back.

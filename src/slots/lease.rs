@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use crate::slots::table::{Grant, Outcome, Slot, SlotId, SlotTable, TableError, Ticket, Want};
+use crate::slots::table::{
+    ClientTag, Grant, Outcome, Slot, SlotId, SlotTable, TableError, Ticket, Want,
+};
 use crate::sync::Unpoisoned;
 
 /// Why no lease was granted.
@@ -65,10 +67,27 @@ impl Pool {
         self.inner.lock_unpoisoned()
     }
 
-    /// Waits (FIFO, bounded by `timeout`) for a lease on what `want` asks.
+    /// At most `n` waiting requests per known client.
+    pub fn set_client_bound(&self, n: usize) {
+        self.lock().table.set_client_bound(n);
+    }
+
+    /// Waits (FIFO, bounded by `timeout`) for a lease on what `want` asks,
+    /// for kvgate's own work.
     pub async fn acquire(
         self: &Arc<Self>,
         want: Want,
+        timeout: Duration,
+    ) -> Result<Lease, AcquireError> {
+        self.acquire_as(want, None, timeout).await
+    }
+
+    /// Waits for a lease on behalf of client `by` (see the table's fair
+    /// order and per-client bound).
+    pub async fn acquire_as(
+        self: &Arc<Self>,
+        want: Want,
+        by: Option<ClientTag>,
         timeout: Duration,
     ) -> Result<Lease, AcquireError> {
         let (tx, rx) = oneshot::channel();
@@ -77,7 +96,7 @@ impl Pool {
             if inner.closed {
                 return Err(AcquireError::Closed);
             }
-            let (ticket, grants) = inner.table.enqueue(want)?;
+            let (ticket, grants) = inner.table.enqueue_by(want, by)?;
             inner.waiters.insert(ticket, tx);
             deliver(&mut inner, grants);
             ticket

@@ -15,12 +15,17 @@
 //!   least recent use, then by the lowest id (the seed extension's rule, with
 //!   LRU added so ties do not always hit slot 0).
 //! - A slot with a lease (a request in flight, a save, a restore) is never
-//!   evicted. Waiters are served in FIFO order among those that can proceed.
+//!   evicted. Waiters are served in FIFO order among those that can proceed;
+//!   when several newcomers compete for free slots, the one whose client
+//!   holds the fewest leases goes first, so one client can't starve others.
+//! - With known clients (a clients file), each client may have at most
+//!   `max_per_client` requests waiting, besides the overall bound.
 //! - Usage counts messages since the last save or restore: `normal` +1;
 //!   `regenerate`, `swipe`, `continue`, `quiet` +1 only when it is 0;
 //!   `impersonate` no change. Anonymous tenants never count.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use crate::tenant::{Kind, Tenant};
 
@@ -43,6 +48,10 @@ pub enum Want {
 
 /// Handle of a queued request.
 pub type Ticket = u64;
+
+/// The authenticated client a request comes from, when kvgate knows its
+/// clients; kvgate's own work and unknown clients have none.
+pub type ClientTag = Arc<str>;
 
 /// Identifies one lease so a stale release can't free someone else's slot.
 pub type LeaseId = u64;
@@ -117,6 +126,11 @@ pub struct Slot {
     /// The save the live cache was restored from (generations since then
     /// only extend it); gone with the cache.
     pub restored_from: Option<String>,
+    /// The client whose generation or slot action last had the slot: whose
+    /// work llama-server's `/slots` shows for it.
+    pub client: Option<ClientTag>,
+    /// The client holding the lease in force, for the fair order.
+    pub lease_client: Option<ClientTag>,
 }
 
 impl Slot {
@@ -132,6 +146,7 @@ impl Slot {
 struct Waiter {
     ticket: Ticket,
     want: Want,
+    by: Option<ClientTag>,
 }
 
 /// Why a request was refused outright.
@@ -143,6 +158,12 @@ pub enum TableError {
         /// Number of slots.
         slots: usize,
         /// Queue length.
+        queued: usize,
+    },
+    /// This client already has its share of the wait queue.
+    #[error("all slots are busy and this client already has {queued} requests waiting")]
+    ClientQueueFull {
+        /// The client's requests waiting.
         queued: usize,
     },
     /// A pinned slot that does not exist.
@@ -159,6 +180,7 @@ pub struct SlotTable {
     slots: Vec<Slot>,
     queue: VecDeque<Waiter>,
     max_queue: usize,
+    max_per_client: usize,
     tick: u64,
     next_ticket: Ticket,
     next_lease: LeaseId,
@@ -167,16 +189,23 @@ pub struct SlotTable {
 // === impl SlotTable ===
 
 impl SlotTable {
-    /// A table of `n` empty slots whose wait queue holds at most `max_queue`.
+    /// A table of `n` empty slots whose wait queue holds at most `max_queue`
+    /// (and as many of one client's).
     pub fn new(n: usize, max_queue: usize) -> Self {
         SlotTable {
             slots: vec![Slot::default(); n],
             queue: VecDeque::new(),
             max_queue,
+            max_per_client: max_queue,
             tick: 0,
             next_ticket: 1,
             next_lease: 1,
         }
+    }
+
+    /// At most `n` waiting requests per known client.
+    pub fn set_client_bound(&mut self, n: usize) {
+        self.max_per_client = n;
     }
 
     /// Number of slots.
@@ -211,11 +240,20 @@ impl SlotTable {
         self.queue.is_empty() && self.slots.iter().all(|s| s.lease.is_none())
     }
 
-    /// Queues a request and serves whatever can be served now, in FIFO order.
-    /// Returns the ticket and the grants made by this call (which may include
-    /// the new ticket's own grant). The queue bound applies only to requests
-    /// that must wait.
+    /// Queues a request of kvgate's own or of an unknown client.
     pub fn enqueue(&mut self, want: Want) -> Result<(Ticket, Vec<(Ticket, Grant)>), TableError> {
+        self.enqueue_by(want, None)
+    }
+
+    /// Queues a request from `by` and serves whatever can be served now.
+    /// Returns the ticket and the grants made by this call (which may include
+    /// the new ticket's own grant). The queue bounds apply only to requests
+    /// that must wait.
+    pub fn enqueue_by(
+        &mut self,
+        want: Want,
+        by: Option<ClientTag>,
+    ) -> Result<(Ticket, Vec<(Ticket, Grant)>), TableError> {
         if self.slots.is_empty() {
             return Err(TableError::NoSlots);
         }
@@ -226,17 +264,36 @@ impl SlotTable {
         }
         let ticket = self.next_ticket;
         self.next_ticket += 1;
-        self.queue.push_back(Waiter { ticket, want });
+        let mine = |w: &Waiter| by.is_some() && w.by == by;
+        let client_queued = self.queue.iter().filter(|w| mine(w)).count();
+        self.queue.push_back(Waiter {
+            ticket,
+            want,
+            by: by.clone(),
+        });
         let grants = self.dispatch();
-        let served = grants.iter().any(|(t, _)| *t == ticket);
-        if !served && self.queue.len() > self.max_queue {
-            self.queue.retain(|w| w.ticket != ticket);
-            return Err(TableError::QueueFull {
-                slots: self.slots.len(),
-                queued: self.queue.len(),
-            });
+        if grants.iter().any(|(t, _)| *t == ticket) {
+            return Ok((ticket, grants));
         }
-        Ok((ticket, grants))
+        let refusal = if by.is_some() && client_queued >= self.max_per_client {
+            Some(TableError::ClientQueueFull {
+                queued: client_queued,
+            })
+        } else if self.queue.len() > self.max_queue {
+            Some(TableError::QueueFull {
+                slots: self.slots.len(),
+                queued: self.queue.len() - 1,
+            })
+        } else {
+            None
+        };
+        match refusal {
+            Some(e) => {
+                self.queue.retain(|w| w.ticket != ticket);
+                Err(e)
+            }
+            None => Ok((ticket, grants)),
+        }
     }
 
     /// Removes a waiter that gave up (timeout, client gone). Returns whether it
@@ -260,6 +317,7 @@ impl SlotTable {
             return Vec::new();
         }
         self.slots[slot].lease = None;
+        self.slots[slot].lease_client = None;
         self.slots[slot].held = false;
         self.dispatch()
     }
@@ -387,7 +445,7 @@ impl SlotTable {
                 Some(slot) => {
                     if self.slots[slot].lease.is_none() {
                         let w = self.queue.remove(i).expect("index in range");
-                        let g = self.grant(slot, &w.want);
+                        let g = self.grant(slot, &w);
                         grants.push((w.ticket, g));
                     } else {
                         i += 1;
@@ -396,29 +454,40 @@ impl SlotTable {
                 None => i += 1,
             }
         }
-        let mut i = 0;
-        while i < self.queue.len() {
-            let Want::Tenant(t) = &self.queue[i].want else {
-                i += 1;
-                continue;
+        while let Some(i) = self.next_newcomer() {
+            // Nothing is idle: no newcomer can be served.
+            let Some(slot) = self.pick_for_newcomer() else {
+                break;
             };
-            // A tenant that became resident during this pass (an earlier
-            // waiter for the same tenant got a slot) waits behind that slot.
-            if self.resident(t).is_some() {
-                i += 1;
-                continue;
-            }
-            match self.pick_for_newcomer() {
-                Some(slot) => {
-                    let w = self.queue.remove(i).expect("index in range");
-                    let g = self.grant(slot, &w.want);
-                    grants.push((w.ticket, g));
-                }
-                // Nothing is idle: later newcomers can't be served either.
-                None => break,
-            }
+            let w = self.queue.remove(i).expect("index in range");
+            let g = self.grant(slot, &w);
+            grants.push((w.ticket, g));
         }
         grants
+    }
+
+    /// The newcomer to serve next: among waiting tenants with no slot yet
+    /// (one that became resident during this pass waits behind that slot),
+    /// the one whose client holds the fewest leases, first come first among
+    /// equals.
+    fn next_newcomer(&self) -> Option<usize> {
+        self.queue
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| matches!(&w.want, Want::Tenant(t) if self.resident(t).is_none()))
+            .min_by_key(|(i, w)| (self.leases_of(w.by.as_ref()), *i))
+            .map(|(i, _)| i)
+    }
+
+    /// Leases held by `client` (none for kvgate's own work).
+    fn leases_of(&self, client: Option<&ClientTag>) -> usize {
+        let Some(c) = client else {
+            return 0;
+        };
+        self.slots
+            .iter()
+            .filter(|s| s.lease.is_some() && s.lease_client.as_ref() == Some(c))
+            .count()
     }
 
     /// Lowest free slot, else the idle slot with least usage, then least
@@ -444,13 +513,18 @@ impl SlotTable {
         }
     }
 
-    fn grant(&mut self, slot: SlotId, want: &Want) -> Grant {
+    fn grant(&mut self, slot: SlotId, waiter: &Waiter) -> Grant {
+        let want = &waiter.want;
         self.tick += 1;
         let lease = self.next_lease;
         self.next_lease += 1;
         let s = &mut self.slots[slot];
         s.lease = Some(lease);
         s.held = matches!(want, Want::Hold(_));
+        s.lease_client = waiter.by.clone();
+        if !s.held {
+            s.client = waiter.by.clone();
+        }
         // A save or an inspection is not a use: it must not make the slot
         // look recently used to the eviction order.
         if !s.held {
@@ -638,6 +712,50 @@ mod tests {
             })
         );
         assert_eq!(t.queued(), 1);
+    }
+
+    #[test]
+    fn one_client_cannot_fill_the_queue_for_everyone() {
+        let mut t = SlotTable::new(2, 4);
+        t.set_client_bound(2);
+        let greedy = Some(ClientTag::from("client-greedy"));
+        let by = |t: &mut SlotTable, w: Want, c: &Option<ClientTag>| t.enqueue_by(w, c.clone());
+        // Two generations hold both slots, two more wait: the greedy
+        // client's share.
+        for name in ["A", "B", "C", "D"] {
+            by(&mut t, want(name), &greedy).unwrap();
+        }
+        assert_eq!(
+            by(&mut t, want("E"), &greedy).unwrap_err(),
+            TableError::ClientQueueFull { queued: 2 }
+        );
+        // Another client still gets in line, and so does kvgate's own work.
+        let other = Some(ClientTag::from("client-other"));
+        by(&mut t, want("F"), &other).unwrap();
+        t.enqueue(want("G")).unwrap();
+        assert_eq!(t.queued(), 4);
+    }
+
+    #[test]
+    fn a_freed_slot_goes_to_the_client_holding_fewest() {
+        let mut t = SlotTable::new(2, 8);
+        let greedy = Some(ClientTag::from("client-greedy"));
+        let other = Some(ClientTag::from("client-other"));
+        let (t1, g) = t.enqueue_by(want("A"), greedy.clone()).unwrap();
+        let a = g.into_iter().find(|(k, _)| *k == t1).unwrap().1;
+        t.enqueue_by(want("B"), greedy.clone()).unwrap();
+        // The greedy client queues first, the other client after it.
+        let (greedy_next, _) = t.enqueue_by(want("C"), greedy.clone()).unwrap();
+        let (other_next, _) = t.enqueue_by(want("D"), other.clone()).unwrap();
+        let grants = finish(&mut t, &a, Kind::Normal);
+        assert_eq!(grants.len(), 1);
+        assert_eq!(
+            grants[0].0, other_next,
+            "the client with no slot goes before the one holding one"
+        );
+        assert!(t.is_queued(greedy_next));
+        // The table remembers whose work each slot shows.
+        assert_eq!(t.slots()[a.slot].client, other);
     }
 
     #[test]

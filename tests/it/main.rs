@@ -1,5 +1,6 @@
 mod admin;
 mod cli;
+mod clients;
 mod fake_selftest;
 mod fleet;
 mod instances;

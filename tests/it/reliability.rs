@@ -739,11 +739,12 @@ fn post_bytes(path: &str, headers: &[&[u8]], body: &[u8]) -> Vec<u8> {
     r
 }
 
-/// Bodies kvgate may not understand: they must get llama-server's own answer
-/// (the same status as when sent to llama-server directly), byte for byte
-/// forwarded, no slot headers.
+/// Bodies llama-server refuses too get its own answer (the same status as
+/// when sent to llama-server directly), forwarded byte for byte with no slot
+/// headers; bodies only llama-server reads are refused; odd `id_slot`
+/// values are leased as llama-server reads them.
 #[tokio::test]
-async fn unparseable_and_odd_bodies_pass_through_faithfully() {
+async fn unparseable_bodies_pass_through_and_odd_ones_are_leased() {
     let fake = FakeLlama::builder().slots(2).events(2).build().await;
     let kv = Kvgate::start(&fake.url(), |_| {}).await;
     let nested = |depth: usize, open: &str, close: &str| -> Vec<u8> {
@@ -765,22 +766,9 @@ async fn unparseable_and_odd_bodies_pass_through_faithfully() {
             "invalid utf-8 in a string",
             b"{\"prompt\":\"\xc3\x28\"}".to_vec(),
         ),
-        ("100k nested arrays", nested(100_000, "[", "]")),
-        ("100k nested objects", nested(100_000, "{\"a\":", "}")),
         (
             "truncated json",
             b"{\"prompt\":\"Alice:\",\"stream\":tr".to_vec(),
-        ),
-        (
-            "id_slot string",
-            br#"{"prompt":"x","id_slot":"two"}"#.to_vec(),
-        ),
-        ("id_slot float", br#"{"prompt":"x","id_slot":1.5}"#.to_vec()),
-        ("id_slot bool", br#"{"prompt":"x","id_slot":true}"#.to_vec()),
-        ("id_slot array", br#"{"prompt":"x","id_slot":[0]}"#.to_vec()),
-        (
-            "id_slot beyond u64",
-            br#"{"prompt":"x","id_slot":99999999999999999999999}"#.to_vec(),
         ),
     ];
     for (what, body) in cases {
@@ -806,6 +794,61 @@ async fn unparseable_and_odd_bodies_pass_through_faithfully() {
         let calls = fake.calls_to("/completion");
         assert_eq!(calls.len(), 2, "{what}");
         assert_eq!(&calls[1].body[..], &body[..], "{what}: forwarded untouched");
+    }
+    // JSON llama-server reads but kvgate can't: refused, never sent past
+    // the slot lease.
+    for (what, body) in [
+        ("100k nested arrays", nested(100_000, "[", "]")),
+        ("100k nested objects", nested(100_000, "{\"a\":", "}")),
+    ] {
+        fake.clear_calls();
+        let (status, _, v_body) =
+            raw_exchange(&kv.url, post_bytes("/completion", &[], &body)).await;
+        assert_eq!(status, 400, "{what}");
+        assert_api_error(400, &json_body(&v_body), what);
+        assert!(fake.calls_to("/completion").is_empty(), "{what}");
+    }
+    // Odd `id_slot` values are read as llama-server reads them, leased, and
+    // forwarded as the plain number kvgate leased.
+    for (what, body, pinned) in [
+        (
+            "id_slot string",
+            br#"{"prompt":"x","id_slot":"two"}"#.to_vec(),
+            None,
+        ),
+        (
+            "id_slot float",
+            br#"{"prompt":"x","id_slot":1.5}"#.to_vec(),
+            Some(1),
+        ),
+        (
+            "id_slot bool",
+            br#"{"prompt":"x","id_slot":true}"#.to_vec(),
+            Some(1),
+        ),
+        (
+            "id_slot array",
+            br#"{"prompt":"x","id_slot":[0]}"#.to_vec(),
+            None,
+        ),
+        (
+            "id_slot beyond u64",
+            br#"{"prompt":"x","id_slot":99999999999999999999999}"#.to_vec(),
+            Some(i64::from(i32::MAX)),
+        ),
+    ] {
+        fake.clear_calls();
+        let (status, head, _) = raw_exchange(&kv.url, post_bytes("/completion", &[], &body)).await;
+        assert_eq!(status, 200, "{what}");
+        assert!(
+            head.to_ascii_lowercase().contains("x-kvgate-slot"),
+            "{what}: leased"
+        );
+        let sent = fake.completions().pop().unwrap();
+        assert!(sent["id_slot"].is_u64(), "{what}: {sent}");
+        if let Some(id) = pinned {
+            assert_eq!(sent["id_slot"], id, "{what}");
+        }
     }
     kv.wait_idle().await;
 }
