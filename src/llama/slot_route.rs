@@ -10,8 +10,8 @@
 //!   whole path (also `%uXXXX`), matches `:id_slot` up to the next `/` (a
 //!   trailing `/` still matches), and llama-server percent-decodes the
 //!   parameter a second time before `std::stoi` (leading white space, a
-//!   sign, digits, then anything). The slot is `id % n_slots`; a negative id
-//!   names no slot.
+//!   sign, digits, then anything). The slot is `id % n_slots` computed in
+//!   `size_t`, so negative ids wrap to a slot too (-1 is the last of two).
 //! - **`?action=`**: httplib decodes query keys and values (`+` is a space)
 //!   and llama-server keeps the *last* value of a repeated key. A form body
 //!   (`application/x-www-form-urlencoded`) adds its fields after the query's.
@@ -40,16 +40,16 @@ pub enum SlotRoute {
     /// Not `POST /slots/:id_slot`: no slot action.
     NotSlotAction,
     /// A slot action llama-server itself refuses before touching any slot
-    /// (a slot id `stoi` can't read or that is negative, an unknown
-    /// action): passed through for llama-server's own answer.
+    /// (a slot id `stoi` can't read, an unknown action): passed through
+    /// for llama-server's own answer.
     Refused,
     /// Spelled so that kvgate can't be sure what llama-server would do:
     /// kvgate answers 400 with this reason.
     Ambiguous(&'static str),
-    /// A slot action on `id` (before wrapping by the slot count).
+    /// A slot action on `id` (before [`wrap_slot_id`]).
     Action {
-        /// The id as llama-server reads it (≥ 0).
-        id: u32,
+        /// The id as llama-server reads it.
+        id: i32,
         /// What to do.
         verb: Verb,
     },
@@ -75,9 +75,8 @@ pub fn slot_route(post: bool, path: &str, query: Option<&str>, form_body: bool) 
         Ok(a) => a,
         Err(reason) => return SlotRoute::Ambiguous(reason),
     };
-    let id = match stoi(&llama_decode(&param)) {
-        Some(id) if id >= 0 => id.unsigned_abs(),
-        _ => return SlotRoute::Refused,
+    let Some(id) = stoi(&llama_decode(&param)) else {
+        return SlotRoute::Refused;
     };
     let verb = match action.as_deref() {
         Some("save") => Verb::Save,
@@ -86,6 +85,14 @@ pub fn slot_route(post: bool, path: &str, query: Option<&str>, form_body: bool) 
         _ => return SlotRoute::Refused,
     };
     SlotRoute::Action { id, verb }
+}
+
+/// The slot llama-server uses for `id` among `n` (`get_slot_by_id`: the
+/// remainder in `size_t`, where -1 is 2^64 - 1).
+pub fn wrap_slot_id(id: i32, n: usize) -> usize {
+    let n = u64::try_from(n.max(1)).unwrap_or(u64::MAX);
+    let wrapped = (i64::from(id) as u64) % n;
+    usize::try_from(wrapped).unwrap_or(0)
 }
 
 /// The slot id a completion body asks for, as llama-server reads
@@ -250,7 +257,7 @@ mod tests {
         slot_route(true, path, query, false)
     }
 
-    fn action(id: u32, verb: Verb) -> SlotRoute {
+    fn action(id: i32, verb: Verb) -> SlotRoute {
         SlotRoute::Action { id, verb }
     }
 
@@ -324,11 +331,24 @@ mod tests {
 
     #[test]
     fn what_llama_server_refuses_itself() {
-        for p in ["/slots/abc", "/slots/-1", "/slots/", "/slots/99999999999"] {
+        for p in ["/slots/abc", "/slots/", "/slots/99999999999"] {
             assert_eq!(route(p, Some("action=erase")), SlotRoute::Refused, "{p}");
         }
         assert_eq!(route("/slots/0", Some("action=nope")), SlotRoute::Refused);
         assert_eq!(route("/slots/0", None), SlotRoute::Refused);
+    }
+
+    #[test]
+    fn ids_wrap_in_size_t() {
+        assert_eq!(
+            route("/slots/-1", Some("action=erase")),
+            action(-1, Verb::Erase)
+        );
+        assert_eq!(wrap_slot_id(-1, 2), 1);
+        assert_eq!(wrap_slot_id(-1, 3), 0);
+        assert_eq!(wrap_slot_id(-5, 4), 3);
+        assert_eq!(wrap_slot_id(5, 2), 1);
+        assert_eq!(wrap_slot_id(0, 1), 0);
     }
 
     #[test]

@@ -24,7 +24,7 @@ use crate::http::body::{boxed, full, ProxyBody};
 use crate::http::sse::{Observed, StreamEnd};
 use crate::identity::{self, Api, Identity};
 use crate::llama::client::Driven;
-use crate::llama::slot_route::{beyond_kvgate, body_id_slot};
+use crate::llama::slot_route::{beyond_kvgate, body_id_slot, wrap_slot_id};
 use crate::observe::metrics;
 use crate::session;
 use crate::slots::lease::Lease;
@@ -49,8 +49,9 @@ struct Turn {
     body: Value,
     /// Who it is for, and what kind of generation.
     identity: Identity,
-    /// `Some(slot)` when the client chose its slot itself (`id_slot` ≥ 0).
-    client_slot: Option<usize>,
+    /// `Some(id)` when the client chose its slot itself (any `id_slot` but
+    /// -1), as llama-server reads it.
+    client_slot: Option<i32>,
 }
 
 /// Serves one completion: the top of the phases.
@@ -141,7 +142,7 @@ impl Turn {
         });
         // Read as llama-server reads it (`"1"` is any slot, `true` is 1);
         // kvgate then writes the slot it leased back as a plain number.
-        let client_slot = usize::try_from(body_id_slot(&body)).ok();
+        let client_slot = Some(body_id_slot(&body)).filter(|id| *id != -1);
         Ok(Turn {
             started,
             body,
@@ -171,13 +172,13 @@ impl Turn {
         let Some(n) = self.client_slot else {
             return Ok(Want::Tenant(self.tenant().clone()));
         };
-        // llama-server wraps large ids around (id % n_slots): serialise on
+        // llama-server wraps ids around (negative ones too): serialise on
         // the slot it will really use.
         match upstream.pool.len() {
             0 => Err(Failure::Busy(
                 "llama-server's slots are not known yet".into(),
             )),
-            len => Ok(Want::Pinned(n % len)),
+            len => Ok(Want::Pinned(wrap_slot_id(n, len))),
         }
     }
 
@@ -280,7 +281,10 @@ impl Turn {
     /// (a prompt can be megabytes; nothing reads it after this).
     fn take_body_for(&mut self, slot: usize) -> Result<Bytes, Failure> {
         let mut body = std::mem::take(&mut self.body);
-        body["id_slot"] = Value::from(self.client_slot.unwrap_or(slot));
+        body["id_slot"] = match self.client_slot {
+            Some(id) => Value::from(id),
+            None => Value::from(slot),
+        };
         serde_json::to_vec(&body)
             .map(Bytes::from)
             .map_err(|e| Failure::Kvgate(e.to_string()))

@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use crate::http::body::{full, ProxyBody};
 use crate::llama::client::strip_hop_by_hop;
-use crate::llama::slot_route::{beyond_kvgate, slot_route, SlotRoute, Verb};
+use crate::llama::slot_route::{beyond_kvgate, slot_route, wrap_slot_id, SlotRoute, Verb};
 use crate::session;
 use crate::slots::table::{Outcome, Want};
 use crate::store::reserved::reserved;
@@ -77,7 +77,7 @@ fn check_file_name(raw: &[u8]) -> Result<(), Failure> {
 pub(crate) async fn slot_action(
     upstream: &Arc<Upstream>,
     req: Request<Incoming>,
-    id: u32,
+    id: i32,
     verb: Verb,
     client: &Client,
 ) -> Result<Response<ProxyBody>, Failure> {
@@ -91,7 +91,7 @@ pub(crate) async fn slot_action(
         // No slot is known, so kvgate holds none: nothing to race.
         return Ok(forward_relay(upstream, parts, full(raw)).await);
     }
-    let slot = usize::try_from(id).unwrap_or(usize::MAX) % n;
+    let slot = wrap_slot_id(id, n);
     let is_save = verb == Verb::Save;
     let want = if is_save {
         Want::Hold(slot)

@@ -1,6 +1,7 @@
 mod admin;
 mod demo;
 mod group_chat;
+mod hardening;
 mod instances;
 mod persistence;
 mod smoke;

@@ -86,8 +86,9 @@ async fn slot_actions_cannot_name_kvgates_own_files() {
 #[tokio::test]
 async fn every_spelling_of_a_slot_waits_for_its_lease() {
     let roster = ["Alice", "Bob"];
-    // llama-server decodes the path twice and reads the id with stoi: each
-    // of these erases slot 0 there, so each must wait for slot 0 here.
+    // llama-server decodes the path twice, reads the id with stoi and wraps
+    // it in size_t (-2 is slot 0 of 2): each of these erases slot 0 there,
+    // so each must wait for slot 0 here.
     for path in [
         "/slots/%30?action=erase",
         "/slots/0abc?action=erase",
@@ -96,6 +97,7 @@ async fn every_spelling_of_a_slot_waits_for_its_lease() {
         "/slots/%20+0?action=erase",
         "/slots/0?action=%65rase",
         "/slots/2?action=erase",
+        "/slots/-2?action=erase",
     ] {
         // A fresh pair each time: gate permits left over would let the next
         // generation finish early.

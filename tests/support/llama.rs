@@ -148,6 +148,8 @@ pub struct LlamaOpts {
     pub model: Option<PathBuf>,
     /// Port to listen on; a free one when `None`.
     pub port: Option<u16>,
+    /// Environment variables for the server (`LLAMA_SERVER_SLOTS_DEBUG`).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for LlamaOpts {
@@ -159,6 +161,7 @@ impl Default for LlamaOpts {
             extra_args: Vec::new(),
             model: None,
             port: None,
+            env: Vec::new(),
         }
     }
 }
@@ -176,6 +179,7 @@ pub struct LlamaServer {
     pub log_path: PathBuf,
     bin: PathBuf,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     child: Option<Child>,
     /// Holds the log and, unless one was given, the save dir.
     tmp: tempfile::TempDir,
@@ -231,6 +235,7 @@ impl LlamaServer {
             log_path: tmp.path().join("llama-server.log"),
             bin,
             args,
+            env: opts.env,
             child: None,
             tmp,
         };
@@ -276,6 +281,7 @@ impl LlamaServer {
         );
         let mut cmd = Command::new(&self.bin);
         cmd.args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone().expect("clone log handle")))
             .stderr(Stdio::from(log))
