@@ -217,7 +217,8 @@ impl BrowserRules {
                 ErrorType::InvalidRequest,
                 format!(
                     "{method} needs Content-Type: application/json (got {}); \
-                     send no body, or a JSON one labelled so",
+                     send no body, or a JSON one labelled so \
+                     (curl: -H 'Content-Type: application/json')",
                     other.map_or("none".into(), |v| format!(
                         "{:?}",
                         String::from_utf8_lossy(v.as_bytes())

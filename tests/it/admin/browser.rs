@@ -66,6 +66,8 @@ async fn a_cross_site_post_erases_and_saves_nothing() {
                 request(&s.kv, "POST", path, &[("content-type", ct)], &erase).await;
             assert_eq!(status, 415, "{ct} {path} without Origin: {v}");
             assert_api_error(415, &v, path);
+            let msg = v["error"]["message"].as_str().unwrap();
+            assert!(msg.contains("Content-Type: application/json"), "{msg}");
         }
         // Bodyless actions too: a form can post nothing at all.
         let (status, _, v) = request(
