@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
+use hyper::http::uri::Authority;
 use hyper::Uri;
 use serde::Deserialize;
 
@@ -95,6 +96,26 @@ pub struct Cli {
     /// File holding the admin key (first line).
     #[arg(long, env = "KVGATE_ADMIN_KEY_FILE", value_name = "FILE")]
     pub admin_key_file: Option<PathBuf>,
+    /// Another name the admin port answers as (`Host`), besides its bound
+    /// address and the loopback names; `NAME` (any port) or `NAME:PORT`.
+    /// Repeat the flag (or separate names with commas).
+    #[arg(
+        long,
+        env = "KVGATE_ADMIN_HOST",
+        value_name = "NAME[:PORT]",
+        value_delimiter = ','
+    )]
+    pub admin_host: Vec<String>,
+    /// A web origin (`scheme://host[:port]`, exact, never `*`) whose pages
+    /// may call the admin port (CORS); the port's own origin always may.
+    /// Repeat the flag (or separate origins with commas).
+    #[arg(
+        long,
+        env = "KVGATE_ADMIN_CORS_ORIGIN",
+        value_name = "ORIGIN",
+        value_delimiter = ','
+    )]
+    pub admin_cors_origin: Vec<String>,
     /// Clients file (TOML `[[client]]` with id, key, trusted): when given,
     /// front-port requests need a known, trusted key.
     #[arg(long, env = "KVGATE_CLIENTS", value_name = "FILE")]
@@ -155,6 +176,8 @@ pub struct FileConfig {
     preload_timeout: Option<u64>,
     admin_key: Option<String>,
     admin_key_file: Option<PathBuf>,
+    admin_host: Option<OneOrMany>,
+    admin_cors_origin: Option<OneOrMany>,
     clients: Option<PathBuf>,
     upstream_api_key: Option<String>,
     llama_server: Option<PathBuf>,
@@ -235,8 +258,14 @@ pub struct Config {
     pub cache: CacheSettings,
     /// Drain bound at shutdown.
     pub shutdown_grace: Duration,
-    /// Admin key, when the admin port requires one.
+    /// Admin key, when the admin port requires one (trimmed, never empty).
     pub admin_key: Option<String>,
+    /// Extra `Host` names the admin port answers (`name` or `name:port`,
+    /// lowercase).
+    pub admin_hosts: Vec<String>,
+    /// Origins whose pages may call the admin port (normalized as browsers
+    /// send them).
+    pub admin_cors_origins: Vec<String>,
     /// Front-port clients file.
     pub clients: Option<PathBuf>,
     /// Key kvgate sends to llama-server.
@@ -281,6 +310,8 @@ impl Default for Config {
             cache: CacheSettings::default(),
             shutdown_grace: Duration::from_secs(30),
             admin_key: None,
+            admin_hosts: Vec::new(),
+            admin_cors_origins: Vec::new(),
             clients: None,
             upstream_api_key: None,
             supervised: None,
@@ -401,6 +432,88 @@ fn upstreams(
     })
 }
 
+/// A list setting: the flags' values, else the file's.
+fn list(flags: Vec<String>, file: Option<OneOrMany>) -> Vec<String> {
+    match (flags.is_empty(), file) {
+        (false, _) | (true, None) => flags,
+        (true, Some(OneOrMany::One(v))) => vec![v],
+        (true, Some(OneOrMany::Many(vs))) => vs,
+    }
+}
+
+/// `--admin-host` values: `name` or `name:port`, lowercase.
+fn admin_hosts(values: Vec<String>) -> Result<Vec<String>, ConfigError> {
+    values
+        .iter()
+        .map(|raw| match split_host(raw.trim()) {
+            Some((name, Some(port))) => Ok(format!("{name}:{port}")),
+            Some((name, None)) => Ok(name),
+            None => Err(invalid(
+                "--admin-host",
+                raw,
+                "expected a host name with an optional port, e.g. kvgate.lan or kvgate.lan:8090",
+            )),
+        })
+        .collect()
+}
+
+/// `--admin-cors-origin` values, as browsers send origins.
+fn cors_origins(values: Vec<String>) -> Result<Vec<String>, ConfigError> {
+    values
+        .iter()
+        .map(|raw| {
+            normalize_origin(raw).ok_or_else(|| {
+                invalid(
+                    "--admin-cors-origin",
+                    raw,
+                    "expected an exact origin, scheme://host[:port] (no path, no *), \
+                     e.g. http://192.168.1.20:8000",
+                )
+            })
+        })
+        .collect()
+}
+
+/// The admin key from a flag, the environment or the file, trimmed: a key
+/// with stray spaces could never match, since presented keys are trimmed.
+fn trimmed_key(key: String) -> Result<String, ConfigError> {
+    let key = key.trim();
+    if key.is_empty() {
+        return Err(invalid("--admin-key", "", "must not be empty"));
+    }
+    Ok(key.to_string())
+}
+
+/// A host and optional port from `Host` or `--admin-host` (`name`,
+/// `name:port`, `[v6]:port`), the name lowercase; `None` when malformed.
+pub(crate) fn split_host(raw: &str) -> Option<(String, Option<u16>)> {
+    // `Authority` also takes `user@host`, which is no Host.
+    if raw.is_empty() || raw.contains(['@', '/', '*']) {
+        return None;
+    }
+    let a: Authority = raw.parse().ok()?;
+    Some((a.host().to_ascii_lowercase(), a.port_u16()))
+}
+
+/// An `--admin-cors-origin` value as browsers serialize origins:
+/// `scheme://host[:port]`, lowercase, without a default port; `None` when it
+/// is not one (a path, a query, `*`, `null`).
+pub(crate) fn normalize_origin(raw: &str) -> Option<String> {
+    let trimmed = raw.trim().trim_end_matches('/');
+    let (scheme, rest) = trimmed.split_once("://")?;
+    let scheme = scheme.to_ascii_lowercase();
+    let default_port = match scheme.as_str() {
+        "http" => 80,
+        "https" => 443,
+        _ => return None,
+    };
+    let (host, port) = split_host(rest)?;
+    Some(match port {
+        Some(p) if p != default_port => format!("{scheme}://{host}:{p}"),
+        _ => format!("{scheme}://{host}"),
+    })
+}
+
 /// The cache settings: flag, else file, else default, each.
 fn cache_settings(cli: &Cli, file: &FileConfig, d: &CacheSettings) -> CacheSettings {
     CacheSettings {
@@ -491,6 +604,8 @@ impl Config {
                 d.shutdown_grace,
             )?,
             admin_key,
+            admin_hosts: admin_hosts(list(cli.admin_host, file.admin_host))?,
+            admin_cors_origins: cors_origins(list(cli.admin_cors_origin, file.admin_cors_origin))?,
             clients: cli.clients.or(file.clients),
             upstream_api_key: cli.upstream_api_key.or(file.upstream_api_key),
             supervised,
@@ -501,7 +616,7 @@ impl Config {
     }
 
     /// Range checks that parsing can't express.
-    pub fn validate(self) -> Result<Config, ConfigError> {
+    pub fn validate(mut self) -> Result<Config, ConfigError> {
         if self.max_body_bytes < 1024 {
             return Err(invalid(
                 "--max-body-bytes",
@@ -530,11 +645,9 @@ impl Config {
         if self.cache.preload_timeout_s == 0 {
             return Err(invalid("--preload-timeout", 0, "must be at least 1 second"));
         }
-        if let Some(k) = &self.admin_key {
-            if k.trim().is_empty() {
-                return Err(invalid("--admin-key", "", "must not be empty"));
-            }
-        }
+        // Here rather than where the flag is read, so that a key an
+        // embedder sets is trimmed too.
+        self.admin_key = self.admin_key.map(trimmed_key).transpose()?;
         if self.admin_key.is_none() && !self.admin_listen.ip().is_loopback() {
             return Err(invalid(
                 "--admin-listen",
@@ -547,6 +660,21 @@ impl Config {
         }
         Ok(self)
     }
+}
+
+/// The warning for a front port others can reach while no clients file
+/// says who may use it: there, any client is trusted with every
+/// character's cache and the slot actions.
+pub fn open_front_warning(cfg: &Config) -> Option<String> {
+    if cfg.listen.ip().is_loopback() || cfg.clients.is_some() {
+        return None;
+    }
+    Some(format!(
+        "the front port {} is reachable from the network and no --clients file is given: \
+         any client on the network can use every character's cache and the slot actions \
+         (give --clients, or listen on 127.0.0.1)",
+        cfg.listen
+    ))
 }
 
 impl FileConfig {
@@ -747,5 +875,90 @@ mod tests {
         std::fs::write(&f, "lisen = \"x\"\n").unwrap();
         let e = Config::from_cli(cli(&["--config", f.to_str().unwrap()]), None).unwrap_err();
         assert!(e.to_string().contains("lisen"), "{e}");
+    }
+
+    #[test]
+    fn admin_hosts_and_cors_origins_repeat_and_normalize() {
+        let c = Config::from_cli(
+            cli(&[
+                "--admin-host",
+                "KV.lan",
+                "--admin-host",
+                "box.lan:9000,[::2]:8090",
+                "--admin-cors-origin",
+                "http://192.168.1.20:8000/",
+                "--admin-cors-origin",
+                "HTTPS://st.example:443",
+            ]),
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.admin_hosts, ["kv.lan", "box.lan:9000", "[::2]:8090"]);
+        assert_eq!(
+            c.admin_cors_origins,
+            ["http://192.168.1.20:8000", "https://st.example"]
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("k.toml");
+        std::fs::write(
+            &f,
+            "admin_host = \"kv.lan\"\nadmin_cors_origin = [\"http://a:1\", \"http://b:2\"]\n",
+        )
+        .unwrap();
+        let c = Config::from_cli(cli(&["--config", f.to_str().unwrap()]), None).unwrap();
+        assert_eq!(c.admin_hosts, ["kv.lan"]);
+        assert_eq!(c.admin_cors_origins, ["http://a:1", "http://b:2"]);
+        for (flag, bad) in [
+            ("--admin-cors-origin", "*"),
+            ("--admin-cors-origin", "null"),
+            ("--admin-cors-origin", "st.example"),
+            ("--admin-cors-origin", "http://st.example/app"),
+            ("--admin-host", "*"),
+            ("--admin-host", "http://kv.lan"),
+            ("--admin-host", "u@kv.lan"),
+        ] {
+            let e = Config::from_cli(cli(&[flag, bad]), None).unwrap_err();
+            assert!(e.to_string().contains(flag), "{flag} {bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn admin_key_is_trimmed_and_never_empty() {
+        let c = Config::from_cli(cli(&["--admin-key", "  s3cret \t"]), None).unwrap();
+        assert_eq!(c.admin_key.as_deref(), Some("s3cret"));
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("k.toml");
+        std::fs::write(&f, "admin_key = \" s3cret \"\n").unwrap();
+        let c = Config::from_cli(cli(&["--config", f.to_str().unwrap()]), None).unwrap();
+        assert_eq!(c.admin_key.as_deref(), Some("s3cret"));
+        for blank in ["", "   "] {
+            let e = Config::from_cli(cli(&["--admin-key", blank]), None).unwrap_err();
+            assert!(e.to_string().contains("--admin-key"), "{e}");
+        }
+        // An embedder's key is held to the same rule.
+        let cfg = Config {
+            admin_key: Some(" k ".into()),
+            ..Config::default()
+        };
+        assert_eq!(cfg.validate().unwrap().admin_key.as_deref(), Some("k"));
+    }
+
+    #[test]
+    fn an_open_front_port_without_clients_is_warned_about() {
+        let open = Config::from_cli(cli(&["--listen", "0.0.0.0:8080"]), None).unwrap();
+        let w = open_front_warning(&open).expect("a warning");
+        assert!(w.contains("any client on the network"), "{w}");
+        assert!(w.contains("--clients"), "{w}");
+        let lan = Config::from_cli(cli(&["--listen", "192.168.1.5:8080"]), None).unwrap();
+        assert!(open_front_warning(&lan).is_some());
+        let local = Config::from_cli(cli(&["--listen", "127.0.0.1:8080"]), None).unwrap();
+        assert_eq!(open_front_warning(&local), None);
+        let v6 = Config::from_cli(cli(&["--listen", "[::1]:8080"]), None).unwrap();
+        assert_eq!(open_front_warning(&v6), None);
+        let with_clients = Config {
+            clients: Some("clients.toml".into()),
+            ..open
+        };
+        assert_eq!(open_front_warning(&with_clients), None);
     }
 }

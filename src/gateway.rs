@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::admin::{self, AdminState, Preloads};
+use crate::admin::{self, AdminState, BrowserRules, Preloads};
 use crate::app::App;
 use crate::clients::Clients;
 use crate::config::{CacheSettings, Config};
@@ -162,10 +162,15 @@ impl Gateway {
             let instances = Arc::clone(&instances);
             tokio::spawn(async move { instances.resume().await })
         };
+        let cfg = &app.shared.cfg;
+        // The real address: a port configured as 0 is known only now.
+        let bound = admin.local_addr().unwrap_or(cfg.admin_listen);
+        let browser = BrowserRules::new(bound, &cfg.admin_hosts, &cfg.admin_cors_origins);
         let state = AdminState {
             app: Arc::clone(&app),
             instances: Arc::clone(&instances),
             preloads,
+            browser: Arc::new(browser),
         };
         let admin_task = tokio::spawn(server::serve(
             "admin",
@@ -275,6 +280,9 @@ pub async fn run(
         std::fs::create_dir_all(&dir)
             .map_err(|e| StartError::SaveDir(format!("{}: {e}", dir.display())))?;
         cfg.save_dir = Some(dir);
+    }
+    if let Some(w) = crate::config::open_front_warning(&cfg) {
+        warn!("{w}");
     }
     let (listen, admin_listen) = (cfg.listen, cfg.admin_listen);
     let gw = Gateway::assemble(cfg, policy, clients, None)?;

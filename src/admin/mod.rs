@@ -7,12 +7,14 @@
 //! nothing here slows the front port beyond the slot it works on.
 //!
 //! - [`router`]: the admin key, the routes, the dispatch.
+//! - [`browser`]: what a browser may do (Host, Origin, content type, CORS).
 //! - [`request`]: body, query and upstream selection shared by handlers.
 //! - One file per resource: [`status`] (health, upstreams), [`slots`],
 //!   [`saves`] (saves and load), [`files`], [`preload`] with its
 //!   [`preload_jobs`], [`instances`], [`settings`], [`observe`] (events,
 //!   metrics).
 
+mod browser;
 mod files;
 mod instances;
 mod observe;
@@ -25,5 +27,6 @@ mod settings;
 mod slots;
 mod status;
 
+pub(crate) use browser::BrowserRules;
 pub(crate) use preload_jobs::Preloads;
 pub(crate) use router::{handle, AdminState};

@@ -9,7 +9,7 @@ use crate::http::body::json_response;
 use crate::http::error::ApiError;
 use crate::tenant::Tenant;
 
-use super::preload_jobs::{Preloads, Progress};
+use super::preload_jobs::{Preloads, Progress, TooMany, MAX_ACTIVE};
 use super::request::{json_ok, named_upstream, one_upstream, Answer};
 
 /// A job id from the path.
@@ -66,7 +66,14 @@ pub(crate) fn start_preload(
             )
             .ok_or_else(|| ApiError::unavailable("kvgate has no upstream"))?,
     };
-    let id = preloads.start(&upstream, chat.to_string(), characters, prompt);
+    let id = preloads
+        .start(&upstream, chat.to_string(), characters, prompt)
+        .map_err(|TooMany| {
+            ApiError::unavailable(format!(
+                "{MAX_ACTIVE} preload jobs are already working: wait for one to finish \
+                 or cancel one (DELETE /preload/{{id}})"
+            ))
+        })?;
     Ok(json_response(
         StatusCode::ACCEPTED,
         &json!({ "id": id, "upstream": upstream.name }),

@@ -3,6 +3,11 @@
 //! generation and save the result (kind `preload`). Jobs run in the
 //! background; progress is readable and published as events; cancelling
 //! aborts the job at once, and dropping its lease frees the slot.
+//!
+//! Both kinds of job are bounded, so a client looping on `POST /preload`
+//! cannot grow kvgate without end: at most [`MAX_ACTIVE`] work at once
+//! (more is refused until one ends), and only the [`KEEP_FINISHED`] newest
+//! finished ones stay readable.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +25,17 @@ use crate::store::meta::SaveKind;
 use crate::sync::Unpoisoned;
 use crate::tenant::{Kind, Tenant};
 use crate::upstream::Upstream;
+
+/// Most jobs working at once. Each holds or waits for a slot, so more
+/// would only queue behind each other (and behind the chats).
+pub(crate) const MAX_ACTIVE: usize = 8;
+/// Finished jobs (done or cancelled) whose progress stays readable; older
+/// ones are forgotten when a new job starts.
+pub(crate) const KEEP_FINISHED: usize = 64;
+
+/// Why a job was not started: [`MAX_ACTIVE`] jobs are working.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct TooMany;
 
 /// Where a job is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -69,6 +85,27 @@ struct Job {
     handle: Mutex<Option<JoinHandle<()>>>,
 }
 
+impl Job {
+    /// Whether the job still works: running, and its task alive (a task
+    /// that died without saying so must not hold a place for ever).
+    fn is_active(&self) -> bool {
+        // One lock at a time: no order between the two to get wrong.
+        let running = self.progress.lock_unpoisoned().state == JobState::Running;
+        let ended = self
+            .handle
+            .lock_unpoisoned()
+            .as_ref()
+            .is_some_and(JoinHandle::is_finished);
+        running && !ended
+    }
+}
+
+/// The finished jobs to forget: all but the `keep` newest (highest ids).
+fn to_forget(mut finished: Vec<u64>, keep: usize) -> Vec<u64> {
+    finished.sort_unstable_by(|a, b| b.cmp(a));
+    finished.split_off(keep.min(finished.len()))
+}
+
 /// All jobs of this kvgate.
 #[derive(Debug, Default)]
 pub(crate) struct Preloads {
@@ -77,14 +114,24 @@ pub(crate) struct Preloads {
 }
 
 impl Preloads {
-    /// Starts a job; returns its id.
+    /// Starts a job; returns its id, or [`TooMany`] while [`MAX_ACTIVE`]
+    /// jobs work. Finished jobs beyond [`KEEP_FINISHED`] are forgotten.
     pub(crate) fn start(
         &self,
         upstream: &Arc<Upstream>,
         chat: String,
         characters: Vec<String>,
         prompt: Option<String>,
-    ) -> u64 {
+    ) -> Result<u64, TooMany> {
+        let mut jobs = self.jobs.lock_unpoisoned();
+        let (active, finished): (Vec<_>, Vec<_>) = jobs.iter().partition(|(_, j)| j.is_active());
+        if active.len() >= MAX_ACTIVE {
+            return Err(TooMany);
+        }
+        let finished: Vec<u64> = finished.into_iter().map(|(id, _)| *id).collect();
+        for id in to_forget(finished, KEEP_FINISHED) {
+            jobs.remove(&id);
+        }
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let job = Arc::new(Job {
             progress: Mutex::new(Progress {
@@ -99,13 +146,14 @@ impl Preloads {
             }),
             handle: Mutex::new(None),
         });
-        self.jobs.lock_unpoisoned().insert(id, Arc::clone(&job));
+        jobs.insert(id, Arc::clone(&job));
+        drop(jobs);
         let upstream2 = Arc::clone(upstream);
         let job2 = Arc::clone(&job);
         let handle =
             tokio::spawn(async move { run(upstream2, job2, chat, characters, prompt).await });
         *job.handle.lock_unpoisoned() = Some(handle);
-        id
+        Ok(id)
     }
 
     /// A job's progress.
@@ -272,4 +320,19 @@ async fn evaluate(upstream: &Upstream, slot: usize, prompt: &str) -> Result<u64,
         .pointer("/timings/prompt_n")
         .and_then(Value::as_u64)
         .unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_newest_finished_jobs_are_kept() {
+        assert_eq!(to_forget(vec![3, 1, 2], 5), Vec::<u64>::new());
+        assert_eq!(to_forget(vec![3, 1, 2], 2), vec![1]);
+        let mut forgotten = to_forget((1..=100).rev().collect(), KEEP_FINISHED);
+        forgotten.sort_unstable();
+        assert_eq!(forgotten, (1..=36).collect::<Vec<u64>>());
+        assert_eq!(to_forget(vec![7], 0), vec![7]);
+    }
 }

@@ -1,10 +1,11 @@
-//! One admin request in: the admin key, then the route (a pure match of
-//! method and path), the body when the route takes one, and the resource
+//! One admin request in: the browser rules ([`super::browser`]: Host,
+//! Origin, content type, CORS), the admin key, then the route (a pure match
+//! of method and path), the body when the route takes one, and the resource
 //! that answers.
 
 use std::sync::Arc;
 
-use hyper::body::Incoming;
+use hyper::body::{Body, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
 
@@ -14,6 +15,7 @@ use crate::http::body::ProxyBody;
 use crate::http::error::{ApiError, ErrorType};
 use crate::instances::Instances;
 
+use super::browser::{self, BrowserRules, Cors};
 use super::instances::Action;
 use super::preload_jobs::Preloads;
 use super::request::{json_ok, query_param, read_json, selected, Answer};
@@ -48,6 +50,8 @@ pub(crate) struct AdminState {
     pub(crate) instances: Arc<Instances>,
     /// Preload jobs, running and finished.
     pub(crate) preloads: Arc<Preloads>,
+    /// Which Host, Origin and bodies the port accepts from browsers.
+    pub(crate) browser: Arc<BrowserRules>,
 }
 
 /// What an admin request asks for.
@@ -73,14 +77,31 @@ enum Route<'a> {
     Metrics,
 }
 
-/// Serves one admin request.
+/// Serves one admin request: the browser rules first (they hold with or
+/// without an admin key, and before it, so a foreign page learns nothing),
+/// then the request itself; every answer to an allowed origin carries its
+/// CORS headers (the `/events` stream and errors included).
 pub(crate) async fn handle(state: AdminState, req: Request<Incoming>) -> Response<ProxyBody> {
-    answer(&state, req)
+    let rules = &state.browser;
+    let host = match rules.check_host(req.version(), req.headers()) {
+        Ok(h) => h.map(str::to_string),
+        Err(e) => return e.into_response(),
+    };
+    let cors = rules.cors(req.headers(), host.as_deref());
+    if req.method() == Method::OPTIONS {
+        return browser::preflight(&cors);
+    }
+    let resp = answer(&state, &cors, req)
         .await
-        .unwrap_or_else(ApiError::into_response)
+        .unwrap_or_else(ApiError::into_response);
+    browser::with_cors(resp, &cors)
 }
 
-async fn answer(state: &AdminState, req: Request<Incoming>) -> Answer {
+async fn answer(state: &AdminState, cors: &Cors, req: Request<Incoming>) -> Answer {
+    let has_body = !req.body().is_end_stream();
+    state
+        .browser
+        .check_write(req.method(), req.headers(), cors, has_body)?;
     authorize(&state.app, &req)?;
     let method = req.method().clone();
     let full_path = req.uri().path().to_string();

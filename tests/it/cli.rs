@@ -20,6 +20,8 @@ fn bad_flags_and_values_exit_64_with_one_line() {
     for (args, needle) in [
         (vec!["--bogus"], "--bogus"),
         (vec!["--listen", "nope"], "--listen"),
+        (vec!["--admin-cors-origin", "*"], "--admin-cors-origin"),
+        (vec!["--admin-host", "http://kv.lan/"], "--admin-host"),
         (vec!["--upstream", "ftp://x"], "--upstream"),
         (vec!["--save-every", "0"], "--save-every"),
         (vec!["--max-queue", "many"], "--max-queue"),
@@ -172,35 +174,104 @@ fn a_non_loopback_admin_port_needs_a_key() {
         (vec!["--admin-listen", &a4], vec![], &p4, None),
     ];
     for (extra, env, admin_port, key) in variants {
-        let log = dir.path().join("kvgate.log");
-        let mut child = kvgate_command()
-            .args(base)
-            .args(&extra)
-            .envs(env.iter().copied())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        // It serves: the admin /health answers 200 (with the key).
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let served = loop {
-            if let Some(status) = blocking_health(admin_port, key) {
-                break status;
-            }
-            if child.try_wait().unwrap().is_some() || Instant::now() > deadline {
-                break 0;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        let _ = child.kill();
-        child.wait().unwrap();
-        assert_eq!(
-            served,
-            200,
-            "{extra:?} {env:?}: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
+        let (served, log) =
+            serve_and_probe(&[&base[..], &extra[..]].concat(), &env, admin_port, key);
+        assert_eq!(served, 200, "{extra:?} {env:?}: {log}");
     }
+}
+
+/// Runs kvgate with `args` and `env` until its admin `/health` on
+/// `admin_port` answers (with `key`), then stops it; the status (0 when it
+/// never answered within 10 s) and what it logged.
+fn serve_and_probe(
+    args: &[&str],
+    env: &Env<'_>,
+    admin_port: &str,
+    key: Option<&str>,
+) -> (u16, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("kvgate.log");
+    let mut child = kvgate_command()
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // It serves: the admin /health answers (with the key).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let served = loop {
+        if let Some(status) = blocking_health(admin_port, key) {
+            break status;
+        }
+        if child.try_wait().unwrap().is_some() || Instant::now() > deadline {
+            break 0;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = child.kill();
+    child.wait().unwrap();
+    (served, std::fs::read_to_string(&log).unwrap_or_default())
+}
+
+#[test]
+fn an_admin_key_with_stray_spaces_still_opens_the_port() {
+    let port = || free_port().to_string();
+    let (p1, p2) = (port(), port());
+    let (a1, a2) = (format!("127.0.0.1:{p1}"), format!("127.0.0.1:{p2}"));
+    let base = [
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        "http://127.0.0.1:9",
+    ];
+    // A key pasted with spaces, on the command line and in the environment.
+    let flag: Vec<&str> = [&base[..], &["--admin-listen", &a1, "--admin-key", "  k1 "]].concat();
+    let (served, log) = serve_and_probe(&flag, &vec![], &p1, Some("k1"));
+    assert_eq!(served, 200, "{log}");
+    let env: Env<'_> = vec![("KVGATE_ADMIN_KEY", "\tk2  ")];
+    let args: Vec<&str> = [&base[..], &["--admin-listen", &a2]].concat();
+    let (served, log) = serve_and_probe(&args, &env, &p2, Some("k2"));
+    assert_eq!(served, 200, "{log}");
+    // Only spaces is no key: refused at start.
+    let (code, err) = kvgate(&[&base[..], &["--admin-key", "  "]].concat());
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("--admin-key"), "{err}");
+}
+
+#[test]
+fn an_open_front_port_without_clients_is_warned_about_at_start() {
+    let admin_port = free_port().to_string();
+    let admin = format!("127.0.0.1:{admin_port}");
+    let args = [
+        "--listen",
+        "0.0.0.0:0",
+        "--admin-listen",
+        &admin,
+        "--upstream",
+        "http://127.0.0.1:9",
+    ];
+    let (served, log) = serve_and_probe(&args, &vec![], &admin_port, None);
+    assert_eq!(served, 200, "{log}");
+    assert!(
+        log.contains("WARN")
+            && log.contains("any client on the network can use every character's cache"),
+        "{log}"
+    );
+    // On loopback, no such warning.
+    let admin_port = free_port().to_string();
+    let admin = format!("127.0.0.1:{admin_port}");
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        &admin,
+        "--upstream",
+        "http://127.0.0.1:9",
+    ];
+    let (served, log) = serve_and_probe(&args, &vec![], &admin_port, None);
+    assert_eq!(served, 200, "{log}");
+    assert!(!log.contains("any client on the network"), "{log}");
 }
 
 /// `GET /health` on the admin port, blocking; the status, or `None` while
@@ -213,7 +284,7 @@ fn blocking_health(port: &str, key: Option<&str>) -> Option<u16> {
         .unwrap_or_default();
     write!(
         c,
-        "GET /health HTTP/1.1\r\nhost: kvgate\r\n{key}connection: close\r\n\r\n"
+        "GET /health HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\n{key}connection: close\r\n\r\n"
     )
     .ok()?;
     let mut out = String::new();

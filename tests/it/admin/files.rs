@@ -34,8 +34,10 @@ async fn raw_http(
     target: &str,
     headers: &[(&str, &str)],
 ) -> (u16, Value) {
+    // The admin port answers only its own names (its Host rule).
+    let host = base.trim_start_matches("http://");
     let mut req = format!(
-        "{method} {target} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 0\r\n"
+        "{method} {target} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\ncontent-length: 0\r\n"
     );
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));

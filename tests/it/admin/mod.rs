@@ -3,6 +3,7 @@
 //! resource. Here: the helpers several of those files share (requests to
 //! the admin port go through `support::kvgate`).
 
+mod browser;
 mod files;
 mod health_slots;
 mod keys;

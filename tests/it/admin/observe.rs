@@ -225,7 +225,7 @@ async fn a_stalled_event_monitor_never_holds_up_the_proxy_or_other_monitors() {
     sock.set_recv_buffer_size(1024).unwrap();
     let mut stalled = sock.connect(addr).await.unwrap();
     stalled
-        .write_all(b"GET /events HTTP/1.1\r\nhost: kvgate\r\n\r\n")
+        .write_all(b"GET /events HTTP/1.1\r\nhost: localhost\r\n\r\n")
         .await
         .unwrap();
     // Its subscription is in place once the response head is out; from

@@ -289,3 +289,68 @@ async fn preload_gives_up_on_a_character_after_preload_timeout_s() {
     assert!(s.kv.admin_slots().await.iter().all(|x| x["busy"] == false));
     s.fake.set_gate(false);
 }
+
+#[tokio::test]
+async fn preload_jobs_are_bounded_and_old_finished_ones_forgotten() {
+    const MAX_ACTIVE: usize = 8;
+    const KEEP_FINISHED: usize = 64;
+    let s = setup(2, |_| {}).await;
+    // Jobs that stay at work: llama-server is slow to evaluate their prompt
+    // (two hold the slots, the others wait for one).
+    s.fake.set_first_byte_delay(Duration::from_secs(60));
+    let slow =
+        |i: usize| json!({"chat": CHAT, "characters": [format!("Slow{i}")], "prompt": "x\nSlow:"});
+    let mut ids = Vec::new();
+    for i in 0..MAX_ACTIVE {
+        let (status, v) = admin(&s.kv, "POST", "/preload", Some(slow(i))).await;
+        assert_eq!(status, 202, "job {i}: {v}");
+        ids.push(preload_id(&v));
+    }
+    let refused = |v: &serde_json::Value| {
+        assert_api_error(503, v, "a job too many");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("preload jobs"), "{msg}");
+    };
+    let (status, v) = admin(&s.kv, "POST", "/preload", Some(slow(99))).await;
+    assert_eq!(status, 503, "{v}");
+    refused(&v);
+    // Cancelling one makes room for exactly one.
+    let (status, v) = admin(&s.kv, "DELETE", &format!("/preload/{}", ids[0]), None).await;
+    assert_eq!(
+        (status, v["state"].as_str()),
+        (200, Some("cancelled")),
+        "{v}"
+    );
+    let (status, v) = admin(&s.kv, "POST", "/preload", Some(slow(100))).await;
+    assert_eq!(status, 202, "{v}");
+    ids.push(preload_id(&v));
+    let (status, v) = admin(&s.kv, "POST", "/preload", Some(slow(101))).await;
+    assert_eq!(status, 503, "{v}");
+    refused(&v);
+    for id in &ids {
+        let (status, v) = admin(&s.kv, "DELETE", &format!("/preload/{id}"), None).await;
+        assert_eq!(status, 200, "{v}");
+    }
+    s.fake.set_first_byte_delay(Duration::ZERO);
+
+    // Quick jobs (no save, no prompt: they fail at once), one after the
+    // other: only the newest finished ones stay readable.
+    for i in 0..70 {
+        let body = json!({"chat": CHAT, "characters": [format!("Nobody{i}")]});
+        let (status, v) = admin(&s.kv, "POST", "/preload", Some(body)).await;
+        assert_eq!(status, 202, "quick job {i}: {v}");
+        let id = preload_id(&v);
+        let p = s.kv.wait_preload(&id, Duration::from_secs(10)).await;
+        assert_eq!(p["state"], "done", "{p}");
+        ids.push(id);
+    }
+    // When the last job started, every earlier one had finished: all but
+    // the newest KEEP_FINISHED of those were forgotten.
+    let earlier = ids.len() - 1;
+    let forgotten = earlier - KEEP_FINISHED;
+    for (n, id) in ids.iter().enumerate() {
+        let (status, v) = admin(&s.kv, "GET", &format!("/preload/{id}"), None).await;
+        let want = if n < forgotten { 404 } else { 200 };
+        assert_eq!(status, want, "job #{n} ({id}): {v}");
+    }
+}
