@@ -126,12 +126,16 @@ fn authorize(app: &App, req: &Request<Incoming>) -> Result<(), ApiError> {
     let Some(key) = &app.shared.cfg.admin_key else {
         return Ok(());
     };
-    match presented_key(req.headers(), "x-admin-key") {
+    // SillyTavern server plugins name their admin key X-ST-Admin-Key; the
+    // CORS preflight allows it, so the key check reads it too.
+    let presented = presented_key(req.headers(), "x-admin-key")
+        .or_else(|| presented_key(req.headers(), "x-st-admin-key"));
+    match presented {
         Some(g) if constant_time_eq(g.as_bytes(), key.as_bytes()) => Ok(()),
         _ => Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             ErrorType::Authentication,
-            "admin key required (X-Admin-Key or Authorization: Bearer)",
+            "admin key required (X-Admin-Key, X-ST-Admin-Key or Authorization: Bearer)",
         )),
     }
 }

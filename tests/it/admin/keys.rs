@@ -48,9 +48,10 @@ async fn admin_key_is_required_on_every_endpoint() {
         ("GET", "/metrics".into(), String::new()),
         ("GET", "/no-such-endpoint".into(), String::new()),
     ];
-    let bad: [&[(&str, &str)]; 7] = [
+    let bad: [&[(&str, &str)]; 8] = [
         &[],
         &[("x-admin-key", "wrong")],
+        &[("x-st-admin-key", "wrong")],
         &[("authorization", "Bearer wrong")],
         &[("x-admin-key", "s3cret-admin-ke")],
         &[("x-admin-key", "s3cret-admin-key2")],
@@ -72,9 +73,13 @@ async fn admin_key_is_required_on_every_endpoint() {
     );
     assert!(s.fake.completions().len() == 1, "no preload ran");
 
-    // Both header forms open every door.
+    // Every header form opens every door.
     let bearer = format!("Bearer {KEY}");
-    for headers in [[("x-admin-key", KEY)], [("authorization", bearer.as_str())]] {
+    for headers in [
+        [("x-admin-key", KEY)],
+        [("x-st-admin-key", KEY)],
+        [("authorization", bearer.as_str())],
+    ] {
         for path in ["/health", "/slots", "/settings", "/files", "/metrics"] {
             let (status, v) = s.kv.admin_raw("GET", path, &headers, "").await;
             assert_eq!(status, 200, "{path} with {headers:?}: {v}");
