@@ -11,6 +11,8 @@ use clap::Parser;
 use hyper::Uri;
 use serde::Deserialize;
 
+use crate::http::conn::ConnLimits;
+
 /// Command-line interface. Every flag has an environment variable.
 #[derive(Debug, Clone, Default, Parser)]
 #[command(name = "kvgate", version, about = "Persistent, per-character KV cache for llama.cpp's llama-server", long_about = None)]
@@ -42,6 +44,24 @@ pub struct Cli {
     /// Largest completion body kvgate reads (bytes).
     #[arg(long, env = "KVGATE_MAX_BODY_BYTES", value_name = "BYTES")]
     pub max_body_bytes: Option<u64>,
+    /// Completion bodies held in memory at once, all requests together
+    /// (bytes); a body that doesn't fit gets 503.
+    #[arg(long, env = "KVGATE_MAX_BODY_BYTES_IN_FLIGHT", value_name = "BYTES")]
+    pub max_body_bytes_in_flight: Option<u64>,
+    /// Longest time a request head may take, from its first byte (seconds,
+    /// both ports).
+    #[arg(long, env = "KVGATE_HEADER_READ_TIMEOUT", value_name = "SECS")]
+    pub header_read_timeout: Option<f64>,
+    /// Longest idle time of a keep-alive connection between requests
+    /// (seconds, both ports; a response still streaming is not idle).
+    #[arg(long, env = "KVGATE_IDLE_TIMEOUT", value_name = "SECS")]
+    pub idle_timeout: Option<f64>,
+    /// Front-port connections served at once; more wait to be accepted.
+    #[arg(long, env = "KVGATE_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Admin-port connections served at once; more wait to be accepted.
+    #[arg(long, env = "KVGATE_ADMIN_MAX_CONNECTIONS", value_name = "N")]
+    pub admin_max_connections: Option<usize>,
     /// How many requests may wait for a slot before 503.
     #[arg(long, env = "KVGATE_MAX_QUEUE", value_name = "N")]
     pub max_queue: Option<usize>,
@@ -136,6 +156,11 @@ pub struct FileConfig {
     save_dir: Option<PathBuf>,
     policy: Option<String>,
     max_body_bytes: Option<u64>,
+    max_body_bytes_in_flight: Option<u64>,
+    header_read_timeout: Option<f64>,
+    idle_timeout: Option<f64>,
+    max_connections: Option<usize>,
+    admin_max_connections: Option<usize>,
     max_queue: Option<usize>,
     queue_timeout: Option<f64>,
     upstream_timeout: Option<f64>,
@@ -214,6 +239,16 @@ pub struct Config {
     pub policy: String,
     /// Body limit for intercepted completions.
     pub max_body_bytes: u64,
+    /// Bytes of completion bodies held at once, all requests together.
+    pub max_body_bytes_in_flight: u64,
+    /// Longest time a request head may take, from its first byte.
+    pub header_read_timeout: Duration,
+    /// Longest idle time of a connection between requests.
+    pub idle_timeout: Duration,
+    /// Front-port connections served at once.
+    pub max_connections: usize,
+    /// Admin-port connections served at once.
+    pub admin_max_connections: usize,
     /// Wait-queue bound.
     pub max_queue: usize,
     /// Wait-queue timeout.
@@ -265,6 +300,11 @@ impl Default for Config {
             save_dir: None,
             policy: "sillytavern".into(),
             max_body_bytes: 64 * 1024 * 1024,
+            max_body_bytes_in_flight: 256 * 1024 * 1024,
+            header_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(120),
+            max_connections: 512,
+            admin_max_connections: 64,
             max_queue: 64,
             queue_timeout: Duration::from_secs(300),
             upstream_timeout: Duration::from_secs(600),
@@ -450,6 +490,28 @@ impl Config {
                 .max_body_bytes
                 .or(file.max_body_bytes)
                 .unwrap_or(d.max_body_bytes),
+            max_body_bytes_in_flight: cli
+                .max_body_bytes_in_flight
+                .or(file.max_body_bytes_in_flight)
+                .unwrap_or(d.max_body_bytes_in_flight),
+            header_read_timeout: secs(
+                "--header-read-timeout",
+                cli.header_read_timeout.or(file.header_read_timeout),
+                d.header_read_timeout,
+            )?,
+            idle_timeout: secs(
+                "--idle-timeout",
+                cli.idle_timeout.or(file.idle_timeout),
+                d.idle_timeout,
+            )?,
+            max_connections: cli
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(d.max_connections),
+            admin_max_connections: cli
+                .admin_max_connections
+                .or(file.admin_max_connections)
+                .unwrap_or(d.admin_max_connections),
             max_queue: cli.max_queue.or(file.max_queue).unwrap_or(d.max_queue),
             queue_timeout: secs(
                 "--queue-timeout",
@@ -496,6 +558,20 @@ impl Config {
                 "must be at least 1024",
             ));
         }
+        if self.max_body_bytes_in_flight < self.max_body_bytes {
+            // Else a body within --max-body-bytes could never be admitted.
+            return Err(invalid(
+                "--max-body-bytes-in-flight",
+                self.max_body_bytes_in_flight,
+                "must be at least --max-body-bytes",
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err(invalid("--max-connections", 0, "must be at least 1"));
+        }
+        if self.admin_max_connections == 0 {
+            return Err(invalid("--admin-max-connections", 0, "must be at least 1"));
+        }
         for (i, u) in self.upstreams.iter().enumerate() {
             if self.upstreams[..i].contains(u) {
                 // One llama-server counted twice would have each slot
@@ -533,6 +609,25 @@ impl Config {
             return Err(invalid("--log", &self.log, "not a valid log filter"));
         }
         Ok(self)
+    }
+}
+
+impl Config {
+    /// The connection bounds of the front port.
+    pub fn front_limits(&self) -> ConnLimits {
+        ConnLimits {
+            header_read_timeout: self.header_read_timeout,
+            idle_timeout: self.idle_timeout,
+            max_connections: self.max_connections,
+        }
+    }
+
+    /// The connection bounds of the admin port.
+    pub fn admin_limits(&self) -> ConnLimits {
+        ConnLimits {
+            max_connections: self.admin_max_connections,
+            ..self.front_limits()
+        }
     }
 }
 

@@ -193,10 +193,6 @@ impl Names {
         self.list.push(name.to_string());
         true
     }
-
-    fn contains(&self, name: &str) -> bool {
-        self.seen.contains(name)
-    }
 }
 
 /// Where the identity came from.

@@ -3,6 +3,7 @@ mod cli;
 mod fake_selftest;
 mod fleet;
 mod instances;
+mod limits;
 mod persistence;
 mod proxy;
 mod reliability;

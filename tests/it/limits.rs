@@ -1,0 +1,170 @@
+//! What one client can hold (issue 15): connections (a header-read timeout
+//! against slow-loris heads, an idle timeout between keep-alive requests
+//! that spares a quiet stream, a connection cap per port), memory (a byte
+//! budget for completion bodies in flight), the async workers (a flood of
+//! names is parsed off them) and the log (long chat keys are hashed short).
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::fake_llama::FakeLlama;
+use crate::support::kvgate::{admin_json, raw_exchange, Kvgate};
+
+/// A raw connection to `base` (`http://host:port`).
+async fn connect(base: &str) -> TcpStream {
+    TcpStream::connect(base.trim_start_matches("http://"))
+        .await
+        .expect("connect")
+}
+
+/// Reads until the server closes `conn`; how long that took from `since`
+/// and what came. Fails if it stays open `within`.
+async fn until_closed(conn: &mut TcpStream, since: Instant, within: Duration) -> (Duration, Vec<u8>) {
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(within, conn.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the connection is still open after {within:?}");
+    (since.elapsed(), buf)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_sent_head_is_cut_after_the_header_read_timeout() {
+    let fake = FakeLlama::start().await;
+    let kv = Kvgate::start(&fake.url(), |c| {
+        c.header_read_timeout = Duration::from_millis(300);
+        c.idle_timeout = Duration::from_secs(60);
+    })
+    .await;
+    for base in [&kv.url, &kv.admin_url] {
+        // Half a head, then nothing.
+        let mut conn = connect(base).await;
+        let t = Instant::now();
+        conn.write_all(b"POST /completion HTTP/1.1\r\nHost: x\r\nContent-")
+            .await
+            .unwrap();
+        let (took, _) = until_closed(&mut conn, t, Duration::from_secs(5)).await;
+        assert!(took >= Duration::from_millis(250), "closed after {took:?}");
+
+        // A trickle: a byte every 50 ms keeps no head alive past the timeout.
+        let mut conn = connect(base).await;
+        let t = Instant::now();
+        let trickle = async {
+            for b in b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Slow: ".iter().cycle() {
+                if conn.write_all(&[*b]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if t.elapsed() > Duration::from_secs(5) {
+                    panic!("still writing after 5 s: the head was never cut");
+                }
+            }
+        };
+        trickle.await;
+        assert!(t.elapsed() >= Duration::from_millis(250), "{:?}", t.elapsed());
+    }
+    // Whole requests still pass.
+    let (status, _) = admin_json(&kv.admin_url, "GET", "/health", None, None).await;
+    assert_eq!(status, 200);
+    kv.stop().await;
+}
+
+/// Reads one chunked response off a keep-alive connection (up to its last
+/// chunk) and returns its text.
+async fn one_chunked_response(conn: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !buf.ends_with(b"0\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut chunk))
+            .await
+            .expect("the response within 10 s")
+            .expect("read");
+        assert!(n > 0, "closed mid-response: {}", String::from_utf8_lossy(&buf));
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_close_but_a_quiet_stream_longer_than_the_timeout_does_not() {
+    let fake = FakeLlama::start().await;
+    let kv = Kvgate::start(&fake.url(), |c| {
+        c.header_read_timeout = Duration::from_secs(30);
+        c.idle_timeout = Duration::from_millis(400);
+    })
+    .await;
+
+    // Connected, silent: closed after the idle timeout.
+    let mut conn = connect(&kv.url).await;
+    let (took, _) = until_closed(&mut conn, Instant::now(), Duration::from_secs(5)).await;
+    assert!(took >= Duration::from_millis(350), "closed after {took:?}");
+
+    // A stream that is silent longer than the idle timeout, twice: before
+    // its head (prompt processing) and between events.
+    fake.set_first_byte_delay(Duration::from_millis(900));
+    fake.set_event_delay(Duration::from_millis(300));
+    let body = json!({"prompt": "Story\nBob:", "stop": ["\nUser:"], "stream": true, "n_predict": 4})
+        .to_string();
+    let request = format!(
+        "POST /completion HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut conn = connect(&kv.url).await;
+    let t = Instant::now();
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let text = one_chunked_response(&mut conn).await;
+    assert!(t.elapsed() > Duration::from_millis(1200), "{:?}", t.elapsed());
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("\"stop\":true"), "the stream ended whole: {text}");
+    // The stream's end starts the idle clock; the connection then closes.
+    let ended = Instant::now();
+    let (took, rest) = until_closed(&mut conn, ended, Duration::from_secs(5)).await;
+    assert!(rest.is_empty());
+    assert!(took >= Duration::from_millis(350), "closed after {took:?}");
+    kv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_cap_holds_newcomers_until_a_connection_ends() {
+    let fake = FakeLlama::start().await;
+    let kv = Kvgate::start(&fake.url(), |c| {
+        c.admin_max_connections = 2;
+        c.idle_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let mut held = vec![connect(&kv.admin_url).await, connect(&kv.admin_url).await];
+    // Both are served: each answers a request (and stays open).
+    for conn in &mut held {
+        conn.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut buf = [0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    }
+    let admin = kv.admin_url.clone();
+    let third = tokio::spawn(async move {
+        raw_exchange(
+            &admin,
+            b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec(),
+        )
+        .await
+    });
+    // The third waits in the backlog while two are open...
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!third.is_finished(), "a third connection was served beside two");
+    // ...and is served as soon as one of them ends.
+    drop(held.pop());
+    let (status, _, body) = tokio::time::timeout(Duration::from_secs(5), third)
+        .await
+        .expect("served once a connection ended")
+        .unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let _: Value = serde_json::from_slice(&body).unwrap();
+    // The front port has its own cap.
+    let (status, _) = admin_json(&kv.admin_url, "GET", "/health", None, None).await;
+    assert_eq!(status, 200);
+    kv.stop().await;
+}
