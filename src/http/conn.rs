@@ -239,7 +239,10 @@ mod tests {
     async fn idle_then_head_then_in_flight() {
         let a = Activity::new();
         let t0 = Instant::now();
-        assert_eq!(a.deadline(&LIMITS), Some((t0 + LIMITS.idle_timeout, Expired::Idle)));
+        assert_eq!(
+            a.deadline(&LIMITS),
+            Some((t0 + LIMITS.idle_timeout, Expired::Idle))
+        );
         tokio::time::advance(Duration::from_secs(5)).await;
         a.read_some();
         let head = Instant::now();
@@ -254,7 +257,10 @@ mod tests {
         tokio::time::advance(Duration::from_secs(600)).await;
         drop(guard);
         let end = Instant::now();
-        assert_eq!(a.deadline(&LIMITS), Some((end + LIMITS.idle_timeout, Expired::Idle)));
+        assert_eq!(
+            a.deadline(&LIMITS),
+            Some((end + LIMITS.idle_timeout, Expired::Idle))
+        );
         assert_eq!(expired(&a, &LIMITS).await, Expired::Idle);
         assert_eq!(Instant::now(), end + LIMITS.idle_timeout);
     }

@@ -401,12 +401,20 @@ fn eighty_thousand_names_take_linear_time_and_a_bounded_roster() {
     assert_eq!(id.roster[0], "Bob");
     assert!(id.roster.contains(&"n000063".to_string()));
     assert!(!id.roster.contains(&"n000064".to_string()));
-    assert_eq!(id.user.as_deref(), Some("n000063"), "the last user in the roster");
+    assert_eq!(
+        id.user.as_deref(),
+        Some("n000063"),
+        "the last user in the roster"
+    );
     let Tenant::Character { chat, name } = &id.tenant else {
         panic!("expected a character, got {:?}", id.tenant);
     };
     assert_eq!(name, "Bob");
-    assert!(chat.len() <= MAX_KEY_BYTES, "chat key of {} bytes", chat.len());
+    assert!(
+        chat.len() <= MAX_KEY_BYTES,
+        "chat key of {} bytes",
+        chat.len()
+    );
     let again = resolve(
         Api::Chat,
         &flood_of_names(1_000),
@@ -414,7 +422,10 @@ fn eighty_thousand_names_take_linear_time_and_a_bounded_roster() {
         &st(),
         |_| None,
     );
-    assert_eq!(again.tenant, id.tenant, "names past the bound change nothing");
+    assert_eq!(
+        again.tenant, id.tenant,
+        "names past the bound change nothing"
+    );
 }
 
 #[test]
@@ -424,7 +435,11 @@ fn stop_name_floods_are_bounded_too() {
     let body = json!({"prompt": prompt, "stop": stops, "stream": true});
     let t = std::time::Instant::now();
     let id = resolve_text(&body);
-    assert!(t.elapsed() < std::time::Duration::from_secs(1), "took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(1),
+        "took {:?}",
+        t.elapsed()
+    );
     assert_eq!(id.roster.len(), MAX_ROSTER + 1);
     assert_eq!(character(&id).1, "Bob");
     assert!(id.tenant.chat().is_some_and(|c| c.len() <= MAX_KEY_BYTES));
@@ -474,7 +489,12 @@ fn long_keys_are_hashed_stably_and_stay_apart() {
         character: Some("C".repeat(900)),
         kind: None,
     };
-    let id = resolve(Api::Text, &json!({"prompt": "x"}), &explicit, &st(), |_| None);
+    let id = resolve(Api::Text, &json!({"prompt": "x"}), &explicit, &st(), |_| {
+        None
+    });
     assert_eq!(id.tenant.chat(), Some(ca.as_str()));
-    assert_eq!(id.tenant.character(), Some(cap_key(&"C".repeat(900)).as_str()));
+    assert_eq!(
+        id.tenant.character(),
+        Some(cap_key(&"C".repeat(900)).as_str())
+    );
 }

@@ -62,12 +62,24 @@ pub(crate) async fn completion(
     let started = Instant::now();
     app.shared.metrics.client_completion(&client.key);
     let (mut parts, body) = req.into_parts();
-    let raw = read_body(app.shared.cfg.max_body_bytes, &parts.headers, body).await?;
-    let Some(body) = usable_body(&raw) else {
-        debug!("completion body kvgate can't use; forwarding untouched");
-        return pass_untouched(app, parts, raw, client).await;
+    // The body's share of the byte budget is held until llama-server has
+    // it (the answer's headers are in), or the request fails.
+    let (raw, held) = read_body(
+        app.shared.cfg.max_body_bytes,
+        &app.shared.body_budget,
+        &parts.headers,
+        body,
+    )
+    .await?;
+    let turn = match read_turn(app, api, &parts.headers, raw, started).await? {
+        Read::Turn(turn) => turn,
+        Read::Unusable(raw) => {
+            debug!("completion body kvgate can't use; forwarding untouched");
+            let resp = pass_untouched(app, parts, raw, client).await;
+            drop(held);
+            return resp;
+        }
     };
-    let turn = Turn::resolve(app, api, &parts.headers, body, started)?;
     let upstream = turn.place(app)?;
     client.credentials_for(&upstream, &mut parts.headers);
     let want = turn.want(&upstream)?;
@@ -91,7 +103,51 @@ pub(crate) async fn completion(
             return Err(f);
         }
     };
+    drop(held);
     Ok(relay(&upstream, turn, lease, resp, restored.as_deref()))
+}
+
+/// Bodies larger than this are parsed, and their identity inferred, on a
+/// blocking thread: megabytes of JSON would hold an async worker (and every
+/// connection waiting on it, the admin port's too) for tens of milliseconds.
+const INLINE_PARSE_BYTES: usize = 256 * 1024;
+
+/// A completion body, read.
+enum Read {
+    /// Usable: the turn it starts.
+    Turn(Turn),
+    /// Not for kvgate to interpret (see [`usable_body`]).
+    Unusable(Bytes),
+}
+
+/// Read → resolve, off the async workers when the body is large.
+async fn read_turn(
+    app: &Arc<App>,
+    api: Api,
+    headers: &HeaderMap,
+    raw: Bytes,
+    started: Instant,
+) -> Result<Read, Failure> {
+    if raw.len() <= INLINE_PARSE_BYTES {
+        return parse_turn(app, api, headers, raw, started);
+    }
+    let (app, headers) = (Arc::clone(app), headers.clone());
+    tokio::task::spawn_blocking(move || parse_turn(&app, api, &headers, raw, started))
+        .await
+        .map_err(|e| Failure::Kvgate(format!("reading the request body failed: {e}")))?
+}
+
+fn parse_turn(
+    app: &App,
+    api: Api,
+    headers: &HeaderMap,
+    raw: Bytes,
+    started: Instant,
+) -> Result<Read, Failure> {
+    match usable_body(&raw) {
+        Some(body) => Turn::resolve(app, api, headers, body, started).map(Read::Turn),
+        None => Ok(Read::Unusable(raw)),
+    }
 }
 
 /// The body as kvgate can use it: a JSON object whose `id_slot`, if any, is

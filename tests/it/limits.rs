@@ -22,10 +22,17 @@ async fn connect(base: &str) -> TcpStream {
 
 /// Reads until the server closes `conn`; how long that took from `since`
 /// and what came. Fails if it stays open `within`.
-async fn until_closed(conn: &mut TcpStream, since: Instant, within: Duration) -> (Duration, Vec<u8>) {
+async fn until_closed(
+    conn: &mut TcpStream,
+    since: Instant,
+    within: Duration,
+) -> (Duration, Vec<u8>) {
     let mut buf = Vec::new();
     let read = tokio::time::timeout(within, conn.read_to_end(&mut buf)).await;
-    assert!(read.is_ok(), "the connection is still open after {within:?}");
+    assert!(
+        read.is_ok(),
+        "the connection is still open after {within:?}"
+    );
     (since.elapsed(), buf)
 }
 
@@ -51,7 +58,10 @@ async fn a_half_sent_head_is_cut_after_the_header_read_timeout() {
         let mut conn = connect(base).await;
         let t = Instant::now();
         let trickle = async {
-            for b in b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Slow: ".iter().cycle() {
+            for b in b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Slow: "
+                .iter()
+                .cycle()
+            {
                 if conn.write_all(&[*b]).await.is_err() {
                     break;
                 }
@@ -62,7 +72,11 @@ async fn a_half_sent_head_is_cut_after_the_header_read_timeout() {
             }
         };
         trickle.await;
-        assert!(t.elapsed() >= Duration::from_millis(250), "{:?}", t.elapsed());
+        assert!(
+            t.elapsed() >= Duration::from_millis(250),
+            "{:?}",
+            t.elapsed()
+        );
     }
     // Whole requests still pass.
     let (status, _) = admin_json(&kv.admin_url, "GET", "/health", None, None).await;
@@ -80,7 +94,11 @@ async fn one_chunked_response(conn: &mut TcpStream) -> String {
             .await
             .expect("the response within 10 s")
             .expect("read");
-        assert!(n > 0, "closed mid-response: {}", String::from_utf8_lossy(&buf));
+        assert!(
+            n > 0,
+            "closed mid-response: {}",
+            String::from_utf8_lossy(&buf)
+        );
         buf.extend_from_slice(&chunk[..n]);
     }
     String::from_utf8_lossy(&buf).into_owned()
@@ -104,8 +122,9 @@ async fn idle_connections_close_but_a_quiet_stream_longer_than_the_timeout_does_
     // its head (prompt processing) and between events.
     fake.set_first_byte_delay(Duration::from_millis(900));
     fake.set_event_delay(Duration::from_millis(300));
-    let body = json!({"prompt": "Story\nBob:", "stop": ["\nUser:"], "stream": true, "n_predict": 4})
-        .to_string();
+    let body =
+        json!({"prompt": "Story\nBob:", "stop": ["\nUser:"], "stream": true, "n_predict": 4})
+            .to_string();
     let request = format!(
         "POST /completion HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
@@ -114,9 +133,16 @@ async fn idle_connections_close_but_a_quiet_stream_longer_than_the_timeout_does_
     let t = Instant::now();
     conn.write_all(request.as_bytes()).await.unwrap();
     let text = one_chunked_response(&mut conn).await;
-    assert!(t.elapsed() > Duration::from_millis(1200), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() > Duration::from_millis(1200),
+        "{:?}",
+        t.elapsed()
+    );
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    assert!(text.contains("\"stop\":true"), "the stream ended whole: {text}");
+    assert!(
+        text.contains("\"stop\":true"),
+        "the stream ended whole: {text}"
+    );
     // The stream's end starts the idle clock; the connection then closes.
     let ended = Instant::now();
     let (took, rest) = until_closed(&mut conn, ended, Duration::from_secs(5)).await;
@@ -136,7 +162,9 @@ async fn the_connection_cap_holds_newcomers_until_a_connection_ends() {
     let mut held = vec![connect(&kv.admin_url).await, connect(&kv.admin_url).await];
     // Both are served: each answers a request (and stays open).
     for conn in &mut held {
-        conn.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        conn.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
         let mut buf = [0u8; 1024];
         let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
             .await
@@ -154,7 +182,10 @@ async fn the_connection_cap_holds_newcomers_until_a_connection_ends() {
     });
     // The third waits in the backlog while two are open...
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(!third.is_finished(), "a third connection was served beside two");
+    assert!(
+        !third.is_finished(),
+        "a third connection was served beside two"
+    );
     // ...and is served as soon as one of them ends.
     drop(held.pop());
     let (status, _, body) = tokio::time::timeout(Duration::from_secs(5), third)
@@ -167,4 +198,138 @@ async fn the_connection_cap_holds_newcomers_until_a_connection_ends() {
     let (status, _) = admin_json(&kv.admin_url, "GET", "/health", None, None).await;
     assert_eq!(status, 200);
     kv.stop().await;
+}
+
+/// A completion body of exactly `len` bytes.
+fn body_of_len(len: usize) -> String {
+    let frame = json!({"prompt": "", "n_predict": 1}).to_string();
+    let pad = len - frame.len();
+    json!({"prompt": "x".repeat(pad), "n_predict": 1}).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_in_flight_are_admitted_by_bytes() {
+    const MIB: u64 = 1024 * 1024;
+    let fake = FakeLlama::builder().n_ctx(1_000_000).build().await;
+    let kv = Kvgate::start(&fake.url(), |c| {
+        c.max_body_bytes = MIB;
+        c.max_body_bytes_in_flight = MIB;
+    })
+    .await;
+    let big = body_of_len(700_000);
+    assert_eq!(big.len(), 700_000);
+
+    // A slow client: its head and a first part of its body are in; kvgate
+    // holds its declared bytes in the budget.
+    let mut slow = connect(&kv.url).await;
+    let head = format!(
+        "POST /completion HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        big.len()
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    slow.write_all(&big.as_bytes()[..1000]).await.unwrap();
+    let budget = kv.app.shared.body_budget.clone();
+    crate::support::kvgate::poll_until("the slow body is admitted", Duration::from_secs(5), || {
+        budget.available() < MIB - 600_000
+    })
+    .await;
+
+    // A second big body does not fit beside it: 503, llama.cpp-style.
+    let (status, _, bytes) = post_json_text(&format!("{}/completion", kv.url), big.clone()).await;
+    let v: Value = serde_json::from_slice(&bytes).unwrap();
+    crate::support::kvgate::assert_api_error(status, &v, "over the byte budget");
+    assert_eq!(status, 503);
+    assert_eq!(v["error"]["type"], "unavailable_error");
+    // A small one still fits.
+    let (status, _, _) = post_json_text(&format!("{}/completion", kv.url), body_of_len(2000)).await;
+    assert_eq!(status, 200);
+
+    // The slow body, once whole, is served; then its bytes are free again.
+    slow.write_all(&big.as_bytes()[1000..]).await.unwrap();
+    let (took, answer) = until_closed(&mut slow, Instant::now(), Duration::from_secs(10)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "after {took:?}: {answer}"
+    );
+    kv.wait_idle().await;
+    assert_eq!(budget.available(), MIB);
+    let (status, _, _) = post_json_text(&format!("{}/completion", kv.url), big).await;
+    assert_eq!(status, 200);
+    kv.stop().await;
+}
+
+/// POSTs a JSON text as is.
+async fn post_json_text(url: &str, body: String) -> (u16, hyper::HeaderMap, bytes::Bytes) {
+    use http_body_util::BodyExt;
+    let resp =
+        crate::support::kvgate::send("POST", url, &[("content-type", "application/json")], body)
+            .await;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, headers, bytes)
+}
+
+/// A chat body with 80 000 distinct message names (about 4 MB).
+fn flood_of_names() -> Value {
+    let mut messages: Vec<Value> = (0..80_000)
+        .map(|i| json!({"role": "user", "name": format!("member-{i:06}"), "content": "hi"}))
+        .collect();
+    messages.push(json!({"role": "assistant", "name": "Bob", "content": ""}));
+    json!({"messages": messages, "n_predict": 1})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floods_of_names_neither_stall_the_admin_port_nor_bloat_events() {
+    let fake = FakeLlama::builder().n_ctx(3_000_000).build().await;
+    let kv = Kvgate::start(&fake.url(), |_| {}).await;
+    let tap = crate::support::kvgate::EventTap::open(&kv).await;
+    let body = flood_of_names().to_string();
+    assert!(body.len() > 3_500_000, "{}", body.len());
+    let url = format!("{}/v1/chat/completions", kv.url);
+    // Two at once: as many as the runtime has workers.
+    let floods: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(post_json_text_owned(url.clone(), body.clone())))
+        .collect();
+    let mut slowest = Duration::ZERO;
+    while !floods.iter().all(|f| f.is_finished()) {
+        let t = Instant::now();
+        let (status, _) = admin_json(&kv.admin_url, "GET", "/health", None, None).await;
+        assert_eq!(status, 200);
+        slowest = slowest.max(t.elapsed());
+    }
+    for f in floods {
+        let (status, headers, bytes) = f.await.unwrap();
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&bytes));
+        let chat = headers
+            .get("x-kvgate-chat")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        assert!(chat.len() <= 200, "chat header of {} bytes", chat.len());
+    }
+    assert!(
+        slowest < Duration::from_millis(500),
+        "/health took {slowest:?}"
+    );
+    kv.wait_idle().await;
+    let events = tap.all();
+    assert!(!events.is_empty());
+    for e in &events {
+        let line = e.to_string();
+        assert!(
+            line.len() < 1000,
+            "an event of {} bytes: {:.300}",
+            line.len(),
+            line
+        );
+    }
+    let started = tap.of("generation_started");
+    assert_eq!(started.len(), 2);
+    assert_eq!(started[0]["character"], "Bob");
+    kv.stop().await;
+}
+
+async fn post_json_text_owned(url: String, body: String) -> (u16, hyper::HeaderMap, bytes::Bytes) {
+    post_json_text(&url, body).await
 }
