@@ -302,11 +302,7 @@ async fn floods_of_names_neither_stall_the_admin_port_nor_bloat_events() {
     for f in floods {
         let (status, headers, bytes) = f.await.unwrap();
         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&bytes));
-        let chat = headers
-            .get("x-kvgate-chat")
-            .map(|v| v.to_str().unwrap().to_string())
-            .unwrap_or_default();
-        assert!(chat.len() <= 200, "chat header of {} bytes", chat.len());
+        assert_eq!(headers["x-kvgate-character"], "Bob");
     }
     assert!(
         slowest < Duration::from_millis(500),
@@ -332,4 +328,74 @@ async fn floods_of_names_neither_stall_the_admin_port_nor_bloat_events() {
 
 async fn post_json_text_owned(url: String, body: String) -> (u16, hyper::HeaderMap, bytes::Bytes) {
     post_json_text(&url, body).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_roster_leaves_short_log_lines_sidecars_and_names() {
+    use crate::support::kvgate::{complete_saves, names_in, poll_until, post_json};
+    use crate::support::kvgate_bin::KvgateBin;
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("saves");
+    std::fs::create_dir(&dir).unwrap();
+    let fake = FakeLlama::builder()
+        .slots(1)
+        .events(3)
+        .save_dir(&dir)
+        .build()
+        .await;
+    let args = [
+        "--upstream".to_string(),
+        fake.url(),
+        "--save-dir".into(),
+        dir.display().to_string(),
+        "--save-every".into(),
+        "1".into(),
+        "--health-interval".into(),
+        "0.1".into(),
+        "--log".into(),
+        "debug".into(),
+    ];
+    let log = root.path().join("kvgate.log");
+    let kv = KvgateBin::start(args, log, 1, Duration::from_secs(20)).await;
+    // 15 000 stop names of 100 bytes: a 1.5 MB roster. Alone, it would
+    // make a 1.5 MB chat key; an explicit 1000-character chat id too.
+    let stops: Vec<String> = (0..15_000)
+        .map(|i| format!("\n{:0>100}:", format!("M{i}")))
+        .collect();
+    let body = json!({"prompt": "Story\nBob:", "stop": stops, "stream": true});
+    let url = format!("{}/completion", kv.url);
+    let (status, headers, _) = post_json(&url, &[], &body).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["x-kvgate-character"], "Bob");
+    let long_chat = "c".repeat(1000);
+    let (status, _, _) = post_json(
+        &url,
+        &[("x-kvgate-chat", &long_chat), ("x-kvgate-character", "Ann")],
+        &json!({"prompt": "Story\nAnn:", "stream": true}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    poll_until("both autosaves", Duration::from_secs(10), || {
+        complete_saves(&dir).len() == 2
+    })
+    .await;
+    for meta in complete_saves(&dir) {
+        assert!(
+            meta.chat.len() <= 200,
+            "sidecar chat of {} bytes",
+            meta.chat.len()
+        );
+        assert!(meta.chat.contains('~'), "a hashed key: {}", meta.chat);
+    }
+    for name in names_in(&dir) {
+        assert!(name.len() < 255, "file name of {} bytes", name.len());
+        let size = std::fs::metadata(dir.join(&name)).unwrap().len();
+        if name.ends_with(kvgate::store::META_SUFFIX) {
+            assert!(size < 4096, "sidecar {name} of {size} bytes");
+        }
+    }
+    let text = kv.log_text();
+    assert!(text.lines().count() > 5, "debug logging on: {text:.2000}");
+    let longest = text.lines().map(str::len).max().unwrap_or(0);
+    assert!(longest < 2000, "a log line of {longest} bytes");
 }
