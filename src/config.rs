@@ -476,6 +476,10 @@ impl Config {
             (None, Some(path)) => Some(read_key_file(&path)?),
             (None, None) => None,
         };
+        let max_body_bytes = cli
+            .max_body_bytes
+            .or(file.max_body_bytes)
+            .unwrap_or(d.max_body_bytes);
         let cfg = Config {
             listen: addr("--listen", cli.listen.or(file.listen), d.listen)?,
             upstreams: upstreams.unwrap_or(d.upstreams),
@@ -486,14 +490,13 @@ impl Config {
             )?,
             save_dir: cli.save_dir.or(kv_save_dir).or(file.save_dir),
             policy: cli.policy.or(file.policy).unwrap_or(d.policy),
-            max_body_bytes: cli
-                .max_body_bytes
-                .or(file.max_body_bytes)
-                .unwrap_or(d.max_body_bytes),
+            max_body_bytes,
             max_body_bytes_in_flight: cli
                 .max_body_bytes_in_flight
                 .or(file.max_body_bytes_in_flight)
-                .unwrap_or(d.max_body_bytes_in_flight),
+                // Unset, it grows with a larger --max-body-bytes (which
+                // would otherwise never fit).
+                .unwrap_or(d.max_body_bytes_in_flight.max(max_body_bytes)),
             header_read_timeout: secs(
                 "--header-read-timeout",
                 cli.header_read_timeout.or(file.header_read_timeout),
@@ -829,5 +832,53 @@ mod tests {
         std::fs::write(&f, "lisen = \"x\"\n").unwrap();
         let e = Config::from_cli(cli(&["--config", f.to_str().unwrap()]), None).unwrap_err();
         assert!(e.to_string().contains("lisen"), "{e}");
+    }
+
+    #[test]
+    fn connection_and_body_bounds() {
+        let c = Config::from_cli(Cli::default(), None).unwrap();
+        assert_eq!(c.header_read_timeout, Duration::from_secs(30));
+        assert_eq!(c.idle_timeout, Duration::from_secs(120));
+        assert_eq!((c.max_connections, c.admin_max_connections), (512, 64));
+        assert_eq!(c.max_body_bytes_in_flight, 256 << 20);
+        let c = Config::from_cli(
+            cli(&[
+                "--header-read-timeout",
+                "2.5",
+                "--idle-timeout",
+                "7",
+                "--max-connections",
+                "9",
+                "--admin-max-connections",
+                "3",
+                "--max-body-bytes-in-flight",
+                "100000000",
+            ]),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            c.front_limits().header_read_timeout,
+            Duration::from_millis(2500)
+        );
+        assert_eq!(c.front_limits().idle_timeout, Duration::from_secs(7));
+        assert_eq!(c.front_limits().max_connections, 9);
+        assert_eq!(c.admin_limits().max_connections, 3);
+        assert_eq!(c.max_body_bytes_in_flight, 100_000_000);
+        // A larger body limit raises the default budget with it...
+        let c = Config::from_cli(cli(&["--max-body-bytes", "500000000"]), None).unwrap();
+        assert_eq!(c.max_body_bytes_in_flight, 500_000_000);
+        // ...but a budget set below it is refused.
+        for bad in [
+            &["--max-body-bytes-in-flight", "1000000"][..],
+            &["--max-connections", "0"],
+            &["--admin-max-connections", "0"],
+            &["--idle-timeout", "0"],
+            &["--header-read-timeout=-1"],
+        ] {
+            let e = Config::from_cli(cli(bad), None).unwrap_err();
+            let flag = bad[0].split('=').next().unwrap_or_default();
+            assert!(e.to_string().contains(flag), "{e}");
+        }
     }
 }
