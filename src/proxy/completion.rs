@@ -50,6 +50,9 @@ struct Turn {
     identity: Identity,
     /// `Some(slot)` when the client chose its slot itself (`id_slot` ≥ 0).
     client_slot: Option<usize>,
+    /// Whether the body is large enough to be handled off the async workers
+    /// (over [`INLINE_PARSE_BYTES`] as received).
+    large: bool,
 }
 
 /// Serves one completion: the top of the phases.
@@ -145,7 +148,10 @@ fn parse_turn(
     started: Instant,
 ) -> Result<Read, Failure> {
     match usable_body(&raw) {
-        Some(body) => Turn::resolve(app, api, headers, body, started).map(Read::Turn),
+        Some(body) => Turn::resolve(app, api, headers, body, started).map(|mut turn| {
+            turn.large = raw.len() > INLINE_PARSE_BYTES;
+            Read::Turn(turn)
+        }),
         None => Ok(Read::Unusable(raw)),
     }
 }
@@ -200,6 +206,7 @@ impl Turn {
             body,
             identity,
             client_slot,
+            large: false,
         })
     }
 
@@ -329,16 +336,28 @@ impl Turn {
 
     /// The body llama-server gets: the client's, pinned to the slot. It is
     /// taken out of the turn (a prompt can be megabytes; nothing reads it
-    /// after this).
-    fn take_body_for(&mut self, slot: usize) -> Result<Bytes, Failure> {
-        let mut body = std::mem::take(&mut self.body);
-        if self.client_slot.is_none() {
-            body["id_slot"] = Value::from(slot);
+    /// after this), and a large one is written (and its tree freed) on a
+    /// blocking thread.
+    async fn take_body_for(&mut self, slot: usize) -> Result<Bytes, Failure> {
+        let body = std::mem::take(&mut self.body);
+        let pin = self.client_slot.is_none().then_some(slot);
+        if !self.large {
+            return pinned_body(body, pin);
         }
-        serde_json::to_vec(&body)
-            .map(Bytes::from)
-            .map_err(|e| Failure::Kvgate(e.to_string()))
+        tokio::task::spawn_blocking(move || pinned_body(body, pin))
+            .await
+            .map_err(|e| Failure::Kvgate(format!("writing the request body failed: {e}")))?
     }
+}
+
+/// `body` with `id_slot` set to `slot` (when kvgate chose it), as JSON.
+fn pinned_body(mut body: Value, slot: Option<usize>) -> Result<Bytes, Failure> {
+    if let Some(slot) = slot {
+        body["id_slot"] = Value::from(slot);
+    }
+    serde_json::to_vec(&body)
+        .map(Bytes::from)
+        .map_err(|e| Failure::Kvgate(e.to_string()))
 }
 
 /// Forward: the body pinned to the leased slot goes to llama-server.
@@ -348,7 +367,7 @@ async fn forward(
     lease: &Lease,
     mut parts: Parts,
 ) -> Result<Response<Driven>, Failure> {
-    let bytes = turn.take_body_for(lease.slot())?;
+    let bytes = turn.take_body_for(lease.slot()).await?;
     parts
         .headers
         .insert(CONTENT_LENGTH, HeaderValue::from(bytes.len()));
