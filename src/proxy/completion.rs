@@ -70,6 +70,7 @@ pub(crate) async fn completion(
     let (raw, held) = read_body(
         app.shared.cfg.max_body_bytes,
         &app.shared.body_budget,
+        app.shared.cfg.idle_timeout,
         &parts.headers,
         body,
     )

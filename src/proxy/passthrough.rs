@@ -3,6 +3,8 @@
 //! arrives. Also the two reads every front-port path shares: a body within
 //! the limit, and what a failed call to llama-server means.
 
+use std::time::Duration;
+
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -61,10 +63,13 @@ pub(crate) fn llama_failed(upstream: &Upstream, e: UpstreamError) -> Failure {
 
 /// Reads the body within `limit` bytes, holding its bytes in `budget`
 /// (declared ones up front, the rest as they arrive); the permit goes back
-/// when the caller drops it. A body the budget can't hold now: 503.
+/// when the caller drops it. A body the budget can't hold now: 503. A body
+/// silent for `stall` is refused (400): a trickling client must not hold
+/// its share of the budget forever.
 pub(crate) async fn read_body(
     limit: u64,
     budget: &BodyBudget,
+    stall: Duration,
     headers: &HeaderMap,
     body: Incoming,
 ) -> Result<(Bytes, BodyPermit), Failure> {
@@ -89,7 +94,16 @@ pub(crate) async fn read_body(
     let declared_usize = declared.and_then(|n| usize::try_from(n).ok()).unwrap_or(0);
     let mut buf = BytesMut::with_capacity(declared_usize.min(limit_usize));
     let mut body = Limited::new(body, limit_usize);
-    while let Some(frame) = body.frame().await {
+    loop {
+        let Ok(next) = tokio::time::timeout(stall, body.frame()).await else {
+            return Err(Failure::Client(format!(
+                "the request body stalled: nothing arrived for {} s",
+                stall.as_secs_f64()
+            )));
+        };
+        let Some(frame) = next else {
+            break;
+        };
         match frame {
             Ok(frame) => {
                 if let Ok(data) = frame.into_data() {

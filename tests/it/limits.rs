@@ -259,6 +259,39 @@ async fn bodies_in_flight_are_admitted_by_bytes() {
     kv.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_body_is_refused_and_gives_its_bytes_back() {
+    let fake = FakeLlama::start().await;
+    let kv = Kvgate::start(&fake.url(), |c| {
+        c.idle_timeout = Duration::from_millis(400);
+    })
+    .await;
+    let budget = kv.app.shared.body_budget.clone();
+    let full = budget.available();
+    let big = body_of_len(500_000);
+    let mut slow = connect(&kv.url).await;
+    let head = format!(
+        "POST /completion HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        big.len()
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    slow.write_all(&big.as_bytes()[..1000]).await.unwrap();
+    let t = Instant::now();
+    let (took, answer) = until_closed(&mut slow, t, Duration::from_secs(5)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 400"),
+        "after {took:?}: {answer}"
+    );
+    assert!(
+        answer.contains("invalid_request_error") && answer.contains("stalled"),
+        "{answer}"
+    );
+    assert!(took >= Duration::from_millis(350), "{took:?}");
+    assert_eq!(budget.available(), full);
+    kv.stop().await;
+}
+
 /// POSTs a JSON text as is.
 async fn post_json_text(url: &str, body: String) -> (u16, hyper::HeaderMap, bytes::Bytes) {
     use http_body_util::BodyExt;
