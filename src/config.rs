@@ -12,6 +12,8 @@ use hyper::http::uri::Authority;
 use hyper::Uri;
 use serde::Deserialize;
 
+use crate::http::conn::ConnLimits;
+
 /// Command-line interface. Every flag has an environment variable.
 #[derive(Debug, Clone, Default, Parser)]
 #[command(name = "kvgate", version, about = "Persistent, per-character KV cache for llama.cpp's llama-server", long_about = None)]
@@ -43,6 +45,24 @@ pub struct Cli {
     /// Largest completion body kvgate reads (bytes).
     #[arg(long, env = "KVGATE_MAX_BODY_BYTES", value_name = "BYTES")]
     pub max_body_bytes: Option<u64>,
+    /// Completion bodies held in memory at once, all requests together
+    /// (bytes); a body that doesn't fit gets 503.
+    #[arg(long, env = "KVGATE_MAX_BODY_BYTES_IN_FLIGHT", value_name = "BYTES")]
+    pub max_body_bytes_in_flight: Option<u64>,
+    /// Longest time a request head may take, from its first byte (seconds,
+    /// both ports).
+    #[arg(long, env = "KVGATE_HEADER_READ_TIMEOUT", value_name = "SECS")]
+    pub header_read_timeout: Option<f64>,
+    /// Longest idle time of a keep-alive connection between requests
+    /// (seconds, both ports; a response still streaming is not idle).
+    #[arg(long, env = "KVGATE_IDLE_TIMEOUT", value_name = "SECS")]
+    pub idle_timeout: Option<f64>,
+    /// Front-port connections served at once; more wait to be accepted.
+    #[arg(long, env = "KVGATE_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Admin-port connections served at once; more wait to be accepted.
+    #[arg(long, env = "KVGATE_ADMIN_MAX_CONNECTIONS", value_name = "N")]
+    pub admin_max_connections: Option<usize>,
     /// How many requests may wait for a slot before 503.
     #[arg(long, env = "KVGATE_MAX_QUEUE", value_name = "N")]
     pub max_queue: Option<usize>,
@@ -161,6 +181,11 @@ pub struct FileConfig {
     save_dir: Option<PathBuf>,
     policy: Option<String>,
     max_body_bytes: Option<u64>,
+    max_body_bytes_in_flight: Option<u64>,
+    header_read_timeout: Option<f64>,
+    idle_timeout: Option<f64>,
+    max_connections: Option<usize>,
+    admin_max_connections: Option<usize>,
     max_queue: Option<usize>,
     max_queue_per_client: Option<usize>,
     queue_timeout: Option<f64>,
@@ -242,6 +267,16 @@ pub struct Config {
     pub policy: String,
     /// Body limit for intercepted completions.
     pub max_body_bytes: u64,
+    /// Bytes of completion bodies held at once, all requests together.
+    pub max_body_bytes_in_flight: u64,
+    /// Longest time a request head may take, from its first byte.
+    pub header_read_timeout: Duration,
+    /// Longest idle time of a connection between requests.
+    pub idle_timeout: Duration,
+    /// Front-port connections served at once.
+    pub max_connections: usize,
+    /// Admin-port connections served at once.
+    pub admin_max_connections: usize,
     /// Wait-queue bound.
     pub max_queue: usize,
     /// Wait-queue bound per client of the clients file.
@@ -301,6 +336,11 @@ impl Default for Config {
             save_dir: None,
             policy: "sillytavern".into(),
             max_body_bytes: 64 * 1024 * 1024,
+            max_body_bytes_in_flight: 256 * 1024 * 1024,
+            header_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(120),
+            max_connections: 512,
+            admin_max_connections: 64,
             max_queue: 64,
             max_queue_per_client: 16,
             queue_timeout: Duration::from_secs(300),
@@ -558,6 +598,10 @@ impl Config {
             (None, None) => None,
         };
         let max_queue = cli.max_queue.or(file.max_queue).unwrap_or(d.max_queue);
+        let max_body_bytes = cli
+            .max_body_bytes
+            .or(file.max_body_bytes)
+            .unwrap_or(d.max_body_bytes);
         let cfg = Config {
             listen: addr("--listen", cli.listen.or(file.listen), d.listen)?,
             upstreams: upstreams.unwrap_or(d.upstreams),
@@ -568,10 +612,31 @@ impl Config {
             )?,
             save_dir: cli.save_dir.or(kv_save_dir).or(file.save_dir),
             policy: cli.policy.or(file.policy).unwrap_or(d.policy),
-            max_body_bytes: cli
-                .max_body_bytes
-                .or(file.max_body_bytes)
-                .unwrap_or(d.max_body_bytes),
+            max_body_bytes,
+            max_body_bytes_in_flight: cli
+                .max_body_bytes_in_flight
+                .or(file.max_body_bytes_in_flight)
+                // Unset, it grows with a larger --max-body-bytes (which
+                // would otherwise never fit).
+                .unwrap_or(d.max_body_bytes_in_flight.max(max_body_bytes)),
+            header_read_timeout: secs(
+                "--header-read-timeout",
+                cli.header_read_timeout.or(file.header_read_timeout),
+                d.header_read_timeout,
+            )?,
+            idle_timeout: secs(
+                "--idle-timeout",
+                cli.idle_timeout.or(file.idle_timeout),
+                d.idle_timeout,
+            )?,
+            max_connections: cli
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(d.max_connections),
+            admin_max_connections: cli
+                .admin_max_connections
+                .or(file.admin_max_connections)
+                .unwrap_or(d.admin_max_connections),
             max_queue,
             max_queue_per_client: cli
                 .max_queue_per_client
@@ -624,6 +689,20 @@ impl Config {
                 "must be at least 1024",
             ));
         }
+        if self.max_body_bytes_in_flight < self.max_body_bytes {
+            // Else a body within --max-body-bytes could never be admitted.
+            return Err(invalid(
+                "--max-body-bytes-in-flight",
+                self.max_body_bytes_in_flight,
+                "must be at least --max-body-bytes",
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err(invalid("--max-connections", 0, "must be at least 1"));
+        }
+        if self.admin_max_connections == 0 {
+            return Err(invalid("--admin-max-connections", 0, "must be at least 1"));
+        }
         for (i, u) in self.upstreams.iter().enumerate() {
             if self.upstreams[..i].contains(u) {
                 // One llama-server counted twice would have each slot
@@ -675,6 +754,25 @@ pub fn open_front_warning(cfg: &Config) -> Option<String> {
          (give --clients, or listen on 127.0.0.1)",
         cfg.listen
     ))
+}
+
+impl Config {
+    /// The connection bounds of the front port.
+    pub fn front_limits(&self) -> ConnLimits {
+        ConnLimits {
+            header_read_timeout: self.header_read_timeout,
+            idle_timeout: self.idle_timeout,
+            max_connections: self.max_connections,
+        }
+    }
+
+    /// The connection bounds of the admin port.
+    pub fn admin_limits(&self) -> ConnLimits {
+        ConnLimits {
+            max_connections: self.admin_max_connections,
+            ..self.front_limits()
+        }
+    }
 }
 
 impl FileConfig {
@@ -960,5 +1058,53 @@ mod tests {
             ..open
         };
         assert_eq!(open_front_warning(&with_clients), None);
+    }
+
+    #[test]
+    fn connection_and_body_bounds() {
+        let c = Config::from_cli(Cli::default(), None).unwrap();
+        assert_eq!(c.header_read_timeout, Duration::from_secs(30));
+        assert_eq!(c.idle_timeout, Duration::from_secs(120));
+        assert_eq!((c.max_connections, c.admin_max_connections), (512, 64));
+        assert_eq!(c.max_body_bytes_in_flight, 256 << 20);
+        let c = Config::from_cli(
+            cli(&[
+                "--header-read-timeout",
+                "2.5",
+                "--idle-timeout",
+                "7",
+                "--max-connections",
+                "9",
+                "--admin-max-connections",
+                "3",
+                "--max-body-bytes-in-flight",
+                "100000000",
+            ]),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            c.front_limits().header_read_timeout,
+            Duration::from_millis(2500)
+        );
+        assert_eq!(c.front_limits().idle_timeout, Duration::from_secs(7));
+        assert_eq!(c.front_limits().max_connections, 9);
+        assert_eq!(c.admin_limits().max_connections, 3);
+        assert_eq!(c.max_body_bytes_in_flight, 100_000_000);
+        // A larger body limit raises the default budget with it...
+        let c = Config::from_cli(cli(&["--max-body-bytes", "500000000"]), None).unwrap();
+        assert_eq!(c.max_body_bytes_in_flight, 500_000_000);
+        // ...but a budget set below it is refused.
+        for bad in [
+            &["--max-body-bytes-in-flight", "1000000"][..],
+            &["--max-connections", "0"],
+            &["--admin-max-connections", "0"],
+            &["--idle-timeout", "0"],
+            &["--header-read-timeout=-1"],
+        ] {
+            let e = Config::from_cli(cli(bad), None).unwrap_err();
+            let flag = bad[0].split('=').next().unwrap_or_default();
+            assert!(e.to_string().contains(flag), "{e}");
+        }
     }
 }

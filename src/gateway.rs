@@ -176,6 +176,7 @@ impl Gateway {
             "admin",
             admin,
             move |req, _peer| admin::handle(state.clone(), req),
+            app.shared.cfg.admin_limits(),
             stopped(stop_rx.clone()),
             grace,
         ));
@@ -184,6 +185,7 @@ impl Gateway {
             "front",
             front,
             move |req, peer| proxy::handle(Arc::clone(&front_app), req, peer),
+            app.shared.cfg.front_limits(),
             stopped(stop_rx),
             grace,
         ));

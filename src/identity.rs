@@ -17,6 +17,17 @@
 //! persistence layer picks among saves by the longest common token prefix with
 //! the new prompt, so the right chat's save still wins. A persona rename or a
 //! member joining a group changes the key (a new chat, as far as kvgate knows).
+//!
+//! # Bounds
+//! A request body is client input of up to `--max-body-bytes`: inference
+//! reads at most [`MAX_ROSTER`] distinct names (further ones are ignored),
+//! each at most [`MAX_INFERRED_NAME_BYTES`] long and free of control
+//! characters (others are ignored), with sets rather than list scans, so its
+//! cost is linear in the body. A chat key or character name longer than
+//! [`MAX_KEY_BYTES`] is replaced by its [`cap_key`] form, so logs, events,
+//! sidecars and kvgate's memory hold short keys whatever the client sends.
+
+use std::collections::HashSet;
 
 use serde_json::Value;
 
@@ -126,6 +137,64 @@ fn check_name(what: &'static str, s: &str) -> Result<String, IdentityError> {
     Ok(t.to_string())
 }
 
+/// Most distinct names inference takes from one request (the roster:
+/// message names, stop names); further ones are ignored. A group chat has a
+/// handful; thousands are not a chat but a flood.
+pub const MAX_ROSTER: usize = 64;
+
+/// Longest name (bytes) inference takes from messages or the `chat_fields`
+/// and `character_fields`; longer ones are ignored, not cut (a cut name could
+/// pass for another).
+pub const MAX_INFERRED_NAME_BYTES: usize = 128;
+
+/// Longest chat key or character name (bytes) kvgate keeps as is; longer
+/// ones become [`cap_key`]'s short, stable form.
+pub const MAX_KEY_BYTES: usize = 200;
+
+/// `key` if it is at most [`MAX_KEY_BYTES`] long, else its first bytes (cut
+/// at a character boundary), `~`, and 32 hex digits of two independent
+/// 64-bit hashes of the whole key: stable across runs, still readable, and
+/// never longer than [`MAX_KEY_BYTES`]. Distinct long keys keep distinct
+/// forms unless 128 hash bits collide (FNV is no defence against a client
+/// crafting a collision, but such a client can name any chat it likes).
+pub fn cap_key(key: &str) -> String {
+    if key.len() <= MAX_KEY_BYTES {
+        return key.to_string();
+    }
+    let mut salted = Fnv1a64::default();
+    salted.update(b"kvgate-key\0");
+    salted.update(key.as_bytes());
+    let suffix = format!("~{:016x}{:016x}", fnv1a64(key.as_bytes()), salted.finish());
+    let mut cut = MAX_KEY_BYTES - suffix.len();
+    while !key.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}{suffix}", &key[..cut])
+}
+
+/// Distinct names in first-seen order, at most [`MAX_ROSTER`] of them.
+#[derive(Debug, Default)]
+struct Names {
+    list: Vec<String>,
+    seen: HashSet<String>,
+}
+
+impl Names {
+    /// Adds `name` unless it is known or the roster is full; true if it is
+    /// (now) in the roster.
+    fn add(&mut self, name: &str) -> bool {
+        if self.seen.contains(name) {
+            return true;
+        }
+        if self.list.len() >= MAX_ROSTER {
+            return false;
+        }
+        self.seen.insert(name.to_string());
+        self.list.push(name.to_string());
+        true
+    }
+}
+
 /// Where the identity came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Source {
@@ -197,7 +266,10 @@ pub fn resolve(
                 .clone()
                 .or(reading.chat.clone())
                 .unwrap_or_else(|| roster_key(&roster));
-            Tenant::Character { chat, name }
+            Tenant::Character {
+                chat: cap_key(&chat),
+                name: cap_key(&name),
+            }
         }
         None => Tenant::Anonymous {
             key: anonymous_key(&anon_basis, policy.anonymous.prefix_chars),
@@ -257,7 +329,7 @@ fn read_body(api: Api, body: &Value, stream: bool, policy: &Policy) -> (Reading,
     }
 }
 
-/// The chat key derived from a roster.
+/// The chat key derived from a roster (before [`cap_key`]).
 pub fn roster_key(roster: &[String]) -> String {
     if roster.is_empty() {
         "default".to_string()
@@ -299,14 +371,19 @@ fn value_prefix(v: Option<&Value>, policy: &Policy) -> String {
 
 fn chat_prefix(messages: Option<&Value>, chars: usize) -> String {
     let mut out = String::new();
+    // Counted as it grows: recounting the whole prefix per message would be
+    // quadratic in a long list of short messages.
+    let mut count = 0;
     if let Some(list) = messages.and_then(Value::as_array) {
         for m in list {
-            if let Some(c) = m.get("content").and_then(Value::as_str) {
-                out.push_str(c);
-                out.push('\n');
-            }
-            if out.chars().count() >= chars {
+            if count >= chars {
                 break;
+            }
+            if let Some(c) = m.get("content").and_then(Value::as_str) {
+                let part = prefix(c, chars - count);
+                count += part.chars().count() + 1;
+                out.push_str(&part);
+                out.push('\n');
             }
         }
     }
@@ -370,16 +447,18 @@ fn speaker_tail<'a>(prompt: &'a str, rules: &TextRules) -> Option<&'a str> {
 }
 
 fn read_text(prompt: &str, stops: &[String], stream: bool, rules: &TextRules) -> Reading {
-    let mut stop_names: Vec<String> = Vec::new();
+    let mut names = Names::default();
     if rules.stop_names {
-        for s in stops {
-            if let Some(n) = stop_name(s, rules) {
-                if !stop_names.iter().any(|x| x == n) {
-                    stop_names.push(n.to_string());
-                }
+        for n in stops.iter().filter_map(|s| stop_name(s, rules)) {
+            if !names.add(n) {
+                break;
             }
         }
     }
+    let Names {
+        list: stop_names,
+        seen: stop_set,
+    } = names;
     let tail = if rules.speaker_tail {
         speaker_tail(prompt, rules)
     } else {
@@ -390,7 +469,7 @@ fn read_text(prompt: &str, stops: &[String], stream: bool, rules: &TextRules) ->
         ..Reading::default()
     };
     match tail {
-        Some(t) if !stop_names.iter().any(|s| s == t) => {
+        Some(t) if !stop_set.contains(t) => {
             r.roster.push(t.to_string());
             r.character = Some(t.to_string());
             r.user = stop_names.first().cloned();
@@ -405,8 +484,7 @@ fn read_text(prompt: &str, stops: &[String], stream: bool, rules: &TextRules) ->
         }
         None => {
             let continued = if rules.detect_continue && !stop_names.is_empty() {
-                continued_speaker(prompt, rules, stream)
-                    .filter(|n| !stop_names.iter().any(|s| s == n))
+                continued_speaker(prompt, rules, stream).filter(|n| !stop_set.contains(*n))
             } else {
                 None
             };
@@ -449,6 +527,12 @@ fn continued_speaker<'a>(prompt: &'a str, rules: &TextRules, stream: bool) -> Op
     None
 }
 
+/// A name inference may take from a chat body: not empty, not too long, no
+/// control characters.
+fn usable_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_INFERRED_NAME_BYTES && !s.chars().any(char::is_control)
+}
+
 fn read_chat(body: &Value, policy: &Policy) -> Reading {
     let rules = &policy.chat;
     let string_field = |names: &[String]| {
@@ -456,7 +540,7 @@ fn read_chat(body: &Value, policy: &Policy) -> Reading {
             body.get(f)
                 .and_then(Value::as_str)
                 .map(str::trim)
-                .filter(|s| !s.is_empty() && !s.chars().any(char::is_control))
+                .filter(|s| usable_name(s))
                 .map(str::to_string)
         })
     };
@@ -465,34 +549,34 @@ fn read_chat(body: &Value, policy: &Policy) -> Reading {
         .and_then(Value::as_array)
         .map(Vec::as_slice)
         .unwrap_or_default();
-    let name_of = |m: &Value| {
+    fn name_of(m: &Value) -> Option<&str> {
         m.get("name")
             .and_then(Value::as_str)
             .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::to_string)
-    };
+            .filter(|s| usable_name(s))
+    }
     let mut r = Reading {
         chat: string_field(&rules.chat_fields),
         ..Reading::default()
     };
+    let mut names = Names::default();
     for m in messages {
         if let Some(n) = name_of(m) {
-            if !r.roster.contains(&n) {
-                r.roster.push(n.clone());
-            }
-            if m.get("role").and_then(Value::as_str) == Some("user") {
-                r.user = Some(n);
+            // A name beyond the roster's bound is not the user's either:
+            // the user is someone the chat key counts.
+            if names.add(n) && m.get("role").and_then(Value::as_str) == Some("user") {
+                r.user = Some(n.to_string());
             }
         }
     }
+    r.roster = names.list;
     r.character = string_field(&rules.character_fields);
     if r.character.is_none() && rules.assistant_name {
         // A final assistant message is the turn being generated (a prefill
         // or a continue); its name is the speaker.
         if let Some(last) = messages.last() {
             if last.get("role").and_then(Value::as_str) == Some("assistant") {
-                r.character = name_of(last);
+                r.character = name_of(last).map(str::to_string);
                 if r.character.is_some() {
                     r.kind = Some(Kind::Continue);
                 }

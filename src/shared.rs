@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use crate::config::{CacheSettings, Config};
+use crate::http::budget::BodyBudget;
 use crate::live::Live;
 use crate::memory::Memory;
 use crate::observe::events::Events;
@@ -35,6 +36,8 @@ pub struct Shared {
     /// What kvgate remembers of past requests (identity is resolved before
     /// an upstream is chosen, so this is not per upstream).
     pub memory: Memory,
+    /// Bytes of completion bodies held in memory, all requests together.
+    pub body_budget: BodyBudget,
 }
 
 impl Shared {
@@ -42,6 +45,7 @@ impl Shared {
     pub fn new(cfg: Config, settings: CacheSettings, store: Option<Arc<CacheStore>>) -> Shared {
         let metrics = Arc::new(Metrics::default());
         Shared {
+            body_budget: BodyBudget::new(cfg.max_body_bytes_in_flight),
             cfg,
             settings: Arc::new(Live::new(settings)),
             store,

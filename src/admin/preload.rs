@@ -7,6 +7,7 @@ use serde_json::{json, Value};
 use crate::app::App;
 use crate::http::body::json_response;
 use crate::http::error::ApiError;
+use crate::identity::cap_key;
 use crate::tenant::Tenant;
 
 use super::preload_jobs::{Preloads, Progress, TooMany, MAX_ACTIVE};
@@ -30,6 +31,8 @@ pub(crate) fn start_preload(
         .and_then(Value::as_str)
         .map(str::trim)
         .filter(|c| !c.is_empty())
+        // The form the front port gives the same chat (a long key hashed).
+        .map(cap_key)
         .ok_or_else(|| ApiError::bad_request("\"chat\" must be a non-empty string"))?;
     let characters: Vec<String> = body
         .get("characters")
@@ -41,7 +44,7 @@ pub(crate) fn start_preload(
                     v.as_str()
                         .map(str::trim)
                         .filter(|s| !s.is_empty())
-                        .map(str::to_string)
+                        .map(cap_key)
                 })
                 .collect::<Option<Vec<_>>>()
         })

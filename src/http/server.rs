@@ -1,6 +1,7 @@
 //! The accept loop both ports share: HTTP/1.1 connections served by hyper,
-//! each watched for graceful shutdown. When `shutdown` resolves the listener
-//! closes, in-flight exchanges may finish within `grace`, and the rest are cut.
+//! each watched for graceful shutdown and for its [`ConnLimits`]. When
+//! `shutdown` resolves the listener closes, in-flight exchanges may finish
+//! within `grace`, and the rest are cut.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -15,15 +16,18 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
 use crate::http::body::ProxyBody;
+use crate::http::conn::{expired, Activity, ConnLimits, Watched};
 
 /// Serves `handler` on `listener` until `shutdown`, then drains for `grace`.
 pub async fn serve<H, Fut>(
     name: &'static str,
     listener: TcpListener,
     handler: H,
+    limits: ConnLimits,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) where
@@ -32,8 +36,18 @@ pub async fn serve<H, Fut>(
 {
     let handler = Arc::new(handler);
     let graceful = GracefulShutdown::new();
+    // At the cap the loop stops accepting: newcomers wait in the kernel's
+    // backlog (not accepted and dropped unanswered) until a connection ends.
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     tokio::pin!(shutdown);
     loop {
+        let permit = tokio::select! {
+            p = Arc::clone(&slots).acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = &mut shutdown => break,
+        };
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
@@ -47,18 +61,28 @@ pub async fn serve<H, Fut>(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                let activity = Activity::new();
                 let h = Arc::clone(&handler);
+                let seen = Arc::clone(&activity);
                 let svc = service_fn(move |req| {
                     let h = Arc::clone(&h);
-                    async move { Ok::<_, Infallible>(h(req, peer).await) }
+                    let in_flight = seen.begin();
+                    async move { Ok::<_, Infallible>(in_flight.hold(h(req, peer).await)) }
                 });
+                let io = TokioIo::new(Watched::new(stream, Arc::clone(&activity)));
                 let conn = http1::Builder::new()
                     .keep_alive(true)
-                    .serve_connection(TokioIo::new(stream), svc);
+                    .serve_connection(io, svc);
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        debug!(port = name, %peer, error = %e, "connection ended with an error");
+                    let _permit = permit;
+                    tokio::select! {
+                        ended = conn => if let Err(e) = ended {
+                            debug!(port = name, %peer, error = %e, "connection ended with an error");
+                        },
+                        why = expired(&activity, &limits) => {
+                            debug!(port = name, %peer, reason = ?why, "closing a stalled connection");
+                        }
                     }
                 });
             }

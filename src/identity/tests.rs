@@ -376,3 +376,125 @@ fn a_structured_prompt_hashes_as_its_compact_json_text() {
     assert_eq!(hash_value(Some(&json!("text"))), fnv1a64(b"text"));
     assert_eq!(hash_value(None), 0);
 }
+
+/// A chat body with `n` distinct message names (the flood from issue 15).
+fn flood_of_names(n: usize) -> Value {
+    let mut messages: Vec<Value> = (0..n)
+        .map(|i| json!({"role": "user", "name": format!("n{i:06}"), "content": "x"}))
+        .collect();
+    messages.push(json!({"role": "assistant", "name": "Bob", "content": ""}));
+    json!({"messages": messages, "stream": true})
+}
+
+#[test]
+fn eighty_thousand_names_take_linear_time_and_a_bounded_roster() {
+    let body = flood_of_names(80_000);
+    let t = std::time::Instant::now();
+    let id = resolve(Api::Chat, &body, &Explicit::default(), &st(), |_| None);
+    let took = t.elapsed();
+    // The quadratic scan took seconds in release; linear is milliseconds
+    // even in a debug build.
+    assert!(took < std::time::Duration::from_secs(1), "took {took:?}");
+    // The first MAX_ROSTER names count, plus the speaker; the rest are
+    // ignored, so the key stays the same as more names pile up.
+    assert_eq!(id.roster.len(), MAX_ROSTER + 1);
+    assert_eq!(id.roster[0], "Bob");
+    assert!(id.roster.contains(&"n000063".to_string()));
+    assert!(!id.roster.contains(&"n000064".to_string()));
+    assert_eq!(
+        id.user.as_deref(),
+        Some("n000063"),
+        "the last user in the roster"
+    );
+    let Tenant::Character { chat, name } = &id.tenant else {
+        panic!("expected a character, got {:?}", id.tenant);
+    };
+    assert_eq!(name, "Bob");
+    assert!(
+        chat.len() <= MAX_KEY_BYTES,
+        "chat key of {} bytes",
+        chat.len()
+    );
+    let again = resolve(
+        Api::Chat,
+        &flood_of_names(1_000),
+        &Explicit::default(),
+        &st(),
+        |_| None,
+    );
+    assert_eq!(
+        again.tenant, id.tenant,
+        "names past the bound change nothing"
+    );
+}
+
+#[test]
+fn stop_name_floods_are_bounded_too() {
+    let stops: Vec<String> = (0..80_000).map(|i| format!("\nU{i:06}:")).collect();
+    let prompt = "story\nBob:";
+    let body = json!({"prompt": prompt, "stop": stops, "stream": true});
+    let t = std::time::Instant::now();
+    let id = resolve_text(&body);
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(1),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(id.roster.len(), MAX_ROSTER + 1);
+    assert_eq!(character(&id).1, "Bob");
+    assert!(id.tenant.chat().is_some_and(|c| c.len() <= MAX_KEY_BYTES));
+}
+
+#[test]
+fn long_or_control_names_are_not_inferred() {
+    let long = "L".repeat(MAX_INFERRED_NAME_BYTES + 1);
+    for bad in [long.as_str(), "Bo\u{7}b", "Bo\nb"] {
+        let body = json!({"messages": [
+            {"role": "user", "name": "Ann", "content": "hi"},
+            {"role": "assistant", "name": bad, "content": ""},
+        ]});
+        let id = resolve(Api::Chat, &body, &Explicit::default(), &st(), |_| None);
+        assert!(
+            !matches!(&id.tenant, Tenant::Character { name, .. } if name == bad),
+            "{bad:?} became the character"
+        );
+        assert!(!id.roster.iter().any(|n| n == bad), "{bad:?} in the roster");
+    }
+}
+
+#[test]
+fn long_keys_are_hashed_stably_and_stay_apart() {
+    let a = format!("{}a", "chat".repeat(100));
+    let b = format!("{}b", "chat".repeat(100));
+    let (ca, cb) = (cap_key(&a), cap_key(&b));
+    assert_eq!(cap_key(&a), ca, "stable");
+    assert_ne!(ca, cb, "distinct keys keep distinct forms");
+    assert!(ca.len() <= MAX_KEY_BYTES && cb.len() <= MAX_KEY_BYTES);
+    let (head, hash) = ca.rsplit_once('~').unwrap();
+    assert!(a.starts_with(head));
+    assert_eq!(hash.len(), 32);
+    assert!(hash.bytes().all(|c| c.is_ascii_hexdigit()));
+    // Pinned: the form must not change between versions (saves are found
+    // by it).
+    assert_eq!(
+        cap_key(&"x".repeat(300)),
+        format!("{}~e78ddf9f1ba85555580de4f672490413", "x".repeat(167))
+    );
+    assert_eq!(cap_key("short"), "short");
+    let edge = "é".repeat(150); // 300 bytes: the cut lands inside a character
+    assert!(cap_key(&edge).len() <= MAX_KEY_BYTES);
+    // An explicit chat id and character name are capped the same way.
+    let explicit = Explicit {
+        chat: Some(a.clone()),
+        character: Some("C".repeat(900)),
+        kind: None,
+    };
+    let id = resolve(Api::Text, &json!({"prompt": "x"}), &explicit, &st(), |_| {
+        None
+    });
+    assert_eq!(id.tenant.chat(), Some(ca.as_str()));
+    assert_eq!(
+        id.tenant.character(),
+        Some(cap_key(&"C".repeat(900)).as_str())
+    );
+}

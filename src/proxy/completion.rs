@@ -52,6 +52,9 @@ struct Turn {
     /// `Some(id)` when the client chose its slot itself (any `id_slot` but
     /// -1), as llama-server reads it.
     client_slot: Option<i32>,
+    /// Whether the body is large enough to be handled off the async workers
+    /// (over [`INLINE_PARSE_BYTES`] as received).
+    large: bool,
 }
 
 /// Serves one completion: the top of the phases.
@@ -64,12 +67,25 @@ pub(crate) async fn completion(
     let started = Instant::now();
     app.shared.metrics.client_completion(&client.key);
     let (mut parts, body) = req.into_parts();
-    let raw = read_body(app.shared.cfg.max_body_bytes, &parts.headers, body).await?;
-    let Some(body) = usable_body(&raw)? else {
-        debug!("completion body that is no JSON object; forwarding untouched");
-        return pass_untouched(app, parts, raw, client).await;
+    // The body's share of the byte budget is held until llama-server has
+    // it (the answer's headers are in), or the request fails.
+    let (raw, held) = read_body(
+        app.shared.cfg.max_body_bytes,
+        &app.shared.body_budget,
+        app.shared.cfg.idle_timeout,
+        &parts.headers,
+        body,
+    )
+    .await?;
+    let turn = match read_turn(app, api, &parts.headers, raw, started).await? {
+        Read::Turn(turn) => turn,
+        Read::Unusable(raw) => {
+            debug!("completion body that is no JSON object; forwarding untouched");
+            let resp = pass_untouched(app, parts, raw, client).await;
+            drop(held);
+            return resp;
+        }
     };
-    let turn = Turn::resolve(app, api, &parts.headers, body, started)?;
     let upstream = turn.place(app)?;
     client.credentials_for(&upstream, &mut parts.headers);
     let want = turn.want(&upstream)?;
@@ -93,7 +109,54 @@ pub(crate) async fn completion(
             return Err(f);
         }
     };
+    drop(held);
     Ok(relay(&upstream, turn, lease, resp, restored.as_deref()))
+}
+
+/// Bodies larger than this are parsed, and their identity inferred, on a
+/// blocking thread: megabytes of JSON would hold an async worker (and every
+/// connection waiting on it, the admin port's too) for tens of milliseconds.
+const INLINE_PARSE_BYTES: usize = 256 * 1024;
+
+/// A completion body, read.
+enum Read {
+    /// Usable: the turn it starts.
+    Turn(Turn),
+    /// Not for kvgate to interpret (see [`usable_body`]).
+    Unusable(Bytes),
+}
+
+/// Read → resolve, off the async workers when the body is large.
+async fn read_turn(
+    app: &Arc<App>,
+    api: Api,
+    headers: &HeaderMap,
+    raw: Bytes,
+    started: Instant,
+) -> Result<Read, Failure> {
+    if raw.len() <= INLINE_PARSE_BYTES {
+        return parse_turn(app, api, headers, raw, started);
+    }
+    let (app, headers) = (Arc::clone(app), headers.clone());
+    tokio::task::spawn_blocking(move || parse_turn(&app, api, &headers, raw, started))
+        .await
+        .map_err(|e| Failure::Kvgate(format!("reading the request body failed: {e}")))?
+}
+
+fn parse_turn(
+    app: &App,
+    api: Api,
+    headers: &HeaderMap,
+    raw: Bytes,
+    started: Instant,
+) -> Result<Read, Failure> {
+    match usable_body(&raw)? {
+        Some(body) => Turn::resolve(app, api, headers, body, started).map(|mut turn| {
+            turn.large = raw.len() > INLINE_PARSE_BYTES;
+            Read::Turn(turn)
+        }),
+        None => Ok(Read::Unusable(raw)),
+    }
 }
 
 /// The body as kvgate can use it: a JSON object. Anything llama-server
@@ -148,6 +211,7 @@ impl Turn {
             body,
             identity,
             client_slot,
+            large: false,
         })
     }
 
@@ -278,17 +342,29 @@ impl Turn {
     /// The body llama-server gets: the client's, pinned to the slot (a
     /// client's own choice as the plain number kvgate read, so llama-server
     /// can't read `1.9` or `true` differently). It is taken out of the turn
-    /// (a prompt can be megabytes; nothing reads it after this).
-    fn take_body_for(&mut self, slot: usize) -> Result<Bytes, Failure> {
-        let mut body = std::mem::take(&mut self.body);
-        body["id_slot"] = match self.client_slot {
+    /// (a prompt can be megabytes; nothing reads it after this), and a large
+    /// one is written (and its tree freed) on a blocking thread.
+    async fn take_body_for(&mut self, slot: usize) -> Result<Bytes, Failure> {
+        let body = std::mem::take(&mut self.body);
+        let pin = match self.client_slot {
             Some(id) => Value::from(id),
             None => Value::from(slot),
         };
-        serde_json::to_vec(&body)
-            .map(Bytes::from)
-            .map_err(|e| Failure::Kvgate(e.to_string()))
+        if !self.large {
+            return pinned_body(body, pin);
+        }
+        tokio::task::spawn_blocking(move || pinned_body(body, pin))
+            .await
+            .map_err(|e| Failure::Kvgate(format!("writing the request body failed: {e}")))?
     }
+}
+
+/// `body` with `id_slot` set to `pin`, as JSON.
+fn pinned_body(mut body: Value, pin: Value) -> Result<Bytes, Failure> {
+    body["id_slot"] = pin;
+    serde_json::to_vec(&body)
+        .map(Bytes::from)
+        .map_err(|e| Failure::Kvgate(e.to_string()))
 }
 
 /// Forward: the body pinned to the leased slot goes to llama-server.
@@ -298,7 +374,7 @@ async fn forward(
     lease: &Lease,
     mut parts: Parts,
 ) -> Result<Response<Driven>, Failure> {
-    let bytes = turn.take_body_for(lease.slot())?;
+    let bytes = turn.take_body_for(lease.slot()).await?;
     parts
         .headers
         .insert(CONTENT_LENGTH, HeaderValue::from(bytes.len()));

@@ -3,7 +3,9 @@
 //! arrives. Also the two reads every front-port path shares: a body within
 //! the limit, and what a failed call to llama-server means.
 
-use bytes::Bytes;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderMap, CONTENT_LENGTH};
@@ -12,6 +14,7 @@ use hyper::{Request, Response};
 use tracing::warn;
 
 use crate::http::body::{boxed, ProxyBody};
+use crate::http::budget::{BodyBudget, BodyPermit};
 use crate::llama::client::{strip_hop_by_hop, UpstreamError};
 use crate::observe::metrics;
 use crate::upstream::Upstream;
@@ -58,12 +61,18 @@ pub(crate) fn llama_failed(upstream: &Upstream, e: UpstreamError) -> Failure {
     Failure::Llama(e)
 }
 
-/// Reads the body within `limit` bytes.
+/// Reads the body within `limit` bytes, holding its bytes in `budget`
+/// (declared ones up front, the rest as they arrive); the permit goes back
+/// when the caller drops it. A body the budget can't hold now: 503. A body
+/// silent for `stall` is refused (400): a trickling client must not hold
+/// its share of the budget forever.
 pub(crate) async fn read_body(
     limit: u64,
+    budget: &BodyBudget,
+    stall: Duration,
     headers: &HeaderMap,
     body: Incoming,
-) -> Result<Bytes, Failure> {
+) -> Result<(Bytes, BodyPermit), Failure> {
     let declared = headers
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -71,17 +80,51 @@ pub(crate) async fn read_body(
     if declared.is_some_and(|n| n > limit) {
         return Err(Failure::TooLarge(limit));
     }
-    let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
-    match Limited::new(body, limit_usize).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            Err(Failure::TooLarge(limit))
-        }
-        Err(e) => Err(Failure::Client(format!(
-            "could not read the request body: {e}"
-        ))),
+    let over_budget = || {
+        Failure::Busy(
+            "kvgate holds too many request bodies right now (--max-body-bytes-in-flight); retry shortly"
+                .into(),
+        )
+    };
+    let mut permit = budget.permit();
+    if !permit.cover(declared.unwrap_or(0)) {
+        return Err(over_budget());
     }
+    let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
+    let declared_usize = declared.and_then(|n| usize::try_from(n).ok()).unwrap_or(0);
+    let mut buf = BytesMut::with_capacity(declared_usize.min(limit_usize));
+    let mut body = Limited::new(body, limit_usize);
+    loop {
+        let Ok(next) = tokio::time::timeout(stall, body.frame()).await else {
+            return Err(Failure::Client(format!(
+                "the request body stalled: nothing arrived for {} s",
+                stall.as_secs_f64()
+            )));
+        };
+        let Some(frame) = next else {
+            break;
+        };
+        match frame {
+            Ok(frame) => {
+                if let Ok(data) = frame.into_data() {
+                    if !permit.cover((buf.len() + data.len()) as u64) {
+                        return Err(over_budget());
+                    }
+                    buf.extend_from_slice(&data);
+                }
+            }
+            Err(e)
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some() =>
+            {
+                return Err(Failure::TooLarge(limit));
+            }
+            Err(e) => {
+                return Err(Failure::Client(format!(
+                    "could not read the request body: {e}"
+                )))
+            }
+        }
+    }
+    Ok((buf.freeze(), permit))
 }

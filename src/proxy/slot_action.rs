@@ -82,7 +82,17 @@ pub(crate) async fn slot_action(
     client: &Client,
 ) -> Result<Response<ProxyBody>, Failure> {
     let (parts, body) = req.into_parts();
-    let raw = read_body(upstream.shared.cfg.max_body_bytes, &parts.headers, body).await?;
+    // A slot action's body is small (a file name); its budget share is held
+    // until llama-server has it.
+    let shared = &upstream.shared;
+    let (raw, _held) = read_body(
+        shared.cfg.max_body_bytes,
+        &shared.body_budget,
+        shared.cfg.idle_timeout,
+        &parts.headers,
+        body,
+    )
+    .await?;
     if verb != Verb::Erase {
         check_file_name(&raw)?;
     }

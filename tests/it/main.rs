@@ -4,6 +4,7 @@ mod clients;
 mod fake_selftest;
 mod fleet;
 mod instances;
+mod limits;
 mod persistence;
 mod proxy;
 mod reliability;
