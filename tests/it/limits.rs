@@ -162,7 +162,7 @@ async fn the_connection_cap_holds_newcomers_until_a_connection_ends() {
     let mut held = vec![connect(&kv.admin_url).await, connect(&kv.admin_url).await];
     // Both are served: each answers a request (and stays open).
     for conn in &mut held {
-        conn.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        conn.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
             .await
             .unwrap();
         let mut buf = [0u8; 1024];
@@ -176,7 +176,7 @@ async fn the_connection_cap_holds_newcomers_until_a_connection_ends() {
     let third = tokio::spawn(async move {
         raw_exchange(
             &admin,
-            b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec(),
+            b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".to_vec(),
         )
         .await
     });
