@@ -3,7 +3,7 @@
 //! events, the running lifecycle tasks and what kvgate remembers of past
 //! requests.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::config::{CacheSettings, Config};
 use crate::live::Live;
@@ -23,6 +23,9 @@ pub struct Shared {
     /// Live cache settings: the admin port changes them, the proxy and the
     /// cache layer read them.
     pub settings: Settings,
+    /// Serialises changes of [`Shared::settings`] (`PUT /settings`): read,
+    /// change, persist and apply are one step.
+    pub(crate) settings_writes: Mutex<()>,
     /// The save directory, when configured.
     pub store: Option<Arc<CacheStore>>,
     /// Counters and histograms.
@@ -44,6 +47,7 @@ impl Shared {
         Shared {
             cfg,
             settings: Arc::new(Live::new(settings)),
+            settings_writes: Mutex::new(()),
             store,
             events: Arc::new(Events::new(Arc::clone(&metrics))),
             metrics,
