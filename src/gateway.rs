@@ -26,7 +26,7 @@ use crate::settings::{load_persisted_settings, settings_json};
 use crate::shared::Shared;
 use crate::store::hooks::CacheHooks;
 use crate::store::index::CacheStore;
-use crate::store::meta::SaveKind;
+use crate::store::meta::{SaveKind, StoreError};
 use crate::upstream::Upstream;
 
 /// Why kvgate could not start.
@@ -237,7 +237,13 @@ fn open_store(
     settings: &mut CacheSettings,
 ) -> Result<Arc<CacheStore>, StartError> {
     let store = CacheStore::open(dir)
-        .map_err(|e| StartError::SaveDir(e.to_string()))?
+        .map_err(|e| {
+            StartError::SaveDir(match e {
+                // `StartError::SaveDir` says "save directory" already.
+                StoreError::Directory { dir, reason } => format!("{}: {reason}", dir.display()),
+                other => other.to_string(),
+            })
+        })?
         .with_min_bytes(cfg.cache.min_save_bytes);
     // A bad settings file costs its settings, never kvgate's start: the
     // flags are a complete, valid set.
