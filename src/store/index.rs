@@ -23,13 +23,14 @@ use std::collections::HashMap;
 use std::fs;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use lru::LruCache;
 use tracing::{debug, info, warn};
 
 use crate::llama::slot_file;
-use crate::store::atomic::{sync_dir, temp_name, write_whole};
+use crate::store::atomic::{sync_dir, temp_token, write_whole};
 use crate::store::lock::DirLock;
 use crate::store::meta::{
     io, now_unix, Fingerprint, SaveKind, SaveMeta, StoreError, META_SUFFIX, TEMP_PREFIX,
@@ -67,6 +68,8 @@ pub struct CacheStore {
     dir: PathBuf,
     index: Mutex<HashMap<String, SaveMeta>>,
     tokens: Mutex<LruCache<String, Arc<Vec<i32>>>>,
+    /// Numbers this store's temporary save names.
+    temp_counter: AtomicU64,
     /// This process's hold on the directory (see `store::lock`).
     _lock: DirLock,
     /// Saves smaller than this are rejected (0: off).
@@ -89,7 +92,7 @@ impl CacheStore {
         if !md.is_dir() {
             return Err(err("is not a directory".into()));
         }
-        let probe = dir.join(temp_name("probe"));
+        let probe = dir.join(format!("{TEMP_PREFIX}{:016x}-probe", temp_token()));
         fs::write(&probe, b"").map_err(|e| {
             err(format!(
                 "is not writable ({e}); kvgate writes its metadata there"
@@ -103,6 +106,7 @@ impl CacheStore {
             tokens: Mutex::new(LruCache::new(
                 NonZeroUsize::new(TOKEN_CACHE).expect("nonzero"),
             )),
+            temp_counter: AtomicU64::new(0),
             _lock: lock,
             min_bytes: 0,
         };
@@ -213,9 +217,11 @@ impl CacheStore {
         })
     }
 
-    /// A fresh temporary name for llama-server to save into.
+    /// A fresh temporary name for llama-server to save into (see
+    /// [`temp_token`]).
     pub fn temp_name(&self) -> String {
-        temp_name("slot.bin")
+        let n = self.temp_counter.fetch_add(1, Ordering::Relaxed);
+        format!("{TEMP_PREFIX}{:016x}-{n}.bin", temp_token())
     }
 
     /// Removes a temporary save that will not be kept.

@@ -17,6 +17,7 @@ pub mod meta;
 pub mod names;
 pub mod persist;
 
+pub use atomic::temp_token;
 pub use hooks::{CacheHooks, Generation, NoCache, Restore};
 pub use index::{CacheStore, NewSave};
 pub use lock::LOCK_FILE;
