@@ -131,7 +131,7 @@ mod tests {
                 record("llama-3", 2, &["--tools", "all"]),
                 record("llama-1", 2, &[]),
             ],
-            &[junk.clone()],
+            std::slice::from_ref(&junk),
         )
         .unwrap();
         let loaded = read(dir.path()).unwrap();
