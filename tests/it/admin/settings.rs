@@ -136,7 +136,8 @@ async fn settings_persist_across_restarts() {
     drop(root);
 }
 
-#[tokio::test]
+// Several workers, so the PUTs' handlers really run at the same time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_puts_leave_a_whole_file_that_holds_the_live_value() {
     let s = setup(1, |_| {}).await;
     let file = s.dir.join(kvgate::settings::SETTINGS_FILE);
