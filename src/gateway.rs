@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminState, BrowserRules, Preloads};
 use crate::app::App;
@@ -26,7 +26,7 @@ use crate::settings::{load_persisted_settings, settings_json};
 use crate::shared::Shared;
 use crate::store::hooks::CacheHooks;
 use crate::store::index::CacheStore;
-use crate::store::meta::SaveKind;
+use crate::store::meta::{SaveKind, StoreError};
 use crate::upstream::Upstream;
 
 /// Why kvgate could not start.
@@ -244,10 +244,26 @@ fn open_store(
     settings: &mut CacheSettings,
 ) -> Result<Arc<CacheStore>, StartError> {
     let store = CacheStore::open(dir)
-        .map_err(|e| StartError::SaveDir(e.to_string()))?
+        .map_err(|e| {
+            StartError::SaveDir(match e {
+                // `StartError::SaveDir` says "save directory" already.
+                StoreError::Directory { dir, reason } => format!("{}: {reason}", dir.display()),
+                other => other.to_string(),
+            })
+        })?
         .with_min_bytes(cfg.cache.min_save_bytes);
-    if load_persisted_settings(dir, settings).map_err(StartError::SaveDir)? {
-        info!(settings = %settings_json(settings), "settings persisted by the admin API");
+    // A bad settings file costs its settings, never kvgate's start: the
+    // flags are a complete, valid set.
+    match load_persisted_settings(dir, settings) {
+        Ok(true) => {
+            info!(settings = %settings_json(settings), "settings persisted by the admin API")
+        }
+        Ok(false) => {}
+        Err(e) => error!(
+            error = %e,
+            settings = %settings_json(settings),
+            "the persisted settings are unusable and are IGNORED: the flags' settings are in force until the next PUT /settings rewrites the file"
+        ),
     }
     info!(dir = %dir.display(), saves = store.list().len(), "save directory");
     Ok(Arc::new(store))

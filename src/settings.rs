@@ -67,7 +67,9 @@ pub fn persist_settings(dir: &Path, s: &CacheSettings) -> std::io::Result<()> {
     )
 }
 
-/// Applies settings persisted by an earlier run, if any.
+/// Applies settings persisted by an earlier run, if any: all of them, or,
+/// when the file is unreadable or any of it is bad, none (the error says
+/// why, and `s` is left as it was).
 pub fn load_persisted_settings(dir: &Path, s: &mut CacheSettings) -> Result<bool, String> {
     let path = dir.join(SETTINGS_FILE);
     let text = match std::fs::read(&path) {
@@ -79,7 +81,9 @@ pub fn load_persisted_settings(dir: &Path, s: &mut CacheSettings) -> Result<bool
     let obj = v
         .as_object()
         .ok_or_else(|| format!("{}: not a JSON object", path.display()))?;
-    apply_settings(s, obj).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut next = s.clone();
+    apply_settings(&mut next, obj).map_err(|e| format!("{}: {e}", path.display()))?;
+    *s = next;
     Ok(true)
 }
 
@@ -103,6 +107,23 @@ mod tests {
                 apply_settings(&mut s, bad.as_object().unwrap()).is_err(),
                 "{bad}"
             );
+        }
+    }
+
+    #[test]
+    fn a_bad_settings_file_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let start = CacheSettings::default();
+        for bad in [
+            &b"{\"save_every\": 3, \"max_files\": 0}"[..],
+            b"{\"save_every\": 3",
+            b"[]",
+        ] {
+            std::fs::write(dir.path().join(SETTINGS_FILE), bad).unwrap();
+            let mut s = start.clone();
+            let e = load_persisted_settings(dir.path(), &mut s).unwrap_err();
+            assert!(e.contains(SETTINGS_FILE), "{e}");
+            assert_eq!(s, start, "nothing applied from {bad:?}");
         }
     }
 }

@@ -3,7 +3,7 @@
 //! events, the running lifecycle tasks and what kvgate remembers of past
 //! requests.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::config::{CacheSettings, Config};
 use crate::http::budget::BodyBudget;
@@ -24,6 +24,9 @@ pub struct Shared {
     /// Live cache settings: the admin port changes them, the proxy and the
     /// cache layer read them.
     pub settings: Settings,
+    /// Serialises changes of [`Shared::settings`] (`PUT /settings`): read,
+    /// change, persist and apply are one step.
+    pub(crate) settings_writes: Mutex<()>,
     /// The save directory, when configured.
     pub store: Option<Arc<CacheStore>>,
     /// Counters and histograms.
@@ -48,6 +51,7 @@ impl Shared {
             body_budget: BodyBudget::new(cfg.max_body_bytes_in_flight),
             cfg,
             settings: Arc::new(Live::new(settings)),
+            settings_writes: Mutex::new(()),
             store,
             events: Arc::new(Events::new(Arc::clone(&metrics))),
             metrics,

@@ -222,7 +222,7 @@ async fn dispatch(
         Route::PreloadCancel(id) => preload::cancel(&state.preloads, id),
         Route::Instances(action, id) => instances::act(&state.instances, action, id, body).await,
         Route::GetSettings => settings::get_settings(shared),
-        Route::PutSettings => settings::put_settings(shared, body),
+        Route::PutSettings => settings::put_settings(shared, body).await,
         Route::Events => Ok(observe::events(shared)),
         Route::Metrics => Ok(observe::metrics(app)),
     }

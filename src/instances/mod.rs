@@ -13,6 +13,7 @@
 //! `starting`/`stopping` status that refuses concurrent changes (409), so no
 //! lock is held while a process starts or stops.
 
+pub mod flags;
 pub mod records;
 pub mod spec;
 pub mod supervisor;
@@ -23,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::app::App;
 use crate::config::parse_upstream;
@@ -33,7 +34,7 @@ use crate::sync::Unpoisoned;
 
 use records::Record;
 pub use records::{INSTANCES_FILE, MAIN_ID};
-use spec::{check_spec, parse_create, port_free, InstanceSpec};
+use spec::{check_spec, parse_create, port_free, recheck, InstanceSpec};
 use supervisor::Supervisor;
 
 /// Why an instance request failed; each maps to one HTTP status.
@@ -116,6 +117,9 @@ pub struct Instances {
     /// The save directory, when kvgate has one.
     dir: Option<PathBuf>,
     list: Mutex<Vec<Instance>>,
+    /// Entries of the instances file that are not usable records, written
+    /// back as they were read.
+    unusable: Vec<Value>,
     /// Serialises writes of the instances file (never held across `.await`).
     writing: Mutex<()>,
     /// kvgate is shutting down: no more starts.
@@ -126,21 +130,38 @@ pub struct Instances {
 
 impl Instances {
     /// The instances recorded in `dir` (none without one), all stopped
-    /// until [`Instances::resume`]. A file kvgate can't read, or whose
-    /// records don't hold, is an error: starting without it would forget
-    /// (and later overwrite) the records.
+    /// until [`Instances::resume`]. A file kvgate can't read is an error:
+    /// starting without it would forget (and later overwrite) the records.
+    /// A record refused by today's checks is kept and shown `failed` with
+    /// the reason, and is not started; an entry that is no record at all is
+    /// logged and written back untouched (see [`records::Loaded`]).
     pub fn load(app: Arc<App>, dir: Option<PathBuf>) -> Result<Instances, String> {
         let mut list: Vec<Instance> = Vec::new();
+        let mut unusable = Vec::new();
         if let Some(d) = &dir {
-            for r in records::read(d)? {
+            let loaded = records::read(d)?;
+            for (entry, why) in loaded.unusable {
+                error!(file = %d.join(INSTANCES_FILE).display(), %entry, reason = %why,
+                    "an entry of the instances file is not a usable record: kept in the file, not loaded");
+                unusable.push(entry);
+            }
+            for (r, refused) in loaded.records {
+                if let Some(why) = &refused {
+                    error!(instance = %r.id, reason = %why,
+                        "recorded instance refused: it is not started; fix or delete its record");
+                }
                 list.push(Instance {
                     id: r.id,
                     spec: r.spec,
                     persisted: true,
                     wanted: r.running,
                     created: r.created,
-                    status: Status::Stopped,
-                    error: None,
+                    status: if refused.is_some() {
+                        Status::Failed
+                    } else {
+                        Status::Stopped
+                    },
+                    error: refused.map(|why| format!("refused: {why}")),
                     process: None,
                 });
             }
@@ -149,6 +170,7 @@ impl Instances {
             app,
             dir,
             list: Mutex::new(list),
+            unusable,
             writing: Mutex::new(()),
             closing: AtomicBool::new(false),
         })
@@ -424,7 +446,19 @@ impl Instances {
                 .ok_or_else(|| InstanceError::NotFound(id.into()))?;
             i.spec.clone()
         };
-        let started = match self.run_process(&spec).await {
+        // An API-created instance is checked again at every start: its
+        // record may predate today's rules. (The `--model` one runs what
+        // kvgate's operator passed on the command line.)
+        let checked = if id == MAIN_ID {
+            Ok(spec)
+        } else {
+            recheck(&spec).map_err(|e| InstanceError::BadRequest(format!("refused: {e}")))
+        };
+        let process = match checked {
+            Ok(spec) => self.run_process(&spec).await,
+            Err(e) => Err(e),
+        };
+        let started = match process {
             Ok(p) => match parse_upstream(&p.url) {
                 Ok(uri) => Ok((p, uri)),
                 Err(e) => {
@@ -546,7 +580,8 @@ impl Instances {
                 created: i.created,
             })
             .collect();
-        records::write(dir, &records).map_err(|e| InstanceError::Persist(e.to_string()))
+        records::write(dir, &records, &self.unusable)
+            .map_err(|e| InstanceError::Persist(e.to_string()))
     }
 }
 

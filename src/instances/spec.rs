@@ -7,25 +7,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// Flags kvgate sets itself, refused in an instance's `args`.
-const MANAGED_FLAGS: &[&str] = &[
-    "-m",
-    "--model",
-    "-mu",
-    "--model-url",
-    "-hf",
-    "-hfr",
-    "--hf-repo",
-    "--host",
-    "--port",
-    "-np",
-    "--parallel",
-    "-c",
-    "--ctx-size",
-    "--slot-save-path",
-    "--api-key",
-    "--api-key-file",
-];
+use crate::instances::flags::check_args;
+
 /// Slots an instance may have.
 const MAX_SLOTS: u64 = 256;
 /// Context per slot, in tokens.
@@ -87,14 +70,9 @@ pub fn parse_create(body: &Value) -> Result<InstanceSpec, String> {
             .ok_or("\"args\" must be an array of strings")?,
         Some(_) => return Err("\"args\" must be an array of strings".into()),
     };
-    if let Some(a) = args.iter().find(|a| {
-        let flag = a.split('=').next().unwrap_or(a);
-        MANAGED_FLAGS.contains(&flag)
-    }) {
-        return Err(format!(
-            "{a:?} is set by kvgate (model, slots, ctx and port are parameters of their own)"
-        ));
-    }
+    // Only tuning flags, their values checked (see `flags`); stored as
+    // llama-server will read them.
+    let args = check_args(&args)?;
     // The ranges above make these conversions lossless.
     Ok(InstanceSpec {
         model,
@@ -103,6 +81,20 @@ pub fn parse_create(body: &Value) -> Result<InstanceSpec, String> {
         port: port.map(|p| u16::try_from(p).unwrap_or(u16::MAX)),
         args,
     })
+}
+
+/// Checks a spec read back from the instances file, or about to be started,
+/// the way [`parse_create`] checked it when it came in: the rules may have
+/// tightened since it was recorded (an allowlist of flags replaced a
+/// denylist), and a spec that would be refused now is not run.
+/// Returns the spec as it will run (its flags spelled as llama-server reads
+/// them).
+pub fn recheck(spec: &InstanceSpec) -> Result<InstanceSpec, String> {
+    let mut body = serde_json::to_value(spec).map_err(|e| e.to_string())?;
+    if let Some(o) = body.as_object_mut() {
+        o.retain(|_, v| !v.is_null());
+    }
+    parse_create(&body)
 }
 
 /// Checks what [`parse_create`] can't: the model is a readable GGUF file (its

@@ -276,10 +276,29 @@ impl Lease {
             .change(|t| t.apply(self.grant.slot, self.grant.lease, outcome));
     }
 
-    /// The slot's state now.
+    /// The slot's state now; an empty slot's when the slot is no longer
+    /// this lease's (the upstream came back with fewer slots meanwhile, and
+    /// maybe grew again): nothing to save, nobody's cache to touch.
     pub(crate) fn state(&self) -> Slot {
-        self.pool
-            .read(|t| t.slots().get(self.grant.slot).cloned().unwrap_or_default())
+        self.pool.read(|t| {
+            t.slots()
+                .get(self.grant.slot)
+                .filter(|s| s.lease == Some(self.grant.lease))
+                .cloned()
+                .unwrap_or_default()
+        })
+    }
+
+    /// Changes the slot through `f` only while it is still this lease's (see
+    /// [`Lease::state`]): a slot that vanished, or came back for someone
+    /// else, is left alone.
+    fn change_mine(&self, f: impl FnOnce(&mut SlotTable, SlotId)) {
+        let (slot, lease) = (self.grant.slot, self.grant.lease);
+        self.pool.change(|t| {
+            if t.slots().get(slot).is_some_and(|s| s.lease == Some(lease)) {
+                f(t, slot);
+            }
+        });
     }
 
     /// The slot's usage counter now.
@@ -289,22 +308,22 @@ impl Lease {
 
     /// The owner's cache is on disk: nothing unsaved.
     pub(crate) fn mark_saved(&self) {
-        self.pool.change(|t| t.mark_saved(self.grant.slot));
+        self.change_mine(|t, s| t.mark_saved(s));
     }
 
     /// The slot holds the cache restored from `file`.
     pub(crate) fn mark_restored(&self, file: &str) {
-        self.pool.change(|t| t.mark_restored(self.grant.slot, file));
+        self.change_mine(|t, s| t.mark_restored(s, file));
     }
 
     /// The slot holds nothing (a failed restore cleared it).
     pub(crate) fn mark_empty(&self) {
-        self.pool.change(|t| t.mark_empty(self.grant.slot));
+        self.change_mine(|t, s| t.mark_empty(s));
     }
 
     /// A generation runs on the slot now (Unix seconds, for display).
     pub(crate) fn stamp_used(&self, unix: u64) {
-        self.pool.change(|t| t.stamp_used(self.grant.slot, unix));
+        self.change_mine(|t, s| t.stamp_used(s, unix));
     }
 
     /// Releases with `outcome`.
@@ -400,6 +419,48 @@ mod tests {
             "B's unclaimed grant went to C"
         );
         assert!(pool.is_idle());
+    }
+
+    #[tokio::test]
+    async fn a_lease_whose_slot_vanished_is_inert_and_does_not_panic() {
+        let pool = Pool::new(2, 4);
+        let _a = pool.acquire(Want::Pinned(0), T).await.unwrap();
+        let b = pool.acquire(want("B"), T).await.unwrap();
+        assert_eq!(b.slot(), 1);
+        b.apply(Outcome::Generated(Kind::Normal));
+        assert_eq!(
+            b.state().owner,
+            Some(Tenant::Character {
+                chat: "c".into(),
+                name: "B".into()
+            })
+        );
+        // llama-server came back with one slot, then with two again, and C
+        // took the new slot 1.
+        pool.resize(1);
+        assert_eq!(b.state().owner, None, "nothing to save");
+        pool.resize(2);
+        let c = pool.acquire(want("C"), T).await.unwrap();
+        assert_eq!(c.slot(), 1);
+        c.apply(Outcome::Generated(Kind::Normal));
+        assert_eq!(b.state().owner, None, "C's slot is not B's");
+        b.mark_saved();
+        b.mark_empty();
+        b.mark_restored("x.bin");
+        b.stamp_used(1);
+        assert_eq!(b.usage(), 0);
+        assert_eq!(c.usage(), 1, "C's slot untouched by B's lease");
+        assert!(c.state().live);
+        b.release(Outcome::Cleared);
+        assert_eq!(c.state().owner.map(|t| t.to_string()), Some(want_name("C")));
+    }
+
+    fn want_name(n: &str) -> String {
+        Tenant::Character {
+            chat: "c".into(),
+            name: n.into(),
+        }
+        .to_string()
     }
 
     #[tokio::test]

@@ -13,8 +13,9 @@
 //!
 //! # Never losing a file
 //! llama-server writes a save under a temporary name (`.kvgate-tmp-…`);
-//! kvgate checks it, writes the sidecar (temp + rename), then renames the
-//! save into place. A crash leaves either a temporary file (removed at the
+//! kvgate checks it, syncs it, writes the sidecar (temp + sync + rename),
+//! renames the save into place and syncs the directory: only then is the
+//! save kept, and only then may rotation delete older ones. A crash leaves either a temporary file (removed at the
 //! next start), a sidecar without its save (removed), or a complete pair. A
 //! save never overwrites another: a taken name moves to the next second.
 
@@ -29,7 +30,8 @@ use lru::LruCache;
 use tracing::{debug, info, warn};
 
 use crate::llama::slot_file;
-use crate::store::atomic::write_whole;
+use crate::store::atomic::{sync_dir, temp_token, write_whole};
+use crate::store::lock::DirLock;
 use crate::store::meta::{
     io, now_unix, Fingerprint, SaveKind, SaveMeta, StoreError, META_SUFFIX, TEMP_PREFIX,
 };
@@ -66,7 +68,10 @@ pub struct CacheStore {
     dir: PathBuf,
     index: Mutex<HashMap<String, SaveMeta>>,
     tokens: Mutex<LruCache<String, Arc<Vec<i32>>>>,
+    /// Numbers this store's temporary save names.
     temp_counter: AtomicU64,
+    /// This process's hold on the directory (see `store::lock`).
+    _lock: DirLock,
     /// Saves smaller than this are rejected (0: off).
     min_bytes: u64,
 }
@@ -74,8 +79,10 @@ pub struct CacheStore {
 // === impl CacheStore ===
 
 impl CacheStore {
-    /// Opens the directory: it must exist and be writable. Removes leftovers
-    /// of interrupted saves and builds the index.
+    /// Opens the directory: it must exist and be writable, and no other
+    /// process may hold it (see `store::lock`). Removes leftovers of
+    /// interrupted saves (safe: nobody else writes there) and builds the
+    /// index.
     pub fn open(dir: &Path) -> Result<CacheStore, StoreError> {
         let err = |reason: String| StoreError::Directory {
             dir: dir.to_path_buf(),
@@ -85,13 +92,14 @@ impl CacheStore {
         if !md.is_dir() {
             return Err(err("is not a directory".into()));
         }
-        let probe = dir.join(format!("{TEMP_PREFIX}probe-{}", std::process::id()));
+        let probe = dir.join(format!("{TEMP_PREFIX}{:016x}-probe", temp_token()));
         fs::write(&probe, b"").map_err(|e| {
             err(format!(
                 "is not writable ({e}); kvgate writes its metadata there"
             ))
         })?;
         let _ = fs::remove_file(&probe);
+        let lock = DirLock::acquire(dir).map_err(err)?;
         let store = CacheStore {
             dir: dir.to_path_buf(),
             index: Mutex::new(HashMap::new()),
@@ -99,6 +107,7 @@ impl CacheStore {
                 NonZeroUsize::new(TOKEN_CACHE).expect("nonzero"),
             )),
             temp_counter: AtomicU64::new(0),
+            _lock: lock,
             min_bytes: 0,
         };
         store.clean_leftovers();
@@ -208,10 +217,11 @@ impl CacheStore {
         })
     }
 
-    /// A fresh temporary name for llama-server to save into.
+    /// A fresh temporary name for llama-server to save into (see
+    /// [`temp_token`]).
     pub fn temp_name(&self) -> String {
         let n = self.temp_counter.fetch_add(1, Ordering::Relaxed);
-        format!("{TEMP_PREFIX}{}-{n}.bin", std::process::id())
+        format!("{TEMP_PREFIX}{:016x}-{n}.bin", temp_token())
     }
 
     /// Removes a temporary save that will not be kept.
@@ -271,6 +281,13 @@ impl CacheStore {
             )));
         }
 
+        // llama-server wrote the file and did not sync it: its bytes reach
+        // the disk before its name does, so a power loss can't leave a
+        // truncated save under a final name (and older saves rotated away).
+        fs::File::open(&temp_path)
+            .and_then(|f| f.sync_all())
+            .map_err(io(format!("syncing {temp}")))?;
+
         let mut index = self.index();
         let mut t = now_unix();
         let file = loop {
@@ -299,6 +316,9 @@ impl CacheStore {
             let _ = fs::remove_file(self.dir.join(meta_name(&file)));
             return Err(io(format!("renaming {temp} to {file}"))(e));
         }
+        // The renames (the save's and its sidecar's) reach the disk before
+        // the save counts as kept: rotation deletes older saves next.
+        sync_dir(&self.dir).map_err(io(format!("syncing {}", self.dir.display())))?;
         index.insert(file.clone(), meta.clone());
         drop(index);
         self.tokens.lock_unpoisoned().put(file, Arc::new(header));

@@ -4,6 +4,7 @@
 //! - [`meta`]: what a save is (kind, model fingerprint, sidecar metadata).
 //! - [`names`]: seed-compatible file names and the restore choice (pure).
 //! - [`index`]: the directory and its index: checked commits, rotation.
+//! - [`lock`]: one kvgate per save directory.
 //! - [`hooks`]: the points where the cache layer acts around a generation.
 //! - [`persist`]: the hooks for real: saves and restores through
 //!   llama-server's slot actions into the store.
@@ -12,13 +13,16 @@
 pub(crate) mod atomic;
 pub mod hooks;
 pub mod index;
+pub mod lock;
 pub mod meta;
 pub mod names;
 pub mod persist;
 pub mod reserved;
 
+pub use atomic::temp_token;
 pub use hooks::{CacheHooks, Generation, NoCache, Restore};
 pub use index::{CacheStore, NewSave};
+pub use lock::LOCK_FILE;
 pub use meta::{
     now_unix, Fingerprint, ParsedName, SaveKind, SaveMeta, StoreError, MAX_NAME_BYTES,
     MAX_TAG_BYTES, META_SUFFIX, TEMP_PREFIX,

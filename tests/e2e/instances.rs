@@ -242,3 +242,73 @@ async fn a_character_whose_instance_stops_is_restored_on_the_other() {
     assert!(cache_n(&last) > 100, "{last}");
     kv.stop().await;
 }
+
+/// The flags a key holder may pass are ones the real llama-server takes, in
+/// the form it takes them; the ones it must not get are refused by name.
+#[tokio::test]
+async fn tuning_flags_run_on_the_real_llama_server_and_dangerous_ones_are_refused() {
+    let Some(bin) = llama_server_bin_async().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let kv = kvgate(&bin, dir.path()).await;
+    for (flag, value) in [
+        ("--tools", Some("all")),
+        ("-ag", None),
+        ("--path", Some("/")),
+        ("--log-file", Some("/tmp/kvgate-e2e-x.log")),
+    ] {
+        let args: Vec<&str> = std::iter::once(flag).chain(value).collect();
+        let body = json!({"model": tiny_model_path(), "slots": 1, "ctx": 512, "args": args});
+        let (status, e) = call(&kv, "POST", "/instances", Some(body)).await;
+        assert_api_error(status, &e, flag);
+        assert_eq!(status, 400, "{e}");
+        assert!(
+            e["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("{flag:?}")),
+            "{e}"
+        );
+    }
+    // `--threads=1` is llama.cpp-invalid as given (it has no `=` form);
+    // kvgate stores it as two arguments, and llama-server takes them all.
+    let args = [
+        "--threads=1",
+        "-tb",
+        "1",
+        "-ngl",
+        "0",
+        "-fa",
+        "off",
+        "-b",
+        "256",
+        "-ub",
+        "128",
+        "-ctk",
+        "f16",
+        "--temp",
+        "0.5",
+        "--top_k",
+        "20",
+        "--seed",
+        "7",
+        "--jinja",
+    ];
+    let body = json!({"model": tiny_model_path(), "slots": 1, "ctx": 512, "args": args});
+    let (status, v) = call(&kv, "POST", "/instances", Some(body)).await;
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(v["status"], "running", "{v}");
+    assert_eq!(
+        (&v["args"][0], &v["args"][1]),
+        (&json!("--threads"), &json!("1")),
+        "{v}"
+    );
+    assert!(
+        v["args"].as_array().unwrap().contains(&json!("--top-k")),
+        "{v}"
+    );
+    let (status, v) = call(&kv, "DELETE", "/instances/llama-1", None).await;
+    assert_eq!(status, 200, "{v}");
+    kv.stop().await;
+}

@@ -322,3 +322,106 @@ fn unusable_clients_or_key_files_stop_kvgate_with_64() {
         assert!(err.contains(file.to_str().unwrap()), "{flag}: {err}");
     }
 }
+
+/// Runs kvgate with `args` until it exits, `limit` at most (then kills it:
+/// `None`); its exit code and what it wrote to stderr.
+fn exit_within(args: &[&str], limit: Duration) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stderr");
+    let mut child = kvgate_command()
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + limit;
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            child.wait().unwrap();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (code, std::fs::read_to_string(&log).unwrap_or_default())
+}
+
+#[test]
+fn a_second_kvgate_on_a_save_directory_is_refused_and_touches_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().canonicalize().unwrap();
+    let path = path.to_str().unwrap();
+    // This test process owns the directory, as a running kvgate would; one
+    // of its saves is being written.
+    let _owner = kvgate::store::CacheStore::open(dir.path()).unwrap();
+    let in_flight = dir
+        .path()
+        .join(format!("{}owner-0-slot.bin", kvgate::store::TEMP_PREFIX));
+    std::fs::write(&in_flight, b"half a save").unwrap();
+    let (code, err) = exit_within(
+        &[
+            "--save-dir",
+            path,
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "http://127.0.0.1:9",
+        ],
+        Duration::from_secs(20),
+    );
+    assert_eq!(code, Some(64), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err:?}");
+    assert!(err.contains(path), "names the directory: {err}");
+    assert!(
+        err.contains(&format!("process {}", std::process::id())),
+        "names the owner: {err}"
+    );
+    assert!(
+        in_flight.exists(),
+        "the owner's save in flight is untouched"
+    );
+}
+
+#[test]
+fn a_corrupt_settings_file_is_reported_and_kvgate_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join(kvgate::settings::SETTINGS_FILE),
+        b"{\"save_every\": ",
+    )
+    .unwrap();
+    let admin_port = free_port().to_string();
+    let admin = format!("127.0.0.1:{admin_port}");
+    let log = dir.path().join("kvgate.log");
+    let mut child = kvgate_command()
+        .args(["--save-dir", dir.path().to_str().unwrap()])
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", &admin])
+        .args(["--upstream", "http://127.0.0.1:9"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let served = loop {
+        if let Some(status) = blocking_health(&admin_port, None) {
+            break status;
+        }
+        if child.try_wait().unwrap().is_some() || Instant::now() > deadline {
+            break 0;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = child.kill();
+    child.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(served, 200, "kvgate serves: {text}");
+    assert!(
+        text.contains("ERROR") && text.contains("IGNORED") && text.contains("kvgate-settings.json"),
+        "reported loudly: {text}"
+    );
+}

@@ -143,3 +143,207 @@ async fn bad_instance_requests_are_refused_and_leave_nothing_behind() {
     drop(held);
     kv.stop().await;
 }
+
+/// A "llama-server" that writes its arguments, one a line, to `args.txt`
+/// beside it, then fails.
+fn recording_binary(dir: &Path) -> PathBuf {
+    let path = dir.join("llama-server");
+    let out = dir.join("args.txt");
+    std::fs::write(
+        &path,
+        format!(
+            "#!/bin/sh\nprintf '%s\\n' \"$@\" > '{}'\necho 'error: recorded' >&2\nexit 1\n",
+            out.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// A file that starts like a GGUF model.
+fn fake_model(dir: &Path) -> String {
+    let model = dir.join("tiny.gguf");
+    std::fs::write(&model, b"GGUF\x03\x00\x00\x00 not really a model").unwrap();
+    model.display().to_string()
+}
+
+#[tokio::test]
+async fn only_tuning_flags_reach_llama_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin_dir = tempfile::tempdir().unwrap();
+    let fake = FakeLlama::builder().save_dir(dir.path()).build().await;
+    let binary = recording_binary(bin_dir.path());
+    let kv = Kvgate::start_saving(&fake.url(), dir.path(), |c| {
+        c.admin_key = Some(KEY.into());
+        c.llama_server = Some(binary);
+    })
+    .await;
+    let model = fake_model(bin_dir.path());
+    let recorded = bin_dir.path().join("args.txt");
+
+    // Flags that run programs, expose a shell tool, write or serve files, or
+    // reach other hosts: 400 naming the flag, and nothing is run.
+    for (args, flag) in [
+        (
+            json!(["--mcp-servers-json", "{\"x\":{\"command\":\"sh\"}}"]),
+            "--mcp-servers-json",
+        ),
+        (json!(["--tools", "all"]), "--tools"),
+        (json!(["-ag"]), "-ag"),
+        (json!(["--log-file", "/tmp/x"]), "--log-file"),
+        (json!(["--log_file", "/tmp/x"]), "--log_file"),
+        (json!(["--path", "/"]), "--path"),
+        (json!(["--models-dir", "/"]), "--models-dir"),
+        (json!(["-dr"]), "-dr"),
+        (json!(["--rpc", "10.0.0.1:50052"]), "--rpc"),
+        (json!(["--api-prefix", "/x"]), "--api-prefix"),
+        (
+            json!(["-t", "4", "--chat-template-file", "/etc/passwd"]),
+            "--chat-template-file",
+        ),
+    ] {
+        let (status, v) = kv
+            .admin_json(
+                "POST",
+                "/instances",
+                Some(KEY),
+                Some(json!({"model": model, "args": args})),
+            )
+            .await;
+        assert_api_error(status, &v, flag);
+        assert_eq!(status, 400, "{args}: {v}");
+        assert!(
+            error_message(&v).contains(&format!("{flag:?}")),
+            "{args}: names {flag}: {v}"
+        );
+        assert!(!recorded.exists(), "{args}: llama-server was run");
+    }
+    // A value out of range is refused too.
+    let (status, v) = kv
+        .admin_json(
+            "POST",
+            "/instances",
+            Some(KEY),
+            Some(json!({"model": model, "args": ["-fa", "maybe"]})),
+        )
+        .await;
+    assert_eq!(status, 400, "{v}");
+    assert!(error_message(&v).contains("\"-fa\""), "{v}");
+
+    // Tuning flags pass, in either form, and llama-server gets them as it
+    // reads them (it has no `--flag=value` form).
+    let (status, v) = kv
+        .admin_json(
+            "POST",
+            "/instances",
+            Some(KEY),
+            Some(json!({"model": model, "args": [
+                "-ngl", "99", "--threads=4", "-fa", "on", "--cache-type-k=q8_0",
+                "--temp", "0.7", "--seed", "-1", "--rope_freq_base", "10000", "-nkvo"
+            ]})),
+        )
+        .await;
+    assert_eq!(
+        status, 500,
+        "the start fails only because the binary does: {v}"
+    );
+    assert!(error_message(&v).contains("recorded"), "{v}");
+    let given: Vec<String> = std::fs::read_to_string(&recorded)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let tail = &given[given.len() - 15..];
+    assert_eq!(
+        tail,
+        [
+            "-ngl",
+            "99",
+            "--threads",
+            "4",
+            "-fa",
+            "on",
+            "--cache-type-k",
+            "q8_0",
+            "--temp",
+            "0.7",
+            "--seed",
+            "-1",
+            "--rope-freq-base",
+            "10000",
+            "-nkvo"
+        ],
+        "{given:?}"
+    );
+    assert_eq!(
+        given.iter().filter(|a| *a == "--port").count(),
+        1,
+        "kvgate's own --port only: {given:?}"
+    );
+    kv.stop().await;
+}
+
+#[tokio::test]
+async fn a_recorded_instance_with_a_refused_flag_is_kept_but_not_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin_dir = tempfile::tempdir().unwrap();
+    let model = fake_model(bin_dir.path());
+    let record = |id: &str, args: Value, running: bool| {
+        json!({"id": id, "model": model, "slots": 1, "ctx": 256, "port": null,
+               "args": args, "running": running, "created": 1})
+    };
+    // Written by an older kvgate, which only refused flags it set itself.
+    let junk = json!({"id": "llama-7", "note": "an operator's hand edit"});
+    let file = dir.path().join(kvgate::instances::INSTANCES_FILE);
+    let records = json!([
+        record("llama-1", json!(["--tools", "all"]), true),
+        record("llama-2", json!(["-t", "2"]), false),
+        junk,
+    ]);
+    std::fs::write(&file, serde_json::to_vec(&records).unwrap()).unwrap();
+
+    let fake = FakeLlama::builder().save_dir(dir.path()).build().await;
+    let binary = recording_binary(bin_dir.path());
+    // kvgate starts (it used to refuse the whole file, or run the record).
+    let kv = Kvgate::start_saving(&fake.url(), dir.path(), |c| {
+        c.admin_key = Some(KEY.into());
+        c.llama_server = Some(binary);
+    })
+    .await;
+    let (status, v) = kv
+        .admin_json("GET", "/instances/llama-1", Some(KEY), None)
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["status"], "failed", "{v}");
+    assert!(v["error"].as_str().unwrap().contains("\"--tools\""), "{v}");
+    let (status, v) = kv
+        .admin_json("GET", "/instances/llama-2", Some(KEY), None)
+        .await;
+    assert_eq!((status, &v["status"]), (200, &json!("stopped")), "{v}");
+
+    // Starting it is refused, naming the flag, and nothing runs.
+    let (status, v) = kv
+        .admin_json("POST", "/instances/llama-1/start", Some(KEY), None)
+        .await;
+    assert_api_error(status, &v, "start of a refused record");
+    assert_eq!(status, 400, "{v}");
+    assert!(error_message(&v).contains("\"--tools\""), "{v}");
+    assert!(
+        !bin_dir.path().join("args.txt").exists(),
+        "llama-server was run"
+    );
+
+    // A rewrite of the file (a stop) keeps every record and the unusable
+    // entry as it was.
+    let (status, v) = kv
+        .admin_json("POST", "/instances/llama-2/stop", Some(KEY), None)
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let back: Vec<Value> = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let ids: Vec<&str> = back.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["llama-1", "llama-2", "llama-7"], "{back:?}");
+    assert_eq!(back[0]["args"], json!(["--tools", "all"]));
+    assert_eq!(back[2], records[2]);
+    kv.stop().await;
+}

@@ -12,7 +12,7 @@
 //!   file put in its place, so llama-server's own write really fails
 //!   (ENOTDIR) — the same failure a read-only directory gives;
 //! * the disk is full where llama-server writes: kvgate's next temporary
-//!   names (`.kvgate-tmp-<pid>-<n>.bin`, predictable) are symlinks to
+//!   names (`.kvgate-tmp-<token>-<n>.bin`, predictable in this process) are symlinks to
 //!   `/dev/full`, so llama-server's write really fails with ENOSPC;
 //! * the disk is full where kvgate writes: the temporary names of the
 //!   sidecars kvgate would write in the next minute are symlinks to
@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use kvgate::store::{file_name, meta_name, now_unix, META_SUFFIX, TEMP_PREFIX};
+use kvgate::store::{file_name, meta_name, now_unix, temp_token, META_SUFFIX, TEMP_PREFIX};
 use serde_json::{json, Value};
 
 use crate::support::fake_llama::{self, FakeLlama, FakeLlamaBuilder};
@@ -281,7 +281,7 @@ impl SaveFault {
             }
             SaveFault::UpstreamDiskFull => {
                 for n in 0..64 {
-                    let temp = format!("{TEMP_PREFIX}{}-{n}.bin", std::process::id());
+                    let temp = format!("{TEMP_PREFIX}{:016x}-{n}.bin", temp_token());
                     let _ = std::os::unix::fs::symlink("/dev/full", s.dir.join(temp));
                 }
             }
@@ -291,7 +291,8 @@ impl SaveFault {
                     let meta = meta_name(&file_name(CHAT, t, None, "Alice"));
                     std::os::unix::fs::symlink(
                         "/dev/full",
-                        s.dir.join(format!("{TEMP_PREFIX}{meta}")),
+                        s.dir
+                            .join(format!("{TEMP_PREFIX}{:016x}-{meta}", temp_token())),
                     )
                     .unwrap();
                 }

@@ -135,3 +135,73 @@ async fn settings_persist_across_restarts() {
     );
     drop(root);
 }
+
+// Several workers, so the PUTs' handlers really run at the same time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_puts_leave_a_whole_file_that_holds_the_live_value() {
+    let s = setup(1, |_| {}).await;
+    let file = s.dir.join(kvgate::settings::SETTINGS_FILE);
+    for round in 0..5u64 {
+        let puts = (1..=20u64).map(|n| {
+            let url = s.kv.admin_url.clone();
+            let body = json!({"save_every": n + round, "max_files": 100 - n});
+            tokio::spawn(async move {
+                crate::support::kvgate::admin_json(&url, "PUT", "/settings", None, Some(body)).await
+            })
+        });
+        for p in puts.collect::<Vec<_>>() {
+            let (status, v) = p.await.unwrap();
+            assert_eq!(status, 200, "round {round}: {v}");
+        }
+        let live = s.kv.admin_get("/settings").await;
+        let on_disk: Value = serde_json::from_slice(&std::fs::read(&file).unwrap())
+            .expect("the settings file is whole JSON");
+        assert_eq!(
+            on_disk, live,
+            "round {round}: the file holds the live value"
+        );
+        assert_eq!(
+            live["save_every"].as_u64().unwrap() + live["max_files"].as_u64().unwrap(),
+            100 + round,
+            "one PUT's values, not a mix: {live}"
+        );
+    }
+    let temps: Vec<String> = crate::support::kvgate::names_in(&s.dir)
+        .into_iter()
+        .filter(|n| n.starts_with(kvgate::store::TEMP_PREFIX))
+        .collect();
+    assert!(temps.is_empty(), "{temps:?}");
+}
+
+#[tokio::test]
+async fn a_bad_settings_file_is_ignored_at_start_and_replaced_by_the_next_put() {
+    let s = setup(1, |_| {}).await;
+    let Saving {
+        fake,
+        kv,
+        root,
+        dir,
+    } = s;
+    kv.stop().await;
+    let file = dir.join(kvgate::settings::SETTINGS_FILE);
+    for bad in [
+        &b"{\"save_every\": 3"[..],
+        b"{\"save_every\": 3, \"max_files\": 0}",
+    ] {
+        std::fs::write(&file, bad).unwrap();
+        // kvgate starts, on the flags' settings (none of the file's).
+        let kv = Kvgate::start_saving(&fake.url(), &dir, |c| c.cache.save_every = 2).await;
+        let v = kv.admin_get("/settings").await;
+        assert_eq!(
+            (v["save_every"].as_u64(), v["max_files"].as_u64()),
+            (Some(2), Some(10)),
+            "{v}"
+        );
+        let (status, _) = admin(&kv, "PUT", "/settings", Some(json!({"max_files": 4}))).await;
+        assert_eq!(status, 200);
+        let on_disk: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        assert_eq!(on_disk, kv.admin_get("/settings").await);
+        kv.stop().await;
+    }
+    drop(root);
+}
