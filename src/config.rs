@@ -703,6 +703,10 @@ impl Config {
         if self.admin_max_connections == 0 {
             return Err(invalid("--admin-max-connections", 0, "must be at least 1"));
         }
+        if self.max_queue_per_client == 0 {
+            // Else no known client could ever wait for a slot.
+            return Err(invalid("--max-queue-per-client", 0, "must be at least 1"));
+        }
         for (i, u) in self.upstreams.iter().enumerate() {
             if self.upstreams[..i].contains(u) {
                 // One llama-server counted twice would have each slot

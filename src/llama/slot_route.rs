@@ -62,7 +62,7 @@ pub fn slot_route(post: bool, path: &str, query: Option<&str>, form_body: bool) 
     if !post {
         return SlotRoute::NotSlotAction;
     }
-    let decoded = httplib_decode_path(path);
+    let decoded = routed_path(path);
     let Some(param) = route_param(&decoded) else {
         return SlotRoute::NotSlotAction;
     };
@@ -116,11 +116,17 @@ pub fn body_id_slot(body: &Value) -> i32 {
 }
 
 /// JSON llama-server's parser reads but serde's does not: nested deeper
-/// than 128 levels, or numbers beyond a double's range. Such a body can't
-/// be checked, so kvgate refuses it rather than pass it by its lease.
+/// than 128 levels. Such a body can't be checked, so kvgate refuses it
+/// rather than pass it by its lease. (A leading byte-order mark, which
+/// nlohmann skips too, is taken off first: see [`without_bom`].)
 pub fn beyond_kvgate(e: &serde_json::Error) -> bool {
-    let m = e.to_string();
-    m.contains("recursion limit") || m.contains("number out of range")
+    e.to_string().contains("recursion limit")
+}
+
+/// The body without a leading UTF-8 byte-order mark, which nlohmann's
+/// parser skips and serde's refuses.
+pub fn without_bom(raw: &[u8]) -> &[u8] {
+    raw.strip_prefix(b"\xef\xbb\xbf").unwrap_or(raw)
 }
 
 /// The `:id_slot` segment of a decoded path `/slots/<segment>[/]`.
@@ -175,9 +181,10 @@ fn stoi(s: &str) -> Option<i32> {
     i32::try_from(value).ok()
 }
 
-/// httplib's `decode_path_component`: `%XX` and `%uXXXX` escapes; a
-/// malformed escape stays as it is.
-fn httplib_decode_path(s: &str) -> String {
+/// The path llama-server routes on: httplib's `decode_path_component`
+/// (`%XX` and `%uXXXX` escapes; a malformed escape stays as it is). kvgate
+/// must route on it too, or `/complet%69on` would pass it by.
+pub fn routed_path(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -185,9 +192,11 @@ fn httplib_decode_path(s: &str) -> String {
         if b[i] == b'%' && i + 1 < b.len() {
             if b[i + 1] == b'u' {
                 if let Some(v) = hex(b, i + 2, 4) {
-                    let c = char::from_u32(v).unwrap_or('\u{fffd}');
-                    let mut buf = [0u8; 4];
-                    out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+                    // httplib's to_utf8 writes nothing for a surrogate.
+                    if let Some(c) = char::from_u32(v) {
+                        let mut buf = [0u8; 4];
+                        out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+                    }
                     i += 6;
                     continue;
                 }
@@ -241,11 +250,14 @@ fn llama_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// `n` hex digits at `at`, if they are all there.
+/// `n` hex digits at `at`, if they are all there (no sign, unlike
+/// `from_str_radix`).
 fn hex(b: &[u8], at: usize, n: usize) -> Option<u32> {
     let digits = b.get(at..at + n)?;
-    let text = std::str::from_utf8(digits).ok()?;
-    u32::from_str_radix(text, 16).ok()
+    digits.iter().try_fold(0u32, |acc, d| {
+        let v = char::from(*d).to_digit(16)?;
+        Some(acc * 16 + v)
+    })
 }
 
 #[cfg(test)]
@@ -330,6 +342,28 @@ mod tests {
     }
 
     #[test]
+    fn surrogates_and_signs_decode_as_httplib_decodes_them() {
+        // to_utf8 writes nothing for a surrogate: these are slot 0.
+        assert_eq!(
+            route("/slots/%uD8000?action=erase", None),
+            SlotRoute::Refused,
+            "no action in the query"
+        );
+        assert_eq!(
+            route("/slots/%uD8000", Some("action=erase")),
+            action(0, Verb::Erase)
+        );
+        assert_eq!(
+            route("/slot%uD800s/0", Some("action=erase")),
+            action(0, Verb::Erase)
+        );
+        assert_eq!(routed_path("/complet%69on"), "/completion");
+        // from_hex_to_i takes no sign.
+        assert_eq!(routed_path("/a%+9"), "/a%+9");
+        assert_eq!(routed_path("/a%u+030"), "/a%u+030");
+    }
+
+    #[test]
     fn what_llama_server_refuses_itself() {
         for p in ["/slots/abc", "/slots/", "/slots/99999999999"] {
             assert_eq!(route(p, Some("action=erase")), SlotRoute::Refused, "{p}");
@@ -368,8 +402,11 @@ mod tests {
         let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
         let err = serde_json::from_str::<Value>(&deep).unwrap_err();
         assert!(beyond_kvgate(&err));
+        // nlohmann refuses numbers beyond a double too.
         let err = serde_json::from_str::<Value>("{\"a\": 1e400}").unwrap_err();
-        assert!(beyond_kvgate(&err));
+        assert!(!beyond_kvgate(&err));
+        assert_eq!(without_bom(b"\xef\xbb\xbf{}"), b"{}");
+        assert_eq!(without_bom(b"{}"), b"{}");
         let err = serde_json::from_str::<Value>("{\"a\": ").unwrap_err();
         assert!(!beyond_kvgate(&err));
     }

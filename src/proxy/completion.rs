@@ -24,7 +24,7 @@ use crate::http::body::{boxed, full, ProxyBody};
 use crate::http::sse::{Observed, StreamEnd};
 use crate::identity::{self, Api, Identity};
 use crate::llama::client::Driven;
-use crate::llama::slot_route::{beyond_kvgate, body_id_slot, wrap_slot_id};
+use crate::llama::slot_route::{beyond_kvgate, body_id_slot, without_bom, wrap_slot_id};
 use crate::observe::metrics;
 use crate::session;
 use crate::slots::lease::Lease;
@@ -165,7 +165,8 @@ fn parse_turn(
 /// than 128 levels) is refused: passed through, it would reach a slot
 /// without a lease.
 fn usable_body(raw: &[u8]) -> Result<Option<Value>, Failure> {
-    match serde_json::from_slice::<Value>(raw) {
+    // nlohmann skips a byte-order mark; kvgate must read such a body too.
+    match serde_json::from_slice::<Value>(without_bom(raw)) {
         Ok(v) if v.is_object() => Ok(Some(v)),
         Ok(_) => Ok(None),
         Err(e) if beyond_kvgate(&e) => Err(Failure::Client(format!(
@@ -200,6 +201,7 @@ impl Turn {
         started: Instant,
     ) -> Result<Turn, Failure> {
         let explicit = explicit_identity(headers, &mut body)?;
+        one_completion(&body)?;
         let identity = identity::resolve(api, &body, &explicit, &app.policy, |t| {
             app.shared.memory.previous_prompt(t)
         });
@@ -339,17 +341,15 @@ impl Turn {
         Ok(prepared)
     }
 
-    /// The body llama-server gets: the client's, pinned to the slot (a
-    /// client's own choice as the plain number kvgate read, so llama-server
-    /// can't read `1.9` or `true` differently). It is taken out of the turn
-    /// (a prompt can be megabytes; nothing reads it after this), and a large
-    /// one is written (and its tree freed) on a blocking thread.
+    /// The body llama-server gets: the client's, pinned to the slot kvgate
+    /// leased (also when the client chose it: as a plain number, so
+    /// llama-server can't read `1.9`, `true` or a wrapped id differently).
+    /// It is taken out of the turn (a prompt can be megabytes; nothing reads
+    /// it after this), and a large one is written (and its tree freed) on a
+    /// blocking thread.
     async fn take_body_for(&mut self, slot: usize) -> Result<Bytes, Failure> {
         let body = std::mem::take(&mut self.body);
-        let pin = match self.client_slot {
-            Some(id) => Value::from(id),
-            None => Value::from(slot),
-        };
+        let pin = Value::from(slot);
         if !self.large {
             return pinned_body(body, pin);
         }
@@ -357,6 +357,24 @@ impl Turn {
             .await
             .map_err(|e| Failure::Kvgate(format!("writing the request body failed: {e}")))?
     }
+}
+
+/// Refuses more than one completion per request (`n_cmpl`, or its alias
+/// `n`): llama-server would run the others in further slots of its own
+/// choosing, with no lease.
+fn one_completion(body: &Value) -> Result<(), Failure> {
+    for key in ["n_cmpl", "n"] {
+        let one = match body.get(key) {
+            None | Some(Value::Null) => true,
+            Some(v) => v.as_f64().is_some_and(|n| n <= 1.0),
+        };
+        if !one {
+            return Err(Failure::Client(format!(
+                "kvgate serves one completion per request, in one slot; send {key} 1 (or leave it out) and ask again for more"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// `body` with `id_slot` set to `pin`, as JSON.

@@ -19,6 +19,8 @@ pub(crate) enum Failure {
     TooLarge(u64),
     /// The client's key is missing or refused (401).
     Unauthorized(&'static str),
+    /// The client may not do this to another client's work (403).
+    Forbidden(String),
     /// kvgate can't serve it now: no upstream, no slot in time, slots not
     /// known yet, shutting down (503).
     Busy(String),
@@ -45,6 +47,7 @@ impl Failure {
             Failure::Unauthorized(m) => {
                 ApiError::new(StatusCode::UNAUTHORIZED, ErrorType::Authentication, m)
             }
+            Failure::Forbidden(m) => ApiError::new(StatusCode::FORBIDDEN, ErrorType::Permission, m),
             Failure::Busy(m) => ApiError::unavailable(m),
             Failure::Kvgate(m) => ApiError::internal(m),
             Failure::Llama(e @ UpstreamError::Timeout { .. }) => ApiError::timeout(e.to_string()),
@@ -78,6 +81,7 @@ mod tests {
         let status = |f: Failure| f.into_api_error().status.as_u16();
         assert_eq!(status(Failure::Client("x".into())), 400);
         assert_eq!(status(Failure::TooLarge(1)), 413);
+        assert_eq!(status(Failure::Forbidden("x".into())), 403);
         assert_eq!(status(Failure::Unauthorized("x")), 401);
         assert_eq!(status(Failure::Busy("x".into())), 503);
         assert_eq!(status(Failure::Kvgate("x".into())), 500);

@@ -10,7 +10,7 @@ use hyper::{Method, Request, Response};
 use crate::app::App;
 use crate::http::body::ProxyBody;
 use crate::identity::Api;
-use crate::llama::slot_route::SlotRoute;
+use crate::llama::slot_route::{routed_path, SlotRoute};
 use crate::observe::metrics;
 
 use super::client::Client;
@@ -20,14 +20,22 @@ use super::passthrough::passthrough;
 use super::slot_action::{slot_action, slot_route_of};
 use super::slots_view::{is_slots_listing, own_slots};
 
-/// Which completion API a path is, if kvgate intercepts it.
+/// Which completion API a path is, if kvgate intercepts it: every route
+/// on which llama-server generates in a slot chosen by `id_slot`. `path` is
+/// the path llama-server routes on ([`routed_path`]). Infill, Anthropic
+/// messages and OpenAI responses are leased like the others; kvgate infers
+/// no character from them (they run as anonymous tenants).
 pub fn completion_api(method: &Method, path: &str) -> Option<Api> {
     if method != Method::POST {
         return None;
     }
     match path {
-        "/completion" | "/completions" | "/v1/completions" => Some(Api::Text),
-        "/chat/completions" | "/v1/chat/completions" => Some(Api::Chat),
+        "/completion" | "/completions" | "/v1/completions" | "/infill" => Some(Api::Text),
+        "/chat/completions"
+        | "/v1/chat/completions"
+        | "/v1/messages"
+        | "/v1/responses"
+        | "/responses" => Some(Api::Chat),
         _ => None,
     }
 }
@@ -52,12 +60,14 @@ async fn route_request(
     peer: SocketAddr,
 ) -> Result<Response<ProxyBody>, Failure> {
     let client = Client::identify(app.clients.as_ref(), req.headers(), peer)?;
-    if let Some(api) = completion_api(req.method(), req.uri().path()) {
+    // Routed as llama-server routes it: after percent-decoding.
+    let path = routed_path(req.uri().path());
+    if let Some(api) = completion_api(req.method(), &path) {
         return completion(app, req, api, &client).await;
     }
     let upstream = app.default_upstream().ok_or_else(Failure::no_upstream)?;
     client.credentials_for(&upstream, req.headers_mut());
-    if let (Some(tag), true) = (client.tag(), is_slots_listing(&req)) {
+    if let (Some(tag), true) = (client.tag(), is_slots_listing(req.method(), &path)) {
         return own_slots(&upstream, req, tag).await;
     }
     match slot_route_of(&req) {
@@ -80,6 +90,14 @@ mod tests {
         for p in ["/chat/completions", "/v1/chat/completions"] {
             assert_eq!(completion_api(&Method::POST, p), Some(Api::Chat));
         }
+        assert_eq!(completion_api(&Method::POST, "/infill"), Some(Api::Text));
+        for p in ["/v1/messages", "/v1/responses", "/responses"] {
+            assert_eq!(completion_api(&Method::POST, p), Some(Api::Chat));
+        }
+        assert_eq!(
+            completion_api(&Method::POST, "/v1/messages/count_tokens"),
+            None
+        );
         assert_eq!(completion_api(&Method::GET, "/completion"), None);
         assert_eq!(completion_api(&Method::POST, "/tokenize"), None);
         assert_eq!(

@@ -9,20 +9,21 @@ use std::sync::Arc;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{HeaderMap, CONTENT_TYPE};
-use hyper::{Method, Request, Response};
+use hyper::{Method, Request, Response, Uri};
 use serde_json::Value;
 
 use crate::http::body::{full, ProxyBody};
 use crate::llama::client::strip_hop_by_hop;
-use crate::llama::slot_route::{beyond_kvgate, slot_route, wrap_slot_id, SlotRoute, Verb};
+use crate::llama::slot_route::{slot_route, without_bom, wrap_slot_id, SlotRoute, Verb};
 use crate::session;
+use crate::slots::lease::Lease;
 use crate::slots::table::{Outcome, Want};
 use crate::store::reserved::reserved;
 use crate::upstream::Upstream;
 
 use super::client::Client;
 use super::failure::Failure;
-use super::passthrough::{forward_relay, llama_failed, read_body};
+use super::passthrough::{llama_failed, read_body};
 
 /// How llama-server will read this request's slot, if it names one.
 pub(crate) fn slot_route_of<B>(req: &Request<B>) -> SlotRoute {
@@ -34,32 +35,25 @@ pub(crate) fn slot_route_of<B>(req: &Request<B>) -> SlotRoute {
     )
 }
 
-/// A form body, whose fields httplib adds to the query's.
+/// A form body, whose fields httplib adds to the query's. A Content-Type
+/// kvgate can't read counts as one: httplib may read it as a form.
 fn is_form(headers: &HeaderMap) -> bool {
-    headers
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|t| {
-            t.trim()
-                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
-        })
+    headers.get_all(CONTENT_TYPE).iter().any(|v| {
+        let media = v.as_bytes().split(|b| *b == b';').next().unwrap_or(&[]);
+        let media = media.trim_ascii();
+        !v.as_bytes().is_ascii() || media.eq_ignore_ascii_case(b"application/x-www-form-urlencoded")
+    })
 }
 
-/// Refuses a save or restore whose body names one of kvgate's own files.
-/// A body llama-server can't read either passes for its own error; one
-/// nested too deeply for kvgate to read is refused, since llama-server
-/// would read it.
-fn check_file_name(raw: &[u8]) -> Result<(), Failure> {
-    let body = match serde_json::from_slice::<Value>(raw) {
-        Ok(body) => body,
-        Err(e) if beyond_kvgate(&e) => {
-            return Err(Failure::Client(format!(
-                "kvgate can't read this slot action's body ({e}); send plain JSON"
-            )))
-        }
-        Err(_) => return Ok(()),
-    };
+/// Refuses a save or restore whose body names one of kvgate's own files,
+/// or that kvgate can't read (llama-server refuses those too, except JSON
+/// nested deeper than kvgate reads).
+fn check_file_name(body: &[u8]) -> Result<(), Failure> {
+    let body = serde_json::from_slice::<Value>(body).map_err(|e| {
+        Failure::Client(format!(
+            "a slot save or restore needs a JSON body naming the file: {e}"
+        ))
+    })?;
     let Some(name) = body.get("filename").and_then(Value::as_str) else {
         return Ok(());
     };
@@ -71,9 +65,23 @@ fn check_file_name(raw: &[u8]) -> Result<(), Failure> {
     }
 }
 
+/// With a clients file, a client saves only a slot whose last generation
+/// was its own: a save of another's slot, restored into its own, would be
+/// a way to another client's cache.
+fn check_save_rights(client: &Client, lease: &Lease) -> Result<(), Failure> {
+    match client.tag() {
+        Some(me) if lease.state().client.as_ref() != Some(&me) => Err(Failure::Forbidden(
+            "this slot's last generation was not yours: a client may save only its own slots"
+                .into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Passes a client's slot action through while holding the slot, then
 /// updates the table: after an erase the slot is empty, after a restore its
-/// contents are unknown to kvgate; a save changes nothing.
+/// contents are unknown to kvgate; a save changes nothing. llama-server gets
+/// the plain spelling of what kvgate leased: `/slots/{slot}?action={verb}`.
 pub(crate) async fn slot_action(
     upstream: &Arc<Upstream>,
     req: Request<Incoming>,
@@ -81,7 +89,7 @@ pub(crate) async fn slot_action(
     verb: Verb,
     client: &Client,
 ) -> Result<Response<ProxyBody>, Failure> {
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     // A slot action's body is small (a file name); its budget share is held
     // until llama-server has it.
     let shared = &upstream.shared;
@@ -93,15 +101,20 @@ pub(crate) async fn slot_action(
         body,
     )
     .await?;
+    // nlohmann skips a byte-order mark: so does kvgate, for what it checks
+    // and for what it forwards.
+    let raw = raw.slice(raw.len() - without_bom(&raw).len()..);
     if verb != Verb::Erase {
         check_file_name(&raw)?;
     }
     let n = upstream.pool.len();
     if n == 0 {
-        // No slot is known, so kvgate holds none: nothing to race.
-        return Ok(forward_relay(upstream, parts, full(raw)).await);
+        return Err(Failure::Busy(
+            "llama-server's slots are not known yet".into(),
+        ));
     }
     let slot = wrap_slot_id(id, n);
+    parts.uri = plain_uri(slot, verb)?;
     let is_save = verb == Verb::Save;
     let want = if is_save {
         Want::Hold(slot)
@@ -109,6 +122,12 @@ pub(crate) async fn slot_action(
         Want::Pinned(slot)
     };
     let lease = session::acquire(upstream, want, client.tag()).await?;
+    if is_save {
+        if let Err(f) = check_save_rights(client, &lease) {
+            lease.release(Outcome::Untouched);
+            return Err(f);
+        }
+    }
     // The owner's unsaved messages go to disk before its cache is replaced,
     // in a task of its own so a client leaving can't cut the save short.
     let holder = Arc::clone(upstream);
@@ -143,4 +162,17 @@ pub(crate) async fn slot_action(
     });
     strip_hop_by_hop(&mut parts.headers);
     Ok(Response::from_parts(parts, full(bytes)))
+}
+
+/// `/slots/{slot}?action={verb}`: the one spelling llama-server and kvgate
+/// can't read differently.
+fn plain_uri(slot: usize, verb: Verb) -> Result<Uri, Failure> {
+    let action = match verb {
+        Verb::Save => "save",
+        Verb::Restore => "restore",
+        Verb::Erase => "erase",
+    };
+    format!("/slots/{slot}?action={action}")
+        .parse()
+        .map_err(|e| Failure::Kvgate(format!("slot action URI: {e}")))
 }

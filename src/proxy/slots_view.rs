@@ -3,15 +3,17 @@
 //! every client every slot: its task, token counts, sampling parameters and,
 //! with `LLAMA_SERVER_SLOTS_DEBUG` set, the prompt and generated text of
 //! another client's chat. Each client sees in full only the slots whose
-//! last generation or slot action was its own; the others keep their place
-//! in the list (clients index it by id) with only `id`, `n_ctx` and
-//! `is_processing`.
+//! last completed generation was its own and where nobody else works now,
+//! before and after llama-server answered (`SlotTable::shown_to`); the
+//! others keep their place in the list (clients index it by id) with only
+//! `id`, `n_ctx` and `is_processing`. An answer kvgate can't read is not
+//! passed on: it fails closed.
 
 use std::sync::Arc;
 
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::header::CONTENT_LENGTH;
+use hyper::header::{ACCEPT_ENCODING, CONTENT_LENGTH};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{Map, Value};
 
@@ -23,9 +25,10 @@ use crate::upstream::Upstream;
 use super::failure::Failure;
 use super::passthrough::llama_failed;
 
-/// Whether this is llama-server's slot listing.
-pub(crate) fn is_slots_listing<B>(req: &Request<B>) -> bool {
-    req.method() == Method::GET && req.uri().path() == "/slots"
+/// Whether this is llama-server's slot listing (`path` as llama-server
+/// routes it).
+pub(crate) fn is_slots_listing(method: &Method, path: &str) -> bool {
+    method == Method::GET && path == "/slots"
 }
 
 /// Forwards `GET /slots` and answers with what `client` may see of it.
@@ -34,7 +37,10 @@ pub(crate) async fn own_slots(
     req: Request<Incoming>,
     client: ClientTag,
 ) -> Result<Response<ProxyBody>, Failure> {
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    // kvgate must read the listing to cut it down.
+    parts.headers.remove(ACCEPT_ENCODING);
+    let before = shown(upstream, &client);
     let resp = upstream
         .client
         .forward(parts, boxed(body))
@@ -47,24 +53,35 @@ pub(crate) async fn own_slots(
         .map_err(|e| Failure::LlamaBrokeOff(format!("llama-server broke off /slots: {e}")))?
         .to_bytes();
     strip_hop_by_hop(&mut parts.headers);
-    let listing = (parts.status == StatusCode::OK)
-        .then(|| serde_json::from_slice::<Value>(&bytes).ok())
-        .flatten();
-    let Some(listing) = listing else {
-        // An error or something unexpected: nothing of a slot's to hide.
+    if parts.status != StatusCode::OK {
+        // llama-server's own error: nothing of a slot's in it.
         return Ok(Response::from_parts(parts, full(bytes)));
+    }
+    let Ok(listing) = serde_json::from_slice::<Value>(&bytes) else {
+        return Err(Failure::LlamaBrokeOff(
+            "llama-server's /slots answer is not JSON kvgate can read".into(),
+        ));
     };
-    let users = upstream.pool.read(|t| {
-        t.slots()
-            .iter()
-            .map(|s| s.client.clone())
-            .collect::<Vec<_>>()
-    });
-    let mine = |id: usize| users.get(id).is_some_and(|u| u.as_ref() == Some(&client));
+    // A slot that changed hands while llama-server answered may show
+    // someone else's work: only what held before and after is shown.
+    let after = shown(upstream, &client);
+    let mine = |id: usize| before.get(id).is_some_and(|b| b.0) && before.get(id) == after.get(id);
     let view =
         serde_json::to_vec(&redact(listing, mine)).map_err(|e| Failure::Kvgate(e.to_string()))?;
     parts.headers.remove(CONTENT_LENGTH);
     Ok(Response::from_parts(parts, full(view)))
+}
+
+/// Per slot: whether `client` may see it in full, and the lease and last
+/// use that say whether it changed hands since.
+fn shown(upstream: &Upstream, client: &ClientTag) -> Vec<(bool, Option<u64>, u64)> {
+    upstream.pool.read(|t| {
+        t.slots()
+            .iter()
+            .enumerate()
+            .map(|(id, s)| (t.shown_to(id, client), s.lease, s.last_used))
+            .collect()
+    })
 }
 
 /// The listing with every slot that is not `mine` cut down to what says

@@ -126,8 +126,9 @@ pub struct Slot {
     /// The save the live cache was restored from (generations since then
     /// only extend it); gone with the cache.
     pub restored_from: Option<String>,
-    /// The client whose generation or slot action last had the slot: whose
-    /// work llama-server's `/slots` shows for it.
+    /// The client whose generation last completed in the slot through
+    /// kvgate: whose work llama-server's `/slots` shows for it. None after
+    /// an erase, a restore, a failure or a client-pinned generation.
     pub client: Option<ClientTag>,
     /// The client holding the lease in force, for the fair order.
     pub lease_client: Option<ClientTag>,
@@ -235,6 +236,20 @@ impl SlotTable {
             .position(|s| s.owner.as_ref() == Some(tenant))
     }
 
+    /// Whether llama-server's view of `slot` shows only `me`'s work: its
+    /// last completed generation was `me`'s and nobody else's work runs in
+    /// it now (kvgate's own save of it aside).
+    pub fn shown_to(&self, slot: SlotId, me: &ClientTag) -> bool {
+        let Some(s) = self.slots.get(slot) else {
+            return false;
+        };
+        let quiet = match s.lease {
+            None => true,
+            Some(_) => (s.held && s.lease_client.is_none()) || s.lease_client.as_ref() == Some(me),
+        };
+        s.client.as_ref() == Some(me) && quiet
+    }
+
     /// True when no slot is leased and nobody waits.
     pub fn is_idle(&self) -> bool {
         self.queue.is_empty() && self.slots.iter().all(|s| s.lease.is_none())
@@ -338,15 +353,20 @@ impl SlotTable {
         }
         match outcome {
             Outcome::Generated(kind) => {
+                s.client = s.lease_client.clone();
                 s.live = true;
                 s.fresh = false;
                 if s.owner.as_ref().is_some_and(Tenant::is_character) {
                     s.usage = next_usage(s.usage, kind);
                 }
             }
-            Outcome::Failed => s.lose_cache(),
+            Outcome::Failed => {
+                s.client = None;
+                s.lose_cache();
+            }
             Outcome::Untouched => {}
             Outcome::Cleared => {
+                s.client = None;
                 s.owner = None;
                 s.lose_cache();
                 s.usage = 0;
@@ -378,6 +398,7 @@ impl SlotTable {
             s.live = true;
             s.fresh = true;
             s.restored_from = Some(file.to_string());
+            s.client = None;
         }
     }
 
@@ -433,8 +454,26 @@ impl SlotTable {
     /// Serves waiters in FIFO order. Two passes: first those whose slot is
     /// already theirs (resident or pinned) and idle, then newcomers, so a
     /// newcomer never evicts a slot whose owner is being served in this pass.
+    /// A client's resident tenant steps back for an older newcomer of
+    /// another client holding no more slots, so one client queueing its
+    /// residents' next turns can't keep every slot forever.
     fn dispatch(&mut self) -> Vec<(Ticket, Grant)> {
         let mut grants = Vec::new();
+        // A resident that stepped back may have its slot once the newcomer
+        // it waited for is served elsewhere: repeat until nothing moves.
+        loop {
+            let before = grants.len();
+            self.serve_residents(&mut grants);
+            self.serve_newcomers(&mut grants);
+            if grants.len() == before {
+                return grants;
+            }
+        }
+    }
+
+    /// The first pass: waiters whose slot is theirs (resident or pinned)
+    /// and idle.
+    fn serve_residents(&mut self, grants: &mut Vec<(Ticket, Grant)>) {
         let mut i = 0;
         while i < self.queue.len() {
             let target = match &self.queue[i].want {
@@ -443,7 +482,7 @@ impl SlotTable {
             };
             match target {
                 Some(slot) => {
-                    if self.slots[slot].lease.is_none() {
+                    if self.slots[slot].lease.is_none() && !self.steps_back(i) {
                         let w = self.queue.remove(i).expect("index in range");
                         let g = self.grant(slot, &w);
                         grants.push((w.ticket, g));
@@ -454,6 +493,10 @@ impl SlotTable {
                 None => i += 1,
             }
         }
+    }
+
+    /// The second pass: newcomers, fairest first, while a slot is idle.
+    fn serve_newcomers(&mut self, grants: &mut Vec<(Ticket, Grant)>) {
         while let Some(i) = self.next_newcomer() {
             // Nothing is idle: no newcomer can be served.
             let Some(slot) = self.pick_for_newcomer() else {
@@ -463,7 +506,24 @@ impl SlotTable {
             let g = self.grant(slot, &w);
             grants.push((w.ticket, g));
         }
-        grants
+    }
+
+    /// Whether the resident waiter at `i` leaves its slot to an older
+    /// newcomer of another client holding no more leases (first come, first
+    /// served between equals; only between known clients, and kvgate's own
+    /// work never steps back).
+    fn steps_back(&self, i: usize) -> bool {
+        let w = &self.queue[i];
+        if w.by.is_none() || !matches!(w.want, Want::Tenant(_)) {
+            return false;
+        }
+        let mine = self.leases_of(w.by.as_ref());
+        self.queue.iter().take(i).any(|older| {
+            older.by.is_some()
+                && older.by != w.by
+                && matches!(&older.want, Want::Tenant(t) if self.resident(t).is_none())
+                && self.leases_of(older.by.as_ref()) <= mine
+        })
     }
 
     /// The newcomer to serve next: among waiting tenants with no slot yet
@@ -522,9 +582,6 @@ impl SlotTable {
         s.lease = Some(lease);
         s.held = matches!(want, Want::Hold(_));
         s.lease_client = waiter.by.clone();
-        if !s.held {
-            s.client = waiter.by.clone();
-        }
         // A save or an inspection is not a use: it must not make the slot
         // look recently used to the eviction order.
         if !s.held {
@@ -754,8 +811,50 @@ mod tests {
             "the client with no slot goes before the one holding one"
         );
         assert!(t.is_queued(greedy_next));
-        // The table remembers whose work each slot shows.
-        assert_eq!(t.slots()[a.slot].client, other);
+        // The table remembers whose work each slot shows, once it is done.
+        let d = grants[0].1.clone();
+        let me = other.clone().unwrap();
+        assert!(!t.shown_to(d.slot, &me), "not before the generation ends");
+        assert!(t.cancel(greedy_next));
+        finish(&mut t, &d, Kind::Normal);
+        assert!(t.shown_to(d.slot, &me));
+        let greedy_tag = greedy.clone().unwrap();
+        assert!(!t.shown_to(d.slot, &greedy_tag));
+        // Another client's lease hides it again; an erase forgets it.
+        let (tk, g) = t.enqueue_by(Want::Pinned(d.slot), greedy.clone()).unwrap();
+        let pinned = g.into_iter().find(|(k, _)| *k == tk).map(|(_, g)| g);
+        if let Some(p) = pinned {
+            assert!(!t.shown_to(d.slot, &me), "someone else works in it");
+            t.release(p.slot, p.lease, Outcome::Cleared);
+            assert!(!t.shown_to(d.slot, &me), "erased: nobody's");
+        }
+    }
+
+    #[test]
+    fn a_clients_queued_residents_step_back_for_an_older_newcomer() {
+        let mut t = SlotTable::new(1, 8);
+        let greedy = Some(ClientTag::from("client-greedy"));
+        let other = Some(ClientTag::from("client-other"));
+        let (t1, g) = t.enqueue_by(want("A"), greedy.clone()).unwrap();
+        let a = g.into_iter().find(|(k, _)| *k == t1).unwrap().1;
+        // The other client's newcomer waits first, then the greedy client's
+        // next turn for its resident character.
+        let (newcomer, _) = t.enqueue_by(want("B"), other.clone()).unwrap();
+        let (again, _) = t.enqueue_by(want("A"), greedy.clone()).unwrap();
+        let grants = finish(&mut t, &a, Kind::Normal);
+        assert_eq!(grants.len(), 1);
+        assert_eq!(
+            grants[0].0, newcomer,
+            "the slot is not kept by the resident"
+        );
+        assert!(t.is_queued(again));
+        // Without known clients the resident goes first, as always.
+        let mut t = SlotTable::new(1, 8);
+        let a = take(&mut t, want("A"));
+        t.enqueue(want("B")).unwrap();
+        let (again, _) = t.enqueue(want("A")).unwrap();
+        let grants = finish(&mut t, &a, Kind::Normal);
+        assert_eq!(grants[0].0, again);
     }
 
     #[test]

@@ -22,10 +22,11 @@ pub const INSTANCES_FILE: &str = "kvgate-instances.json";
 pub const HIDDEN_PREFIX: &str = ".kvgate";
 
 /// Why a client may not name `file` in a slot action, or `None` when it
-/// may. Compared without regard to ASCII case, since the directory may be
-/// on a case-insensitive file system.
+/// may. Compared without regard to case (Unicode's, with `ſ` as `s` and the
+/// Kelvin sign as `k`), since the directory may be on a case-insensitive
+/// file system that folds them.
 pub fn reserved(file: &str) -> Option<&'static str> {
-    let lower = file.to_ascii_lowercase();
+    let lower = file.to_lowercase().replace('ſ', "s");
     if lower == SETTINGS_FILE || lower == INSTANCES_FILE {
         return Some("it is kvgate's own configuration file");
     }
@@ -60,6 +61,8 @@ mod tests {
             "x_99991231235959_character_Alice.bin",
             "chat_20260101120000_tag_best_character_Bob.bin",
             "X_99991231235959_CHARACTER_Alice.BIN",
+            "\u{212a}vgate-settings.json",
+            "kvgate-ſettings.json",
         ] {
             assert!(reserved(name).is_some(), "{name} must be refused");
         }

@@ -79,10 +79,24 @@ async fn spellings_llama_server_reads_as_a_slot_are_leased_through_kvgate() {
     )
     .await;
     assert_eq!(status, 200);
-    assert!(headers.contains_key("x-kvgate-slot"), "leased: {headers:?}");
-    let (status, v) = post_raw(&kv.url, "/slots/%30?action=erase", None, &json!({})).await;
+    let slot = headers["x-kvgate-slot"].to_str().unwrap().to_string();
+    kv.wait_idle().await;
+    let owned = |kv: &Kvgate| {
+        kv.upstream.pool.snapshot()[slot.parse::<usize>().unwrap()]
+            .owner
+            .clone()
+    };
+    assert!(
+        owned(&kv).is_some(),
+        "kvgate placed the request and owns its slot"
+    );
+    // An encoded erase of that slot goes through kvgate's lease: kvgate
+    // knows the slot is empty afterwards.
+    let path = format!("/slots/%3{slot}?action=erase");
+    let (status, v) = post_raw(&kv.url, &path, None, &json!({})).await;
     assert_eq!(status, 200, "{v}");
-    assert_eq!(v["id_slot"], 0, "{v}");
+    assert_eq!(v["id_slot"].to_string(), slot, "{v}");
+    assert_eq!(owned(&kv), None, "the erase went through kvgate's lease");
     let (status, v) = post_raw(
         &kv.url,
         "/slots/0?action=save&action=restore",

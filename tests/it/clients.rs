@@ -164,3 +164,54 @@ async fn one_client_gets_its_share_of_the_queue_and_no_more() {
     );
     kv.wait_idle().await;
 }
+
+#[tokio::test]
+async fn encoded_listings_are_cut_down_and_only_own_slots_can_be_saved() {
+    let dir = tempfile::tempdir().unwrap();
+    let clients = clients_file(&dir);
+    let s = crate::support::kvgate::Saving::start(2, |f| f, |c| c.clients = Some(clients)).await;
+    let kv = &s.kv;
+    assert_eq!(turn_by(kv, HOME, "A").await.unwrap(), 200);
+    kv.wait_idle().await;
+    let home_slot = kv
+        .upstream
+        .pool
+        .snapshot()
+        .iter()
+        .position(|s| s.owner.is_some())
+        .unwrap();
+    // httplib decodes /%73lots to /slots: the other client still sees
+    // nothing of home's work.
+    let resp = send(
+        "GET",
+        &format!("{}/%73lots", kv.url),
+        &[("authorization", OTHER)],
+        "",
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let bytes = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let listing = json_body(&bytes);
+    assert!(listing[home_slot].get("id_task").is_none(), "{listing}");
+    // Saving home's slot (to restore it into its own) is home's alone.
+    let save = |who: &'static str| {
+        let url = format!("{}/slots/{home_slot}?action=save", kv.url);
+        async move {
+            post_json(
+                &url,
+                &[("authorization", who)],
+                &json!({"filename": "copy.bin"}),
+            )
+            .await
+            .0
+        }
+    };
+    assert_eq!(save(OTHER).await, 403);
+    assert!(!s.dir.join("copy.bin").exists());
+    assert_eq!(save(HOME).await, 200);
+    assert!(s.dir.join("copy.bin").is_file());
+    kv.wait_idle().await;
+}

@@ -10,7 +10,8 @@ use serde_json::{json, Value};
 
 use crate::support::fake_llama::FakeLlama;
 use crate::support::kvgate::{
-    assert_api_error, group_turn, json_body, names_in, post_json, send, spawn_post, Kvgate, Saving,
+    assert_api_error, group_turn, json_body, names_in, post_json, raw_exchange, send, spawn_post,
+    Kvgate, Saving,
 };
 
 /// POSTs `body` to `path` on `base`; status and JSON answer.
@@ -224,4 +225,120 @@ async fn a_completion_names_its_slot_as_llama_server_reads_it() {
     assert_api_error(400, &v, "deep body");
     assert_eq!(fake.completions().len(), n, "it never reached llama-server");
     kv.wait_idle().await;
+}
+
+#[tokio::test]
+async fn spellings_that_route_elsewhere_in_llama_server_are_leased_too() {
+    let s = Saving::start(2, |f| f, |_| {}).await;
+    s.fake.clear_calls();
+    // httplib decodes the path before routing: this is /completion.
+    let (status, headers, _) = post_json(
+        &format!("{}/complet%69on", s.kv.url),
+        &[],
+        &json!({"prompt": "x", "id_slot": 1, "n_predict": 1}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["x-kvgate-slot"], "1", "leased like /completion");
+    // Routes where llama-server generates in a slot chosen by id_slot.
+    for path in ["/infill", "/v1/messages", "/v1/responses"] {
+        let (_, headers, _) = post_json(
+            &format!("{}{path}", s.kv.url),
+            &[],
+            &json!({"prompt": "x", "input_prefix": "a", "messages": [], "input": "x"}),
+        )
+        .await;
+        let slot = headers["x-kvgate-slot"].to_str().unwrap();
+        let sent = s.fake.calls_to(path).pop().unwrap().json().unwrap();
+        assert_eq!(
+            sent["id_slot"].to_string(),
+            slot,
+            "{path} pinned to its lease"
+        );
+    }
+    // More than one completion would take slots kvgate did not lease.
+    for key in ["n_cmpl", "n"] {
+        let (status, _, bytes) = post_json(
+            &format!("{}/completion", s.kv.url),
+            &[],
+            &json!({"prompt": "x", key: 2}),
+        )
+        .await;
+        assert_eq!(status, 400, "{key}");
+        assert_api_error(400, &json_body(&bytes), key);
+    }
+    // A byte-order mark, which llama-server skips: read, leased.
+    let (status, v) = post(
+        &s.kv.url,
+        "/completion",
+        "application/json",
+        "\u{feff}{\"prompt\":\"x\",\"id_slot\":0,\"n_predict\":1}",
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let sent = s.fake.calls_to("/completion").pop().unwrap();
+    assert!(sent.json().is_some(), "forwarded without the mark");
+    s.kv.wait_idle().await;
+}
+
+#[tokio::test]
+async fn slot_action_bodies_are_checked_as_llama_server_reads_them() {
+    let s = Saving::start(2, |f| f, |_| {}).await;
+    s.fake.clear_calls();
+    // A byte-order mark before a reserved name.
+    let (status, v) = post(
+        &s.kv.url,
+        "/slots/0?action=save",
+        "application/json",
+        "\u{feff}{\"filename\":\"kvgate-settings.json\"}",
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    // A Content-Type kvgate can't read may be a form to httplib.
+    let body = b"x=1&action=save";
+    let mut request = format!(
+        "POST /slots/0?action=erase HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\nContent-Type: application/x-www-form-urlencoded;",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(b"\xff\r\n\r\n");
+    request.extend_from_slice(body);
+    let (status, _, _) = raw_exchange(&s.kv.url, request).await;
+    assert_eq!(status, 400);
+    // A body kvgate can't read for a save: refused (llama-server refuses it
+    // too), not passed by the check.
+    let (status, v) = post(
+        &s.kv.url,
+        "/slots/0?action=save",
+        "application/json",
+        "{oops",
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        s.fake.slot_actions().is_empty(),
+        "{:?}",
+        s.fake.slot_actions()
+    );
+    // llama-server gets the plain spelling of what kvgate leased.
+    let (status, v) = post(
+        &s.kv.url,
+        "/slots/%2B3/?action=%65rase&x=y",
+        "application/json",
+        "{}",
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let call = s
+        .fake
+        .calls()
+        .into_iter()
+        .rev()
+        .find(|c| c.path.starts_with("/slots/"))
+        .unwrap();
+    assert_eq!(
+        (call.path.as_str(), call.query.as_deref()),
+        ("/slots/1", Some("action=erase"))
+    );
+    s.kv.wait_idle().await;
 }
