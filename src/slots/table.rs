@@ -1019,4 +1019,95 @@ mod tests {
         assert_eq!(grants[0].1.slot, 2);
         assert_eq!(t.slots()[a.slot].owner, Some(ch("A")));
     }
+
+    mod clients {
+        //! Random interleavings of several known clients' requests: the
+        //! per-client bound always holds, no slot is leased twice, and no
+        //! newcomer waits while a slot is free.
+        use super::*;
+        use proptest::prelude::*;
+
+        #[derive(Clone, Debug)]
+        enum Op {
+            Enqueue { client: usize, tenant: usize },
+            Release(usize),
+            Cancel(usize),
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                4 => (0..4usize, 0..6usize).prop_map(|(client, tenant)| Op::Enqueue { client, tenant }),
+                3 => (0..8usize).prop_map(Op::Release),
+                1 => (0..8usize).prop_map(Op::Cancel),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn bounds_hold_and_free_slots_are_used(ops in proptest::collection::vec(op(), 1..80)) {
+                let mut t = SlotTable::new(2, 6);
+                t.set_client_bound(2);
+                let tags: Vec<Option<ClientTag>> = vec![
+                    None,
+                    Some(ClientTag::from("a")),
+                    Some(ClientTag::from("b")),
+                    Some(ClientTag::from("c")),
+                ];
+                let mut leases: Vec<Grant> = Vec::new();
+                let mut waiting: Vec<(Ticket, Option<ClientTag>, Tenant)> = Vec::new();
+                for op in ops {
+                    let grants = match op {
+                        Op::Enqueue { client, tenant } => {
+                            let by = tags[client].clone();
+                            let name = format!("T{tenant}");
+                            match t.enqueue_by(want(&name), by.clone()) {
+                                Ok((ticket, grants)) => {
+                                    waiting.push((ticket, by, ch(&name)));
+                                    grants
+                                }
+                                Err(TableError::ClientQueueFull { queued }) => {
+                                    prop_assert!(by.is_some());
+                                    prop_assert_eq!(queued, 2);
+                                    Vec::new()
+                                }
+                                Err(TableError::QueueFull { .. }) => Vec::new(),
+                                Err(e) => return Err(TestCaseError::fail(e.to_string())),
+                            }
+                        }
+                        Op::Release(i) if !leases.is_empty() => {
+                            let g = leases.remove(i % leases.len());
+                            t.release(g.slot, g.lease, Outcome::Generated(Kind::Normal))
+                        }
+                        Op::Cancel(i) if !waiting.is_empty() => {
+                            let ticket = waiting[i % waiting.len()].0;
+                            t.cancel(ticket);
+                            Vec::new()
+                        }
+                        _ => Vec::new(),
+                    };
+                    for (ticket, g) in grants {
+                        prop_assert!(
+                            leases.iter().all(|l| l.slot != g.slot),
+                            "slot {} leased twice", g.slot
+                        );
+                        leases.push(g);
+                        waiting.retain(|(w, _, _)| *w != ticket);
+                    }
+                    waiting.retain(|(w, _, _)| t.is_queued(*w));
+                    for tag in tags.iter().flatten() {
+                        let n = waiting.iter().filter(|(_, by, _)| by.as_ref() == Some(tag)).count();
+                        prop_assert!(n <= 2, "client {} has {} waiting", tag, n);
+                    }
+                    // A newcomer (its character in no slot) never waits
+                    // while a slot is free.
+                    if waiting.iter().any(|(_, _, tenant)| t.resident(tenant).is_none()) {
+                        prop_assert!(
+                            t.slots().iter().all(|s| s.lease.is_some() || s.owner.is_some()),
+                            "a newcomer waits while a slot is free: {:?}", t.slots()
+                        );
+                    }
+                }
+            }
+        }
+    }
 }
