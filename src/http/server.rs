@@ -70,8 +70,11 @@ pub async fn serve<H, Fut>(
                     async move { Ok::<_, Infallible>(in_flight.hold(h(req, peer).await)) }
                 });
                 let io = TokioIo::new(Watched::new(stream, Arc::clone(&activity)));
+                // Header names go out as llama-server wrote them
+                // (`Process-Start-Time-Unix`): passthrough is byte-exact.
                 let conn = http1::Builder::new()
                     .keep_alive(true)
+                    .preserve_header_case(true)
                     .serve_connection(io, svc);
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {

@@ -196,6 +196,8 @@ impl LlamaClient {
             // is closing.
             .pool_idle_timeout(Duration::from_secs(3))
             .pool_max_idle_per_host(64)
+            // Keep the case of llama-server's header names for the client.
+            .http1_preserve_header_case(true)
             .build(connector);
         LlamaClient {
             base,
@@ -598,10 +600,11 @@ impl LlamaClient {
                 .await
                 .map_err(|e| fail(e.to_string(), true))?;
             let _ = tcp.set_nodelay(true);
-            let (mut sender, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-                    .await
-                    .map_err(|e| fail(e.to_string(), true))?;
+            let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+                .preserve_header_case(true)
+                .handshake(hyper_util::rt::TokioIo::new(tcp))
+                .await
+                .map_err(|e| fail(e.to_string(), true))?;
             let mut conn = OwnConn {
                 conn: Box::pin(conn),
                 done: false,

@@ -8,7 +8,7 @@
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 
-use crate::support::kvgate::{json_body, post_json, send, Kvgate};
+use crate::support::kvgate::{json_body, post_json, raw_exchange, send, Kvgate};
 use crate::support::llama::{http_json, LlamaOpts, LlamaServer};
 
 /// POST `path` (sent as written, not re-encoded) with a JSON body.
@@ -205,4 +205,27 @@ async fn a_client_never_sees_another_clients_chat_in_slots() {
         "another client's chat leaked: {other}"
     );
     assert!(!other.contains("id_task"), "{other}");
+}
+
+#[tokio::test]
+async fn header_names_keep_llama_servers_case() {
+    let Some(llama) = LlamaServer::start(LlamaOpts {
+        extra_args: vec!["--metrics".into()],
+        ..LlamaOpts::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let kv = Kvgate::start_saving(&llama.base_url, &llama.save_dir, |_| {}).await;
+    let request = b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".to_vec();
+    let (status, direct, _) = raw_exchange(&llama.base_url, request.clone()).await;
+    assert_eq!(status, 200);
+    assert!(direct.contains("Process-Start-Time-Unix:"), "{direct}");
+    let (status, through, _) = raw_exchange(&kv.url, request).await;
+    assert_eq!(status, 200);
+    assert!(
+        through.contains("Process-Start-Time-Unix:"),
+        "passthrough keeps the header's case: {through}"
+    );
 }
