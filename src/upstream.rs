@@ -55,6 +55,9 @@ pub struct UpstreamState {
     /// The names it answers to in a request's `model` field: the ids in
     /// `/v1/models` (`--alias`) and the model file's name.
     pub models: Vec<String>,
+    /// Why kvgate could not read it at the last poll although it answered
+    /// (a 401: kvgate lacks its `--api-key`).
+    pub refused: Option<String>,
 }
 
 // === impl Upstream ===
@@ -110,6 +113,22 @@ impl Upstream {
     pub fn under_eviction_pressure(&self, window_s: u64) -> bool {
         let last = self.last_eviction.load(Ordering::Relaxed);
         last != 0 && now_unix().saturating_sub(last) <= window_s
+    }
+
+    /// Whether kvgate knows this upstream's slots, asking the monitor to
+    /// look at once and waiting up to `limit` when it does not yet (a
+    /// request right after llama-server came up).
+    pub(crate) async fn slots_known(&self, limit: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.pool.is_empty() {
+            // It refuses kvgate: waiting would not help.
+            if tokio::time::Instant::now() >= deadline || self.state.get().refused.is_some() {
+                return false;
+            }
+            self.monitor_kick.notify_one();
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        true
     }
 
     /// This upstream's gauges now: up or not, slot occupancy.

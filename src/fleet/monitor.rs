@@ -162,6 +162,7 @@ async fn poll(upstream: &Upstream, seen: &mut Seen) {
         up: true,
         slots: slots.clone().unwrap_or_default(),
         models: seen.models.clone(),
+        refused: None,
     });
     seen.up = Some(true);
     seen.props_key = Some(key);
@@ -169,6 +170,15 @@ async fn poll(upstream: &Upstream, seen: &mut Seen) {
 }
 
 fn down(upstream: &Upstream, seen: &mut Seen, e: &UpstreamError) {
+    if let UpstreamError::Status { .. } = e {
+        // It answered, but not to kvgate: say why, once.
+        let mut st = upstream.state.get();
+        if st.refused.is_none() {
+            warn!(error = %e, "llama-server refuses kvgate's own calls (give --upstream-api-key if it has an --api-key); requests pass through unpinned meanwhile");
+        }
+        st.refused = Some(e.to_string());
+        upstream.state.replace(st);
+    }
     if seen.up != Some(false) {
         warn!(error = %e, upstream = %upstream.client.base(), "llama-server is unreachable");
     }

@@ -88,6 +88,12 @@ pub(crate) async fn completion(
     };
     let upstream = turn.place(app)?;
     client.credentials_for(&upstream, &mut parts.headers);
+    if !upstream.slots_known(SLOTS_WAIT).await {
+        // kvgate holds no slot it does not know of, so nothing can race:
+        // llama-server chooses, as it would without kvgate.
+        warn!("llama-server's slots are not known (is --upstream-api-key missing?); passing the completion through unpinned");
+        return turn.pass_unpinned(&upstream, parts).await;
+    }
     let want = turn.want(&upstream)?;
     turn.chat_switch(app, &upstream, client).await?;
     let lease = session::acquire(&upstream, want, client.tag()).await?;
@@ -112,6 +118,10 @@ pub(crate) async fn completion(
     drop(held);
     Ok(relay(&upstream, turn, lease, resp, restored.as_deref()))
 }
+
+/// How long a completion waits for kvgate to learn a new llama-server's
+/// slots before it passes through unpinned.
+pub(crate) const SLOTS_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Bodies larger than this are parsed, and their identity inferred, on a
 /// blocking thread: megabytes of JSON would hold an async worker (and every
@@ -339,6 +349,23 @@ impl Turn {
         })
         .await?;
         Ok(prepared)
+    }
+
+    /// Passes the completion through as the client sent it (less kvgate's
+    /// own identity fields), for llama-server to place.
+    async fn pass_unpinned(
+        mut self,
+        upstream: &Upstream,
+        mut parts: Parts,
+    ) -> Result<Response<ProxyBody>, Failure> {
+        let body = std::mem::take(&mut self.body);
+        let bytes = serde_json::to_vec(&body)
+            .map(Bytes::from)
+            .map_err(|e| Failure::Kvgate(e.to_string()))?;
+        parts
+            .headers
+            .insert(CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+        Ok(forward_relay(upstream, parts, full(bytes)).await)
     }
 
     /// The body llama-server gets: the client's, pinned to the slot kvgate

@@ -23,7 +23,7 @@ use crate::upstream::Upstream;
 
 use super::client::Client;
 use super::failure::Failure;
-use super::passthrough::{llama_failed, read_body};
+use super::passthrough::{forward_relay, llama_failed, read_body};
 
 /// How llama-server will read this request's slot, if it names one.
 pub(crate) fn slot_route_of<B>(req: &Request<B>) -> SlotRoute {
@@ -107,13 +107,13 @@ pub(crate) async fn slot_action(
     if verb != Verb::Erase {
         check_file_name(&raw)?;
     }
-    let n = upstream.pool.len();
-    if n == 0 {
-        return Err(Failure::Busy(
-            "llama-server's slots are not known yet".into(),
-        ));
+    if !upstream.slots_known(super::completion::SLOTS_WAIT).await {
+        // kvgate holds no slot of an upstream whose slots it does not know:
+        // nothing to race, so llama-server answers as it would alone.
+        parts.uri = plain_uri(id, verb)?;
+        return Ok(forward_relay(upstream, parts, full(raw)).await);
     }
-    let slot = wrap_slot_id(id, n);
+    let slot = wrap_slot_id(id, upstream.pool.len());
     parts.uri = plain_uri(slot, verb)?;
     let is_save = verb == Verb::Save;
     let want = if is_save {
@@ -166,7 +166,7 @@ pub(crate) async fn slot_action(
 
 /// `/slots/{slot}?action={verb}`: the one spelling llama-server and kvgate
 /// can't read differently.
-fn plain_uri(slot: usize, verb: Verb) -> Result<Uri, Failure> {
+fn plain_uri(slot: impl std::fmt::Display, verb: Verb) -> Result<Uri, Failure> {
     let action = match verb {
         Verb::Save => "save",
         Verb::Restore => "restore",

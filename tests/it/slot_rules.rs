@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use crate::support::fake_llama::FakeLlama;
 use crate::support::kvgate::{
     assert_api_error, group_turn, json_body, names_in, post_json, raw_exchange, send, spawn_post,
-    Kvgate, Saving,
+    test_config, Bare, Kvgate, Saving,
 };
 
 /// POSTs `body` to `path` on `base`; status and JSON answer.
@@ -341,4 +341,53 @@ async fn slot_action_bodies_are_checked_as_llama_server_reads_them() {
         ("/slots/1", Some("action=erase"))
     );
     s.kv.wait_idle().await;
+}
+
+#[tokio::test]
+async fn without_its_slots_kvgate_passes_requests_through_unpinned() {
+    // llama-server wants a key kvgate was not given: kvgate can't read its
+    // slots, so it passes completions and slot actions through as
+    // llama-server alone would answer them (it used to answer 503).
+    const KEY: &str = "upstream-secret-0123";
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeLlama::builder()
+        .slots(2)
+        .events(1)
+        .api_key(KEY)
+        .save_dir(dir.path())
+        .build()
+        .await;
+    let kv = Bare::start(test_config(&fake.url())).await;
+    let url = format!("{}/completion", kv.url);
+    let bearer = format!("Bearer {KEY}");
+    let body = json!({"prompt": "x", "n_predict": 1});
+    let (status, headers, _) = post_json(&url, &[("authorization", bearer.as_str())], &body).await;
+    assert_eq!(status, 200);
+    assert!(
+        headers.get("x-kvgate-slot").is_none(),
+        "unpinned: {headers:?}"
+    );
+    let sent = fake.completions().pop().unwrap();
+    assert!(sent.get("id_slot").is_none(), "llama-server chose: {sent}");
+    let (status, _, bytes) = post_json(&url, &[], &body).await;
+    assert_eq!(status, 401, "llama-server's own answer");
+    assert_api_error(401, &json_body(&bytes), "no key");
+    let (status, _, _) = post_json(
+        &format!("{}/slots/%30?action=erase", kv.url),
+        &[("authorization", bearer.as_str())],
+        &json!({}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let erase = fake
+        .calls()
+        .into_iter()
+        .rev()
+        .find(|c| c.path.starts_with("/slots/"))
+        .unwrap();
+    assert_eq!(
+        (erase.path.as_str(), erase.query.as_deref()),
+        ("/slots/0", Some("action=erase"))
+    );
+    kv.stop().await;
 }
