@@ -18,8 +18,10 @@ use crate::http::conn::ConnLimits;
 #[derive(Debug, Clone, Default, Parser)]
 #[command(name = "kvgate", version, about = "Persistent, per-character KV cache for llama.cpp's llama-server", long_about = None)]
 pub struct Cli {
-    /// Front port that clients (SillyTavern) use instead of llama-server.
-    #[arg(long, env = "KVGATE_LISTEN", value_name = "ADDR")]
+    /// Front port that clients (SillyTavern) use instead of llama-server;
+    /// several addresses separated by commas serve the same port (as
+    /// llama-server's `--host 127.0.0.1,::1`).
+    #[arg(long, env = "KVGATE_LISTEN", value_name = "ADDR[,ADDR…]")]
     pub listen: Option<String>,
     /// llama-server's base URL; repeat the flag (or separate URLs with
     /// commas) for several upstreams.
@@ -255,6 +257,8 @@ enum OneOrMany {
 pub struct Config {
     /// Front port address.
     pub listen: SocketAddr,
+    /// Further addresses of the front port (`--listen a,b`: `b` here).
+    pub also_listen: Vec<SocketAddr>,
     /// llama-server base URLs (scheme, authority, optional path prefix),
     /// each an upstream with its own slot table. Empty when `--model` is the
     /// only upstream.
@@ -331,6 +335,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "127.0.0.1:8080".parse().expect("constant address"),
+            also_listen: Vec::new(),
             upstreams: vec![Uri::from_static(DEFAULT_UPSTREAM)],
             admin_listen: "127.0.0.1:8090".parse().expect("constant address"),
             save_dir: None,
@@ -421,6 +426,27 @@ fn addr(
             .parse()
             .map_err(|_| invalid(name, &s, "expected IP:PORT, e.g. 127.0.0.1:8080")),
     }
+}
+
+/// One address or several separated by commas: the first and the rest.
+fn addrs(
+    name: &'static str,
+    v: Option<String>,
+    default: SocketAddr,
+) -> Result<(SocketAddr, Vec<SocketAddr>), ConfigError> {
+    let Some(s) = v else {
+        return Ok((default, Vec::new()));
+    };
+    let mut all = Vec::new();
+    for part in s.split(',').map(str::trim) {
+        let a = addr(name, Some(part.to_string()), default)?;
+        if all.contains(&a) {
+            return Err(invalid(name, &s, "an address given twice"));
+        }
+        all.push(a);
+    }
+    let first = all.remove(0);
+    Ok((first, all))
 }
 
 /// The llama-server `--model` asks kvgate to run, checked.
@@ -598,12 +624,14 @@ impl Config {
             (None, None) => None,
         };
         let max_queue = cli.max_queue.or(file.max_queue).unwrap_or(d.max_queue);
+        let (listen, also_listen) = addrs("--listen", cli.listen.or(file.listen), d.listen)?;
         let max_body_bytes = cli
             .max_body_bytes
             .or(file.max_body_bytes)
             .unwrap_or(d.max_body_bytes);
         let cfg = Config {
-            listen: addr("--listen", cli.listen.or(file.listen), d.listen)?,
+            listen,
+            also_listen,
             upstreams: upstreams.unwrap_or(d.upstreams),
             admin_listen: addr(
                 "--admin-listen",
@@ -749,14 +777,17 @@ impl Config {
 /// says who may use it: there, any client is trusted with every
 /// character's cache and the slot actions.
 pub fn open_front_warning(cfg: &Config) -> Option<String> {
-    if cfg.listen.ip().is_loopback() || cfg.clients.is_some() {
+    let open = std::iter::once(&cfg.listen)
+        .chain(&cfg.also_listen)
+        .find(|a| !a.ip().is_loopback());
+    let (Some(open), None) = (open, &cfg.clients) else {
         return None;
-    }
+    };
     Some(format!(
         "the front port {} is reachable from the network and no --clients file is given: \
          any client on the network can use every character's cache and the slot actions \
          (give --clients, or listen on 127.0.0.1)",
-        cfg.listen
+        open
     ))
 }
 

@@ -149,6 +149,16 @@ impl Gateway {
         admin: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) {
+        self.serve_on(vec![front], admin, shutdown).await;
+    }
+
+    /// [`Gateway::serve`] with the front port on several addresses.
+    pub async fn serve_on(
+        self,
+        fronts: Vec<TcpListener>,
+        admin: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) {
         let Gateway {
             app,
             instances,
@@ -180,21 +190,28 @@ impl Gateway {
             stopped(stop_rx.clone()),
             grace,
         ));
-        let front_app = Arc::clone(&app);
-        let front_task = tokio::spawn(server::serve(
-            "front",
-            front,
-            move |req, peer| proxy::handle(Arc::clone(&front_app), req, peer),
-            app.shared.cfg.front_limits(),
-            stopped(stop_rx),
-            grace,
-        ));
+        let front_tasks: Vec<_> = fronts
+            .into_iter()
+            .map(|front| {
+                let front_app = Arc::clone(&app);
+                tokio::spawn(server::serve(
+                    "front",
+                    front,
+                    move |req, peer| proxy::handle(Arc::clone(&front_app), req, peer),
+                    app.shared.cfg.front_limits(),
+                    stopped(stop_rx.clone()),
+                    grace,
+                ))
+            })
+            .collect();
 
         shutdown.await;
         info!("shutting down: no new connections; letting streams finish");
         let _ = stop_tx.send(true);
         resume.abort();
-        let _ = front_task.await;
+        for task in front_tasks {
+            let _ = task.await;
+        }
         wait_for_lifecycle_tasks(&app, grace).await;
         save_before_exit(&app).await;
         instances.shutdown().await;
@@ -303,13 +320,17 @@ pub async fn run(
         warn!("{w}");
     }
     let (listen, admin_listen) = (cfg.listen, cfg.admin_listen);
+    let also_listen = cfg.also_listen.clone();
     let gw = Gateway::assemble(cfg, policy, clients, None)?;
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr)
             .await
             .map_err(|source| StartError::Bind { addr, source })
     };
-    let front = bind(listen).await?;
+    let mut fronts = vec![bind(listen).await?];
+    for addr in also_listen {
+        fronts.push(bind(addr).await?);
+    }
     let admin = bind(admin_listen).await?;
     if let Some(s) = supervised {
         let spec = InstanceSpec {
@@ -331,7 +352,7 @@ pub async fn run(
         .map(|a| format!("{}={}", a.name, a.client.base()))
         .collect();
     info!(front = %listen, admin = %admin_listen, upstreams = %upstreams.join(" "), "kvgate listening");
-    gw.serve(front, admin, shutdown).await;
+    gw.serve_on(fronts, admin, shutdown).await;
     Ok(())
 }
 

@@ -425,3 +425,38 @@ fn a_corrupt_settings_file_is_reported_and_kvgate_serves() {
         "reported loudly: {text}"
     );
 }
+
+#[test]
+fn the_front_port_serves_every_address_given() {
+    use std::io::{Read, Write};
+    // As llama-server's `--host 127.0.0.1,::1` (two loopback addresses
+    // here, so the test needs no IPv6).
+    let (front, admin) = (free_port(), free_port().to_string());
+    let listen = format!("127.0.0.1:{front},127.0.0.2:{front}");
+    let mut child = kvgate_command()
+        .args(["--listen", &listen, "--admin-listen"])
+        .arg(format!("127.0.0.1:{admin}"))
+        .args(["--upstream", "http://127.0.0.1:9"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while blocking_health(&admin, None).is_none() {
+        assert!(Instant::now() < deadline, "kvgate did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for host in ["127.0.0.1", "127.0.0.2"] {
+        let mut c = std::net::TcpStream::connect((host, front)).expect("listening");
+        write!(
+            c,
+            "GET /health HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).unwrap();
+        assert!(out.starts_with("HTTP/1.1 "), "{host}: {out}");
+    }
+    let _ = child.kill();
+    child.wait().unwrap();
+}
