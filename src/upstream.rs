@@ -56,7 +56,7 @@ pub struct UpstreamState {
     /// `/v1/models` (`--alias`) and the model file's name.
     pub models: Vec<String>,
     /// Why kvgate could not read it at the last poll although it answered
-    /// (a 401: kvgate lacks its `--api-key`).
+    /// (a 401 or 403: kvgate lacks its `--api-key`).
     pub refused: Option<String>,
 }
 

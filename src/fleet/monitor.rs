@@ -170,8 +170,11 @@ async fn poll(upstream: &Upstream, seen: &mut Seen) {
 }
 
 fn down(upstream: &Upstream, seen: &mut Seen, e: &UpstreamError) {
-    if let UpstreamError::Status { .. } = e {
-        // It answered, but not to kvgate: say why, once.
+    let refused = matches!(e, UpstreamError::Status { status, .. }
+        if *status == StatusCode::UNAUTHORIZED || *status == StatusCode::FORBIDDEN);
+    if refused {
+        // It answered, but not to kvgate (a loading llama-server's 503 is
+        // not a refusal: it will answer soon). Say why, once.
         let mut st = upstream.state.get();
         if st.refused.is_none() {
             warn!(error = %e, "llama-server refuses kvgate's own calls (give --upstream-api-key if it has an --api-key); requests pass through unpinned meanwhile");
