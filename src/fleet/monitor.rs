@@ -34,6 +34,25 @@ struct Seen {
     fingerprinted: bool,
     /// The names the upstream's model answers to (see [`model_names`]).
     models: Vec<String>,
+    /// Whether llama-server was asleep (`--sleep-idle-seconds`) at the last
+    /// poll.
+    sleeping: bool,
+}
+
+/// Whether `/props` says llama-server sleeps: its model is unloaded, its
+/// slots' caches gone, and any call but `/health`, `/props`, `/metrics` and
+/// `/models` would wake it.
+fn is_sleeping(props: &Value) -> bool {
+    props.get("is_sleeping").and_then(Value::as_bool) == Some(true)
+}
+
+/// `/props`' slot count (with `--no-slots`, or while llama-server sleeps).
+fn total_slots(props: &Value) -> usize {
+    props
+        .get("total_slots")
+        .and_then(Value::as_u64)
+        .and_then(|n| usize::try_from(n).ok())
+        .unwrap_or(0)
 }
 
 /// The `/props` fields that change when llama-server comes back different.
@@ -68,6 +87,12 @@ async fn read_upstream(
     upstream: &Upstream,
 ) -> Result<(Value, Option<Vec<SlotInfo>>, usize), UpstreamError> {
     let props = upstream.client.get_json("/props", POLL_TIMEOUT).await?;
+    if is_sleeping(&props) {
+        // `/slots` would wake it, and polling it would keep it from ever
+        // sleeping: kvgate must not start work llama-server alone would not.
+        let n = total_slots(&props);
+        return Ok((props, None, n));
+    }
     let slots = match upstream.client.slots(POLL_TIMEOUT).await {
         Ok(s) => Some(s),
         // `--no-slots`: fall back to /props for the count.
@@ -76,11 +101,7 @@ async fn read_upstream(
     };
     let n = match &slots {
         Some(s) => s.len(),
-        None => props
-            .get("total_slots")
-            .and_then(Value::as_u64)
-            .and_then(|n| usize::try_from(n).ok())
-            .unwrap_or(0),
+        None => total_slots(&props),
     };
     Ok((props, slots, n))
 }
@@ -113,9 +134,21 @@ async fn poll(upstream: &Upstream, seen: &mut Seen) {
         Err(e) => return down(upstream, seen, &e),
     };
     let key = props_key(&props);
-    let max_task = slots
-        .as_ref()
-        .and_then(|s| s.iter().filter_map(|x| x.id_task).max());
+    let sleeping = is_sleeping(&props);
+    // Asleep, llama-server shows no slots: keep the last task id seen.
+    let max_task = match (&slots, sleeping) {
+        (_, true) => seen.max_task,
+        (s, false) => s
+            .as_ref()
+            .and_then(|s| s.iter().filter_map(|x| x.id_task).max()),
+    };
+    if sleeping && !seen.sleeping && seen.up.is_some() {
+        info!(
+            "llama-server went to sleep: its slots' caches are gone; characters restore from disk"
+        );
+        upstream.pool.lose_all_caches();
+    }
+    seen.sleeping = sleeping;
 
     let first = seen.up.is_none();
     let was_down = seen.up == Some(false);

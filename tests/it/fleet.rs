@@ -270,3 +270,38 @@ async fn an_upstream_going_down_moves_its_characters_which_restore_from_disk() {
     );
     kv.stop().await;
 }
+
+#[tokio::test]
+async fn a_sleeping_llama_server_is_not_woken_by_kvgate() {
+    // llama-server wakes for `/slots` (and its idle clock restarts): kvgate
+    // reads only `/props` while it sleeps, and knows the caches are gone.
+    let fake = FakeLlama::builder().slots(2).events(1).build().await;
+    let kv = Kvgate::start(&fake.url(), |c| {
+        c.health_interval = Duration::from_millis(50);
+    })
+    .await;
+    say(&kv, "Alice", None).await;
+    kv.wait_idle().await;
+    assert!(kv.upstream.pool.snapshot().iter().any(|s| s.live));
+    fake.set_sleeping(true);
+    kv.wait_until("caches known lost", Duration::from_secs(5), |u| {
+        u.pool.snapshot().iter().all(|s| !s.live)
+    })
+    .await;
+    fake.clear_calls();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let calls = fake.calls();
+    assert!(calls.iter().any(|c| c.path == "/props"), "still watched");
+    assert!(
+        calls.iter().all(|c| c.path != "/slots"),
+        "kvgate woke it: {:?}",
+        calls.iter().map(|c| &c.path).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        kv.metric("kvgate_upstream_restarts_total").await,
+        0,
+        "not a restart"
+    );
+    fake.set_sleeping(false);
+    say(&kv, "Alice", None).await;
+}

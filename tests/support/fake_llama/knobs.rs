@@ -20,6 +20,7 @@ pub(super) struct Knobs {
     pub(super) die_after: Option<usize>,
     pub(super) hang: bool,
     pub(super) loading: bool,
+    pub(super) sleeping: bool,
     pub(super) model_path: String,
     pub(super) api_key: Option<String>,
 }
@@ -38,6 +39,7 @@ impl Default for Knobs {
             die_after: None,
             hang: false,
             loading: false,
+            sleeping: false,
             model_path: MODEL_PATH.to_string(),
             api_key: None,
         }
@@ -107,5 +109,9 @@ impl FakeHandle {
     }
     pub fn set_api_key(&self, key: Option<String>) {
         self.knobs().api_key = key;
+    }
+    /// `/props` says `is_sleeping` (llama-server's `--sleep-idle-seconds`).
+    pub fn set_sleeping(&self, on: bool) {
+        self.knobs().sleeping = on;
     }
 }

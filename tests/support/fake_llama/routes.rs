@@ -161,7 +161,7 @@ fn props_json(shared: &Shared) -> Value {
         "bos_token": "<s>",
         "eos_token": "</s>",
         "build_info": shared.build_info,
-        "is_sleeping": false,
+        "is_sleeping": k.sleeping,
         "cors_proxy_enabled": false,
     })
 }
