@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# LLAMA_SERVER_BIN_PATH for the run through kvgate. The suite starts "llama-
+# server" on --host/--port and talks to that address; this wrapper starts the
+# real llama-server on a private loopback port instead, and kvgate on the
+# address the suite asked for, in front of it.
+#
+# What kvgate needs of llama-server (README, "Start llama-server for kvgate")
+# is added only where the suite gave nothing:
+#   --slot-save-path  a fresh directory, also kvgate's --save-dir
+#   -np               4, the slot count llama-server's automatic default picks
+#                     (without its unified KV cache, which kvgate warns about)
+# The suite's --api-key stays on llama-server and is given to kvgate as
+# --upstream-api-key, so that kvgate can poll /health and /slots. (Whether a
+# transparent proxy should also check the key itself is an open question.)
+#
+# The suite stops a server with SIGTERM, then SIGKILL after 5 s. SIGTERM is
+# passed to kvgate (which shuts down gracefully), then llama-server is
+# stopped; both children also carry --pdeathsig KILL, so a SIGKILL of this
+# wrapper takes them with it.
+#
+# Env (set by conformance.sh): CONF_LLAMA_SERVER, CONF_KVGATE, CONF_MODEL,
+# CONF_RUN_DIR (scratch space and logs).
+set -euo pipefail
+. "$(dirname "$0")/model-args.sh"
+: "${CONF_LLAMA_SERVER:?}" "${CONF_KVGATE:?}" "${CONF_RUN_DIR:?}"
+
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# Pull out what kvgate has to know; everything else goes to llama-server.
+host="127.0.0.1" port="8080" api_key="" save_path="" np=""
+rewrite_model_args "$@"
+rest=() i=0
+while (( i < ${#ARGS[@]} )); do
+  a="${ARGS[i]}" v="${ARGS[i+1]:-}"
+  case "$a" in
+    --host) host="$v"; i=$((i + 2)); continue ;;
+    --port) port="$v"; i=$((i + 2)); continue ;;
+    --api-key) api_key="$v" ;;
+    --slot-save-path) save_path="$v" ;;
+    -np | --parallel) np="$v" ;;
+  esac
+  rest+=("$a"); i=$((i + 1))
+done
+
+scratch="$(mktemp -d "$CONF_RUN_DIR/instance.XXXXXX")"
+if [[ -z "$save_path" ]]; then
+  save_path="$scratch/slots"; mkdir -p "$save_path"
+  rest+=(--slot-save-path "$save_path")
+fi
+if [[ -z "$np" ]]; then rest+=(-np 4); fi
+
+# kvgate listens on one address: the first of a comma-separated --host.
+listen_host="${host%%,*}"
+if [[ "$listen_host" == *:* ]]; then listen_host="[$listen_host]"; fi
+private_port="$(free_port)"
+admin_port="$(free_port)"
+
+echo "via-kvgate: llama-server on 127.0.0.1:$private_port (log $scratch/llama-server.log)," \
+     "kvgate on $listen_host:$port (log $scratch/kvgate.log)"
+echo "via-kvgate: llama-server args: ${rest[*]}"
+
+# GCP mode (AIP_MODE) makes llama-server take its port from AIP_HTTP_PORT.
+llama_env=()
+if [[ -n "${AIP_HTTP_PORT:-}" ]]; then llama_env=(env "AIP_HTTP_PORT=$private_port"); fi
+"${llama_env[@]}" setpriv --pdeathsig KILL "$CONF_LLAMA_SERVER" "${rest[@]}" \
+  --host 127.0.0.1 --port "$private_port" >"$scratch/llama-server.log" 2>&1 &
+llama_pid=$!
+
+kv_args=(--listen "$listen_host:$port" --upstream "http://127.0.0.1:$private_port"
+         --save-dir "$save_path" --admin-listen "127.0.0.1:$admin_port")
+if [[ -n "$api_key" ]]; then kv_args+=(--upstream-api-key "$api_key"); fi
+# kvgate's log goes to the suite's output too, so a failing test shows it.
+setpriv --pdeathsig KILL "$CONF_KVGATE" "${kv_args[@]}" > >(tee "$scratch/kvgate.log") 2>&1 &
+kvgate_pid=$!
+
+stop() {
+  kill -TERM "$kvgate_pid" 2>/dev/null || true
+  wait "$kvgate_pid" 2>/dev/null || true
+  kill -TERM "$llama_pid" 2>/dev/null || true
+  wait "$llama_pid" 2>/dev/null || true
+  exit 143
+}
+trap stop TERM INT HUP
+
+# Whichever dies first ends the pair: the suite sees the exit as a crash.
+set +e
+wait -n "$kvgate_pid" "$llama_pid"
+rc=$?
+echo "via-kvgate: a child exited ($rc); stopping the other"
+kill -TERM "$kvgate_pid" "$llama_pid" 2>/dev/null
+wait
+exit "$rc"
