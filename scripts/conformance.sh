@@ -13,6 +13,8 @@
 #   CONF_PARALLEL=1     run the two ways at the same time (default: one after
 #                       the other; 2 cores are tight for both)
 #   CONF_PYTEST_ARGS    extra pytest arguments (e.g. "-k slot")
+#   CONF_KVGATE_WITH_SLOTS=1  through kvgate, drop the suite's --no-slots
+#                       (kvgate reads /slots; see the kvgate wrapper)
 #   CI=true             a missing part (a test file, a tool) fails, never skips
 #   LLAMA_SERVER, KVGATE_CACHE_DIR: as for scripts/build-llama-server.sh
 #

@@ -64,6 +64,14 @@ def main():
             print(f"  {tid:<{w}}  {d:>7} -> {k:<7}  {why}")
     else:
         print("\nno test differs")
+    # Not counted as differences, but worth a look: a test that fails both
+    # ways may fail for another reason through kvgate.
+    other = [(tid, direct[tid][1], kvgate[tid][1]) for tid in sorted(set(direct) & set(kvgate))
+             if direct[tid][0] == kvgate[tid][0] != "passed" and direct[tid][1] != kvgate[tid][1]]
+    if other:
+        print(f"\n{len(other)} tests fail both ways, with another message through kvgate:")
+        for tid, d, k in other:
+            print(f"  {tid}\n      direct: {d[:140]}\n      kvgate: {k[:140]}")
     return 1 if unexpected else 0
 
 

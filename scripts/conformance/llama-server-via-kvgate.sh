@@ -9,6 +9,9 @@
 #   --slot-save-path  a fresh directory, also kvgate's --save-dir
 #   -np               4, the slot count llama-server's automatic default picks
 #                     (without its unified KV cache, which kvgate warns about)
+# CONF_KVGATE_WITH_SLOTS=1 also drops the suite's --no-slots: kvgate reads
+# llama-server's /slots, and without it answers 503 "the upstream's slots are
+# not known yet" (the suite's tinyllama2 preset passes --no-slots).
 # The suite's --api-key stays on llama-server and is given to kvgate as
 # --upstream-api-key, so that kvgate can poll /health and /slots. (Whether a
 # transparent proxy should also check the key itself is an open question.)
@@ -40,6 +43,7 @@ while (( i < ${#ARGS[@]} )); do
     --api-key) api_key="$v" ;;
     --slot-save-path) save_path="$v" ;;
     -np | --parallel) np="$v" ;;
+    --no-slots) if [[ "${CONF_KVGATE_WITH_SLOTS:-}" == 1 ]]; then i=$((i + 1)); continue; fi ;;
   esac
   rest+=("$a"); i=$((i + 1))
 done
