@@ -12,6 +12,9 @@
 # CONF_KVGATE_WITH_SLOTS=1 also drops the suite's --no-slots: kvgate reads
 # llama-server's /slots, and without it answers 503 "the upstream's slots are
 # not known yet" (the suite's tinyllama2 preset passes --no-slots).
+# CONF_KVGATE_ARGS: more kvgate flags (split on spaces), e.g.
+# "--health-interval 0.1" to shorten the time after start-up in which kvgate
+# does not know llama-server's slots yet.
 # The suite's --api-key stays on llama-server and is given to kvgate as
 # --upstream-api-key, so that kvgate can poll /health and /slots. (Whether a
 # transparent proxy should also check the key itself is an open question.)
@@ -75,6 +78,8 @@ llama_pid=$!
 kv_args=(--listen "$listen_host:$port" --upstream "http://127.0.0.1:$private_port"
          --save-dir "$save_path" --admin-listen "127.0.0.1:$admin_port")
 if [[ -n "$api_key" ]]; then kv_args+=(--upstream-api-key "$api_key"); fi
+# shellcheck disable=SC2206 # a word list on purpose
+kv_args+=(${CONF_KVGATE_ARGS:-})
 # kvgate's log goes to the suite's output too, so a failing test shows it.
 setpriv --pdeathsig KILL "$CONF_KVGATE" "${kv_args[@]}" > >(tee "$scratch/kvgate.log") 2>&1 &
 kvgate_pid=$!
