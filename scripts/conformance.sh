@@ -15,6 +15,8 @@
 #   CONF_PYTEST_ARGS    extra pytest arguments (e.g. "-k slot")
 #   CONF_KVGATE_WITH_SLOTS=1  through kvgate, drop the suite's --no-slots
 #                       (kvgate reads /slots; see the kvgate wrapper)
+#   CONF_KVGATE_WAIT_UPSTREAM=1  start kvgate once llama-server is healthy
+#                       (takes out the start-up race; see the kvgate wrapper)
 #   CONF_KVGATE_ARGS    more kvgate flags, e.g. "--health-interval 0.1"
 #   CI=true             a missing part (a test file, a tool) fails, never skips
 #   LLAMA_SERVER, KVGATE_CACHE_DIR: as for scripts/build-llama-server.sh

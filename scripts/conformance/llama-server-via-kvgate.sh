@@ -12,6 +12,11 @@
 # CONF_KVGATE_WITH_SLOTS=1 also drops the suite's --no-slots: kvgate reads
 # llama-server's /slots, and without it answers 503 "the upstream's slots are
 # not known yet" (the suite's tinyllama2 preset passes --no-slots).
+# CONF_KVGATE_WAIT_UPSTREAM=1 starts kvgate only once llama-server answers
+# /health with 200. kvgate's own /health passes llama-server's through, so
+# the suite may send its first request before kvgate has polled the slots
+# (every 2 s by default) and get 503 "slots not known yet"; this setting
+# takes that start-up race out, to show what else differs.
 # CONF_KVGATE_ARGS: more kvgate flags (split on spaces), e.g.
 # "--health-interval 0.1" to shorten the time after start-up in which kvgate
 # does not know llama-server's slots yet.
@@ -74,6 +79,25 @@ if [[ -n "${AIP_HTTP_PORT:-}" ]]; then llama_env=(env "AIP_HTTP_PORT=$private_po
 "${llama_env[@]}" setpriv --pdeathsig KILL "$CONF_LLAMA_SERVER" "${rest[@]}" \
   --host 127.0.0.1 --port "$private_port" >"$scratch/llama-server.log" 2>&1 &
 llama_pid=$!
+
+wait_for_upstream() {
+  local url="http://127.0.0.1:$private_port/health"
+  python3 - "$url" "$api_key" <<'PY' || { echo "via-kvgate: llama-server never became healthy"; exit 1; }
+import sys, time, urllib.request
+url, key = sys.argv[1], sys.argv[2]
+deadline = time.time() + 120
+while time.time() < deadline:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        if urllib.request.urlopen(req, timeout=1).status == 200:
+            sys.exit(0)
+    except Exception:
+        pass
+    time.sleep(0.02)
+sys.exit(1)
+PY
+}
+if [[ "${CONF_KVGATE_WAIT_UPSTREAM:-}" == 1 ]]; then wait_for_upstream; fi
 
 kv_args=(--listen "$listen_host:$port" --upstream "http://127.0.0.1:$private_port"
          --save-dir "$save_path" --admin-listen "127.0.0.1:$admin_port")
