@@ -82,11 +82,18 @@ llama_pid=$!
 
 wait_for_upstream() {
   local url="http://127.0.0.1:$private_port/health"
-  python3 - "$url" "$api_key" <<'PY' || { echo "via-kvgate: llama-server never became healthy"; exit 1; }
-import sys, time, urllib.request
-url, key = sys.argv[1], sys.argv[2]
+  python3 - "$url" "$api_key" "$llama_pid" <<'PY' || { echo "via-kvgate: llama-server never became healthy"; exit 1; }
+import os, sys, time, urllib.request
+url, key, pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
 deadline = time.time() + 120
 while time.time() < deadline:
+    try:
+        os.kill(pid, 0)  # llama-server gone (e.g. a bad flag): stop waiting
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                sys.exit(1)
+    except (ProcessLookupError, FileNotFoundError):
+        sys.exit(1)
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
     try:
         if urllib.request.urlopen(req, timeout=1).status == 200:
