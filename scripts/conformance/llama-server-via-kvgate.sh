@@ -63,14 +63,18 @@ if [[ -z "$save_path" ]]; then
 fi
 if [[ -z "$np" ]]; then rest+=(-np 4); fi
 
-# kvgate listens on one address: the first of a comma-separated --host.
-listen_host="${host%%,*}"
-if [[ "$listen_host" == *:* ]]; then listen_host="[$listen_host]"; fi
+# kvgate listens where llama-server would: every address of --host.
+listen=""
+IFS=',' read -r -a hosts <<<"$host"
+for h in "${hosts[@]}"; do
+  if [[ "$h" == *:* ]]; then h="[$h]"; fi
+  listen+="${listen:+,}$h:$port"
+done
 private_port="$(free_port)"
 admin_port="$(free_port)"
 
 echo "via-kvgate: llama-server on 127.0.0.1:$private_port (log $scratch/llama-server.log)," \
-     "kvgate on $listen_host:$port (log $scratch/kvgate.log)"
+     "kvgate on $listen (log $scratch/kvgate.log)"
 echo "via-kvgate: llama-server args: ${rest[*]}"
 
 # GCP mode (AIP_MODE) makes llama-server take its port from AIP_HTTP_PORT.
@@ -106,7 +110,7 @@ PY
 }
 if [[ "${CONF_KVGATE_WAIT_UPSTREAM:-}" == 1 ]]; then wait_for_upstream; fi
 
-kv_args=(--listen "$listen_host:$port" --upstream "http://127.0.0.1:$private_port"
+kv_args=(--listen "$listen" --upstream "http://127.0.0.1:$private_port"
          --save-dir "$save_path" --admin-listen "127.0.0.1:$admin_port")
 if [[ -n "$api_key" ]]; then kv_args+=(--upstream-api-key "$api_key"); fi
 # shellcheck disable=SC2206 # a word list on purpose
