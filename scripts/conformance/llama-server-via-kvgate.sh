@@ -78,10 +78,12 @@ echo "via-kvgate: llama-server on 127.0.0.1:$private_port (log $scratch/llama-se
 echo "via-kvgate: llama-server args: ${rest[*]}"
 
 # GCP mode (AIP_MODE) makes llama-server take its port from AIP_HTTP_PORT.
+# llama-server's output reaches the suite as it does directly: some tests
+# read its log lines (and fail alike on what a random model writes there).
 llama_env=()
 if [[ -n "${AIP_HTTP_PORT:-}" ]]; then llama_env=(env "AIP_HTTP_PORT=$private_port"); fi
 "${llama_env[@]}" setpriv --pdeathsig KILL "$CONF_LLAMA_SERVER" "${rest[@]}" \
-  --host 127.0.0.1 --port "$private_port" >"$scratch/llama-server.log" 2>&1 &
+  --host 127.0.0.1 --port "$private_port" > >(tee "$scratch/llama-server.log") 2>&1 &
 llama_pid=$!
 
 wait_for_upstream() {
