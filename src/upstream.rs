@@ -56,7 +56,8 @@ pub struct UpstreamState {
     /// `/v1/models` (`--alias`) and the model file's name.
     pub models: Vec<String>,
     /// Why kvgate could not read it at the last poll although it answered
-    /// (a 401 or 403: kvgate lacks its `--api-key`).
+    /// (a 401: kvgate lacks its `--api-key`; a 404 from a router
+    /// llama-server); not a loading llama-server's 503.
     pub refused: Option<String>,
 }
 
@@ -121,8 +122,10 @@ impl Upstream {
     pub(crate) async fn slots_known(&self, limit: std::time::Duration) -> bool {
         let deadline = tokio::time::Instant::now() + limit;
         while self.pool.is_empty() {
-            // It refuses kvgate: waiting would not help.
-            if tokio::time::Instant::now() >= deadline || self.state.get().refused.is_some() {
+            // It refuses kvgate, or it answered and has no slots (a router
+            // llama-server): waiting would not help.
+            let st = self.state.get();
+            if tokio::time::Instant::now() >= deadline || st.refused.is_some() || st.up {
                 return false;
             }
             self.monitor_kick.notify_one();

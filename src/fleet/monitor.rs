@@ -204,13 +204,15 @@ async fn poll(upstream: &Upstream, seen: &mut Seen) {
 
 fn down(upstream: &Upstream, seen: &mut Seen, e: &UpstreamError) {
     let refused = matches!(e, UpstreamError::Status { status, .. }
-        if *status == StatusCode::UNAUTHORIZED || *status == StatusCode::FORBIDDEN);
+        if *status != StatusCode::SERVICE_UNAVAILABLE);
     if refused {
-        // It answered, but not to kvgate (a loading llama-server's 503 is
-        // not a refusal: it will answer soon). Say why, once.
+        // It answered, but not what kvgate asked (a key kvgate lacks, a
+        // router llama-server without these endpoints); a loading
+        // llama-server's 503 is not a refusal: it will answer soon. Say
+        // why, once.
         let mut st = upstream.state.get();
         if st.refused.is_none() {
-            warn!(error = %e, "llama-server refuses kvgate's own calls (give --upstream-api-key if it has an --api-key); requests pass through unpinned meanwhile");
+            warn!(error = %e, "llama-server refuses kvgate's own calls (give --upstream-api-key if it has an --api-key); requests pass through unpinned");
         }
         st.refused = Some(e.to_string());
         upstream.state.replace(st);
