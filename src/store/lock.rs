@@ -61,12 +61,7 @@ impl DirLock {
             .truncate(false)
             .open(&path)
             .map_err(|e| format!("cannot open its lock file {}: {e}", path.display()))?;
-        if let Err(e) = flock(&file, FlockOperation::NonBlockingLockExclusive) {
-            if e == rustix::io::Errno::WOULDBLOCK {
-                return Err(in_use(&mut file, &path));
-            }
-            return Err(format!("cannot lock {}: {e}", path.display()));
-        }
+        lock_exclusive(&mut file, &path)?;
         // Who holds it, for the message a second kvgate prints. The lock is
         // what counts; the id is only informative.
         let _ = file
@@ -79,12 +74,42 @@ impl DirLock {
     }
 }
 
-fn in_use(file: &mut File, path: &Path) -> String {
+/// Takes the lock. When the file names this very process, an earlier hold
+/// of ours is being let go: a child this process forked (any thread may
+/// start llama-server) keeps a copy of the released descriptor until it
+/// execs, and the lock with it, for a moment. That is waited out (2 s at
+/// most); another process's hold is refused at once.
+fn lock_exclusive(file: &mut File, path: &Path) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match flock(&*file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(()),
+            Err(e) if e != rustix::io::Errno::WOULDBLOCK => {
+                return Err(format!("cannot lock {}: {e}", path.display()));
+            }
+            Err(_)
+                if owner(file) == Some(std::process::id())
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(_) => return Err(in_use(file, path)),
+        }
+    }
+}
+
+/// The process id the lock file names.
+fn owner(file: &mut File) -> Option<u32> {
     let mut text = String::new();
-    let _ = file.read_to_string(&mut text);
-    let owner = match text.trim().parse::<u32>() {
-        Ok(pid) => format!("another kvgate (process {pid})"),
-        Err(_) => "another kvgate".to_string(),
+    file.rewind().ok()?;
+    file.read_to_string(&mut text).ok()?;
+    text.trim().parse().ok()
+}
+
+fn in_use(file: &mut File, path: &Path) -> String {
+    let owner = match owner(file) {
+        Some(pid) => format!("another kvgate (process {pid})"),
+        None => "another kvgate".to_string(),
     };
     format!(
         "is in use by {owner}, which holds {}: one kvgate per save directory; \
@@ -96,6 +121,24 @@ fn in_use(file: &mut File, path: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hold_of_ours_still_let_go_is_waited_out() {
+        // As a forked child keeps a released descriptor until it execs: a
+        // second description of the file, locked, naming this process.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(LOCK_FILE);
+        let stale = File::create(&path).unwrap();
+        flock(&stale, FlockOperation::NonBlockingLockExclusive).unwrap();
+        std::fs::write(&path, format!("{}\n", std::process::id())).unwrap();
+        let letting_go = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            drop(stale);
+        });
+        let lock = DirLock::acquire(dir.path());
+        letting_go.join().unwrap();
+        assert!(lock.is_ok(), "{lock:?}");
+    }
 
     #[test]
     fn one_process_shares_its_hold_and_others_are_refused() {
