@@ -214,25 +214,17 @@ pub fn routed_path(s: &str) -> String {
 
 /// httplib's `decode_query_component` with `+` as a space.
 fn httplib_decode_query(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            if let Some(v) = hex(b, i + 1, 2) {
-                out.push(v as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(if b[i] == b'+' { b' ' } else { b[i] });
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    decode_hex_escapes(s, true)
 }
 
 /// llama-server's own second decoding of a path parameter: `%XX` only.
 fn llama_decode(s: &str) -> String {
+    decode_hex_escapes(s, false)
+}
+
+/// `%XX` escapes decoded (a malformed one stays as it is), and `+` as a
+/// space when `plus_as_space`.
+fn decode_hex_escapes(s: &str, plus_as_space: bool) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -244,7 +236,11 @@ fn llama_decode(s: &str) -> String {
                 continue;
             }
         }
-        out.push(b[i]);
+        out.push(if plus_as_space && b[i] == b'+' {
+            b' '
+        } else {
+            b[i]
+        });
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
