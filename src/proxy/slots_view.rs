@@ -40,6 +40,14 @@ pub(crate) async fn own_slots(
     let (mut parts, body) = req.into_parts();
     // kvgate must read the listing to cut it down.
     parts.headers.remove(ACCEPT_ENCODING);
+    // The plain spelling of what kvgate routed (`/%73lots` is `/slots`).
+    let plain = match parts.uri.query() {
+        Some(q) => format!("/slots?{q}"),
+        None => "/slots".to_string(),
+    };
+    parts.uri = plain
+        .parse()
+        .map_err(|e| Failure::Kvgate(format!("/slots URI: {e}")))?;
     let before = shown(upstream, &client);
     let resp = upstream
         .client

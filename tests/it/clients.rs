@@ -33,10 +33,11 @@ fn turn_by(kv: &Kvgate, who: &'static str, speaker: &str) -> tokio::task::JoinHa
     tokio::spawn(async move { post_json(&url, &[("authorization", who)], &body).await.0 })
 }
 
-async fn slots_as(kv: &Kvgate, who: &str) -> Vec<Value> {
+/// `GET /slots` (spelled `path`) as the client whose bearer is `who`.
+async fn listing_as(kv: &Kvgate, path: &str, who: &str) -> Vec<Value> {
     let resp = send(
         "GET",
-        &format!("{}/slots", kv.url),
+        &format!("{}{path}", kv.url),
         &[("authorization", who)],
         "",
     )
@@ -71,7 +72,7 @@ async fn each_client_sees_only_its_own_slots() {
         (HOME, home_slot, other_slot),
         (OTHER, other_slot, home_slot),
     ] {
-        let slots = slots_as(&kv, who).await;
+        let slots = listing_as(&kv, "/slots", who).await;
         assert_eq!(slots.len(), 2, "every slot keeps its place");
         assert!(
             slots[mine].get("id_task").is_some() && slots[mine].get("params").is_some(),
@@ -182,20 +183,9 @@ async fn encoded_listings_are_cut_down_and_only_own_slots_can_be_saved() {
         .unwrap();
     // httplib decodes /%73lots to /slots: the other client still sees
     // nothing of home's work.
-    let resp = send(
-        "GET",
-        &format!("{}/%73lots", kv.url),
-        &[("authorization", OTHER)],
-        "",
-    )
-    .await;
-    assert_eq!(resp.status(), 200);
-    let bytes = http_body_util::BodyExt::collect(resp.into_body())
-        .await
-        .unwrap()
-        .to_bytes();
-    let listing = json_body(&bytes);
-    assert!(listing[home_slot].get("id_task").is_none(), "{listing}");
+    let listing = listing_as(kv, "/%73lots", OTHER).await;
+    assert_eq!(listing.len(), 2, "the listing itself: {listing:?}");
+    assert!(listing[home_slot].get("id_task").is_none(), "{listing:?}");
     // Saving home's slot (to restore it into its own) is home's alone.
     let save = |who: &'static str| {
         let url = format!("{}/slots/{home_slot}?action=save", kv.url);
