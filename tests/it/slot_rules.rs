@@ -14,6 +14,11 @@ use crate::support::kvgate::{
     test_config, Bare, Kvgate, Saving,
 };
 
+/// POSTs the JSON text `body` to `path` on `base`; status and JSON answer.
+async fn post_json_text(base: &str, path: &str, body: &str) -> (u16, Value) {
+    post(base, path, "application/json", body).await
+}
+
 /// POSTs `body` to `path` on `base`; status and JSON answer.
 async fn post(base: &str, path: &str, content_type: &str, body: &str) -> (u16, Value) {
     let resp = send(
@@ -48,7 +53,7 @@ async fn slot_actions_cannot_name_kvgates_own_files() {
         for action in ["save", "restore"] {
             let body = json!({ "filename": name }).to_string();
             let path = format!("/slots/0?action={action}");
-            let (status, v) = post(&s.kv.url, &path, "application/json", &body).await;
+            let (status, v) = post_json_text(&s.kv.url, &path, &body).await;
             assert_eq!(status, 400, "{action} {name}: {v}");
             assert_api_error(400, &v, name);
             assert!(
@@ -70,16 +75,10 @@ async fn slot_actions_cannot_name_kvgates_own_files() {
 
     // Every other name passes as before (llama.cpp's own tests use these).
     let body = json!({ "filename": "slot1.bin" }).to_string();
-    let (status, v) = post(&s.kv.url, "/slots/0?action=save", "application/json", &body).await;
+    let (status, v) = post_json_text(&s.kv.url, "/slots/0?action=save", &body).await;
     assert_eq!(status, 200, "{v}");
     assert!(s.dir.join("slot1.bin").is_file());
-    let (status, v) = post(
-        &s.kv.url,
-        "/slots/1?action=restore",
-        "application/json",
-        &body,
-    )
-    .await;
+    let (status, v) = post_json_text(&s.kv.url, "/slots/1?action=restore", &body).await;
     assert_eq!(status, 200, "{v}");
     s.kv.wait_idle().await;
 }
@@ -156,13 +155,7 @@ async fn ambiguous_slot_actions_are_refused() {
     let s = Saving::start(2, |f| f, |_| {}).await;
     s.fake.clear_calls();
     let body = json!({ "filename": "slot1.bin" }).to_string();
-    let (status, v) = post(
-        &s.kv.url,
-        "/slots/0?action=save&action=restore",
-        "application/json",
-        &body,
-    )
-    .await;
+    let (status, v) = post_json_text(&s.kv.url, "/slots/0?action=save&action=restore", &body).await;
     assert_eq!(status, 400, "{v}");
     assert_api_error(400, &v, "two actions");
     // httplib adds a form body's fields to the query's.
@@ -181,7 +174,7 @@ async fn ambiguous_slot_actions_are_refused() {
         "[".repeat(200),
         "]".repeat(200)
     );
-    let (status, v) = post(&s.kv.url, "/slots/0?action=save", "application/json", &deep).await;
+    let (status, v) = post_json_text(&s.kv.url, "/slots/0?action=save", &deep).await;
     assert_eq!(status, 400, "{v}");
     assert!(s.fake.slot_actions().is_empty());
     assert!(s
@@ -220,7 +213,7 @@ async fn a_completion_names_its_slot_as_llama_server_reads_it() {
         "[".repeat(200),
         "]".repeat(200)
     );
-    let (status, v) = post(&kv.url, "/completion", "application/json", &deep).await;
+    let (status, v) = post_json_text(&kv.url, "/completion", &deep).await;
     assert_eq!(status, 400, "{v}");
     assert_api_error(400, &v, "deep body");
     assert_eq!(fake.completions().len(), n, "it never reached llama-server");
@@ -268,10 +261,9 @@ async fn spellings_that_route_elsewhere_in_llama_server_are_leased_too() {
         assert_api_error(400, &json_body(&bytes), key);
     }
     // A byte-order mark, which llama-server skips: read, leased.
-    let (status, v) = post(
+    let (status, v) = post_json_text(
         &s.kv.url,
         "/completion",
-        "application/json",
         "\u{feff}{\"prompt\":\"x\",\"id_slot\":0,\"n_predict\":1}",
     )
     .await;
@@ -286,10 +278,9 @@ async fn slot_action_bodies_are_checked_as_llama_server_reads_them() {
     let s = Saving::start(2, |f| f, |_| {}).await;
     s.fake.clear_calls();
     // A byte-order mark before a reserved name.
-    let (status, v) = post(
+    let (status, v) = post_json_text(
         &s.kv.url,
         "/slots/0?action=save",
-        "application/json",
         "\u{feff}{\"filename\":\"kvgate-settings.json\"}",
     )
     .await;
@@ -307,13 +298,7 @@ async fn slot_action_bodies_are_checked_as_llama_server_reads_them() {
     assert_eq!(status, 400);
     // A body kvgate can't read for a save: refused (llama-server refuses it
     // too), not passed by the check.
-    let (status, v) = post(
-        &s.kv.url,
-        "/slots/0?action=save",
-        "application/json",
-        "{oops",
-    )
-    .await;
+    let (status, v) = post_json_text(&s.kv.url, "/slots/0?action=save", "{oops").await;
     assert_eq!(status, 400, "{v}");
     assert!(
         s.fake.slot_actions().is_empty(),
@@ -321,13 +306,7 @@ async fn slot_action_bodies_are_checked_as_llama_server_reads_them() {
         s.fake.slot_actions()
     );
     // llama-server gets the plain spelling of what kvgate leased.
-    let (status, v) = post(
-        &s.kv.url,
-        "/slots/%2B3/?action=%65rase&x=y",
-        "application/json",
-        "{}",
-    )
-    .await;
+    let (status, v) = post_json_text(&s.kv.url, "/slots/%2B3/?action=%65rase&x=y", "{}").await;
     assert_eq!(status, 200, "{v}");
     let call = s
         .fake
