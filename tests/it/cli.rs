@@ -241,17 +241,21 @@ fn an_admin_key_with_stray_spaces_still_opens_the_port() {
 
 #[test]
 fn an_open_front_port_without_clients_is_warned_about_at_start() {
-    let admin_port = free_port().to_string();
-    let admin = format!("127.0.0.1:{admin_port}");
-    let args = [
-        "--listen",
-        "0.0.0.0:0",
-        "--admin-listen",
-        &admin,
-        "--upstream",
-        "http://127.0.0.1:9",
-    ];
-    let (served, log) = serve_and_probe(&args, &vec![], &admin_port, None);
+    // kvgate listening on `listen`: whether it served, and its log.
+    let start = |listen: &str| {
+        let admin_port = free_port().to_string();
+        let admin = format!("127.0.0.1:{admin_port}");
+        let args = [
+            "--listen",
+            listen,
+            "--admin-listen",
+            &admin,
+            "--upstream",
+            "http://127.0.0.1:9",
+        ];
+        serve_and_probe(&args, &vec![], &admin_port, None)
+    };
+    let (served, log) = start("0.0.0.0:0");
     assert_eq!(served, 200, "{log}");
     assert!(
         log.contains("WARN")
@@ -259,17 +263,7 @@ fn an_open_front_port_without_clients_is_warned_about_at_start() {
         "{log}"
     );
     // On loopback, no such warning.
-    let admin_port = free_port().to_string();
-    let admin = format!("127.0.0.1:{admin_port}");
-    let args = [
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        &admin,
-        "--upstream",
-        "http://127.0.0.1:9",
-    ];
-    let (served, log) = serve_and_probe(&args, &vec![], &admin_port, None);
+    let (served, log) = start("127.0.0.1:0");
     assert_eq!(served, 200, "{log}");
     assert!(!log.contains("any client on the network"), "{log}");
 }

@@ -69,16 +69,10 @@ async fn bad_instance_requests_are_refused_and_leave_nothing_behind() {
     let bin_dir = tempfile::tempdir().unwrap();
     let fake = FakeLlama::builder().save_dir(dir.path()).build().await;
     let binary = failing_binary(bin_dir.path());
-    let kv = Kvgate::start_saving(&fake.url(), dir.path(), |c| {
-        c.admin_key = Some(KEY.into());
-        c.llama_server = Some(binary);
-    })
-    .await;
-    let model = bin_dir.path().join("tiny.gguf");
-    std::fs::write(&model, b"GGUF\x03\x00\x00\x00 not really a model").unwrap();
+    let kv = with_binary(&fake, dir.path(), binary).await;
+    let model_s = fake_model(bin_dir.path());
     let not_gguf = bin_dir.path().join("notes.txt");
     std::fs::write(&not_gguf, b"hello").unwrap();
-    let model_s = model.display().to_string();
     let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let busy_port = held.local_addr().unwrap().port();
 
@@ -161,6 +155,16 @@ fn recording_binary(dir: &Path) -> PathBuf {
     path
 }
 
+/// kvgate with the admin key, in front of `fake` saving to `dir`, running
+/// `binary` as llama-server for the instances API.
+async fn with_binary(fake: &FakeLlama, dir: &Path, binary: PathBuf) -> Kvgate {
+    Kvgate::start_saving(&fake.url(), dir, |c| {
+        c.admin_key = Some(KEY.into());
+        c.llama_server = Some(binary);
+    })
+    .await
+}
+
 /// A file that starts like a GGUF model.
 fn fake_model(dir: &Path) -> String {
     let model = dir.join("tiny.gguf");
@@ -174,11 +178,7 @@ async fn only_tuning_flags_reach_llama_server() {
     let bin_dir = tempfile::tempdir().unwrap();
     let fake = FakeLlama::builder().save_dir(dir.path()).build().await;
     let binary = recording_binary(bin_dir.path());
-    let kv = Kvgate::start_saving(&fake.url(), dir.path(), |c| {
-        c.admin_key = Some(KEY.into());
-        c.llama_server = Some(binary);
-    })
-    .await;
+    let kv = with_binary(&fake, dir.path(), binary).await;
     let model = fake_model(bin_dir.path());
     let recorded = bin_dir.path().join("args.txt");
 
@@ -306,11 +306,7 @@ async fn a_recorded_instance_with_a_refused_flag_is_kept_but_not_run() {
     let fake = FakeLlama::builder().save_dir(dir.path()).build().await;
     let binary = recording_binary(bin_dir.path());
     // kvgate starts (it used to refuse the whole file, or run the record).
-    let kv = Kvgate::start_saving(&fake.url(), dir.path(), |c| {
-        c.admin_key = Some(KEY.into());
-        c.llama_server = Some(binary);
-    })
-    .await;
+    let kv = with_binary(&fake, dir.path(), binary).await;
     let (status, v) = kv
         .admin_json("GET", "/instances/llama-1", Some(KEY), None)
         .await;
