@@ -342,6 +342,8 @@ async fn floods_of_names_neither_stall_the_admin_port_nor_bloat_events() {
         "/health took {slowest:?}"
     );
     kv.wait_idle().await;
+    // The events reach the tap over the stream: wait for both turns' own.
+    let started = tap.wait_for("generation_started", 2).await;
     let events = tap.all();
     assert!(!events.is_empty());
     for e in &events {
@@ -353,7 +355,6 @@ async fn floods_of_names_neither_stall_the_admin_port_nor_bloat_events() {
             line
         );
     }
-    let started = tap.of("generation_started");
     assert_eq!(started.len(), 2);
     assert_eq!(started[0]["character"], "Bob");
     kv.stop().await;
