@@ -28,6 +28,7 @@
 //! sidecars and kvgate's memory hold short keys whatever the client sends.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use serde_json::Value;
 
@@ -221,6 +222,10 @@ pub struct Identity {
     pub roster: Vec<String>,
     /// Fingerprint of the prompt (or messages), for swipe detection.
     pub prompt_hash: u64,
+    /// The prompt's text ([`content::prompt_text`]) when the tenant is
+    /// anonymous: kvgate places such requests by content, as llama-server
+    /// would place them.
+    pub content: Option<Arc<str>>,
 }
 
 /// What the prompt alone says.
@@ -290,6 +295,10 @@ pub fn resolve(
         }
     });
 
+    let content = match tenant {
+        Tenant::Anonymous { .. } => Some(Arc::from(content::prompt_text(body))),
+        Tenant::Character { .. } => None,
+    };
     Identity {
         tenant,
         kind,
@@ -297,6 +306,7 @@ pub fn resolve(
         user: reading.user,
         roster,
         prompt_hash,
+        content,
     }
 }
 
@@ -585,6 +595,8 @@ fn read_chat(body: &Value, policy: &Policy) -> Reading {
     }
     r
 }
+
+pub mod content;
 
 #[cfg(test)]
 mod tests;

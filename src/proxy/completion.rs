@@ -246,7 +246,15 @@ impl Turn {
     /// What to ask the slot table for.
     fn want(&self, upstream: &Upstream) -> Result<Want, Failure> {
         let Some(n) = self.client_slot else {
-            return Ok(Want::Tenant(self.tenant().clone()));
+            // A request no character owns goes where its prompt is cached,
+            // as llama-server itself would place it.
+            return Ok(match &self.identity.content {
+                Some(text) => Want::Prompt {
+                    tenant: self.tenant().clone(),
+                    text: Arc::clone(text),
+                },
+                None => Want::Tenant(self.tenant().clone()),
+            });
         };
         // llama-server wraps ids around (negative ones too): serialise on
         // the slot it will really use.

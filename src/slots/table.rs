@@ -10,7 +10,14 @@
 //! # Rules
 //! - A tenant already resident in a slot gets that slot; requests for a busy
 //!   resident slot queue behind it (same character = serialised).
-//! - Otherwise the lowest free (unowned, idle) slot.
+//! - A request no character owns ([`Want::Prompt`]) is placed as llama-server
+//!   places a request without `id_slot`: the idle slot whose prompt shares
+//!   the longest prefix with it, when that is more than [`SIMILARITY`] of
+//!   it, among the slots no character holds; else as a newcomer. It never
+//!   waits behind a busy slot of its own, as llama-server runs two such
+//!   requests side by side.
+//! - Otherwise the lowest free (unowned, idle) slot, then the least recently
+//!   used slot no character holds.
 //! - Otherwise the idle slot with the smallest usage counter, ties broken by
 //!   least recent use, then by the lowest id (the seed extension's rule, with
 //!   LRU added so ties do not always hit slot 0).
@@ -27,7 +34,12 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use crate::identity::content::similarity;
 use crate::tenant::{Kind, Tenant};
+
+/// llama-server's `--slot-prompt-similarity` default: the share of a
+/// prompt a slot must already hold for llama-server to choose it.
+pub const SIMILARITY: f32 = 0.1;
 
 /// Index of a llama-server slot (`id_slot`).
 pub type SlotId = usize;
@@ -37,6 +49,14 @@ pub type SlotId = usize;
 pub enum Want {
     /// A slot for this tenant, chosen by kvgate.
     Tenant(Tenant),
+    /// A slot for a request no character owns (an anonymous tenant), chosen
+    /// by its prompt's text as llama-server chooses (see the module docs).
+    Prompt {
+        /// Who it runs as (for the events and the admin API).
+        tenant: Tenant,
+        /// Its prompt ([`crate::identity::content::prompt_text`]).
+        text: Arc<str>,
+    },
     /// Exactly this slot, because the client chose it (`id_slot` ≥ 0) or a
     /// client's slot action targets it. The grant takes the slot from its
     /// owner (reported as evicted); afterwards its contents are unknown.
@@ -123,6 +143,9 @@ pub struct Slot {
     /// The lease in force is a [`Want::Hold`] (a save or an inspection, not
     /// a generation): the slot will be free again shortly and unchanged.
     pub held: bool,
+    /// The prompt of the request no character owns that last ran here
+    /// ([`Want::Prompt`]); gone with the cache.
+    pub prompt: Option<Arc<str>>,
     /// The save the live cache was restored from (generations since then
     /// only extend it); gone with the cache.
     pub restored_from: Option<String>,
@@ -139,6 +162,13 @@ impl Slot {
     fn lose_cache(&mut self) {
         self.live = false;
         self.restored_from = None;
+        self.prompt = None;
+    }
+
+    /// Whether a character's cache is here, to be kept from requests no
+    /// character owns while kvgate can.
+    fn holds_character(&self) -> bool {
+        self.owner.as_ref().is_some_and(Tenant::is_character)
     }
 }
 
@@ -479,6 +509,7 @@ impl SlotTable {
             let target = match &self.queue[i].want {
                 Want::Pinned(s) | Want::Hold(s) => Some(*s),
                 Want::Tenant(t) => self.resident(t),
+                Want::Prompt { .. } => None,
             };
             match target {
                 Some(slot) => {
@@ -498,8 +529,12 @@ impl SlotTable {
     /// The second pass: newcomers, fairest first, while a slot is idle.
     fn serve_newcomers(&mut self, grants: &mut Vec<(Ticket, Grant)>) {
         while let Some(i) = self.next_newcomer() {
+            let slot = match &self.queue[i].want {
+                Want::Prompt { text, .. } => self.pick_by_prompt(text),
+                _ => self.pick_for_newcomer(),
+            };
             // Nothing is idle: no newcomer can be served.
-            let Some(slot) = self.pick_for_newcomer() else {
+            let Some(slot) = slot else {
                 break;
             };
             let w = self.queue.remove(i).expect("index in range");
@@ -521,7 +556,7 @@ impl SlotTable {
         self.queue.iter().take(i).any(|older| {
             older.by.is_some()
                 && older.by != w.by
-                && matches!(&older.want, Want::Tenant(t) if self.resident(t).is_none())
+                && self.is_newcomer(&older.want)
                 && self.leases_of(older.by.as_ref()) <= mine
         })
     }
@@ -534,9 +569,19 @@ impl SlotTable {
         self.queue
             .iter()
             .enumerate()
-            .filter(|(_, w)| matches!(&w.want, Want::Tenant(t) if self.resident(t).is_none()))
+            .filter(|(_, w)| self.is_newcomer(&w.want))
             .min_by_key(|(i, w)| (self.leases_of(w.by.as_ref()), *i))
             .map(|(i, _)| i)
+    }
+
+    /// Whether `want` asks for a slot that is not already its own: a tenant
+    /// resident nowhere, or a request placed by its prompt.
+    fn is_newcomer(&self, want: &Want) -> bool {
+        match want {
+            Want::Tenant(t) => self.resident(t).is_none(),
+            Want::Prompt { .. } => true,
+            Want::Pinned(_) | Want::Hold(_) => false,
+        }
     }
 
     /// Leases held by `client` (none for kvgate's own work).
@@ -573,6 +618,34 @@ impl SlotTable {
         }
     }
 
+    /// For a request no character owns: the idle slot no character holds
+    /// whose prompt shares most of `text`, past [`SIMILARITY`], as
+    /// llama-server picks; else a free slot, else the least recently used
+    /// slot no character holds, and only then a character's (as any
+    /// newcomer would).
+    fn pick_by_prompt(&self, text: &str) -> Option<SlotId> {
+        let unnamed = || {
+            self.slots
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.lease.is_none() && !s.holds_character())
+        };
+        let best = unnamed()
+            .filter_map(|(id, s)| Some((id, similarity(s.prompt.as_deref()?, text))))
+            .filter(|(_, sim)| *sim > SIMILARITY)
+            .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)));
+        if let Some((id, _)) = best {
+            return Some(id);
+        }
+        if let Some((id, _)) = unnamed().find(|(_, s)| s.owner.is_none()) {
+            return Some(id);
+        }
+        unnamed()
+            .min_by_key(|(id, s)| (s.last_used, *id))
+            .map(|(id, _)| id)
+            .or_else(|| self.pick_for_newcomer())
+    }
+
     fn grant(&mut self, slot: SlotId, waiter: &Waiter) -> Grant {
         let want = &waiter.want;
         self.tick += 1;
@@ -590,6 +663,29 @@ impl SlotTable {
         let (resident, evicted) = match want {
             Want::Tenant(t) if s.owner.as_ref() == Some(t) => (s.live, None),
             Want::Hold(_) => (s.live, None),
+            // llama-server reuses whatever prefix the slot shares with the
+            // prompt; a character's cache taken over is an eviction.
+            Want::Prompt { tenant, text } => {
+                let shares = s
+                    .prompt
+                    .as_deref()
+                    .is_some_and(|held| similarity(held, text) > SIMILARITY);
+                let ev = match s.owner.replace(tenant.clone()) {
+                    Some(previous) if previous.is_character() => Some(Evicted {
+                        tenant: previous,
+                        usage: s.usage,
+                        live: s.live,
+                    }),
+                    _ => None,
+                };
+                let resident = shares && s.live;
+                if ev.is_some() {
+                    s.usage = 0;
+                    s.lose_cache();
+                }
+                s.prompt = Some(Arc::clone(text));
+                (resident, ev)
+            }
             // A newcomer, or a client pinning the slot, takes it from its
             // owner: report the owner so unsaved messages can be saved first.
             Want::Tenant(_) | Want::Pinned(_) => {
@@ -1020,6 +1116,115 @@ mod tests {
         assert_eq!(t.slots()[a.slot].owner, Some(ch("A")));
     }
 
+    mod by_prompt {
+        //! Requests no character owns, placed as llama-server places them.
+        use super::*;
+
+        fn anon(key: &str, text: &str) -> Want {
+            Want::Prompt {
+                tenant: Tenant::Anonymous { key: key.into() },
+                text: Arc::from(text),
+            }
+        }
+
+        const SYSTEM: &str = "You are a helpful assistant. Answer briefly and kindly.";
+
+        #[test]
+        fn a_prompt_goes_where_its_prefix_is() {
+            let mut t = SlotTable::new(3, 8);
+            let a = take(&mut t, anon("a", &format!("{SYSTEM} Q: one")));
+            let b = take(&mut t, anon("b", "something else entirely, at length"));
+            finish(&mut t, &a, Kind::Quiet);
+            finish(&mut t, &b, Kind::Quiet);
+            assert_eq!((a.slot, b.slot), (0, 1));
+            // Another key (its start differs past a short common part) but
+            // most of its text is slot 0's: llama-server would take slot 0.
+            let c = take(&mut t, anon("c", &format!("{SYSTEM} Q: two")));
+            assert_eq!(c.slot, 0);
+            assert!(c.resident, "the shared prefix is reused");
+            assert_eq!(c.evicted, None, "no character was there");
+            assert_eq!(
+                t.slots()[0].usage,
+                0,
+                "requests no character owns never count"
+            );
+        }
+
+        #[test]
+        fn it_never_waits_behind_its_own_busy_slot() {
+            let mut t = SlotTable::new(2, 8);
+            let a = take(&mut t, anon("a", SYSTEM));
+            finish(&mut t, &a, Kind::Quiet);
+            let a1 = take(&mut t, anon("a", SYSTEM));
+            let a2 = take(&mut t, anon("a", SYSTEM));
+            assert_eq!(a1.slot, 0);
+            assert_eq!(
+                a2.slot, 1,
+                "the same prompt again runs beside it, as llama-server would"
+            );
+            let (_, g) = t.enqueue(anon("a", SYSTEM)).unwrap();
+            assert!(g.is_empty(), "all slots busy: it waits");
+            let grants = finish(&mut t, &a1, Kind::Quiet);
+            assert_eq!(grants.len(), 1);
+            assert_eq!(grants[0].1.slot, 0);
+        }
+
+        #[test]
+        fn characters_are_kept_while_an_unnamed_slot_is_idle() {
+            let mut t = SlotTable::new(3, 8);
+            let x = take(&mut t, want("X"));
+            let a = take(&mut t, anon("a", "first anonymous prompt"));
+            let b = take(&mut t, anon("b", "second anonymous prompt, unrelated"));
+            for g in [&x, &a, &b] {
+                finish(&mut t, g, Kind::Normal);
+            }
+            let a = take(&mut t, anon("a", "first anonymous prompt"));
+            finish(&mut t, &a, Kind::Quiet);
+            // Shares nothing: the least recently used unnamed slot (b's),
+            // not X's, although X is older.
+            let c = take(&mut t, anon("c", "zzz"));
+            assert_eq!(c.slot, b.slot);
+            assert_eq!(c.evicted, None);
+            assert!(!c.resident);
+            assert_eq!(t.slots()[x.slot].owner, Some(ch("X")));
+            // With every unnamed slot busy, a character's slot is taken
+            // (and reported, so its unsaved messages are saved first).
+            let a = take(&mut t, anon("a", "first anonymous prompt"));
+            assert!(a.resident);
+            let d = take(&mut t, anon("d", "qqq"));
+            assert_eq!(d.slot, x.slot);
+            assert_eq!(d.evicted.as_ref().map(|e| e.tenant.clone()), Some(ch("X")));
+            // And a character goes back to its own slot's rules meanwhile.
+            finish(&mut t, &d, Kind::Quiet);
+            assert_eq!(t.resident(&ch("X")), None);
+        }
+
+        #[test]
+        fn a_small_share_is_not_enough() {
+            let mut t = SlotTable::new(2, 8);
+            let a = take(&mut t, anon("a", "0123456789"));
+            finish(&mut t, &a, Kind::Quiet);
+            // 1 byte of 10 in common is a share of 0.1, not more than it:
+            // the free slot, as llama-server's LRU would pick.
+            let b = take(&mut t, anon("b", "0abcdefghi"));
+            assert_eq!(b.slot, 1);
+            finish(&mut t, &b, Kind::Quiet);
+            let c = take(&mut t, anon("c", "01xxxxxxxx"));
+            assert_eq!(c.slot, 0, "2 of 10 is past the threshold");
+            assert!(c.resident);
+        }
+
+        #[test]
+        fn a_failure_forgets_the_prompt() {
+            let mut t = SlotTable::new(2, 8);
+            let a = take(&mut t, anon("a", SYSTEM));
+            t.release(a.slot, a.lease, Outcome::Failed);
+            assert_eq!(t.slots()[0].prompt, None);
+            let b = take(&mut t, anon("a", SYSTEM));
+            assert!(!b.resident);
+        }
+    }
+
     mod clients {
         //! Random interleavings of several known clients' requests: the
         //! per-client bound always holds, no slot is leased twice, and no
@@ -1030,6 +1235,7 @@ mod tests {
         #[derive(Clone, Debug)]
         enum Op {
             Enqueue { client: usize, tenant: usize },
+            Anonymous { client: usize, text: usize },
             Release(usize),
             Cancel(usize),
         }
@@ -1037,6 +1243,7 @@ mod tests {
         fn op() -> impl Strategy<Value = Op> {
             prop_oneof![
                 4 => (0..4usize, 0..6usize).prop_map(|(client, tenant)| Op::Enqueue { client, tenant }),
+                2 => (0..4usize, 0..3usize).prop_map(|(client, text)| Op::Anonymous { client, text }),
                 3 => (0..8usize).prop_map(Op::Release),
                 1 => (0..8usize).prop_map(Op::Cancel),
             ]
@@ -1074,6 +1281,22 @@ mod tests {
                                 Err(e) => return Err(TestCaseError::fail(e.to_string())),
                             }
                         }
+                        Op::Anonymous { client, text } => {
+                            let by = tags[client].clone();
+                            let tenant = Tenant::Anonymous { key: format!("k{text}") };
+                            let w = Want::Prompt {
+                                tenant: tenant.clone(),
+                                text: Arc::from(["shared prefix: a", "shared prefix: b", "other"][text]),
+                            };
+                            match t.enqueue_by(w, by.clone()) {
+                                Ok((ticket, grants)) => {
+                                    waiting.push((ticket, by, tenant));
+                                    grants
+                                }
+                                Err(TableError::ClientQueueFull { .. } | TableError::QueueFull { .. }) => Vec::new(),
+                                Err(e) => return Err(TestCaseError::fail(e.to_string())),
+                            }
+                        }
                         Op::Release(i) if !leases.is_empty() => {
                             let g = leases.remove(i % leases.len());
                             t.release(g.slot, g.lease, Outcome::Generated(Kind::Normal))
@@ -1104,6 +1327,14 @@ mod tests {
                         prop_assert!(
                             t.slots().iter().all(|s| s.lease.is_some() || s.owner.is_some()),
                             "a newcomer waits while a slot is free: {:?}", t.slots()
+                        );
+                    }
+                    // A request no character owns never waits while any
+                    // slot is idle.
+                    if waiting.iter().any(|(_, _, tenant)| !tenant.is_character()) {
+                        prop_assert!(
+                            t.slots().iter().all(|s| s.lease.is_some()),
+                            "an anonymous request waits beside an idle slot: {:?}", t.slots()
                         );
                     }
                 }

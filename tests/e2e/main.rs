@@ -1,5 +1,6 @@
 mod admin;
 mod demo;
+mod dropin;
 mod group_chat;
 mod hardening;
 mod instances;

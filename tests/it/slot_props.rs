@@ -233,6 +233,7 @@ impl Model {
         match w {
             Want::Pinned(s) | Want::Hold(s) => Some(*s),
             Want::Tenant(t) => self.resident(t),
+            Want::Prompt { .. } => None,
         }
     }
 
@@ -326,6 +327,12 @@ impl Model {
                 (Want::Tenant(_), Some(r)) => {
                     prop_assert_eq!(g.slot, r, "a resident tenant gets its own slot");
                 }
+                (Want::Prompt { .. }, _) => {
+                    return Err(TestCaseError::fail(
+                        "the model sends no prompt-placed requests (those are checked by the \
+                         table's own by_prompt and clients tests)",
+                    ));
+                }
                 (Want::Tenant(_), None) => {
                     let expected = self.newcomer_slot();
                     prop_assert_eq!(
@@ -356,7 +363,7 @@ impl Model {
                     s.live = false;
                     (false, ev)
                 }
-                Want::Hold(_) => (s.live, None),
+                Want::Hold(_) | Want::Prompt { .. } => (s.live, None),
                 Want::Pinned(_) => {
                     let ev = s.owner.take().map(|tenant| Evicted {
                         tenant,
