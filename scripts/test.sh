@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every kvgate test on a fresh machine: builds (or reuses the cached)
-# pinned llama-server for the end-to-end tests, then `cargo test`.
+# pinned llama-server for the end-to-end tests, then `cargo test`, then
+# llama.cpp's own server tests straight and through kvgate.
 # Under CI=true a llama-server that can't be had fails the run; it is never
 # skipped.
 set -euo pipefail
@@ -26,8 +27,26 @@ set -e
 if [[ "$status" -ne 0 ]]; then
   echo "test.sh: cargo test exited $status (a failing test, or a test binary that crashed or did not build)" >&2
 fi
+# llama.cpp's own server test suite, straight and through kvgate: a test
+# whose outcome differs fails the run (scripts/conformance.sh).
+conformance_out="$(mktemp -d "${TMPDIR:-/tmp}/kvgate-conformance.XXXXXX")"
+set +e
+CONF_OUT="$conformance_out" bash scripts/conformance.sh
+conformance=$?
+set -e
+if [[ "$conformance" -ne 0 ]]; then
+  echo "test.sh: llama.cpp's server tests differ through kvgate (or could not run): see $conformance_out" >&2
+  status=1
+else
+  rm -rf "$conformance_out"
+fi
 # Skipped end-to-end tests say SKIP (only possible outside CI).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      /^SKIP:/ { s += 1 }
      END { printf "total: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+if [[ "$conformance" -eq 0 ]]; then
+  echo "llama.cpp server suite: no test differs through kvgate"
+else
+  echo "llama.cpp server suite: FAILED (see above)"
+fi
 exit "$status"

@@ -41,6 +41,10 @@ pub struct Upstream {
     pub save_behind_kick: Arc<Notify>,
     /// State every upstream shares.
     pub shared: Arc<Shared>,
+    /// Held while a request takes several slots at once (a completion with
+    /// `n_cmpl` > 1), so that two such requests can't each hold a slot the
+    /// other waits for.
+    pub several_slots: tokio::sync::Mutex<()>,
     /// Unix seconds of the last eviction (0: none yet).
     last_eviction: AtomicU64,
 }
@@ -86,6 +90,7 @@ impl Upstream {
             monitor_kick: Notify::new(),
             save_behind_kick: Arc::default(),
             shared,
+            several_slots: tokio::sync::Mutex::new(()),
             last_eviction: AtomicU64::new(0),
         })
     }

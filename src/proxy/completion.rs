@@ -55,6 +55,11 @@ struct Turn {
     /// Whether the body is large enough to be handled off the async workers
     /// (over [`INLINE_PARSE_BYTES`] as received).
     large: bool,
+    /// How many answers the client asks for (`n_cmpl`/`n`), as llama-server
+    /// will run them: each beyond the first takes a slot of its own.
+    answers: usize,
+    /// The leases on those further slots, held until the answer ends.
+    siblings: Vec<Lease>,
 }
 
 /// Serves one completion: the top of the phases.
@@ -96,7 +101,7 @@ pub(crate) async fn completion(
     }
     let want = turn.want(&upstream)?;
     turn.chat_switch(app, &upstream, client).await?;
-    let lease = session::acquire(&upstream, want, client.tag()).await?;
+    let (lease, turn) = turn.acquire(&upstream, want, client).await?;
     upstream
         .shared
         .metrics
@@ -107,11 +112,16 @@ pub(crate) async fn completion(
     let resp = match forward(&upstream, &mut turn, &lease, parts).await {
         Ok(resp) => resp,
         Err(f) => {
-            lease.release(if matches!(&f, Failure::Llama(e) if e.is_connect()) {
+            let untouched = matches!(&f, Failure::Llama(e) if e.is_connect());
+            let outcome = if untouched {
                 Outcome::Untouched
             } else {
                 Outcome::Failed
-            });
+            };
+            for sibling in std::mem::take(&mut turn.siblings) {
+                sibling.release(outcome);
+            }
+            lease.release(outcome);
             return Err(f);
         }
     };
@@ -211,7 +221,7 @@ impl Turn {
         started: Instant,
     ) -> Result<Turn, Failure> {
         let explicit = explicit_identity(headers, &mut body)?;
-        one_completion(&body)?;
+        let answers = answers(&body);
         let identity = identity::resolve(api, &body, &explicit, &app.policy, |t| {
             app.shared.memory.previous_prompt(t)
         });
@@ -224,7 +234,35 @@ impl Turn {
             identity,
             client_slot,
             large: false,
+            answers,
+            siblings: Vec::new(),
         })
+    }
+
+    /// Acquire: the slot the table grants; for several answers also the
+    /// slots llama-server will run the others in (see `session::siblings`),
+    /// all under the upstream's several-slots lock, so two such requests
+    /// can't wait for each other's slots. A count llama-server refuses
+    /// (more than its slots) takes one slot: it is refused before any
+    /// slot is touched.
+    async fn acquire(
+        mut self,
+        upstream: &Arc<Upstream>,
+        want: Want,
+        client: &Client,
+    ) -> Result<(Lease, Turn), Failure> {
+        let extra = match self.answers {
+            n if n > 1 && n <= upstream.pool.len() => n - 1,
+            _ => 0,
+        };
+        if extra == 0 {
+            return Ok((session::acquire(upstream, want, client.tag()).await?, self));
+        }
+        let _several = upstream.several_slots.lock().await;
+        let lease = session::acquire(upstream, want, client.tag()).await?;
+        self.siblings =
+            session::acquire_siblings(upstream, lease.slot(), extra, client.tag()).await?;
+        Ok((lease, self))
     }
 
     fn tenant(&self) -> &Tenant {
@@ -394,22 +432,18 @@ impl Turn {
     }
 }
 
-/// Refuses more than one completion per request (`n_cmpl`, or its alias
-/// `n`): llama-server would run the others in further slots of its own
-/// choosing, with no lease.
-fn one_completion(body: &Value) -> Result<(), Failure> {
-    for key in ["n_cmpl", "n"] {
-        let one = match body.get(key) {
-            None | Some(Value::Null) => true,
-            Some(v) => v.as_f64().is_some_and(|n| n <= 1.0),
-        };
-        if !one {
-            return Err(Failure::Client(format!(
-                "kvgate serves one completion per request, in one slot; send {key} 1 (or leave it out) and ask again for more"
-            )));
-        }
+/// How many answers a completion asks for, as llama-server reads it:
+/// `n_cmpl`, else its alias `n`, a number cast to an integer; anything else
+/// is 1 (llama-server refuses it before touching a slot).
+fn answers(body: &Value) -> usize {
+    let v = body
+        .get("n_cmpl")
+        .filter(|v| !v.is_null())
+        .or_else(|| body.get("n"));
+    match v.and_then(Value::as_f64) {
+        Some(n) if n >= 2.0 && n < u32::MAX as f64 => n as usize,
+        _ => 1,
     }
-    Ok(())
 }
 
 /// `body` with `id_slot` set to `pin`, as JSON.
@@ -481,7 +515,7 @@ fn relay(
         let end = end
             .await
             .unwrap_or(StreamEnd::ClientGone(Default::default()));
-        finish(&upstream, lease, &turn, status, end).await;
+        finish(&upstream, lease, turn, status, end).await;
     });
     Response::from_parts(parts, boxed(observed))
 }
@@ -491,10 +525,15 @@ fn relay(
 async fn finish(
     upstream: &Upstream,
     lease: Lease,
-    turn: &Turn,
+    mut turn: Turn,
     status: StatusCode,
     end: StreamEnd,
 ) {
+    // llama-server clears the slots of further answers when they end.
+    for sibling in std::mem::take(&mut turn.siblings) {
+        sibling.release(Outcome::Cleared);
+    }
+    let turn = &turn;
     let (slot, identity) = (lease.slot(), &turn.identity);
     let pinned = turn.client_slot.is_some();
     let outcome = outcome::decide(pinned, status, &end, identity.kind);

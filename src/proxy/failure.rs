@@ -6,7 +6,7 @@ use hyper::StatusCode;
 
 use crate::http::error::{ApiError, ErrorType};
 use crate::llama::client::UpstreamError;
-use crate::session::Detached;
+use crate::session::{Detached, SiblingError};
 use crate::slots::lease::AcquireError;
 use crate::slots::table::TableError;
 
@@ -62,6 +62,15 @@ impl From<AcquireError> for Failure {
         match e {
             AcquireError::Table(TableError::NoSuchSlot(_)) => Failure::Client(e.to_string()),
             _ => Failure::Busy(e.to_string()),
+        }
+    }
+}
+
+impl From<SiblingError> for Failure {
+    fn from(e: SiblingError) -> Failure {
+        match e {
+            SiblingError::Acquire(e) => e.into(),
+            SiblingError::Detached(e) => e.into(),
         }
     }
 }

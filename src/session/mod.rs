@@ -12,6 +12,7 @@
 //! - [`save`]: save the current owner; dirty slots; chat switch; autosave.
 //! - [`manual`]: the admin API's save, clear and load.
 //! - [`run`]: acquiring on a request's path; work detached from the request.
+//! - [`siblings`]: the further slots of a request with several answers.
 //!
 //! [`Lease`]: crate::slots::lease::Lease
 
@@ -19,7 +20,9 @@ pub(crate) mod manual;
 pub(crate) mod prepare;
 pub(crate) mod run;
 pub(crate) mod save;
+pub(crate) mod siblings;
 
 pub(crate) use prepare::{restore, take_over};
 pub(crate) use run::{acquire, detached, Detached};
 pub(crate) use save::{autosave, chat_switch, save_dirty_slots, save_owner, OwnerSave};
+pub(crate) use siblings::{acquire_siblings, SiblingError};

@@ -10,8 +10,8 @@ use serde_json::{json, Value};
 
 use crate::support::fake_llama::FakeLlama;
 use crate::support::kvgate::{
-    assert_api_error, group_turn, json_body, names_in, post_json, raw_exchange, send, spawn_post,
-    test_config, Bare, Kvgate, Saving,
+    assert_api_error, complete_saves, group_turn, json_body, names_in, post_json, raw_exchange,
+    send, spawn_post, test_config, Bare, Kvgate, Saving,
 };
 
 /// POSTs the JSON text `body` to `path` on `base`; status and JSON answer.
@@ -249,17 +249,6 @@ async fn spellings_that_route_elsewhere_in_llama_server_are_leased_too() {
             "{path} pinned to its lease"
         );
     }
-    // More than one completion would take slots kvgate did not lease.
-    for key in ["n_cmpl", "n"] {
-        let (status, _, bytes) = post_json(
-            &format!("{}/completion", s.kv.url),
-            &[],
-            &json!({"prompt": "x", key: 2}),
-        )
-        .await;
-        assert_eq!(status, 400, "{key}");
-        assert_api_error(400, &json_body(&bytes), key);
-    }
     // A byte-order mark, which llama-server skips: read, leased.
     let (status, v) = post_json_text(
         &s.kv.url,
@@ -270,6 +259,71 @@ async fn spellings_that_route_elsewhere_in_llama_server_are_leased_too() {
     assert_eq!(status, 200, "{v}");
     let sent = s.fake.calls_to("/completion").pop().unwrap();
     assert!(sent.json().is_some(), "forwarded without the mark");
+    s.kv.wait_idle().await;
+}
+
+#[tokio::test]
+async fn several_answers_lease_the_slots_llama_server_runs_them_in() {
+    let s = Saving::start(3, |f| f, |_| {}).await;
+    let url = format!("{}/completion", s.kv.url);
+    // Alice's turn leaves her unsaved in slot 0.
+    let (status, headers, _) =
+        post_json(&url, &[], &group_turn(&["Alice", "Bob"], "Alice", "")).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["x-kvgate-slot"], "0");
+    s.kv.wait_idle().await;
+    assert!(complete_saves(&s.dir).is_empty());
+    // Two answers: the first in a free slot (1), the second where
+    // llama-server will run it, the lowest other slot: Alice's, saved first.
+    let (status, headers, _) = post_json(&url, &[], &json!({"prompt": "x", "n": 2})).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["x-kvgate-slot"], "1");
+    s.kv.wait_idle().await;
+    let sent = s
+        .fake
+        .calls_to("/completion")
+        .pop()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(
+        (sent["id_slot"].as_u64(), sent["n"].as_u64()),
+        (Some(1), Some(2))
+    );
+    let saves = complete_saves(&s.dir);
+    assert_eq!(saves.len(), 1, "{saves:?}");
+    assert_eq!(
+        (saves[0].character.as_str(), saves[0].kind.as_str()),
+        ("Alice", "eviction")
+    );
+    let table = s.kv.upstream.pool.snapshot();
+    assert_eq!(
+        table[0].owner, None,
+        "llama-server clears a further answer's slot"
+    );
+    assert!(table.iter().all(|slot| slot.lease.is_none()));
+    // Three answers in 3 slots: every slot; n_cmpl wins over n.
+    let (status, headers, _) =
+        post_json(&url, &[], &json!({"prompt": "y", "n_cmpl": 3, "n": 1})).await;
+    assert_eq!(status, 200);
+    s.kv.wait_idle().await;
+    let parent: usize = headers["x-kvgate-slot"].to_str().unwrap().parse().unwrap();
+    let table = s.kv.upstream.pool.snapshot();
+    for (id, slot) in table.iter().enumerate() {
+        assert_eq!(slot.owner.is_some(), id == parent, "slot {id}: {slot:?}");
+    }
+    // More answers than slots: llama-server refuses it before any slot is
+    // used, so kvgate forwards it in one lease for that answer.
+    let (status, _, _) = post_json(&url, &[], &json!({"prompt": "z", "n_cmpl": 4})).await;
+    assert_eq!(status, 200, "the fake answers; llama-server would refuse");
+    let sent = s
+        .fake
+        .calls_to("/completion")
+        .pop()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(sent["n_cmpl"], 4);
     s.kv.wait_idle().await;
 }
 
