@@ -110,3 +110,68 @@ async fn the_same_prompt_twice_at_once_runs_in_two_slots() {
     );
     kv.stop().await;
 }
+
+/// POSTs `body` to `path` through kvgate; status, headers, JSON answer.
+async fn post_route(kv: &Kvgate, path: &str, body: &Value) -> (u16, hyper::HeaderMap, Value) {
+    let (status, headers, bytes) = post_json(&format!("{}{path}", kv.url), &[], body).await;
+    (status, headers, json_body(&bytes))
+}
+
+#[tokio::test]
+async fn anthropic_messages_and_openai_responses_are_pinned_saved_and_restored() {
+    let Some(llama) = LlamaServer::start(LlamaOpts {
+        slots: 1,
+        ..LlamaOpts::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let kv = Kvgate::start_saving(&llama.base_url, &llama.save_dir, |_| {}).await;
+    let story = shared();
+    let messages = |who: &str| {
+        json!({
+            "max_tokens": 4,
+            "messages": [{"role": "user", "content": format!("{story} {who}, tell me about your day.")}],
+            "kvgate": {"chat": "library", "character": who},
+        })
+    };
+    let responses = |who: &str| {
+        json!({
+            "max_output_tokens": 4,
+            "input": format!("{story} {who}, which book do you recommend?"),
+            "kvgate": {"chat": "library", "character": who},
+        })
+    };
+    // Anna over Anthropic messages, then Ben over OpenAI responses takes the
+    // only slot: Anna's unsaved turn is saved first.
+    let (status, headers, v) = post_route(&kv, "/v1/messages", &messages("Anna")).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(headers["x-kvgate-character"], "Anna");
+    let (status, headers, v) = post_route(&kv, "/v1/responses", &responses("Ben")).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(headers["x-kvgate-character"], "Ben");
+    kv.wait_idle().await;
+    let saves = crate::support::kvgate::complete_saves(&llama.save_dir);
+    assert!(
+        saves
+            .iter()
+            .any(|m| m.character == "Anna" && m.kind.as_str() == "eviction"),
+        "Anna saved on eviction: {saves:?}"
+    );
+    // Anna comes back: restored from her save, her prompt mostly cached.
+    let (status, headers, v) = post_route(&kv, "/v1/messages", &messages("Anna")).await;
+    assert_eq!(status, 200, "{v}");
+    assert!(headers.contains_key("x-kvgate-restored"), "{headers:?}");
+    let cached = v["usage"]["cache_read_input_tokens"].as_u64().unwrap_or(0);
+    assert!(cached > 0, "restored cache reused: {v}");
+    // And Ben, over responses, the same way.
+    let (status, headers, v) = post_route(&kv, "/v1/responses", &responses("Ben")).await;
+    assert_eq!(status, 200, "{v}");
+    assert!(headers.contains_key("x-kvgate-restored"), "{headers:?}");
+    let cached = v["usage"]["input_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(cached > 0, "restored cache reused: {v}");
+    kv.stop().await;
+}
