@@ -98,11 +98,11 @@ mod tests {
             {"role": "assistant", "content": "hello"}, {"role": "user", "content": "how are you"}]});
         let (a, b) = (prompt_text(&one), prompt_text(&two));
         // Everything up to the end of the first message is common.
-        let first = r#"[{"role":"user","content":"hi"}"#;
+        let first = format!("[{}", one["messages"][0]);
         assert!(
-            common_prefix_len(a.as_bytes(), b.as_bytes()) >= a.find(first).unwrap() + first.len()
+            common_prefix_len(a.as_bytes(), b.as_bytes()) >= a.find(&first).unwrap() + first.len()
         );
-        assert!(similarity(&a, &b) > 0.3);
+        assert!(similarity(&a, &b) > 0.1, "past llama-server's threshold");
     }
 
     #[test]
