@@ -35,8 +35,24 @@ set -euo pipefail
 . "$(dirname "$0")/model-args.sh"
 : "${CONF_LLAMA_SERVER:?}" "${CONF_KVGATE:?}" "${CONF_RUN_DIR:?}"
 
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+# Two distinct free loopback ports, for llama-server and kvgate's admin
+# port. Chosen below the kernel's ephemeral range (32768 and up), so no
+# port the kernel hands out meanwhile (to a client, or to another bind to
+# port 0) can take them, and both sockets are held until both are chosen,
+# so the two can't be the same port.
+free_ports() {
+  python3 - <<'PY'
+import random, socket
+held = []
+while len(held) < 2:
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", random.randrange(20000, 32000)))
+        held.append(s)
+    except OSError:
+        s.close()
+print(*(s.getsockname()[1] for s in held))
+PY
 }
 
 # Pull out what kvgate has to know; everything else goes to llama-server.
@@ -70,8 +86,7 @@ for h in "${hosts[@]}"; do
   if [[ "$h" == *:* ]]; then h="[$h]"; fi
   listen+="${listen:+,}$h:$port"
 done
-private_port="$(free_port)"
-admin_port="$(free_port)"
+read -r private_port admin_port < <(free_ports)
 
 echo "via-kvgate: llama-server on 127.0.0.1:$private_port (log $scratch/llama-server.log)," \
      "kvgate on $listen (log $scratch/kvgate.log)"
