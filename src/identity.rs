@@ -222,10 +222,9 @@ pub struct Identity {
     pub roster: Vec<String>,
     /// Fingerprint of the prompt (or messages), for swipe detection.
     pub prompt_hash: u64,
-    /// The prompt's text ([`content::prompt_text`]) when the tenant is
-    /// anonymous: kvgate places such requests by content, as llama-server
-    /// would place them.
-    pub content: Option<Arc<str>>,
+    /// The prompt's text ([`content::prompt_text`]): kvgate places
+    /// requests by content too (`slots::content`).
+    pub content: Arc<str>,
 }
 
 /// What the prompt alone says.
@@ -295,10 +294,7 @@ pub fn resolve(
         }
     });
 
-    let content = match tenant {
-        Tenant::Anonymous { .. } => Some(Arc::from(content::prompt_text(body))),
-        Tenant::Character { .. } => None,
-    };
+    let content = Arc::from(content::prompt_text(body));
     Identity {
         tenant,
         kind,

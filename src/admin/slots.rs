@@ -31,6 +31,7 @@ pub(crate) fn slots(upstreams: &[Arc<Upstream>]) -> Value {
                 "upstream": upstream.name,
                 "chat": s.owner.as_ref().and_then(|t| t.chat()),
                 "character": s.owner.as_ref().and_then(|t| t.character()),
+                "also_holds": s.members.iter().filter_map(|t| t.character()).collect::<Vec<_>>(),
                 "anonymous": s.owner.as_ref().is_some_and(|t| !t.is_character()),
                 "usage": s.usage,
                 "messages_since_save": s.usage,

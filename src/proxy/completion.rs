@@ -284,14 +284,12 @@ impl Turn {
     /// What to ask the slot table for.
     fn want(&self, upstream: &Upstream) -> Result<Want, Failure> {
         let Some(n) = self.client_slot else {
-            // A request no character owns goes where its prompt is cached,
-            // as llama-server itself would place it.
-            return Ok(match &self.identity.content {
-                Some(text) => Want::Prompt {
-                    tenant: self.tenant().clone(),
-                    text: Arc::clone(text),
-                },
-                None => Want::Tenant(self.tenant().clone()),
+            // Placed by its prompt too: a request no character owns as
+            // llama-server itself would place it, a character where its
+            // prompt is cached (see `slots::content`).
+            return Ok(Want::Prompt {
+                tenant: self.tenant().clone(),
+                text: Arc::clone(&self.identity.content),
             });
         };
         // llama-server wraps ids around (negative ones too): serialise on

@@ -3,6 +3,7 @@
 //! right to do one thing on one slot; `session/` is the one door
 //! through which work on a leased slot changes what the table believes.
 
+pub mod content;
 pub mod lease;
 pub mod table;
 

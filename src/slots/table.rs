@@ -16,6 +16,12 @@
 //!   it, among the slots no character holds; else as a newcomer. It never
 //!   waits behind a busy slot of its own, as llama-server runs two such
 //!   requests side by side.
+//! - A character's request whose prompt extends what another character's
+//!   idle slot of the same chat holds (see [`super::content`]) takes that
+//!   slot when it holds more of the prompt than the character's own: the
+//!   previous owner stays in it as a *member* (its cache is a prefix of
+//!   what the slot will hold), so nothing is saved or restored. A member is
+//!   resident in the slot like its owner.
 //! - Otherwise the lowest free (unowned, idle) slot, then the least recently
 //!   used slot no character holds.
 //! - Otherwise the idle slot with the smallest usage counter, ties broken by
@@ -34,12 +40,9 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use crate::identity::content::similarity;
+pub use super::content::SIMILARITY;
+use super::content::{extends, reuse, shares, MOVE_GAIN_BYTES};
 use crate::tenant::{Kind, Tenant};
-
-/// llama-server's `--slot-prompt-similarity` default: the share of a
-/// prompt a slot must already hold for llama-server to choose it.
-pub const SIMILARITY: f32 = 0.1;
 
 /// Index of a llama-server slot (`id_slot`).
 pub type SlotId = usize;
@@ -49,10 +52,12 @@ pub type SlotId = usize;
 pub enum Want {
     /// A slot for this tenant, chosen by kvgate.
     Tenant(Tenant),
-    /// A slot for a request no character owns (an anonymous tenant), chosen
-    /// by its prompt's text as llama-server chooses (see the module docs).
+    /// A slot for a request whose prompt kvgate knows, chosen by content
+    /// too (see the module docs): as llama-server chooses for an anonymous
+    /// tenant; for a character, its own slot unless another one of its chat
+    /// holds more of the prompt and can be extended.
     Prompt {
-        /// Who it runs as (for the events and the admin API).
+        /// Who it runs as.
         tenant: Tenant,
         /// Its prompt ([`crate::identity::content::prompt_text`]).
         text: Arc<str>,
@@ -143,9 +148,13 @@ pub struct Slot {
     /// The lease in force is a [`Want::Hold`] (a save or an inspection, not
     /// a generation): the slot will be free again shortly and unchanged.
     pub held: bool,
-    /// The prompt of the request no character owns that last ran here
+    /// The prompt of the last request granted here with its text
     /// ([`Want::Prompt`]); gone with the cache.
     pub prompt: Option<Arc<str>>,
+    /// Characters of the owner's chat whose cache is a prefix of this
+    /// slot's: earlier owners whose slot a later speaker extended. They are
+    /// resident here; gone with the cache or the owner.
+    pub members: Vec<Tenant>,
     /// The save the live cache was restored from (generations since then
     /// only extend it); gone with the cache.
     pub restored_from: Option<String>,
@@ -163,6 +172,22 @@ impl Slot {
         self.live = false;
         self.restored_from = None;
         self.prompt = None;
+        self.members.clear();
+    }
+
+    /// Whether `t` is resident here: the owner or a member.
+    fn hosts(&self, t: &Tenant) -> bool {
+        self.owner.as_ref() == Some(t) || self.members.contains(t)
+    }
+
+    /// Whether a character of `t`'s chat owns this slot, so that `t` may
+    /// extend it.
+    fn same_chat(&self, t: &Tenant) -> bool {
+        t.is_character()
+            && self
+                .owner
+                .as_ref()
+                .is_some_and(|o| o.is_character() && o.chat() == t.chat())
     }
 
     /// Whether a character's cache is here, to be kept from requests no
@@ -259,11 +284,48 @@ impl SlotTable {
         self.queue.len()
     }
 
-    /// The slot a tenant is resident in, if any.
+    /// The slot a tenant is resident in (its owner or a member), if any.
     pub fn resident(&self, tenant: &Tenant) -> Option<SlotId> {
-        self.slots
+        self.slots.iter().position(|s| s.hosts(tenant))
+    }
+
+    /// Where a character's request with prompt `text` belongs: the idle slot
+    /// of its chat whose prompt `text` extends, when that holds more of
+    /// `text` than the character's own slot; else its own slot, if any.
+    fn character_target(&self, t: &Tenant, text: &str) -> Option<SlotId> {
+        let home = self.resident(t);
+        let own = home
+            .map(|r| &self.slots[r])
+            .filter(|s| s.live)
+            .map_or(0, |s| reuse(s.prompt.as_deref(), text));
+        let better = self
+            .slots
             .iter()
-            .position(|s| s.owner.as_ref() == Some(tenant))
+            .enumerate()
+            .filter(|(id, s)| {
+                Some(*id) != home
+                    && s.lease.is_none()
+                    && s.live
+                    && s.same_chat(t)
+                    && s.prompt.as_deref().is_some_and(|p| extends(p, text))
+            })
+            .map(|(id, s)| (id, reuse(s.prompt.as_deref(), text)))
+            .filter(|(_, r)| *r > own + MOVE_GAIN_BYTES)
+            .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)));
+        better.map(|(id, _)| id).or(home)
+    }
+
+    /// The slot `want` is bound to, if any: a pinned or held slot, a
+    /// tenant's own (or the one its prompt extends); `None` for a newcomer.
+    fn target(&self, want: &Want) -> Option<SlotId> {
+        match want {
+            Want::Pinned(s) | Want::Hold(s) => Some(*s),
+            Want::Tenant(t) => self.resident(t),
+            Want::Prompt { tenant, text } if tenant.is_character() => {
+                self.character_target(tenant, text)
+            }
+            Want::Prompt { .. } => None,
+        }
     }
 
     /// Whether llama-server's view of `slot` shows only `me`'s work: its
@@ -506,12 +568,7 @@ impl SlotTable {
     fn serve_residents(&mut self, grants: &mut Vec<(Ticket, Grant)>) {
         let mut i = 0;
         while i < self.queue.len() {
-            let target = match &self.queue[i].want {
-                Want::Pinned(s) | Want::Hold(s) => Some(*s),
-                Want::Tenant(t) => self.resident(t),
-                Want::Prompt { .. } => None,
-            };
-            match target {
+            match self.target(&self.queue[i].want) {
                 Some(slot) => {
                     if self.slots[slot].lease.is_none() && !self.steps_back(i) {
                         let w = self.queue.remove(i).expect("index in range");
@@ -530,7 +587,9 @@ impl SlotTable {
     fn serve_newcomers(&mut self, grants: &mut Vec<(Ticket, Grant)>) {
         while let Some(i) = self.next_newcomer() {
             let slot = match &self.queue[i].want {
-                Want::Prompt { text, .. } => self.pick_by_prompt(text),
+                Want::Prompt { tenant, text } if !tenant.is_character() => {
+                    self.pick_by_prompt(text)
+                }
                 _ => self.pick_for_newcomer(),
             };
             // Nothing is idle: no newcomer can be served.
@@ -549,7 +608,12 @@ impl SlotTable {
     /// work never steps back).
     fn steps_back(&self, i: usize) -> bool {
         let w = &self.queue[i];
-        if w.by.is_none() || !matches!(w.want, Want::Tenant(_)) {
+        let a_tenant = match &w.want {
+            Want::Tenant(_) => true,
+            Want::Prompt { tenant, .. } => tenant.is_character(),
+            Want::Pinned(_) | Want::Hold(_) => false,
+        };
+        if w.by.is_none() || !a_tenant {
             return false;
         }
         let mine = self.leases_of(w.by.as_ref());
@@ -578,9 +642,9 @@ impl SlotTable {
     /// resident nowhere, or a request placed by its prompt.
     fn is_newcomer(&self, want: &Want) -> bool {
         match want {
-            Want::Tenant(t) => self.resident(t).is_none(),
-            Want::Prompt { .. } => true,
             Want::Pinned(_) | Want::Hold(_) => false,
+            Want::Prompt { tenant, .. } if !tenant.is_character() => true,
+            _ => self.target(want).is_none(),
         }
     }
 
@@ -631,7 +695,7 @@ impl SlotTable {
                 .filter(|(_, s)| s.lease.is_none() && !s.holds_character())
         };
         let best = unnamed()
-            .filter_map(|(id, s)| Some((id, similarity(s.prompt.as_deref()?, text))))
+            .map(|(id, s)| (id, shares(s.prompt.as_deref(), text)))
             .filter(|(_, sim)| *sim > SIMILARITY)
             .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)));
         if let Some((id, _)) = best {
@@ -651,6 +715,16 @@ impl SlotTable {
         self.tick += 1;
         let lease = self.next_lease;
         self.next_lease += 1;
+        // A character moving into a slot its prompt extends leaves its old
+        // one: what that held is in the new prompt too.
+        let carried = match want {
+            Want::Tenant(t) | Want::Prompt { tenant: t, .. }
+                if t.is_character() && !self.slots[slot].hosts(t) =>
+            {
+                self.leave(t, slot)
+            }
+            _ => 0,
+        };
         let s = &mut self.slots[slot];
         s.lease = Some(lease);
         s.held = matches!(want, Want::Hold(_));
@@ -661,47 +735,42 @@ impl SlotTable {
             s.last_used = self.tick;
         }
         let (resident, evicted) = match want {
-            Want::Tenant(t) if s.owner.as_ref() == Some(t) => (s.live, None),
             Want::Hold(_) => (s.live, None),
+            Want::Prompt { tenant, text } if !tenant.is_character() => {
+                if s.holds_character() {
+                    (false, s.take_over(Some(tenant.clone())))
+                } else {
+                    let resident = shares(s.prompt.as_deref(), text) > SIMILARITY && s.live;
+                    s.owner = Some(tenant.clone());
+                    (resident, None)
+                }
+            }
+            Want::Tenant(t) | Want::Prompt { tenant: t, .. } if s.hosts(t) => {
+                s.promote(t);
+                (s.live, None)
+            }
+            Want::Prompt { tenant, text }
+                if tenant.is_character() && s.extendable_by(tenant, text) =>
+            {
+                // The owner's cache is a prefix of the new prompt: it stays
+                // here, as a member, and nothing needs saving.
+                let previous = s.owner.replace(tenant.clone()).expect("an owned slot");
+                s.members.push(previous);
+                s.usage = s.usage.max(carried);
+                (true, None)
+            }
             // llama-server reuses whatever prefix the slot shares with the
             // prompt; a character's cache taken over is an eviction.
-            Want::Prompt { tenant, text } => {
-                let shares = s
-                    .prompt
-                    .as_deref()
-                    .is_some_and(|held| similarity(held, text) > SIMILARITY);
-                let ev = match s.owner.replace(tenant.clone()) {
-                    Some(previous) if previous.is_character() => Some(Evicted {
-                        tenant: previous,
-                        usage: s.usage,
-                        live: s.live,
-                    }),
-                    _ => None,
-                };
-                let resident = shares && s.live;
-                if ev.is_some() {
-                    s.usage = 0;
-                    s.lose_cache();
-                }
-                s.prompt = Some(Arc::clone(text));
-                (resident, ev)
-            }
             // A newcomer, or a client pinning the slot, takes it from its
             // owner: report the owner so unsaved messages can be saved first.
-            Want::Tenant(_) | Want::Pinned(_) => {
-                let ev = s.owner.take().map(|tenant| Evicted {
-                    tenant,
-                    usage: s.usage,
-                    live: s.live,
-                });
-                if let Want::Tenant(t) = want {
-                    s.owner = Some(t.clone());
-                }
-                s.usage = 0;
-                s.lose_cache();
-                (false, ev)
+            Want::Tenant(t) | Want::Prompt { tenant: t, .. } => {
+                (false, s.take_over(Some(t.clone())))
             }
+            Want::Pinned(_) => (false, s.take_over(None)),
         };
+        if let Want::Prompt { text, .. } = want {
+            s.prompt = Some(Arc::clone(text));
+        }
         Grant {
             slot,
             lease,
@@ -709,6 +778,66 @@ impl SlotTable {
             evicted,
             usage: s.usage,
         }
+    }
+
+    /// Takes `t` out of every slot but `except` (moving there); returns the
+    /// unsaved messages of a slot it owned, which move with it. A slot it
+    /// owned goes to its first member, or is free with its contents kept.
+    fn leave(&mut self, t: &Tenant, except: SlotId) -> u32 {
+        let mut carried = 0;
+        for (id, s) in self.slots.iter_mut().enumerate() {
+            if id == except {
+                continue;
+            }
+            s.members.retain(|m| m != t);
+            if s.owner.as_ref() == Some(t) {
+                carried = carried.max(s.usage);
+                s.usage = 0;
+                s.owner = if s.members.is_empty() {
+                    None
+                } else {
+                    Some(s.members.remove(0))
+                };
+            }
+        }
+        carried
+    }
+}
+
+// === impl Slot (grants) ===
+
+impl Slot {
+    /// Makes resident `t` the owner (a member becomes the owner; the owner
+    /// becomes a member).
+    fn promote(&mut self, t: &Tenant) {
+        if self.owner.as_ref() == Some(t) {
+            return;
+        }
+        self.members.retain(|m| m != t);
+        if let Some(previous) = self.owner.replace(t.clone()) {
+            self.members.push(previous);
+        }
+    }
+
+    /// Whether character `t`'s prompt `text` extends this idle slot's live
+    /// cache of a character of the same chat.
+    fn extendable_by(&self, t: &Tenant, text: &str) -> bool {
+        self.live && self.same_chat(t) && self.prompt.as_deref().is_some_and(|p| extends(p, text))
+    }
+
+    /// Gives the slot and its cache up to `owner`: reports the owner it
+    /// had (the evicted, with its unsaved messages); members go with the
+    /// cache.
+    fn take_over(&mut self, owner: Option<Tenant>) -> Option<Evicted> {
+        let previous = std::mem::replace(&mut self.owner, owner);
+        let ev = previous.map(|tenant| Evicted {
+            tenant,
+            usage: self.usage,
+            live: self.live,
+        });
+        self.usage = 0;
+        self.lose_cache();
+        ev
     }
 }
 
@@ -1225,6 +1354,171 @@ mod tests {
         }
     }
 
+    mod shared_prefix {
+        //! Characters whose prompts extend each other share one slot.
+        use super::*;
+
+        fn said(name: &str, text: &str) -> Want {
+            Want::Prompt {
+                tenant: ch(name),
+                text: Arc::from(text),
+            }
+        }
+
+        const STORY: &str = "A fictional chat between Anna, Ben, Cleo and User. Anna's card. Ben's card. Cleo's card.\n***\n";
+
+        fn turn(history: &str, name: &str) -> String {
+            format!("{STORY}{history}{name}:")
+        }
+
+        #[test]
+        fn speakers_of_one_history_share_a_slot() {
+            let mut t = SlotTable::new(2, 8);
+            let mut history = String::from("User: hello all\n");
+            let mut slots = Vec::new();
+            for name in ["Anna", "Ben", "Cleo", "Anna", "Ben"] {
+                let g = take(&mut t, said(name, &turn(&history, name)));
+                assert_eq!(g.evicted, None, "{name}: nothing is evicted");
+                slots.push(g.slot);
+                finish(&mut t, &g, Kind::Normal);
+                history.push_str(&format!("{name}: a reply of {name}'s\n"));
+            }
+            assert_eq!(slots, vec![0; 5], "one slot serves the whole chat");
+            let s = &t.slots()[0];
+            assert_eq!(s.owner, Some(ch("Ben")));
+            assert_eq!(s.members.len(), 2, "{:?}", s.members);
+            assert_eq!(t.resident(&ch("Anna")), Some(0));
+            assert_eq!(t.resident(&ch("Cleo")), Some(0));
+            assert_eq!(s.usage, 5, "the slot's unsaved messages");
+            assert_eq!(t.slots()[1].owner, None, "the other slot stays free");
+        }
+
+        #[test]
+        fn a_move_is_resident_and_a_member_comes_back_resident() {
+            let mut t = SlotTable::new(2, 8);
+            let a = take(&mut t, said("Anna", &turn("User: hi\n", "Anna")));
+            finish(&mut t, &a, Kind::Normal);
+            let b = take(&mut t, said("Ben", &turn("User: hi\nAnna: hey\n", "Ben")));
+            assert_eq!(b.slot, 0);
+            assert!(b.resident, "Anna's cache holds Ben's prompt but its tail");
+            finish(&mut t, &b, Kind::Normal);
+            let a = take(
+                &mut t,
+                said("Anna", &turn("User: hi\nAnna: hey\nBen: yo\n", "Anna")),
+            );
+            assert_eq!((a.slot, a.resident, a.evicted.clone()), (0, true, None));
+            assert_eq!(t.slots()[0].owner, Some(ch("Anna")));
+            assert_eq!(t.slots()[0].members, vec![ch("Ben")]);
+        }
+
+        #[test]
+        fn own_cards_first_keep_their_own_slots() {
+            let mut t = SlotTable::new(2, 8);
+            let a = take(
+                &mut t,
+                said(
+                    "Anna",
+                    "Write Anna's next reply. Anna's card.\n***\nUser: hi\nAnna:",
+                ),
+            );
+            finish(&mut t, &a, Kind::Normal);
+            let b = take(
+                &mut t,
+                said(
+                    "Ben",
+                    "Write Ben's next reply. Ben's card.\n***\nUser: hi\nAnna: hey\nBen:",
+                ),
+            );
+            assert_eq!(b.slot, 1, "swap mode: no shared prefix");
+            assert!(t.slots()[0].members.is_empty());
+        }
+
+        #[test]
+        fn another_chat_is_never_extended() {
+            let mut t = SlotTable::new(2, 8);
+            let a = take(&mut t, said("Anna", &turn("User: hi\n", "Anna")));
+            finish(&mut t, &a, Kind::Normal);
+            let other = Tenant::Character {
+                chat: "other".into(),
+                name: "Ben".into(),
+            };
+            let text: Arc<str> = Arc::from(turn("User: hi\nAnna: hey\n", "Ben"));
+            let b = take(
+                &mut t,
+                Want::Prompt {
+                    tenant: other,
+                    text,
+                },
+            );
+            assert_eq!(b.slot, 1);
+        }
+
+        #[test]
+        fn an_extended_slot_keeps_its_unsaved_messages() {
+            let mut t = SlotTable::new(3, 8);
+            for _ in 0..2 {
+                let b = take(&mut t, said("Ben", &turn("User: hi\n", "Ben")));
+                finish(&mut t, &b, Kind::Normal);
+            }
+            assert_eq!(t.slots()[0].usage, 2);
+            let a = take(
+                &mut t,
+                said("Anna", &turn("User: hi\nBen: x\nUser: more\n", "Anna")),
+            );
+            assert_eq!(
+                (a.slot, a.evicted.clone()),
+                (0, None),
+                "Anna extends Ben's slot"
+            );
+            finish(&mut t, &a, Kind::Normal);
+            assert_eq!(t.resident(&ch("Ben")), Some(0));
+            assert_eq!(t.slots()[0].usage, 3, "nothing unsaved is forgotten");
+        }
+
+        #[test]
+        fn an_eviction_takes_the_members_with_the_cache() {
+            let mut t = SlotTable::new(1, 8);
+            let a = take(&mut t, said("Anna", &turn("User: hi\n", "Anna")));
+            finish(&mut t, &a, Kind::Normal);
+            let b = take(&mut t, said("Ben", &turn("User: hi\nAnna: hey\n", "Ben")));
+            finish(&mut t, &b, Kind::Normal);
+            let x = take(
+                &mut t,
+                Want::Tenant(Tenant::Character {
+                    chat: "z".into(),
+                    name: "Xena".into(),
+                }),
+            );
+            assert_eq!(
+                x.evicted.as_ref().map(|e| (e.tenant.clone(), e.usage)),
+                Some((ch("Ben"), 2))
+            );
+            assert_eq!(
+                t.resident(&ch("Anna")),
+                None,
+                "Anna's cache left with Ben's"
+            );
+        }
+
+        #[test]
+        fn a_character_leaves_its_slot_for_a_better_one() {
+            let mut t = SlotTable::new(2, 8);
+            let a = take(&mut t, said("Anna", &turn("User: hi\n", "Anna")));
+            finish(&mut t, &a, Kind::Normal);
+            // Ben comes in through another door (an admin load): slot 1.
+            let b = take(&mut t, Want::Tenant(ch("Ben")));
+            assert_eq!(b.slot, 1);
+            t.release(b.slot, b.lease, Outcome::Generated(Kind::Normal));
+            // Ben's prompt extends Anna's, and his own slot has no prompt
+            // kvgate knows: slot 0 holds more of it.
+            let b = take(&mut t, said("Ben", &turn("User: hi\nAnna: hey\n", "Ben")));
+            assert_eq!(b.slot, 0);
+            assert_eq!(t.slots()[1].owner, None, "his old slot is free");
+            assert_eq!(t.slots()[1].usage, 0);
+            assert_eq!(t.slots()[0].usage, 1, "his unsaved message moved with him");
+        }
+    }
+
     mod clients {
         //! Random interleavings of several known clients' requests: the
         //! per-client bound always holds, no slot is leased twice, and no
@@ -1234,8 +1528,19 @@ mod tests {
 
         #[derive(Clone, Debug)]
         enum Op {
-            Enqueue { client: usize, tenant: usize },
-            Anonymous { client: usize, text: usize },
+            Enqueue {
+                client: usize,
+                tenant: usize,
+            },
+            Anonymous {
+                client: usize,
+                text: usize,
+            },
+            Said {
+                client: usize,
+                name: usize,
+                turn: usize,
+            },
             Release(usize),
             Cancel(usize),
         }
@@ -1244,6 +1549,7 @@ mod tests {
             prop_oneof![
                 4 => (0..4usize, 0..6usize).prop_map(|(client, tenant)| Op::Enqueue { client, tenant }),
                 2 => (0..4usize, 0..3usize).prop_map(|(client, text)| Op::Anonymous { client, text }),
+                3 => (0..4usize, 0..3usize, 0..5usize).prop_map(|(client, name, turn)| Op::Said { client, name, turn }),
                 3 => (0..8usize).prop_map(Op::Release),
                 1 => (0..8usize).prop_map(Op::Cancel),
             ]
@@ -1278,6 +1584,25 @@ mod tests {
                                     Vec::new()
                                 }
                                 Err(TableError::QueueFull { .. }) => Vec::new(),
+                                Err(e) => return Err(TestCaseError::fail(e.to_string())),
+                            }
+                        }
+                        Op::Said { client, name, turn } => {
+                            // One shared history: later turns extend earlier ones.
+                            let by = tags[client].clone();
+                            let who = ["S0", "S1", "S2"][name];
+                            let history: String = (0..turn).map(|i| format!("line {i}\n")).collect();
+                            let tenant = ch(who);
+                            let w = Want::Prompt {
+                                tenant: tenant.clone(),
+                                text: Arc::from(format!("shared story\n{history}{who}:")),
+                            };
+                            match t.enqueue_by(w, by.clone()) {
+                                Ok((ticket, grants)) => {
+                                    waiting.push((ticket, by, tenant));
+                                    grants
+                                }
+                                Err(TableError::ClientQueueFull { .. } | TableError::QueueFull { .. }) => Vec::new(),
                                 Err(e) => return Err(TestCaseError::fail(e.to_string())),
                             }
                         }
@@ -1328,6 +1653,18 @@ mod tests {
                             t.slots().iter().all(|s| s.lease.is_some() || s.owner.is_some()),
                             "a newcomer waits while a slot is free: {:?}", t.slots()
                         );
+                    }
+                    // Nobody is resident twice; a member is never the owner
+                    // and lives only in a character's slot.
+                    for s in t.slots() {
+                        if let Some(o) = &s.owner {
+                            prop_assert!(!s.members.contains(o), "owner among members: {:?}", s);
+                        }
+                        prop_assert!(s.members.is_empty() || s.holds_character(), "{:?}", s);
+                    }
+                    for who in ["S0", "S1", "S2", "T0", "T1", "T2", "T3", "T4", "T5"] {
+                        let n = t.slots().iter().filter(|s| s.hosts(&ch(who))).count();
+                        prop_assert!(n <= 1, "{} resident in {} slots: {:?}", who, n, t.slots());
                     }
                     // A request no character owns never waits while any
                     // slot is idle.

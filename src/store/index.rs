@@ -364,6 +364,21 @@ impl CacheStore {
         }
     }
 
+    /// The saves of `chat`'s other characters under `fingerprint`: a
+    /// character whose cache went into another's slot of the chat (a
+    /// member, see `slots::content`) may find its latest context there.
+    pub fn chat_candidates(&self, chat: &str, character: &str, fingerprint: &str) -> Vec<SaveMeta> {
+        self.index()
+            .values()
+            .filter(|m| {
+                m.chat == chat
+                    && m.character != character
+                    && m.fingerprint.as_deref() == Some(fingerprint)
+            })
+            .cloned()
+            .collect()
+    }
+
     /// The token list a save holds (from its header; cached).
     pub fn tokens(&self, file: &str) -> Result<Arc<Vec<i32>>, StoreError> {
         if let Some(t) = self.tokens.lock_unpoisoned().get(file) {

@@ -223,25 +223,39 @@ impl Persistence {
             return Restore::Skipped;
         };
         let candidates = self.store.candidates(chat, character, &fp.id);
-        if candidates.is_empty() {
+        let others = self.store.chat_candidates(chat, character, &fp.id);
+        if candidates.is_empty() && others.is_empty() {
             return Restore::Skipped;
         }
         let chosen = match self.prompt_tokens(&g).await {
             Some(prompt) => {
                 // Token lists come from the saves' headers (file reads).
                 let store = Arc::clone(&self.store);
-                let with_tokens: Vec<_> = tokio::task::spawn_blocking(move || {
-                    candidates
-                        .into_iter()
-                        .filter_map(|m| store.tokens(&m.file).ok().map(|t| (m, t)))
-                        .collect()
-                })
-                .await
-                .unwrap_or_default();
+                let (with_tokens, others): (Vec<_>, Vec<_>) =
+                    tokio::task::spawn_blocking(move || {
+                        let tokens = |list: Vec<SaveMeta>| -> Vec<_> {
+                            list.into_iter()
+                                .filter_map(|m| store.tokens(&m.file).ok().map(|t| (m, t)))
+                                .collect()
+                        };
+                        (tokens(candidates), tokens(others))
+                    })
+                    .await
+                    .unwrap_or_default();
                 // Restores happen only for a slot that does not hold this
                 // tenant's live cache (another tenant's, or nothing), so the
                 // save must share more than the BOS token to be worth it.
-                choose_best(&with_tokens, &prompt, 1).map(|(m, lcp)| (m.file.clone(), lcp))
+                let own = choose_best(&with_tokens, &prompt, 1);
+                // Another character's save of the chat, only when it holds
+                // most of the prompt: the character's context went into
+                // that character's slot (a shared prefix).
+                let theirs = choose_best(&others, &prompt, prompt.len() / 2);
+                match (own, theirs) {
+                    (Some(o), Some(t)) if t.1 > o.1 => Some(t),
+                    (None, t) => t,
+                    (o, _) => o,
+                }
+                .map(|(m, lcp)| (m.file.clone(), lcp))
             }
             None => candidates
                 .iter()

@@ -5,6 +5,7 @@ mod group_chat;
 mod hardening;
 mod instances;
 mod persistence;
+mod shared_prefix;
 mod smoke;
 mod supervised;
 #[path = "../support/mod.rs"]

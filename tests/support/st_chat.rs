@@ -108,6 +108,11 @@ pub struct GroupChat {
     pub history: Vec<(String, String)>,
     /// Prompt budget in bytes; older history lines are dropped past it.
     pub ctx_chars: usize,
+    /// "Join character cards" with a story string that does not name the
+    /// speaker first: every speaker's prompt starts with the same text (all
+    /// cards), so prompts differ only after the shared history. Off: the
+    /// default "swap character cards" prompt, which starts with the speaker.
+    pub join: bool,
 }
 
 // === impl GroupChat ===
@@ -126,6 +131,7 @@ impl GroupChat {
             members,
             history,
             ctx_chars: DEFAULT_CTX_CHARS,
+            join: false,
         }
     }
 
@@ -168,20 +174,25 @@ impl GroupChat {
     pub fn prompt_for(&self, speaker: &str) -> String {
         let c = self.member(speaker);
         let name = &c.name;
-        let mut head = format!(
-            "Write {name}'s next reply in a fictional chat between {name} and {}.\n",
-            self.user
-        );
-        if !c.description.is_empty() {
-            head.push_str(&c.description);
-            head.push('\n');
-        }
-        if !c.personality.is_empty() {
-            head.push_str(&format!("{name}'s personality: {}\n", c.personality));
-        }
-        if !c.scenario.is_empty() {
-            head.push_str(&format!("Scenario: {}\n", c.scenario));
-        }
+        let head = if self.join {
+            self.joined_cards()
+        } else {
+            let mut head = format!(
+                "Write {name}'s next reply in a fictional chat between {name} and {}.\n",
+                self.user
+            );
+            if !c.description.is_empty() {
+                head.push_str(&c.description);
+                head.push('\n');
+            }
+            if !c.personality.is_empty() {
+                head.push_str(&format!("{name}'s personality: {}\n", c.personality));
+            }
+            if !c.scenario.is_empty() {
+                head.push_str(&format!("Scenario: {}\n", c.scenario));
+            }
+            head
+        };
         let chat_start = "***\n";
         let tail = format!("{name}:");
         let mut budget = self
@@ -201,7 +212,9 @@ impl GroupChat {
         }
         lines.reverse();
         let mut examples = String::new();
-        for (user_line, char_line) in &c.examples {
+        // Example dialogues belong to one card: joined cards leave them out.
+        let own_examples = if self.join { &[][..] } else { &c.examples[..] };
+        for (user_line, char_line) in own_examples {
             let block = format!("***\n{}: {user_line}\n{name}: {char_line}\n", self.user);
             if block.len() > budget {
                 break;
@@ -216,6 +229,23 @@ impl GroupChat {
         prompt.extend(lines);
         prompt.push_str(&tail);
         prompt
+    }
+
+    /// The story string of joined cards: the chat's members, then every
+    /// card, the same for every speaker.
+    fn joined_cards(&self) -> String {
+        let names = self.names().join(", ");
+        let mut head = format!("A fictional chat between {names} and {}.\n", self.user);
+        for c in &self.members {
+            if !c.description.is_empty() {
+                head.push_str(&c.description);
+                head.push('\n');
+            }
+            if !c.personality.is_empty() {
+                head.push_str(&format!("{}'s personality: {}\n", c.name, c.personality));
+            }
+        }
+        head
     }
 
     /// The stop strings SillyTavern sends for `speaker`.
