@@ -101,6 +101,10 @@ pub struct Cli {
     /// Reject saves smaller than this many bytes (0: off).
     #[arg(long, env = "KVGATE_MIN_SAVE_BYTES", value_name = "BYTES")]
     pub min_save_bytes: Option<u64>,
+    /// Save characters' unsaved messages once llama-server has been idle
+    /// this many seconds (0: off).
+    #[arg(long, env = "KVGATE_IDLE_SAVE", value_name = "SECS")]
+    pub idle_save: Option<u64>,
     /// On shutdown, how long in-flight streams may take to finish (seconds).
     #[arg(long, env = "KVGATE_SHUTDOWN_GRACE", value_name = "SECS")]
     pub shutdown_grace: Option<f64>,
@@ -199,6 +203,7 @@ pub struct FileConfig {
     max_files: Option<u32>,
     clear_on_chat_change: Option<bool>,
     min_save_bytes: Option<u64>,
+    idle_save: Option<u64>,
     shutdown_grace: Option<f64>,
     preload_timeout: Option<u64>,
     admin_key: Option<String>,
@@ -229,6 +234,9 @@ pub struct CacheSettings {
     pub min_save_bytes: u64,
     /// Seconds a preload may spend on one character.
     pub preload_timeout_s: u64,
+    /// Seconds llama-server must be idle before kvgate saves the slots
+    /// with unsaved messages (0: off).
+    pub idle_save_s: u64,
 }
 
 impl Default for CacheSettings {
@@ -240,6 +248,7 @@ impl Default for CacheSettings {
             clear_on_chat_change: true,
             min_save_bytes: 0,
             preload_timeout_s: 20 * 60,
+            idle_save_s: 2,
         }
     }
 }
@@ -598,6 +607,7 @@ fn cache_settings(cli: &Cli, file: &FileConfig, d: &CacheSettings) -> CacheSetti
             .preload_timeout
             .or(file.preload_timeout)
             .unwrap_or(d.preload_timeout_s),
+        idle_save_s: cli.idle_save.or(file.idle_save).unwrap_or(d.idle_save_s),
     }
 }
 

@@ -25,6 +25,7 @@ pub fn settings_json(s: &CacheSettings) -> Value {
         "max_files": s.max_files,
         "clear_on_chat_change": s.clear_on_chat_change,
         "preload_timeout_s": s.preload_timeout_s,
+        "idle_save_s": s.idle_save_s,
     })
 }
 
@@ -52,6 +53,11 @@ pub fn apply_settings(s: &mut CacheSettings, body: &Map<String, Value>) -> Resul
                     u32::try_from(positive(v)?).map_err(|_| "max_files is too large".to_string())?
             }
             "preload_timeout_s" => s.preload_timeout_s = positive(v)?,
+            "idle_save_s" => {
+                s.idle_save_s = v
+                    .as_u64()
+                    .ok_or_else(|| format!("{k} must be a whole number ≥ 0 (0: off)"))?
+            }
             other => return Err(format!("unknown setting {other:?}")),
         }
     }

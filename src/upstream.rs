@@ -39,6 +39,11 @@ pub struct Upstream {
     pub monitor_kick: Notify,
     /// Wakes its save-behind task (a generation's first token is out).
     pub save_behind_kick: Arc<Notify>,
+    /// Wakes its idle-save task (a generation ended).
+    pub idle_kick: Notify,
+    /// Counts generations starting and ending, so the idle-save task can
+    /// tell that llama-server stayed quiet.
+    activity: AtomicU64,
     /// State every upstream shares.
     pub shared: Arc<Shared>,
     /// Held while a request takes several slots at once (a completion with
@@ -89,6 +94,8 @@ impl Upstream {
             state: Live::default(),
             monitor_kick: Notify::new(),
             save_behind_kick: Arc::default(),
+            idle_kick: Notify::new(),
+            activity: AtomicU64::new(0),
             shared,
             several_slots: tokio::sync::Mutex::new(()),
             last_eviction: AtomicU64::new(0),
@@ -107,6 +114,20 @@ impl Upstream {
         if before.as_ref() != Some(&fp) {
             tracing::info!(model = %fp.model, id = %fp.id, "model fingerprint");
         }
+    }
+
+    /// Records that a generation started or ended; an end also wakes the
+    /// idle-save task.
+    pub fn note_activity(&self, ended: bool) {
+        self.activity.fetch_add(1, Ordering::Relaxed);
+        if ended {
+            self.idle_kick.notify_one();
+        }
+    }
+
+    /// The activity count (see [`Upstream::note_activity`]).
+    pub fn activity(&self) -> u64 {
+        self.activity.load(Ordering::Relaxed)
     }
 
     /// Records that a slot changed hands.

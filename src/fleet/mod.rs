@@ -3,6 +3,7 @@
 //! model, outages and restarts) and [`save_behind`] (background saves that
 //! keep evictions cheap).
 
+pub(crate) mod idle_save;
 pub(crate) mod monitor;
 pub(crate) mod placement;
 pub(crate) mod save_behind;

@@ -333,6 +333,7 @@ impl Turn {
     /// The slot is ours: remember the prompt, tell the monitors and the log.
     fn begin(&self, upstream: &Upstream, lease: &Lease, client: &Client) {
         let (slot, identity) = (lease.slot(), &self.identity);
+        upstream.note_activity(false);
         lease.stamp_used(now_unix());
         let prompt = self.body.get("prompt").and_then(Value::as_str);
         let memory = &upstream.shared.memory;
@@ -546,6 +547,7 @@ async fn finish(
         session::autosave(upstream, &lease, &identity.tenant).await;
     }
     lease.release(Outcome::Untouched);
+    upstream.note_activity(true);
 }
 
 /// Metrics, the `generation_finished` event and a debug line for a turn.

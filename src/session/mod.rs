@@ -24,5 +24,7 @@ pub(crate) mod siblings;
 
 pub(crate) use prepare::{restore, take_over};
 pub(crate) use run::{acquire, detached, Detached};
-pub(crate) use save::{autosave, chat_switch, save_dirty_slots, save_owner, OwnerSave};
+pub(crate) use save::{
+    autosave, chat_switch, save_dirty_slots, save_dirty_while, save_owner, OwnerSave,
+};
 pub(crate) use siblings::{acquire_siblings, SiblingError};

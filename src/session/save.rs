@@ -91,6 +91,27 @@ pub(crate) async fn save_dirty_slots(
     .await
 }
 
+/// Saves the characters' slots with unsaved messages one after the other
+/// while `quiet()` holds (checked before each save), as `kind`; a slot in
+/// use is skipped. Returns how many were saved.
+pub(crate) async fn save_dirty_while(
+    upstream: &Upstream,
+    kind: SaveKind,
+    quiet: impl Fn() -> bool,
+) -> usize {
+    let mut saved = 0;
+    for (slot, tenant) in dirty_slots(upstream, true) {
+        if !quiet() {
+            break;
+        }
+        saved += save_slots(upstream, vec![(slot, tenant)], kind, Duration::ZERO, |_| {
+            Outcome::Untouched
+        })
+        .await;
+    }
+    saved
+}
+
 /// Takes each of `slots` in turn (waiting at most `wait`; a slot that stays
 /// busy is skipped), saves its owner as `kind` if it is still the tenant
 /// named and has unsaved messages, and releases the slot with the outcome

@@ -35,6 +35,8 @@ pub enum SaveKind {
     Shutdown,
     /// A group preload.
     Preload,
+    /// llama-server was idle for a moment (the user reading).
+    Idle,
     /// A file kvgate did not write (the seed extension's); kind unknown.
     Legacy,
 }
@@ -49,6 +51,7 @@ impl SaveKind {
             SaveKind::ChatSwitch => "chat-switch",
             SaveKind::Shutdown => "shutdown",
             SaveKind::Preload => "preload",
+            SaveKind::Idle => "idle",
             SaveKind::Legacy => "legacy",
         }
     }

@@ -3,6 +3,7 @@ mod demo;
 mod dropin;
 mod group_chat;
 mod hardening;
+mod idle_save;
 mod instances;
 mod persistence;
 mod shared_prefix;

@@ -3,6 +3,7 @@ mod cli;
 mod clients;
 mod fake_selftest;
 mod fleet;
+mod idle_save;
 mod instances;
 mod limits;
 mod persistence;

@@ -454,6 +454,12 @@ pub fn test_config(upstream: &str) -> Config {
         health_interval: Duration::from_millis(100),
         queue_timeout: Duration::from_secs(20),
         shutdown_grace: Duration::from_secs(5),
+        // Off unless a test is about idle saves: a save appearing after a
+        // test's pause would be a race with what it checks.
+        cache: kvgate::config::CacheSettings {
+            idle_save_s: 0,
+            ..kvgate::config::CacheSettings::default()
+        },
         ..Config::default()
     }
 }
