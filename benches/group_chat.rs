@@ -321,7 +321,8 @@ async fn replay(way: Way, script: &[Turn], restart_at: usize, gap: Duration) -> 
     };
     let mut llama = LlamaServer::start(LlamaOpts {
         slots: SLOTS,
-        ctx_per_slot: 4608,
+        // Room for the longest prompt (CTX_CHARS bytes = tokens) and its reply.
+        ctx_per_slot: (CTX_CHARS as u32) + 512,
         extra_args: extra,
         model: Some(model_path()),
         ..LlamaOpts::default()
@@ -379,17 +380,18 @@ async fn replay(way: Way, script: &[Turn], restart_at: usize, gap: Duration) -> 
         let m = &app.shared.metrics;
         let g = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
         let restores = g(&m.restores).max(1);
-        let saves = ["autosave", "eviction", "chat-switch", "shutdown"]
+        let saves = ["autosave", "eviction", "chat-switch", "shutdown", "idle"]
             .iter()
             .map(|k| m.saves_of(k))
             .sum::<u64>()
             .max(1);
         eprintln!(
-            "  kvgate: {} restores, {:.1} ms each; {} saves ({} eviction/save-behind), {:.1} ms each, {:.1} MB each",
+            "  kvgate: {} restores, {:.1} ms each; {} saves ({} eviction/save-behind, {} idle), {:.1} ms each, {:.1} MB each",
             g(&m.restores),
             g(&m.restore_micros) as f64 / 1000.0 / restores as f64,
             saves,
             m.saves_of("eviction"),
+            m.saves_of("idle"),
             g(&m.save_micros) as f64 / 1000.0 / saves as f64,
             g(&m.save_bytes) as f64 / 1e6 / saves as f64,
         );
@@ -478,7 +480,7 @@ fn main() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0),
     );
-    let restart_at = turns * 3 / 4;
+    let restart_from = turns * 3 / 4;
     let modes = Mode::chosen();
     if std::env::var_os("KVGATE_BENCH_DRY").is_some() {
         for mode in modes {
@@ -496,7 +498,7 @@ fn main() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         for mode in modes {
-            if !bench_mode(mode, turns, restart_at, gap).await {
+            if !bench_mode(mode, turns, restart_from, gap).await {
                 return;
             }
         }
@@ -505,8 +507,14 @@ fn main() {
 
 /// Replays one mode's script the three ways and prints its table; false
 /// when llama-server is not available.
-async fn bench_mode(mode: Mode, turns: usize, restart_at: usize, gap: Duration) -> bool {
+async fn bench_mode(mode: Mode, turns: usize, restart_from: usize, gap: Duration) -> bool {
     let script = script(mode, turns);
+    // llama-server restarts before the first turn from `restart_from` on
+    // whose speaker has spoken before: a restart can only be survived by
+    // what was there to save.
+    let restart_at = (restart_from..script.len())
+        .find(|&i| script[..i].iter().any(|t| t.speaker == script[i].speaker))
+        .unwrap_or(restart_from);
     let sizes: Vec<u64> = script
         .iter()
         .map(|t| {

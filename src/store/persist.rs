@@ -338,6 +338,15 @@ impl CacheHooks for Persistence {
 
     fn autosave_due(&self, usage: u32) -> bool {
         let s = self.shared.settings.get();
-        s.autosave && usage >= s.save_every
+        // With idle saves on, the idle-save task saves these as soon as
+        // llama-server is quiet, off every request's path; an autosave on
+        // the path (the character's next request waits for it) is then only
+        // the bound for traffic that never pauses.
+        let every = if s.idle_save_s > 0 {
+            s.save_every.saturating_mul(2)
+        } else {
+            s.save_every
+        };
+        s.autosave && usage >= every
     }
 }

@@ -1140,6 +1140,7 @@ async fn real_llama_server_failed_save_and_death_mid_stream() {
         save_dir: Some(save.clone()),
         cache: kvgate::config::CacheSettings {
             save_every: 2,
+            idle_save_s: 0,
             ..Default::default()
         },
         ..Default::default()

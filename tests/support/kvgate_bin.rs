@@ -15,6 +15,9 @@ use super::llama::free_port;
 
 /// The kvgate binary with the environment's settings (`KVGATE_*`,
 /// `KV_SAVE_DIR`, `LLAMA_SERVER`) removed: a test's arguments say it all.
+/// Idle saves are off (`KVGATE_IDLE_SAVE=0`; an `--idle-save` argument
+/// wins), as in `test_config`: a save appearing after a test's pause would
+/// race with what it checks.
 pub fn kvgate_command() -> std::process::Command {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kvgate"));
     for (key, _) in std::env::vars_os() {
@@ -23,6 +26,7 @@ pub fn kvgate_command() -> std::process::Command {
             cmd.env_remove(&key);
         }
     }
+    cmd.env("KVGATE_IDLE_SAVE", "0");
     cmd
 }
 
