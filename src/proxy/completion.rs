@@ -39,6 +39,7 @@ use super::failure::Failure;
 use super::headers::{add_identity_headers, explicit_identity};
 use super::outcome;
 use super::passthrough::{forward_relay, llama_failed, read_body};
+use super::pin;
 
 /// One completion on its way through kvgate.
 struct Turn {
@@ -55,6 +56,10 @@ struct Turn {
     /// Whether the body is large enough to be handled off the async workers
     /// (over [`INLINE_PARSE_BYTES`] as received).
     large: bool,
+    /// The body as the client sent it, when kvgate changes nothing in it
+    /// but the pin (no `kvgate` member to take out, no `id_slot` to
+    /// rewrite): it goes to llama-server as it came (see [`pin`]).
+    verbatim: Option<Bytes>,
     /// How many answers the client asks for (`n_cmpl`/`n`), as llama-server
     /// will run them: each beyond the first takes a slot of its own.
     answers: usize,
@@ -83,7 +88,7 @@ pub(crate) async fn completion(
     )
     .await?;
     let turn = match read_turn(app, api, &parts.headers, raw, started).await? {
-        Read::Turn(turn) => turn,
+        Read::Turn(turn) => *turn,
         Read::Unusable(raw) => {
             debug!("completion body that is no JSON object; forwarding untouched");
             let resp = pass_untouched(app, parts, raw, client).await;
@@ -140,8 +145,9 @@ const INLINE_PARSE_BYTES: usize = 256 * 1024;
 
 /// A completion body, read.
 enum Read {
-    /// Usable: the turn it starts.
-    Turn(Turn),
+    /// Usable: the turn it starts (boxed: a turn is large, and moved
+    /// between threads for large bodies).
+    Turn(Box<Turn>),
     /// Not for kvgate to interpret (see [`usable_body`]).
     Unusable(Bytes),
 }
@@ -171,10 +177,14 @@ fn parse_turn(
     started: Instant,
 ) -> Result<Read, Failure> {
     match usable_body(&raw)? {
-        Some(body) => Turn::resolve(app, api, headers, body, started).map(|mut turn| {
-            turn.large = raw.len() > INLINE_PARSE_BYTES;
-            Read::Turn(turn)
-        }),
+        Some(body) => {
+            let untouched = body.get("kvgate").is_none() && body.get("id_slot").is_none();
+            Turn::resolve(app, api, headers, body, started).map(|mut turn| {
+                turn.large = raw.len() > INLINE_PARSE_BYTES;
+                turn.verbatim = untouched.then_some(raw);
+                Read::Turn(Box::new(turn))
+            })
+        }
         None => Ok(Read::Unusable(raw)),
     }
 }
@@ -234,6 +244,7 @@ impl Turn {
             identity,
             client_slot,
             large: false,
+            verbatim: None,
             answers,
             siblings: Vec::new(),
         })
@@ -403,10 +414,12 @@ impl Turn {
         upstream: &Upstream,
         mut parts: Parts,
     ) -> Result<Response<ProxyBody>, Failure> {
-        let body = std::mem::take(&mut self.body);
-        let bytes = serde_json::to_vec(&body)
-            .map(Bytes::from)
-            .map_err(|e| Failure::Kvgate(e.to_string()))?;
+        let bytes = match self.verbatim.take() {
+            Some(raw) => raw,
+            None => serde_json::to_vec(&std::mem::take(&mut self.body))
+                .map(Bytes::from)
+                .map_err(|e| Failure::Kvgate(e.to_string()))?,
+        };
         parts
             .headers
             .insert(CONTENT_LENGTH, HeaderValue::from(bytes.len()));
@@ -421,6 +434,17 @@ impl Turn {
     /// blocking thread.
     async fn take_body_for(&mut self, slot: usize) -> Result<Bytes, Failure> {
         let body = std::mem::take(&mut self.body);
+        if let Some(pinned) = self
+            .verbatim
+            .take()
+            .and_then(|raw| pin::with_id_slot(&raw, slot))
+        {
+            if self.large {
+                // Freeing a large tree takes a while too.
+                tokio::task::spawn_blocking(move || drop(body));
+            }
+            return Ok(pinned);
+        }
         let pin = Value::from(slot);
         if !self.large {
             return pinned_body(body, pin);

@@ -18,6 +18,7 @@ pub mod front;
 pub mod headers;
 mod outcome;
 mod passthrough;
+mod pin;
 mod slot_action;
 mod slots_view;
 

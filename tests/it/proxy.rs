@@ -841,3 +841,43 @@ async fn upstream_dying_mid_stream_ends_cleanly_with_an_error_event() {
     assert!(!slot.live, "contents unknown after a broken stream");
     assert!(slot.lease.is_none());
 }
+
+#[tokio::test]
+async fn a_completion_reaches_llama_server_as_the_client_wrote_it_plus_the_pin() {
+    let fake = FakeLlama::start().await;
+    let kv = Kvgate::start(&fake.url(), |_| {}).await;
+    fake.clear_calls();
+    // Spellings a re-serialisation would change: spaces, a float's
+    // trailing zero, an exponent, escapes, a duplicate key.
+    let raw = "{ \"prompt\": \"Say \\u0068i\", \"temperature\": 0.70, \"n_predict\": 1e0, \"top_k\": 40, \"top_k\": 41 }";
+    let resp = send(
+        "POST",
+        &format!("{}/completion", kv.url),
+        &[("content-type", "application/json")],
+        raw.to_string(),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let slot = resp.headers()["x-kvgate-slot"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let _ = resp.into_body().collect().await;
+    let sent = fake.calls_to("/completion").pop().expect("forwarded");
+    assert_eq!(
+        String::from_utf8(sent.body.to_vec()).unwrap(),
+        format!("{{\"id_slot\":{slot},{}", &raw[1..]),
+        "only the pin is added"
+    );
+    // A body kvgate must change (its own identity object) is rewritten.
+    let (status, _, _) = post_json(
+        &format!("{}/completion", kv.url),
+        &[],
+        &json!({"prompt": "x", "kvgate": {"character": "Alice", "chat": "c"}}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let sent = fake.calls_to("/completion").pop().unwrap().json().unwrap();
+    assert!(sent.get("kvgate").is_none(), "{sent}");
+    kv.wait_idle().await;
+}
