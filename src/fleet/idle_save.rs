@@ -41,16 +41,20 @@ pub(crate) async fn run(upstream: Arc<Upstream>, shutdown: impl std::future::Fut
                 _ = &mut shutdown => return,
                 _ = tokio::time::sleep(Duration::from_secs(delay)) => {}
             }
-            if !upstream.pool.is_idle() {
+            let generated = upstream.activity() != before;
+            if generated && !upstream.pool.is_idle() {
                 // The generation running now wakes this task when it ends.
                 break;
             }
-            if upstream.activity() == before {
-                let _running = upstream.shared.tasks.start();
-                let quiet = || upstream.pool.is_idle() && upstream.activity() == before;
-                save_dirty_while(&upstream, SaveKind::Idle, quiet).await;
-                break;
+            if generated || !upstream.pool.is_idle() {
+                // A generation came and went, or other slot work (a save,
+                // an admin load) is under way: look again after a delay.
+                continue;
             }
+            let _running = upstream.shared.tasks.start();
+            let quiet = || upstream.pool.is_idle() && upstream.activity() == before;
+            save_dirty_while(&upstream, SaveKind::Idle, quiet).await;
+            break;
         }
     }
 }

@@ -65,6 +65,9 @@ struct Turn {
     answers: usize,
     /// The leases on those further slots, held until the answer ends.
     siblings: Vec<Lease>,
+    /// Whether what the grant took from an owner is already saved (done at
+    /// once for several answers).
+    taken_over: bool,
 }
 
 /// Serves one completion: the top of the phases.
@@ -117,6 +120,7 @@ pub(crate) async fn completion(
     let resp = match forward(&upstream, &mut turn, &lease, parts).await {
         Ok(resp) => resp,
         Err(f) => {
+            upstream.note_activity(true);
             let untouched = matches!(&f, Failure::Llama(e) if e.is_connect());
             let outcome = if untouched {
                 Outcome::Untouched
@@ -247,13 +251,14 @@ impl Turn {
             verbatim: None,
             answers,
             siblings: Vec::new(),
+            taken_over: false,
         })
     }
 
     /// Acquire: the slot the table grants; for several answers also the
-    /// slots llama-server will run the others in (see `session::siblings`),
-    /// all under the upstream's several-slots lock, so two such requests
-    /// can't wait for each other's slots. A count llama-server refuses
+    /// slots llama-server will run the others in, with what those grants
+    /// took from owners saved at once (see `session::siblings`). A count
+    /// llama-server refuses
     /// (more than its slots) takes one slot: it is refused before any
     /// slot is touched.
     async fn acquire(
@@ -269,10 +274,10 @@ impl Turn {
         if extra == 0 {
             return Ok((session::acquire(upstream, want, client.tag()).await?, self));
         }
-        let _several = upstream.several_slots.lock().await;
-        let lease = session::acquire(upstream, want, client.tag()).await?;
-        self.siblings =
-            session::acquire_siblings(upstream, lease.slot(), extra, client.tag()).await?;
+        let (lease, siblings) =
+            session::acquire_with_siblings(upstream, want, extra, client.tag()).await?;
+        self.siblings = siblings;
+        self.taken_over = true;
         Ok((lease, self))
     }
 
@@ -385,12 +390,15 @@ impl Turn {
             metrics::inc(&upstream.shared.metrics.resident_hits);
         }
         let needs_restore = !resident && self.client_slot.is_none() && self.tenant().is_character();
-        if lease.grant().evicted.is_none() && !needs_restore {
+        let take_over = lease.grant().evicted.is_some() && !self.taken_over;
+        if !take_over && !needs_restore {
             return Ok((self, lease, None));
         }
         let holder = Arc::clone(upstream);
         let prepared = session::detached(upstream, async move {
-            session::take_over(&holder, &lease).await;
+            if take_over {
+                session::take_over(&holder, &lease).await;
+            }
             if !needs_restore {
                 return (self, lease, None);
             }

@@ -27,4 +27,4 @@ pub(crate) use run::{acquire, detached, Detached};
 pub(crate) use save::{
     autosave, chat_switch, save_dirty_slots, save_dirty_while, save_owner, OwnerSave,
 };
-pub(crate) use siblings::{acquire_siblings, SiblingError};
+pub(crate) use siblings::{acquire_with_siblings, SiblingError};

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use super::{detached, take_over, Detached};
 use crate::slots::lease::{AcquireError, Lease};
-use crate::slots::table::{ClientTag, SlotId, Want};
+use crate::slots::table::{ClientTag, Outcome, SlotId, Want};
 use crate::upstream::Upstream;
 
 /// The slots llama-server will run `extra` further answers in, for a
@@ -35,30 +35,45 @@ pub(crate) enum SiblingError {
     Detached(#[from] Detached),
 }
 
-/// Leases the slots llama-server will use for `extra` further answers of a
-/// request whose own lease is on `parent`, in id order, and saves what their
-/// owners had not saved. The caller holds `upstream.several_slots` from
-/// before it leased `parent` until this returns.
-pub(crate) async fn acquire_siblings(
+/// Leases a request's own slot (`want`) and the slots llama-server will run
+/// `extra` further answers in, in id order, under the upstream's
+/// several-slots lock (so two such requests can't wait for each other's
+/// slots), and saves what their grants took from owners (the own slot's
+/// too: the caller must not take it over again). All of it runs in a task
+/// of its own, so a client going away can't leave an evicted owner
+/// unsaved; if a slot can't be had, the leases taken so far are given
+/// back untouched.
+pub(crate) async fn acquire_with_siblings(
     upstream: &Arc<Upstream>,
-    parent: SlotId,
+    want: Want,
     extra: usize,
     by: Option<ClientTag>,
-) -> Result<Vec<Lease>, SiblingError> {
-    let mut leases = Vec::with_capacity(extra);
-    for slot in sibling_slots(parent, extra) {
-        leases.push(super::acquire(upstream, Want::Pinned(slot), by.clone()).await?);
-    }
-    // In a task of its own: a client going away must not cut a save short.
+) -> Result<(Lease, Vec<Lease>), SiblingError> {
     let holder = Arc::clone(upstream);
-    let leases = detached(upstream, async move {
-        for lease in &leases {
-            take_over(&holder, lease).await;
+    detached(upstream, async move {
+        let _several = holder.several_slots.lock().await;
+        let own = super::acquire(&holder, want, by.clone()).await?;
+        take_over(&holder, &own).await;
+        let mut siblings = Vec::with_capacity(extra);
+        for slot in sibling_slots(own.slot(), extra) {
+            match super::acquire(&holder, Want::Pinned(slot), by.clone()).await {
+                Ok(lease) => {
+                    take_over(&holder, &lease).await;
+                    siblings.push(lease);
+                }
+                Err(e) => {
+                    // Nothing ran in these slots: what their owners had
+                    // is saved, and the slots are as they were.
+                    for lease in siblings.into_iter().chain([own]) {
+                        lease.release(Outcome::Untouched);
+                    }
+                    return Err(e.into());
+                }
+            }
         }
-        leases
+        Ok((own, siblings))
     })
-    .await?;
-    Ok(leases)
+    .await?
 }
 
 #[cfg(test)]

@@ -44,9 +44,13 @@ pub fn reuse(held: Option<&str>, prompt: &str) -> usize {
 /// Whether `prompt` extends the prompt `held`: repeats at least
 /// [`EXTEND_SHARE`] of it from the start.
 pub fn extends(held: &str, prompt: &str) -> bool {
-    !held.is_empty()
-        && common_prefix_len(held.as_bytes(), prompt.as_bytes()) as f32
-            >= EXTEND_SHARE * held.len() as f32
+    extends_by(held, common_prefix_len(held.as_bytes(), prompt.as_bytes()))
+}
+
+/// [`extends`] for a prompt already known to repeat `common` bytes of
+/// `held` from the start.
+pub fn extends_by(held: &str, common: usize) -> bool {
+    !held.is_empty() && common as f32 >= EXTEND_SHARE * held.len() as f32
 }
 
 #[cfg(test)]

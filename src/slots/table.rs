@@ -18,12 +18,14 @@
 //!   requests side by side.
 //! - A character's request whose prompt extends what another character's
 //!   idle slot of the same chat holds (see [`super::content`]) takes that
-//!   slot when it holds more of the prompt than the character's own: the
-//!   previous owner stays in it as a *member* (its cache is a prefix of
-//!   what the slot will hold), so nothing is saved or restored. A member is
-//!   resident in the slot like its owner.
-//! - Otherwise the lowest free (unowned, idle) slot, then the least recently
-//!   used slot no character holds.
+//!   slot when it holds more of the prompt than the character's own (by
+//!   more than `MOVE_GAIN_BYTES`) and its own is idle: the previous owner
+//!   stays in it as a *member* (its cache is a prefix of what the slot will
+//!   hold), so nothing is saved or restored. A member is resident in the
+//!   slot like its owner; an admin load or preload for a member evicts the
+//!   owner (saved first).
+//! - Otherwise the lowest free (unowned, idle) slot; then, for a request no
+//!   character owns, the least recently used slot no character holds.
 //! - Otherwise the idle slot with the smallest usage counter, ties broken by
 //!   least recent use, then by the lowest id (the seed extension's rule, with
 //!   LRU added so ties do not always hit slot 0).
@@ -41,7 +43,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 pub use super::content::SIMILARITY;
-use super::content::{extends, reuse, shares, MOVE_GAIN_BYTES};
+use super::content::{extends, extends_by, reuse, shares, MOVE_GAIN_BYTES};
 use crate::tenant::{Kind, Tenant};
 
 /// Index of a llama-server slot (`id_slot`).
@@ -149,11 +151,12 @@ pub struct Slot {
     /// a generation): the slot will be free again shortly and unchanged.
     pub held: bool,
     /// The prompt of the last request granted here with its text
-    /// ([`Want::Prompt`]); gone with the cache.
+    /// ([`Want::Prompt`]); gone with the cache or a restore.
     pub prompt: Option<Arc<str>>,
     /// Characters of the owner's chat whose cache is a prefix of this
     /// slot's: earlier owners whose slot a later speaker extended. They are
-    /// resident here; gone with the cache or the owner.
+    /// resident here; gone with the cache (an eviction, a loss, a restore);
+    /// when the owner moves on, the first member becomes the owner.
     pub members: Vec<Tenant>,
     /// The save the live cache was restored from (generations since then
     /// only extend it); gone with the cache.
@@ -294,6 +297,11 @@ impl SlotTable {
     /// `text` than the character's own slot; else its own slot, if any.
     fn character_target(&self, t: &Tenant, text: &str) -> Option<SlotId> {
         let home = self.resident(t);
+        // A character's requests are serialised: while its own slot is
+        // busy, it waits there.
+        if let Some(r) = home.filter(|&r| self.slots[r].lease.is_some()) {
+            return Some(r);
+        }
         let own = home
             .map(|r| &self.slots[r])
             .filter(|s| s.live)
@@ -302,15 +310,14 @@ impl SlotTable {
             .slots
             .iter()
             .enumerate()
-            .filter(|(id, s)| {
-                Some(*id) != home
-                    && s.lease.is_none()
-                    && s.live
-                    && s.same_chat(t)
-                    && s.prompt.as_deref().is_some_and(|p| extends(p, text))
+            .filter(|(id, s)| Some(*id) != home && s.lease.is_none() && s.live && s.same_chat(t))
+            .filter_map(|(id, s)| {
+                // One prefix scan per candidate: whether the prompt extends
+                // the slot's, and by how much.
+                let held = s.prompt.as_deref()?;
+                let r = reuse(Some(held), text);
+                (extends_by(held, r) && r > own + MOVE_GAIN_BYTES).then_some((id, r))
             })
-            .map(|(id, s)| (id, reuse(s.prompt.as_deref(), text)))
-            .filter(|(_, r)| *r > own + MOVE_GAIN_BYTES)
             .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)));
         better.map(|(id, _)| id).or(home)
     }
@@ -491,6 +498,10 @@ impl SlotTable {
             s.fresh = true;
             s.restored_from = Some(file.to_string());
             s.client = None;
+            // The restored cache is the owner's alone, and kvgate does not
+            // know its text.
+            s.members.clear();
+            s.prompt = None;
         }
     }
 
@@ -744,6 +755,13 @@ impl SlotTable {
                     s.owner = Some(tenant.clone());
                     (resident, None)
                 }
+            }
+            // An admin load or a preload for a member replaces the slot's
+            // cache: the owner (with the other members' caches) is evicted
+            // and saved first, as for any newcomer.
+            Want::Tenant(t) if s.members.contains(t) => {
+                let ev = s.take_over(Some(t.clone()));
+                (false, ev)
             }
             Want::Tenant(t) | Want::Prompt { tenant: t, .. } if s.hosts(t) => {
                 s.promote(t);
@@ -1473,6 +1491,45 @@ mod tests {
             finish(&mut t, &a, Kind::Normal);
             assert_eq!(t.resident(&ch("Ben")), Some(0));
             assert_eq!(t.slots()[0].usage, 3, "nothing unsaved is forgotten");
+        }
+
+        #[test]
+        fn a_character_whose_slot_is_busy_waits_for_it() {
+            let mut t = SlotTable::new(2, 8);
+            let a = take(&mut t, said("Anna", &turn("User: hi\n", "Anna")));
+            finish(&mut t, &a, Kind::Normal);
+            let b = take(&mut t, Want::Tenant(ch("Ben")));
+            assert_eq!(b.slot, 1);
+            // Ben's slot is busy; his prompt extends Anna's idle slot, but
+            // his requests are serialised: he waits for his own.
+            let (ticket, g) = t
+                .enqueue(said("Ben", &turn("User: hi\nAnna: hey\n", "Ben")))
+                .unwrap();
+            assert!(g.is_empty(), "{g:?}");
+            let grants = t.release(b.slot, b.lease, Outcome::Generated(Kind::Normal));
+            assert_eq!(grants.len(), 1);
+            assert_eq!(grants[0].0, ticket);
+            assert_eq!(grants[0].1.slot, 0, "then the better slot");
+        }
+
+        #[test]
+        fn a_load_for_a_member_evicts_the_owner_and_a_restore_forgets_the_members() {
+            let mut t = SlotTable::new(1, 8);
+            let a = take(&mut t, said("Anna", &turn("User: hi\n", "Anna")));
+            finish(&mut t, &a, Kind::Normal);
+            let b = take(&mut t, said("Ben", &turn("User: hi\nAnna: hey\n", "Ben")));
+            finish(&mut t, &b, Kind::Normal);
+            // An admin load (or a preload) for Anna, a member: Ben's cache
+            // (hers inside) is replaced, so Ben is evicted and saved first.
+            let load = take(&mut t, Want::Tenant(ch("Anna")));
+            assert_eq!(
+                load.evicted.as_ref().map(|e| (e.tenant.clone(), e.usage)),
+                Some((ch("Ben"), 2))
+            );
+            t.mark_restored(0, "anna.bin");
+            let s = &t.slots()[0];
+            assert!(s.members.is_empty() && s.prompt.is_none(), "{s:?}");
+            assert_eq!(t.resident(&ch("Ben")), None);
         }
 
         #[test]

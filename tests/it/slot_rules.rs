@@ -328,6 +328,37 @@ async fn several_answers_lease_the_slots_llama_server_runs_them_in() {
 }
 
 #[tokio::test]
+async fn several_answers_that_cannot_have_their_slots_lose_nobody_s_messages() {
+    let s = Saving::start(2, |f| f, |c| c.queue_timeout = Duration::from_millis(300)).await;
+    let url = format!("{}/completion", s.kv.url);
+    // Alice unsaved in slot 0; Bob generating in slot 1 (held open).
+    let (status, _, _) = post_json(&url, &[], &group_turn(&["Alice", "Bob"], "Alice", "")).await;
+    assert_eq!(status, 200);
+    s.kv.wait_idle().await;
+    s.fake.set_gate(true);
+    let bob = spawn_post(&url, group_turn(&["Alice", "Bob"], "Bob", "Alice: hi\n"));
+    s.kv.wait_until("Bob in slot 1", Duration::from_secs(5), |u| {
+        u.pool.snapshot()[1].lease.is_some()
+    })
+    .await;
+    // Two answers: the request's own slot is Alice's (the only idle one);
+    // the second answer's, Bob's, stays busy past the queue timeout.
+    let (status, _, _) = post_json(&url, &[], &json!({"prompt": "x", "n": 2})).await;
+    assert_eq!(status, 503);
+    // Alice's message was saved before her slot was given away.
+    let saves = complete_saves(&s.dir);
+    assert_eq!(saves.len(), 1, "{saves:?}");
+    assert_eq!(
+        (saves[0].character.as_str(), saves[0].kind.as_str()),
+        ("Alice", "eviction")
+    );
+    assert!(s.kv.upstream.pool.snapshot()[0].lease.is_none());
+    s.fake.set_gate(false);
+    assert_eq!(bob.await.unwrap().0, 200);
+    s.kv.wait_idle().await;
+}
+
+#[tokio::test]
 async fn slot_action_bodies_are_checked_as_llama_server_reads_them() {
     let s = Saving::start(2, |f| f, |_| {}).await;
     s.fake.clear_calls();
