@@ -220,7 +220,8 @@ pub struct Identity {
     pub user: Option<String>,
     /// Everyone in the chat (sorted, deduplicated), when known.
     pub roster: Vec<String>,
-    /// Fingerprint of the prompt (or messages), for swipe detection.
+    /// Fingerprint of the prompt's text ([`Identity::content`]), for swipe
+    /// detection.
     pub prompt_hash: u64,
     /// The prompt's text ([`content::prompt_text`]): kvgate places
     /// requests by content too (`slots::content`).
@@ -248,7 +249,11 @@ pub fn resolve(
     previous_prompt: impl Fn(&Tenant) -> Option<u64>,
 ) -> Identity {
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    let (reading, prompt_hash, anon_basis) = read_body(api, body, stream, policy);
+    let (reading, anon_basis) = read_body(api, body, stream, policy);
+    // The prompt's text is built once: placement compares it, and its hash
+    // tells a swipe (the same prompt again) from a new message.
+    let content: Arc<str> = Arc::from(content::prompt_text(body));
+    let prompt_hash = fnv1a64(content.as_bytes());
     let (character, source) = match (&explicit.character, &reading.character) {
         (Some(c), _) => (Some(c.clone()), Source::Explicit),
         (None, Some(c)) => (Some(c.clone()), Source::Inferred),
@@ -294,7 +299,6 @@ pub fn resolve(
         }
     });
 
-    let content = Arc::from(content::prompt_text(body));
     Identity {
         tenant,
         kind,
@@ -307,28 +311,23 @@ pub fn resolve(
 }
 
 /// What the body says by its shape: the policy's reading of the prompt (or
-/// messages), their hash (a swipe repeats it), and the text an anonymous
-/// tenant's key is taken from.
-fn read_body(api: Api, body: &Value, stream: bool, policy: &Policy) -> (Reading, u64, String) {
+/// messages), and the text an anonymous tenant's key is taken from.
+fn read_body(api: Api, body: &Value, stream: bool, policy: &Policy) -> (Reading, String) {
     match api {
         Api::Text => {
             let prompt = body.get("prompt");
-            let hash = hash_value(prompt);
             match prompt.and_then(Value::as_str) {
                 Some(p) => (
                     read_text(p, &stop_strings(body), stream, &policy.text),
-                    hash,
                     prefix(p, policy.anonymous.prefix_chars),
                 ),
-                None => (Reading::default(), hash, value_prefix(prompt, policy)),
+                None => (Reading::default(), value_prefix(prompt, policy)),
             }
         }
         Api::Chat => {
             let messages = body.get("messages");
-            let hash = hash_value(messages);
             (
                 read_chat(body, policy),
-                hash,
                 chat_prefix(messages, policy.anonymous.prefix_chars),
             )
         }
@@ -349,20 +348,6 @@ fn anonymous_key(basis: &str, prefix_chars: usize) -> String {
         "anonymous".to_string()
     } else {
         format!("anon-{:016x}", fnv1a64(basis.as_bytes()))
-    }
-}
-
-fn hash_value(v: Option<&Value>) -> u64 {
-    match v {
-        Some(Value::String(s)) => fnv1a64(s.as_bytes()),
-        Some(other) => {
-            // The hash of its compact JSON text, without building the text
-            // (a chat's whole history, on every chat completion).
-            let mut h = Fnv1a64::default();
-            serde_json::to_writer(&mut h, other).expect("hashing cannot fail");
-            h.finish()
-        }
-        None => 0,
     }
 }
 

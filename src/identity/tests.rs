@@ -369,12 +369,13 @@ fn a_structured_prompt_hashes_as_its_compact_json_text() {
         {"role": "system", "content": "card \"quoted\" ünïcode"},
         {"role": "user", "name": "User", "content": "hi\nthere"},
     ]);
-    assert_eq!(
-        hash_value(Some(&messages)),
-        fnv1a64(messages.to_string().as_bytes())
-    );
-    assert_eq!(hash_value(Some(&json!("text"))), fnv1a64(b"text"));
-    assert_eq!(hash_value(None), 0);
+    let body = json!({"messages": messages});
+    let id = resolve(Api::Chat, &body, &Explicit::default(), &st(), |_| None);
+    assert_eq!(id.prompt_hash, fnv1a64(id.content.as_bytes()));
+    assert!(id.content.contains(&messages.to_string()), "{}", id.content);
+    let text = resolve_text(&json!({"prompt": "text"}));
+    assert_eq!(text.prompt_hash, fnv1a64(text.content.as_bytes()));
+    assert!(text.content.ends_with("text"));
 }
 
 /// A chat body with `n` distinct message names (the flood from issue 15).
