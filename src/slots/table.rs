@@ -42,7 +42,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-pub use super::content::SIMILARITY;
+use super::content::SIMILARITY;
 use super::content::{extends, extends_by, reuse, shares, MOVE_GAIN_BYTES};
 use crate::tenant::{Kind, Tenant};
 
