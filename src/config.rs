@@ -79,6 +79,12 @@ pub struct Cli {
     /// prompt is processed), in seconds.
     #[arg(long, env = "KVGATE_UPSTREAM_TIMEOUT", value_name = "SECS")]
     pub upstream_timeout: Option<f64>,
+    /// Rely on llama-server's RAM prompt cache (`--cache-ram`, on by default
+    /// there) to bring back a character whose slot another one took, instead
+    /// of restoring it from disk. kvgate stops relying on it by itself after
+    /// a miss, until llama-server restarts.
+    #[arg(long, env = "KVGATE_RAM_CACHE", value_name = "BOOL")]
+    pub ram_cache: Option<bool>,
     /// Longest silence inside a streamed answer before kvgate ends it with an
     /// error event (seconds).
     #[arg(long, env = "KVGATE_STREAM_IDLE_TIMEOUT", value_name = "SECS")]
@@ -196,6 +202,7 @@ pub struct FileConfig {
     max_queue_per_client: Option<usize>,
     queue_timeout: Option<f64>,
     upstream_timeout: Option<f64>,
+    ram_cache: Option<bool>,
     stream_idle_timeout: Option<f64>,
     health_interval: Option<f64>,
     autosave: Option<bool>,
@@ -298,6 +305,8 @@ pub struct Config {
     pub queue_timeout: Duration,
     /// Upstream response-header timeout.
     pub upstream_timeout: Duration,
+    /// Whether to rely on llama-server's RAM prompt cache.
+    pub ram_cache: bool,
     /// Longest silence inside a streamed answer.
     pub stream_idle_timeout: Duration,
     /// Upstream polling interval.
@@ -359,6 +368,7 @@ impl Default for Config {
             max_queue_per_client: 16,
             queue_timeout: Duration::from_secs(300),
             upstream_timeout: Duration::from_secs(600),
+            ram_cache: true,
             health_interval: Duration::from_secs(2),
             stream_idle_timeout: Duration::from_secs(300),
             cache: CacheSettings::default(),
@@ -690,6 +700,7 @@ impl Config {
                 cli.upstream_timeout.or(file.upstream_timeout),
                 d.upstream_timeout,
             )?,
+            ram_cache: cli.ram_cache.or(file.ram_cache).unwrap_or(d.ram_cache),
             stream_idle_timeout: secs(
                 "--stream-idle-timeout",
                 cli.stream_idle_timeout.or(file.stream_idle_timeout),

@@ -85,6 +85,7 @@ impl Upstream {
     ) -> Arc<Upstream> {
         let pool = Pool::new(0, shared.cfg.max_queue);
         pool.set_client_bound(shared.cfg.max_queue_per_client);
+        pool.set_ram_cache(shared.cfg.ram_cache);
         Arc::new(Upstream {
             name,
             client,

@@ -5,8 +5,10 @@
 //! kvgate in-process running llama-server with 2 slots as `kvgate --model`
 //! does (instance `main`, see [`crate::instances`]), and replays a scripted SillyTavern group chat of
 //! 3 characters through kvgate's front port. With more characters than
-//! slots, slots change hands, and a character coming back is restored from
-//! disk. Each turn prints the speaker, the slot, the file restored,
+//! slots, slots change hands: a character coming back is loaded from
+//! llama-server's RAM prompt cache. Before the last round llama-server
+//! restarts, and every character comes back from disk. Each turn prints the
+//! speaker, the slot, where its cache came from (the file restored),
 //! llama-server's `cache_n` / `prompt_n`, the time to first token and the
 //! saves made during the turn; the end prints the shutdown saves and a
 //! summary.
@@ -21,6 +23,7 @@ pub mod tiny_model;
 use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -32,12 +35,14 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
+use crate::app::App;
 use crate::config::Config;
 use crate::http::percent::percent_decode;
 use crate::http::sse::{Observed, StreamEnd};
+use crate::instances::records::MAIN_ID as MAIN;
 use crate::instances::spec::InstanceSpec;
-use crate::instances::supervisor;
-use crate::proxy::{H_CHARACTER, H_RESTORED, H_SLOT};
+use crate::instances::{supervisor, InstanceError, Instances};
+use crate::proxy::{H_CACHE, H_CHARACTER, H_RESTORED, H_SLOT};
 use crate::store::index::CacheStore;
 use crate::store::meta::{SaveKind, SaveMeta};
 use crate::upstream::Upstream;
@@ -157,6 +162,9 @@ pub struct TurnReport {
     pub slot: usize,
     /// The file restored before the generation (`X-Kvgate-Restored`).
     pub restored: Option<String>,
+    /// Where the cache came from (`X-Kvgate-Cache`: `resident`, `ram`,
+    /// `disk`, `none`).
+    pub cache: Option<String>,
     /// Prompt tokens llama-server took from the slot's cache.
     pub cache_n: u64,
     /// Prompt tokens llama-server had to read.
@@ -310,13 +318,17 @@ async fn serve_and_play(gw: Gateway, out: &mut (dyn Write + Send)) -> Result<Sum
         .store
         .clone()
         .ok_or_else(|| DemoError::Kvgate("no save directory".into()))?;
+    let restart = Restart {
+        app: Arc::clone(gw.app()),
+        instances: Arc::clone(gw.instances()),
+    };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let served = tokio::spawn(gw.serve(front, admin, async {
         let _ = stopped.await;
     }));
 
     let mut seen = HashSet::new();
-    let played = play(&upstream, &front_url, &store, &mut seen, out).await;
+    let played = play(upstream, &restart, &front_url, &store, &mut seen, out).await;
     let _ = stop.send(());
     if let Err(e) = served.await {
         return Err(DemoError::Kvgate(format!("its server task failed: {e}")));
@@ -333,13 +345,14 @@ async fn serve_and_play(gw: Gateway, out: &mut (dyn Write + Send)) -> Result<Sum
 /// Waits until kvgate knows llama-server's slots and model (saves are keyed
 /// by it), then plays every turn and prints it.
 async fn play(
-    upstream: &Upstream,
+    mut upstream: Arc<Upstream>,
+    restart: &Restart,
     url: &str,
     store: &CacheStore,
     seen: &mut HashSet<String>,
     out: &mut (dyn Write + Send),
 ) -> Result<Vec<TurnReport>, DemoError> {
-    wait_until_ready(upstream).await?;
+    wait_until_ready(&upstream).await?;
     // Saves of an earlier run in a --keep directory are not this run's.
     new_saves(store, seen);
     print_table_head(out);
@@ -348,15 +361,21 @@ async fn play(
     let mut chat = Chat::opened();
     let mut turns = Vec::new();
     for (round, (user_line, replies)) in ROUNDS.iter().enumerate() {
+        if round + 1 == ROUNDS.len() {
+            upstream = restart.llama_server(out).await?;
+            let saved = new_saves(store, seen);
+            print_saves(out, &saved);
+        }
         chat.push("User", user_line);
         for (card, reply) in CAST.iter().zip(replies) {
             let turn = turns.len() + 1;
-            let answer = play_turn(&client, upstream, url, &chat, card, turn).await?;
+            let answer = play_turn(&client, &upstream, url, &chat, card, turn).await?;
             let report = TurnReport {
                 turn,
                 character: card.name,
                 slot: answer.slot,
                 restored: answer.restored,
+                cache: answer.cache,
                 cache_n: answer.cache_n,
                 prompt_n: answer.prompt_n,
                 first_token: answer.first_token,
@@ -373,6 +392,37 @@ async fn play(
         }
     }
     Ok(turns)
+}
+
+/// What the demo needs to restart llama-server (instance `main`).
+struct Restart {
+    app: Arc<App>,
+    instances: Arc<Instances>,
+}
+
+impl Restart {
+    /// Stops instance `main` (kvgate saves its slots first) and starts it
+    /// again: every cache in llama-server, in its slots and in its RAM, is
+    /// gone, so each character comes back from disk. Returns the new
+    /// upstream once kvgate knows it.
+    async fn llama_server(&self, out: &mut (dyn Write + Send)) -> Result<Arc<Upstream>, DemoError> {
+        say(
+            out,
+            format_args!(
+                "\nllama-server restarts (instance main is stopped, with its saves, and started): \
+                 its slots and its RAM cache are empty, so each character comes back from disk.\n"
+            ),
+        );
+        let failed = |e: InstanceError| DemoError::LlamaServer(e.to_string());
+        self.instances.stop(MAIN).await.map_err(failed)?;
+        self.instances.start(MAIN).await.map_err(failed)?;
+        let upstream = self
+            .app
+            .upstream(MAIN)
+            .ok_or_else(|| DemoError::Kvgate("instance main did not come back".into()))?;
+        wait_until_ready(&upstream).await?;
+        Ok(upstream)
+    }
 }
 
 /// Polls until kvgate has learned llama-server's slots and model, or
@@ -398,7 +448,8 @@ fn print_table_head(out: &mut (dyn Write + Send)) {
         format_args!(
             "\ncache_n: prompt tokens llama-server took from the slot's KV cache; prompt_n: the ones it had to read.\n\
              Indented: the saves kvgate made during the turn.\n\
-             \n{:>4}  {:<7} {:>4}  {:>7}  {:>8}  {:>9}  restored from disk\n",
+             cache came from: the slot itself, llama-server's RAM cache (another character had taken the slot), or a file restored from disk.\n\
+             \n{:>4}  {:<7} {:>4}  {:>7}  {:>8}  {:>9}  cache came from\n",
             "turn", "speaker", "slot", "cache_n", "prompt_n", "1st token"
         ),
     );
@@ -448,6 +499,7 @@ struct Answer {
     slot: usize,
     character: Option<String>,
     restored: Option<String>,
+    cache: Option<String>,
     cache_n: u64,
     prompt_n: u64,
     first_token: Duration,
@@ -488,6 +540,7 @@ async fn complete(
     let slot = header(H_SLOT).and_then(|s| s.parse().ok());
     let character = header(H_CHARACTER);
     let restored = header(H_RESTORED);
+    let cache = header(H_CACHE);
     // kvgate's own stream observer reads the final chunk's timings.
     let (body, end) = Observed::new(resp.into_body(), true);
     {
@@ -511,6 +564,7 @@ async fn complete(
         slot,
         character,
         restored,
+        cache,
         cache_n: summary
             .cache_n()
             .ok_or("no timings.cache_n in the final chunk")?,
@@ -547,10 +601,20 @@ fn print_turn(out: &mut (dyn Write + Send), t: &TurnReport) {
             t.cache_n,
             t.prompt_n,
             t.first_token.as_millis(),
-            t.restored.as_deref().unwrap_or("-"),
+            came_from(t),
         ),
     );
     print_saves(out, &t.saved);
+}
+
+/// The last column of a turn: where its cache came from.
+fn came_from(t: &TurnReport) -> &str {
+    match (t.restored.as_deref(), t.cache.as_deref()) {
+        (Some(file), _) => file,
+        (None, Some("resident")) => "the slot",
+        (None, Some("ram")) => "llama-server's RAM",
+        _ => "-",
+    }
 }
 
 fn print_saves(out: &mut (dyn Write + Send), saves: &[SaveMeta]) {
@@ -963,6 +1027,7 @@ mod tests {
             character: "Mira",
             slot: 0,
             restored: restored.map(String::from),
+            cache: None,
             cache_n,
             prompt_n: 10,
             first_token: Duration::from_millis(1),

@@ -197,6 +197,10 @@ const RESIDENT_HITS: Family = Family::counter(
     "kvgate_resident_hits_total",
     "Completions whose cache was live in the slot.",
 );
+const RAM_LOADS: Family = Family::counter(
+    "kvgate_ram_cache_loads_total",
+    "Completions sent to llama-server's RAM prompt cache instead of a disk restore.",
+);
 const EVICTIONS: Family = Family::counter(
     "kvgate_evictions_total",
     "Slots taken from one tenant for another.",
@@ -273,6 +277,10 @@ pub struct Metrics {
     pub prompt_evaluated: AtomicU64,
     /// Completions that found their cache live in the slot.
     pub resident_hits: AtomicU64,
+    /// Completions whose cache came back from llama-server's RAM cache.
+    pub ram_hits: AtomicU64,
+    /// Completions sent to the RAM cache that found nothing there.
+    pub ram_misses: AtomicU64,
     /// Slots taken from one tenant for another.
     pub evictions: AtomicU64,
     /// Requests refused because no slot could be had.
@@ -303,6 +311,8 @@ impl Default for Metrics {
             prompt_cached: z(),
             prompt_evaluated: z(),
             resident_hits: z(),
+            ram_hits: z(),
+            ram_misses: z(),
             evictions: z(),
             queue_rejections: z(),
             upstream_errors: z(),
@@ -471,6 +481,14 @@ impl Metrics {
             ],
         );
         RESIDENT_HITS.single(out, load(&self.resident_hits));
+        RAM_LOADS.by_label(
+            out,
+            "result",
+            [
+                ("hit", load(&self.ram_hits)),
+                ("miss", load(&self.ram_misses)),
+            ],
+        );
         EVICTIONS.single(out, load(&self.evictions));
         QUEUE_REJECTIONS.single(out, load(&self.queue_rejections));
         UPSTREAM_ERRORS.single(out, load(&self.upstream_errors));
@@ -604,6 +622,10 @@ kvgate_prompt_tokens_total{source="evaluated"} 100
 # HELP kvgate_resident_hits_total Completions whose cache was live in the slot.
 # TYPE kvgate_resident_hits_total counter
 kvgate_resident_hits_total 4
+# HELP kvgate_ram_cache_loads_total Completions sent to llama-server's RAM prompt cache instead of a disk restore.
+# TYPE kvgate_ram_cache_loads_total counter
+kvgate_ram_cache_loads_total{result="hit"} 10
+kvgate_ram_cache_loads_total{result="miss"} 11
 # HELP kvgate_evictions_total Slots taken from one tenant for another.
 # TYPE kvgate_evictions_total counter
 kvgate_evictions_total 5
@@ -659,6 +681,8 @@ kvgate_upstreams{state="down"} 1
         add(&m.prompt_cached, 900);
         add(&m.prompt_evaluated, 100);
         add(&m.resident_hits, 4);
+        add(&m.ram_hits, 10);
+        add(&m.ram_misses, 11);
         add(&m.evictions, 5);
         add(&m.queue_rejections, 6);
         add(&m.upstream_errors, 7);

@@ -28,6 +28,7 @@ use crate::llama::slot_route::{beyond_kvgate, body_id_slot, without_bom, wrap_sl
 use crate::observe::metrics;
 use crate::session;
 use crate::slots::lease::Lease;
+use crate::slots::ram;
 use crate::slots::table::{Outcome, Want};
 use crate::store::hooks::Restore;
 use crate::store::meta::now_unix;
@@ -389,7 +390,10 @@ impl Turn {
         if resident {
             metrics::inc(&upstream.shared.metrics.resident_hits);
         }
-        let needs_restore = !resident && self.client_slot.is_none() && self.tenant().is_character();
+        // A cache coming back from llama-server's RAM needs no disk restore.
+        let from_ram = lease.grant().from_ram.is_some();
+        let needs_restore =
+            !resident && !from_ram && self.client_slot.is_none() && self.tenant().is_character();
         let take_over = lease.grant().evicted.is_some() && !self.taken_over;
         if !take_over && !needs_restore {
             return Ok((self, lease, None));
@@ -527,11 +531,18 @@ fn relay(
     // for background saves of other slots (see `fleet::save_behind`).
     observed.notify_on_first_byte(Arc::clone(&upstream.save_behind_kick));
     let slot = lease.slot();
+    let cache = match (lease.grant(), restored) {
+        (g, _) if g.resident => "resident",
+        (g, _) if g.from_ram.is_some() => "ram",
+        (_, Some(_)) => "disk",
+        _ => "none",
+    };
     add_identity_headers(
         &mut parts.headers,
         slot,
         &turn.identity,
         restored,
+        cache,
         &upstream.name,
     );
     let (status, tenant) = (parts.status, turn.tenant());
@@ -574,12 +585,42 @@ async fn finish(
         upstream.monitor_kick.notify_one();
     }
     report(upstream, slot, turn, &end, outcome);
+    if let (Some(expect), Outcome::Generated(_)) = (lease.grant().from_ram, outcome) {
+        judge_ram_load(upstream, &lease, turn, expect, &end);
+    }
     lease.apply(outcome);
     if let Outcome::Generated(_) = outcome {
         session::autosave(upstream, &lease, &identity.tenant).await;
     }
     lease.release(Outcome::Untouched);
     upstream.note_activity(true);
+}
+
+/// A turn sent to llama-server's RAM cache: count whether its cache came
+/// back; after a miss, kvgate restores from disk again (see
+/// [`crate::slots::ram`]).
+fn judge_ram_load(upstream: &Upstream, lease: &Lease, turn: &Turn, expect: u8, end: &StreamEnd) {
+    let summary = end.summary();
+    let m = &upstream.shared.metrics;
+    match ram::came_back(expect, summary.cache_n(), summary.prompt_n()) {
+        Some(true) => metrics::inc(&m.ram_hits),
+        Some(false) => {
+            metrics::inc(&m.ram_misses);
+            lease.ram_missed();
+            let tenant = turn.tenant();
+            warn!(
+                slot = lease.slot(),
+                cache_n = summary.cache_n(),
+                prompt_n = summary.prompt_n(),
+                "llama-server's RAM prompt cache did not have {tenant}'s cache; restoring from disk from now on until it restarts"
+            );
+            upstream.emit(
+                "ram_cache_miss",
+                || json!({"slot": lease.slot(), "chat": tenant.chat(), "character": tenant.character()}),
+            );
+        }
+        None => {}
+    }
 }
 
 /// Metrics, the `generation_finished` event and a debug line for a turn.

@@ -19,6 +19,10 @@ pub const H_CHARACTER: &str = "x-kvgate-character";
 pub const H_UPSTREAM: &str = "x-kvgate-upstream";
 /// Response header: the file restored before the generation.
 pub const H_RESTORED: &str = "x-kvgate-restored";
+/// Response header: where the character's cache came from for this turn:
+/// `resident` (it was in the slot), `ram` (llama-server's RAM prompt
+/// cache), `disk` (a restore; see [`H_RESTORED`]) or `none`.
+pub const H_CACHE: &str = "x-kvgate-cache";
 
 /// The identity a client states itself, in headers or the `kvgate` body
 /// member (which is removed from the body).
@@ -65,9 +69,11 @@ pub(crate) fn add_identity_headers(
     slot: usize,
     identity: &Identity,
     restored: Option<&str>,
+    cache: &'static str,
     upstream: &str,
 ) {
     headers.insert(H_SLOT, HeaderValue::from(slot));
+    headers.insert(H_CACHE, HeaderValue::from_static(cache));
     if let Some(name) = identity.tenant.character() {
         if let Ok(v) = HeaderValue::from_str(&percent_encode(name)) {
             headers.insert(H_CHARACTER, v);

@@ -23,4 +23,4 @@ mod slot_action;
 mod slots_view;
 
 pub use front::{completion_api, handle};
-pub use headers::{H_CHARACTER, H_RESTORED, H_SLOT, H_UPSTREAM};
+pub use headers::{H_CACHE, H_CHARACTER, H_RESTORED, H_SLOT, H_UPSTREAM};

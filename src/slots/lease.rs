@@ -72,6 +72,12 @@ impl Pool {
         self.lock().table.set_client_bound(n);
     }
 
+    /// Whether to rely on llama-server's RAM prompt cache (see
+    /// [`crate::slots::ram`]).
+    pub fn set_ram_cache(&self, on: bool) {
+        self.lock().table.set_ram_cache(on);
+    }
+
     /// Waits (FIFO, bounded by `timeout`) for a lease on what `want` asks,
     /// for kvgate's own work.
     pub async fn acquire(
@@ -314,6 +320,12 @@ impl Lease {
     /// The slot holds the cache restored from `file`.
     pub(crate) fn mark_restored(&self, file: &str) {
         self.change_mine(|t, s| t.mark_restored(s, file));
+    }
+
+    /// The turn this lease was granted for went to llama-server's RAM
+    /// cache and found nothing there: stop relying on it.
+    pub(crate) fn ram_missed(&self) {
+        self.change_mine(|t, _| t.ram_missed());
     }
 
     /// The slot holds nothing (a failed restore cleared it).

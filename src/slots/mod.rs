@@ -5,6 +5,7 @@
 
 pub mod content;
 pub mod lease;
+pub mod ram;
 pub mod table;
 
 pub use lease::{AcquireError, Lease, Pool};

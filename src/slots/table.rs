@@ -44,6 +44,7 @@ use std::sync::Arc;
 
 use super::content::SIMILARITY;
 use super::content::{extends, extends_by, reuse, shares, MOVE_GAIN_BYTES};
+use super::ram::{RamCache, Stashed};
 use crate::tenant::{Kind, Tenant};
 
 /// Index of a llama-server slot (`id_slot`).
@@ -108,6 +109,10 @@ pub struct Grant {
     pub evicted: Option<Evicted>,
     /// Usage counter of the slot at grant time (for the new owner).
     pub usage: u32,
+    /// Set when the tenant's cache should come back from llama-server's RAM
+    /// prompt cache (see [`super::ram`]): no disk restore. The share of the
+    /// prompt kvgate expects cached there, in percent, to tell a miss.
+    pub from_ram: Option<u8>,
 }
 
 /// How a lease ended; decides what the table believes about the slot.
@@ -243,6 +248,10 @@ pub struct SlotTable {
     tick: u64,
     next_ticket: Ticket,
     next_lease: LeaseId,
+    /// What llama-server's RAM prompt cache holds.
+    ram: RamCache,
+    /// Whether to rely on that cache after a restart.
+    ram_configured: bool,
 }
 
 // === impl SlotTable ===
@@ -259,7 +268,27 @@ impl SlotTable {
             tick: 0,
             next_ticket: 1,
             next_lease: 1,
+            ram: RamCache::default(),
+            ram_configured: true,
         }
+    }
+
+    /// Whether to rely on llama-server's RAM prompt cache (kvgate's
+    /// `--ram-cache`; on by default, as in llama-server).
+    pub fn set_ram_cache(&mut self, on: bool) {
+        self.ram_configured = on;
+        self.ram.restarted(on);
+    }
+
+    /// kvgate's picture of llama-server's RAM prompt cache.
+    pub fn ram(&self) -> &RamCache {
+        &self.ram
+    }
+
+    /// A turn sent to llama-server's RAM cache came back with little
+    /// cached: stop relying on it until llama-server restarts.
+    pub fn ram_missed(&mut self) {
+        self.ram.missed();
     }
 
     /// At most `n` waiting requests per known client.
@@ -493,6 +522,10 @@ impl SlotTable {
     /// the restored `file`, so nothing is unsaved.
     pub fn mark_restored(&mut self, slot: SlotId, file: &str) {
         if let Some(s) = self.slots.get_mut(slot) {
+            if let Some(owner) = &s.owner {
+                // Any older copy in llama-server's RAM would lose to this.
+                self.ram.forget(owner);
+            }
             s.usage = 0;
             s.live = true;
             s.fresh = true;
@@ -519,6 +552,8 @@ impl SlotTable {
             s.lose_cache();
             s.usage = 0;
         }
+        // So is its RAM cache; a fresh one is worth trying again.
+        self.ram.restarted(self.ram_configured);
     }
 
     /// Reconciles with llama-server's `/slots`: a slot kvgate believes holds
@@ -736,6 +771,8 @@ impl SlotTable {
             }
             _ => 0,
         };
+        // What the slot held before this grant, for llama-server's RAM cache.
+        let held = Held::of(&self.slots[slot]);
         let s = &mut self.slots[slot];
         s.lease = Some(lease);
         s.held = matches!(want, Want::Hold(_));
@@ -745,6 +782,7 @@ impl SlotTable {
         if !s.held {
             s.last_used = self.tick;
         }
+        let mut from_ram = None;
         let (resident, evicted) = match want {
             Want::Hold(_) => (s.live, None),
             Want::Prompt { tenant, text } if !tenant.is_character() => {
@@ -777,15 +815,36 @@ impl SlotTable {
                 s.usage = s.usage.max(carried);
                 (true, None)
             }
+            // A character's generation on a slot holding another cache:
+            // llama-server stashes that cache in RAM and loads the
+            // character's from RAM when it has it (see `super::ram`).
+            Want::Prompt { tenant: t, text } if t.is_character() => {
+                let ev = s.take_over(Some(t.clone()));
+                if let Some(expect) = held.ram_load_share(text) {
+                    if let Some(back) = self.ram.take(t) {
+                        s.usage = back.usage;
+                        from_ram = Some(percent(expect.min(back.share_of(text))));
+                    }
+                }
+                (false, ev)
+            }
             // llama-server reuses whatever prefix the slot shares with the
             // prompt; a character's cache taken over is an eviction.
             // A newcomer, or a client pinning the slot, takes it from its
             // owner: report the owner so unsaved messages can be saved first.
             Want::Tenant(t) | Want::Prompt { tenant: t, .. } => {
+                // An admin load or preload restores from disk.
+                self.ram.forget(t);
                 (false, s.take_over(Some(t.clone())))
             }
             Want::Pinned(_) => (false, s.take_over(None)),
         };
+        if let Some(ev) = &evicted {
+            if ev.live && ev.tenant.is_character() {
+                self.ram.stash(held.stashed(ev.usage));
+            }
+        }
+        let s = &mut self.slots[slot];
         if let Want::Prompt { text, .. } = want {
             s.prompt = Some(Arc::clone(text));
         }
@@ -795,6 +854,7 @@ impl SlotTable {
             resident,
             evicted,
             usage: s.usage,
+            from_ram,
         }
     }
 
@@ -858,6 +918,63 @@ impl Slot {
         ev
     }
 }
+
+/// What a slot held just before a grant: what llama-server stashes in RAM
+/// when the grant's generation replaces it.
+struct Held {
+    /// Whether llama-server's slot holds a cache (of anyone) at all.
+    live: bool,
+    /// Whose cache: the owner, then its members.
+    tenants: Vec<Tenant>,
+    /// The last prompt sent to it, if known.
+    prompt: Option<Arc<str>>,
+}
+
+impl Held {
+    fn of(s: &Slot) -> Held {
+        Held {
+            live: s.live,
+            tenants: s.owner.iter().chain(s.members.iter()).cloned().collect(),
+            prompt: s.prompt.clone(),
+        }
+    }
+
+    /// Whether llama-server will look in its RAM cache for a generation of
+    /// `text` on this slot, and if so the share of `text` it expects from
+    /// there. It looks only when the slot is not empty (llama.cpp #28139)
+    /// and would keep less than half of what it holds.
+    fn ram_load_share(&self, text: &str) -> Option<f32> {
+        if !self.live {
+            return None;
+        }
+        let kept = match self.prompt.as_deref() {
+            Some(p) if !p.is_empty() => reuse(Some(p), text) as f32 / p.len() as f32,
+            // Unknown (restored) content of another character: its card
+            // comes first, so little of it is kept.
+            _ => 0.0,
+        };
+        (kept < RAM_LOOKUP_KEEP).then_some(1.0)
+    }
+
+    /// The stash entry for this cache, `usage` messages not on disk.
+    fn stashed(self, usage: u32) -> Stashed {
+        Stashed {
+            tenants: self.tenants,
+            usage,
+            prompt: self.prompt,
+        }
+    }
+}
+
+/// A share as a whole percentage.
+fn percent(share: f32) -> u8 {
+    (share.clamp(0.0, 1.0) * 100.0).round() as u8
+}
+
+/// Below this share of a slot's prompt kept, llama-server swaps the slot's
+/// state through its RAM cache (its own threshold is 0.5, in tokens; bytes
+/// stand in for them with a margin).
+const RAM_LOOKUP_KEEP: f32 = 0.4;
 
 /// The usage rule for a completed generation of `kind`.
 pub fn next_usage(usage: u32, kind: Kind) -> u32 {

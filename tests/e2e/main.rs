@@ -6,6 +6,7 @@ mod hardening;
 mod idle_save;
 mod instances;
 mod persistence;
+mod ram_cache;
 mod shared_prefix;
 mod smoke;
 mod supervised;

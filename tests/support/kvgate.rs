@@ -460,6 +460,9 @@ pub fn test_config(upstream: &str) -> Config {
             idle_save_s: 0,
             ..kvgate::config::CacheSettings::default()
         },
+        // The fake llama-server has no RAM prompt cache, and tests about
+        // disk restores must see them: tests about the RAM cache turn it on.
+        ram_cache: false,
         ..Config::default()
     }
 }

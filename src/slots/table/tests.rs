@@ -865,3 +865,117 @@ mod clients {
         }
     }
 }
+
+mod ram_cache {
+    //! Characters coming back through llama-server's RAM prompt cache.
+    use super::*;
+
+    /// A swap-mode prompt: the speaker's card first.
+    fn said(name: &str, history: &str) -> Want {
+        Want::Prompt {
+            tenant: ch(name),
+            text: Arc::from(format!(
+                "{name}'s card, at some length.\n{history}\n{name}:"
+            )),
+        }
+    }
+
+    #[test]
+    fn a_character_whose_slot_was_taken_comes_back_from_ram() {
+        let mut t = SlotTable::new(2, 8);
+        let a = take(&mut t, said("A", "one"));
+        finish(&mut t, &a, Kind::Normal);
+        let b = take(&mut t, said("B", "one two"));
+        finish(&mut t, &b, Kind::Normal);
+        // C takes A's slot: A goes to RAM with its unsaved message; C was
+        // never anywhere, so it has nothing to load.
+        let c = take(&mut t, said("C", "one two three"));
+        assert_eq!(c.slot, a.slot);
+        assert_eq!(c.from_ram, None);
+        assert_eq!(c.evicted.as_ref().map(|e| e.tenant.clone()), Some(ch("A")));
+        finish(&mut t, &c, Kind::Normal);
+        assert!(t.ram().holds(&ch("A")));
+        // A comes back to B's slot (the least recently used): from RAM, with
+        // its unsaved message, and B goes to RAM in turn.
+        let a2 = take(&mut t, said("A", "one two three four"));
+        assert_eq!(a2.slot, b.slot);
+        assert!(!a2.resident);
+        assert!(a2.from_ram.is_some_and(|p| p > 0));
+        assert_eq!(a2.usage, 1, "A's unsaved message came back with it");
+        assert!(
+            !t.ram().holds(&ch("A")),
+            "llama-server moved it into the slot"
+        );
+        assert!(t.ram().holds(&ch("B")));
+    }
+
+    #[test]
+    fn an_empty_slot_never_loads_from_ram() {
+        let mut t = SlotTable::new(2, 8);
+        let a = take(&mut t, said("A", "one"));
+        finish(&mut t, &a, Kind::Normal);
+        let b = take(&mut t, said("B", "one two"));
+        finish(&mut t, &b, Kind::Normal);
+        let c = take(&mut t, said("C", "one two three"));
+        finish(&mut t, &c, Kind::Normal);
+        // B's slot is erased: llama-server skips its RAM lookup for an
+        // explicit id_slot on an empty slot (llama.cpp #28139).
+        let erase = take(&mut t, Want::Pinned(b.slot));
+        t.release(erase.slot, erase.lease, Outcome::Cleared);
+        let a2 = take(&mut t, said("A", "one two three four"));
+        assert_eq!(a2.slot, b.slot);
+        assert_eq!(a2.from_ram, None, "restores from disk");
+    }
+
+    #[test]
+    fn after_a_restart_or_a_miss_nothing_comes_from_ram() {
+        let mut t = SlotTable::new(1, 8);
+        let a = take(&mut t, said("A", "one"));
+        finish(&mut t, &a, Kind::Normal);
+        let b = take(&mut t, said("B", "one two"));
+        finish(&mut t, &b, Kind::Normal);
+        t.invalidate_all();
+        let a2 = take(&mut t, said("A", "one two three"));
+        assert_eq!(a2.from_ram, None, "a restart empties llama-server's RAM");
+        finish(&mut t, &a2, Kind::Normal);
+        let b2 = take(&mut t, said("B", "one two three four"));
+        assert!(
+            b2.from_ram.is_none(),
+            "B was lost in the restart, not stashed"
+        );
+        finish(&mut t, &b2, Kind::Normal);
+        let a3 = take(&mut t, said("A", "one two three four five"));
+        assert!(a3.from_ram.is_some());
+        t.ram_missed();
+        finish(&mut t, &a3, Kind::Normal);
+        let b3 = take(&mut t, said("B", "one two three four five six"));
+        assert_eq!(b3.from_ram, None, "after a miss kvgate restores from disk");
+    }
+
+    #[test]
+    fn off_by_setting() {
+        let mut t = SlotTable::new(1, 8);
+        t.set_ram_cache(false);
+        let a = take(&mut t, said("A", "one"));
+        finish(&mut t, &a, Kind::Normal);
+        let b = take(&mut t, said("B", "one two"));
+        finish(&mut t, &b, Kind::Normal);
+        let a2 = take(&mut t, said("A", "one two three"));
+        assert_eq!(a2.from_ram, None);
+    }
+
+    #[test]
+    fn an_admin_load_restores_from_disk_and_forgets_the_ram_copy() {
+        let mut t = SlotTable::new(1, 8);
+        let a = take(&mut t, said("A", "one"));
+        finish(&mut t, &a, Kind::Normal);
+        let b = take(&mut t, said("B", "one two"));
+        finish(&mut t, &b, Kind::Normal);
+        let load = take(&mut t, want("A"));
+        assert_eq!(load.from_ram, None);
+        assert!(!t.ram().holds(&ch("A")));
+        t.mark_restored(load.slot, "a.bin");
+        t.release(load.slot, load.lease, Outcome::Untouched);
+        assert!(t.ram().holds(&ch("B")));
+    }
+}
