@@ -213,8 +213,11 @@ fn anonymous_script(turns: usize) -> Vec<Turn> {
         .collect()
 }
 
-/// The scripted group chat: speakers in a fixed pseudo-random order without
-/// immediate repeats, fixed replies appended to the shared history.
+/// The scripted group chat, in SillyTavern's natural order: rounds of a
+/// user message, then the members it activates, each once: the one it
+/// mentions (every other round) first, then one or two others (their
+/// talkativeness, drawn pseudo-randomly). Fixed replies are appended to the
+/// shared history.
 fn group_script(join: bool, turns: usize) -> Vec<Turn> {
     let mut chat = GroupChat::demo(CHARACTERS);
     chat.ctx_chars = CTX_CHARS;
@@ -223,19 +226,38 @@ fn group_script(join: bool, turns: usize) -> Vec<Turn> {
     // Short replies: about 50 tokens a turn, like a terse roleplay.
     let line = |i: usize, who: &str| format!("*{who} nods.* Bell {i}: the boats are in.");
     let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut last = usize::MAX;
     let mut out = Vec::with_capacity(turns);
-    for t in 0..turns {
-        let next = pick(&mut state, names.len(), last);
-        last = next;
-        let speaker = names[next].clone();
-        let mut body = chat.body_for(&speaker, true, N_PREDICT);
-        body["seed"] = Value::from(1);
-        out.push(Turn {
-            speaker: speaker.clone(),
-            body,
-        });
-        chat.push(&speaker, &line(t, &speaker));
+    let mut round = 0;
+    while out.len() < turns {
+        let mut speakers: Vec<usize> = Vec::new();
+        let mentioned = (round % 2 == 0).then(|| pick(&mut state, names.len(), usize::MAX));
+        let message = match mentioned {
+            Some(m) => format!("{}, what do you make of bell {round}?", names[m]),
+            None => format!("And bell {round}, anyone?"),
+        };
+        speakers.extend(mentioned);
+        let others = 1 + pick(&mut state, 2, usize::MAX);
+        while speakers.len() < mentioned.map_or(0, |_| 1) + others {
+            let k = pick(&mut state, names.len(), usize::MAX);
+            if !speakers.contains(&k) {
+                speakers.push(k);
+            }
+        }
+        chat.push("User", &message);
+        for k in speakers {
+            if out.len() == turns {
+                break;
+            }
+            let speaker = names[k].clone();
+            let mut body = chat.body_for(&speaker, true, N_PREDICT);
+            body["seed"] = Value::from(1);
+            out.push(Turn {
+                speaker: speaker.clone(),
+                body,
+            });
+            chat.push(&speaker, &line(out.len(), &speaker));
+        }
+        round += 1;
     }
     out
 }
@@ -248,6 +270,12 @@ struct Sample {
     prompt_n: u64,
     cache_n: u64,
     prompt_tokens: u64,
+    /// llama-server's own time reading the prompt (`timings.prompt_ms`):
+    /// TTFT less this is waiting (in kvgate's queue, behind a save or a
+    /// restore on llama-server's main loop) and transfer.
+    prompt_ms: f64,
+    /// Where kvgate took the cache from (`X-Kvgate-Cache`), through kvgate.
+    cache_from: String,
 }
 
 async fn run_turn(url: &str, body: &Value) -> Sample {
@@ -262,6 +290,12 @@ async fn run_turn(url: &str, body: &Value) -> Sample {
         .await
         .expect("llama-server or kvgate answers");
     assert_eq!(resp.status(), 200, "turn failed");
+    let cache_from = resp
+        .headers()
+        .get("x-kvgate-cache")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
     let mut body = resp.into_body();
     let mut ttft = None;
     let mut buf = Vec::new();
@@ -288,6 +322,11 @@ async fn run_turn(url: &str, body: &Value) -> Sample {
         prompt_n: n("/timings/prompt_n"),
         cache_n: n("/timings/cache_n"),
         prompt_tokens: n("/tokens_evaluated"),
+        prompt_ms: last
+            .pointer("/timings/prompt_ms")
+            .and_then(Value::as_f64)
+            .unwrap_or(0.0),
+        cache_from,
     }
 }
 
@@ -312,6 +351,8 @@ impl Way {
 struct Outcome {
     samples: Vec<Sample>,
     after_restart: Sample,
+    /// What kvgate did by itself (way (c) only).
+    work: Option<String>,
 }
 
 async fn replay(way: Way, script: &[Turn], restart_at: usize, gap: Duration) -> Option<Outcome> {
@@ -363,19 +404,22 @@ async fn replay(way: Way, script: &[Turn], restart_at: usize, gap: Duration) -> 
         }
         let s = run_turn(&url, &turn.body).await;
         eprintln!(
-            "  {:<32} turn {i:>2} {:<6} prompt {:>5} evaluated {:>5} reused {:>5} ttft {:>8.1} ms",
+            "  {:<32} turn {i:>2} {:<6} prompt {:>5} evaluated {:>5} reused {:>5} ttft {:>8.1} ms (reading {:>7.1} ms) {}",
             way.label(),
             turn.speaker,
             s.prompt_tokens,
             s.prompt_n,
             s.cache_n,
-            s.ttft.as_secs_f64() * 1000.0
+            s.ttft.as_secs_f64() * 1000.0,
+            s.prompt_ms,
+            s.cache_from,
         );
         if i == restart_at {
             after_restart = s.clone();
         }
         samples.push(s);
     }
+    let mut work = None;
     if let Some((_, app, stop)) = gateway {
         let m = &app.shared.metrics;
         let g = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
@@ -395,11 +439,25 @@ async fn replay(way: Way, script: &[Turn], restart_at: usize, gap: Duration) -> 
             g(&m.save_micros) as f64 / 1000.0 / saves as f64,
             g(&m.save_bytes) as f64 / 1e6 / saves as f64,
         );
+        let line = format!(
+            "kvgate's own work: {} restores from disk, {} from llama-server's RAM ({} misses); \
+             {} prefills ahead reading {} tokens; next speaker guessed right {} times, wrong {} times",
+            g(&m.restores),
+            g(&m.ram_hits),
+            g(&m.ram_misses),
+            g(&m.ahead_prefills),
+            g(&m.ahead_tokens),
+            g(&m.predictions_hit),
+            g(&m.predictions_missed),
+        );
+        eprintln!("  {line}");
+        work = Some(line);
         let _ = stop.send(());
     }
     Some(Outcome {
         samples,
         after_restart,
+        work,
     })
 }
 
@@ -610,6 +668,9 @@ async fn bench_mode(mode: Mode, turns: usize, restart_from: usize, gap: Duration
         ratio(&medians, b),
         ratio(&restarts, a),
     );
+    if let Some(work) = &results[c].work {
+        println!("{work}");
+    }
     println!();
     true
 }

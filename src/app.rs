@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 
 use crate::clients::Clients;
 use crate::fleet::placement::{candidate, names_model, place, Candidate};
-use crate::fleet::{idle_save, monitor, save_behind};
+use crate::fleet::{ahead, idle_save, monitor, save_behind};
 use crate::live::Live;
 use crate::llama::client::LlamaClient;
 use crate::observe::metrics::Gauges;
@@ -57,7 +57,7 @@ struct Member {
 // === impl Member ===
 
 impl Member {
-    /// Spawns the upstream's monitor, save-behind and idle-save tasks, which run until
+    /// Spawns the upstream's monitor, save-behind, idle-save and prefill-ahead tasks, which run until
     /// `stop` says so.
     fn watch(&mut self) {
         let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -74,6 +74,10 @@ impl Member {
                 stopped(self.stop.subscribe()),
             )),
             tokio::spawn(idle_save::run(
+                Arc::clone(upstream),
+                stopped(self.stop.subscribe()),
+            )),
+            tokio::spawn(ahead::run(
                 Arc::clone(upstream),
                 stopped(self.stop.subscribe()),
             )),

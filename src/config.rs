@@ -111,6 +111,11 @@ pub struct Cli {
     /// this many seconds (0: off).
     #[arg(long, env = "KVGATE_IDLE_SAVE", value_name = "SECS")]
     pub idle_save: Option<u64>,
+    /// While a group chat's character generates, extend the cache of the
+    /// character likely to speak next with what was said since it last
+    /// spoke.
+    #[arg(long, env = "KVGATE_PREFILL_AHEAD", value_name = "BOOL")]
+    pub prefill_ahead: Option<bool>,
     /// On shutdown, how long in-flight streams may take to finish (seconds).
     #[arg(long, env = "KVGATE_SHUTDOWN_GRACE", value_name = "SECS")]
     pub shutdown_grace: Option<f64>,
@@ -211,6 +216,7 @@ pub struct FileConfig {
     clear_on_chat_change: Option<bool>,
     min_save_bytes: Option<u64>,
     idle_save: Option<u64>,
+    prefill_ahead: Option<bool>,
     shutdown_grace: Option<f64>,
     preload_timeout: Option<u64>,
     admin_key: Option<String>,
@@ -244,6 +250,9 @@ pub struct CacheSettings {
     /// Seconds llama-server must be idle before kvgate saves the slots
     /// with unsaved messages (0: off).
     pub idle_save_s: u64,
+    /// Extend the predicted next speaker's cache while another character
+    /// generates (`fleet::ahead`).
+    pub prefill_ahead: bool,
 }
 
 impl Default for CacheSettings {
@@ -256,6 +265,7 @@ impl Default for CacheSettings {
             min_save_bytes: 0,
             preload_timeout_s: 20 * 60,
             idle_save_s: 2,
+            prefill_ahead: true,
         }
     }
 }
@@ -618,6 +628,10 @@ fn cache_settings(cli: &Cli, file: &FileConfig, d: &CacheSettings) -> CacheSetti
             .or(file.preload_timeout)
             .unwrap_or(d.preload_timeout_s),
         idle_save_s: cli.idle_save.or(file.idle_save).unwrap_or(d.idle_save_s),
+        prefill_ahead: cli
+            .prefill_ahead
+            .or(file.prefill_ahead)
+            .unwrap_or(d.prefill_ahead),
     }
 }
 

@@ -578,6 +578,7 @@ fn read_chat(body: &Value, policy: &Policy) -> Reading {
 }
 
 pub mod content;
+pub mod next_speaker;
 
 #[cfg(test)]
 mod tests;

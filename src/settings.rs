@@ -26,6 +26,7 @@ pub fn settings_json(s: &CacheSettings) -> Value {
         "clear_on_chat_change": s.clear_on_chat_change,
         "preload_timeout_s": s.preload_timeout_s,
         "idle_save_s": s.idle_save_s,
+        "prefill_ahead": s.prefill_ahead,
     })
 }
 
@@ -44,6 +45,7 @@ pub fn apply_settings(s: &mut CacheSettings, body: &Map<String, Value>) -> Resul
         match k.as_str() {
             "autosave" => s.autosave = boolean(v)?,
             "clear_on_chat_change" => s.clear_on_chat_change = boolean(v)?,
+            "prefill_ahead" => s.prefill_ahead = boolean(v)?,
             "save_every" => {
                 s.save_every = u32::try_from(positive(v)?)
                     .map_err(|_| "save_every is too large".to_string())?

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use tokio::sync::Notify;
 
+use crate::fleet::ahead::Ahead;
 use crate::live::Live;
 use crate::llama::client::{LlamaClient, SlotInfo};
 use crate::observe::metrics::Gauges;
@@ -16,6 +17,8 @@ use crate::shared::Shared;
 use crate::slots::lease::Pool;
 use crate::store::hooks::CacheHooks;
 use crate::store::meta::{now_unix, Fingerprint};
+use crate::sync::Unpoisoned;
+use crate::tenant::Tenant;
 
 /// kvgate's state for one upstream llama-server.
 #[derive(Debug)]
@@ -52,6 +55,10 @@ pub struct Upstream {
     pub several_slots: tokio::sync::Mutex<()>,
     /// Unix seconds of the last eviction (0: none yet).
     last_eviction: AtomicU64,
+    /// The turn whose next speaker may be prefilled ahead.
+    pub(crate) ahead: Ahead,
+    /// The last next speaker prefill ahead guessed, to count its guesses.
+    predicted: std::sync::Mutex<Option<Tenant>>,
 }
 
 /// llama-server as last seen by the monitor.
@@ -100,6 +107,8 @@ impl Upstream {
             shared,
             several_slots: tokio::sync::Mutex::new(()),
             last_eviction: AtomicU64::new(0),
+            ahead: Ahead::default(),
+            predicted: std::sync::Mutex::new(None),
         })
     }
 
@@ -129,6 +138,29 @@ impl Upstream {
     /// The activity count (see [`Upstream::note_activity`]).
     pub fn activity(&self) -> u64 {
         self.activity.load(Ordering::Relaxed)
+    }
+
+    /// Records prefill ahead's guess at the next speaker of `next`'s chat.
+    pub(crate) fn note_prediction(&self, next: &Tenant) {
+        *self.predicted.lock_unpoisoned() = Some(next.clone());
+    }
+
+    /// Scores the last guess for `tenant`'s chat against `tenant`, who
+    /// speaks now.
+    pub(crate) fn score_prediction(&self, tenant: &Tenant) {
+        let mut predicted = self.predicted.lock_unpoisoned();
+        if predicted
+            .as_ref()
+            .is_some_and(|p| p.chat() == tenant.chat())
+        {
+            let hit = predicted.take().as_ref() == Some(tenant);
+            let m = &self.shared.metrics;
+            crate::observe::metrics::inc(if hit {
+                &m.predictions_hit
+            } else {
+                &m.predictions_missed
+            });
+        }
     }
 
     /// Records that a slot changed hands.

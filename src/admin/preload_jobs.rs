@@ -276,7 +276,13 @@ async fn preload_one(
         );
     };
     // On an error the lease is dropped: the slot's contents are unknown.
-    let evaluated = evaluate(upstream, slot, prompt).await?;
+    let limit = Duration::from_secs(upstream.shared.settings.get().preload_timeout_s);
+    let evaluated = upstream
+        .client
+        .evaluate(slot, prompt, limit)
+        .await?
+        .prompt_n
+        .unwrap_or(0);
     lease.apply(Outcome::Generated(Kind::Quiet));
     let result = match session::save_owner(
         upstream,
@@ -297,29 +303,6 @@ async fn preload_one(
     };
     lease.release(Outcome::Untouched);
     result
-}
-
-/// Has llama-server evaluate `prompt` in `slot` with a 1-token generation;
-/// returns the prompt tokens it evaluated.
-async fn evaluate(upstream: &Upstream, slot: usize, prompt: &str) -> Result<u64, String> {
-    let body = json!({"prompt": prompt, "n_predict": 1, "id_slot": slot, "cache_prompt": true, "stream": false});
-    let limit = Duration::from_secs(upstream.shared.settings.get().preload_timeout_s);
-    let (status, answer) = upstream
-        .client
-        .call_json(hyper::Method::POST, "/completion", Some(&body), limit)
-        .await
-        .map_err(|e| e.to_string())?;
-    if !status.is_success() {
-        let msg = answer
-            .pointer("/error/message")
-            .and_then(Value::as_str)
-            .unwrap_or("error");
-        return Err(format!("llama-server answered {status}: {msg}"));
-    }
-    Ok(answer
-        .pointer("/timings/prompt_n")
-        .and_then(Value::as_u64)
-        .unwrap_or(0))
 }
 
 #[cfg(test)]

@@ -1,9 +1,11 @@
 //! The upstreams as a fleet: where a request goes ([`placement`], pure), and
-//! the three tasks that watch each upstream: its [`monitor`] (slot count,
-//! model, outages and restarts), [`save_behind`] (background saves that
-//! keep evictions cheap) and [`idle_save`] (saves while llama-server is
-//! quiet).
+//! the four tasks that work beside each upstream's requests: its
+//! [`monitor`] (slot count, model, outages and restarts), [`save_behind`]
+//! (background saves that keep what a slot holds on disk), [`idle_save`]
+//! (saves while llama-server is quiet) and [`ahead`] (the next speaker's
+//! prefill while the current one generates).
 
+pub(crate) mod ahead;
 pub(crate) mod idle_save;
 pub(crate) mod monitor;
 pub(crate) mod placement;

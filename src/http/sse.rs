@@ -234,7 +234,7 @@ pin_project! {
         // Set once the relayed body is over (after a closing error event).
         done: bool,
         // Notified at the first data frame: the prompt is processed.
-        first_byte_notify: Option<Arc<Notify>>,
+        first_byte_notify: Vec<Arc<Notify>>,
     }
 
     impl<B> PinnedDrop for Observed<B> {
@@ -280,7 +280,7 @@ impl<B> Observed<B> {
                 idle_timer: None,
                 last_frame: tokio::time::Instant::now(),
                 done: false,
-                first_byte_notify: None,
+                first_byte_notify: Vec::new(),
             },
             rx,
         )
@@ -289,7 +289,7 @@ impl<B> Observed<B> {
     /// Notifies `notify` once, when the first data frame passes (for a
     /// completion: the prompt is processed and the first token is out).
     pub fn notify_on_first_byte(&mut self, notify: Arc<Notify>) {
-        self.first_byte_notify = Some(notify);
+        self.first_byte_notify.push(notify);
     }
 }
 
@@ -350,7 +350,7 @@ where
                 }
                 if let Some(data) = frame.data_ref() {
                     this.scanner.feed(data);
-                    if let Some(n) = this.first_byte_notify.take() {
+                    for n in std::mem::take(this.first_byte_notify) {
                         n.notify_one();
                     }
                 }

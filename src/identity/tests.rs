@@ -499,3 +499,37 @@ fn long_keys_are_hashed_stably_and_stay_apart() {
         Some(cap_key(&"C".repeat(900)).as_str())
     );
 }
+
+/// Restore ahead's guess at the next speaker, on the recorded group chat:
+/// every turn of SillyTavern's own order (natural order, one user message
+/// mentioning members) whose next turn is another member's.
+#[test]
+fn the_next_speaker_is_predicted_within_a_round_of_the_recorded_chat() {
+    let turns: Vec<(u64, Identity)> = [10, 16, 22, 26, 29, 32, 36, 39, 42, 46, 49]
+        .into_iter()
+        .map(|seq| (seq, resolve_text(&recorded(seq))))
+        .collect();
+    let (mut asked, mut guessed, mut right) = (0, 0, 0);
+    for pair in turns.windows(2) {
+        let ((seq, now), (_, next)) = (&pair[0], &pair[1]);
+        let (speaker, coming) = (character(now).1, character(next).1);
+        if speaker == coming {
+            continue; // the speaker's own slot: nothing to bring in
+        }
+        asked += 1;
+        let prompt = recorded(*seq)["prompt"].as_str().unwrap().to_string();
+        let members: Vec<String> = now
+            .roster
+            .iter()
+            .filter(|m| Some(m.as_str()) != now.user.as_deref())
+            .cloned()
+            .collect();
+        if let Some(p) = next_speaker::predict(&prompt, speaker, &members, now.user.as_deref()) {
+            guessed += 1;
+            right += usize::from(p.name == coming);
+        }
+    }
+    // The two turns left unguessed end a round: the next speaker depends on
+    // the user's next message.
+    assert_eq!((asked, guessed, right), (9, 7, 7));
+}

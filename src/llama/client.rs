@@ -17,6 +17,15 @@ use serde_json::Value;
 
 use crate::http::body::{empty, full, ProxyBody};
 
+/// What llama-server reports of reading a prompt (its `timings`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reading {
+    /// Prompt tokens taken from the slot's cache.
+    pub cache_n: Option<u64>,
+    /// Prompt tokens read.
+    pub prompt_n: Option<u64>,
+}
+
 /// Why a call to llama-server failed.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -294,6 +303,41 @@ impl LlamaClient {
                 secs: self.timeout.as_secs_f64(),
             }),
         }
+    }
+
+    /// Has llama-server read `prompt` into `slot`, with a one-token
+    /// completion (a preload, a prefill ahead); returns how much of the
+    /// prompt it took from the slot's cache and how much it read, or why it
+    /// failed.
+    pub async fn evaluate(
+        &self,
+        slot: usize,
+        prompt: &str,
+        limit: Duration,
+    ) -> Result<Reading, String> {
+        let body = serde_json::json!({
+            "prompt": prompt,
+            "n_predict": 1,
+            "id_slot": slot,
+            "cache_prompt": true,
+            "stream": false,
+        });
+        let (status, answer) = self
+            .call_json(Method::POST, "/completion", Some(&body), limit)
+            .await
+            .map_err(|e| e.to_string())?;
+        if !status.is_success() {
+            let msg = answer
+                .pointer("/error/message")
+                .and_then(Value::as_str)
+                .unwrap_or("error");
+            return Err(format!("llama-server answered {status}: {msg}"));
+        }
+        let n = |key: &str| answer.pointer(key).and_then(Value::as_u64);
+        Ok(Reading {
+            cache_n: n("/timings/cache_n"),
+            prompt_n: n("/timings/prompt_n"),
+        })
     }
 
     /// A request kvgate makes itself; returns status and JSON (Null if the

@@ -201,6 +201,18 @@ const RAM_LOADS: Family = Family::counter(
     "kvgate_ram_cache_loads_total",
     "Completions sent to llama-server's RAM prompt cache instead of a disk restore.",
 );
+const AHEAD_PREFILLS: Family = Family::counter(
+    "kvgate_prefill_ahead_total",
+    "Next speakers whose cache was extended while another character generated.",
+);
+const AHEAD_TOKENS: Family = Family::counter(
+    "kvgate_prefill_ahead_tokens_total",
+    "Prompt tokens read ahead for next speakers.",
+);
+const PREDICTIONS: Family = Family::counter(
+    "kvgate_next_speaker_predictions_total",
+    "Guesses at a group chat's next speaker, by whether that character spoke next.",
+);
 const EVICTIONS: Family = Family::counter(
     "kvgate_evictions_total",
     "Slots taken from one tenant for another.",
@@ -281,6 +293,14 @@ pub struct Metrics {
     pub ram_hits: AtomicU64,
     /// Completions sent to the RAM cache that found nothing there.
     pub ram_misses: AtomicU64,
+    /// Prefills ahead done.
+    pub ahead_prefills: AtomicU64,
+    /// Prompt tokens they read.
+    pub ahead_tokens: AtomicU64,
+    /// Next-speaker guesses that came true.
+    pub predictions_hit: AtomicU64,
+    /// Next-speaker guesses that did not.
+    pub predictions_missed: AtomicU64,
     /// Slots taken from one tenant for another.
     pub evictions: AtomicU64,
     /// Requests refused because no slot could be had.
@@ -313,6 +333,10 @@ impl Default for Metrics {
             resident_hits: z(),
             ram_hits: z(),
             ram_misses: z(),
+            ahead_prefills: z(),
+            ahead_tokens: z(),
+            predictions_hit: z(),
+            predictions_missed: z(),
             evictions: z(),
             queue_rejections: z(),
             upstream_errors: z(),
@@ -489,6 +513,16 @@ impl Metrics {
                 ("miss", load(&self.ram_misses)),
             ],
         );
+        AHEAD_PREFILLS.single(out, load(&self.ahead_prefills));
+        AHEAD_TOKENS.single(out, load(&self.ahead_tokens));
+        PREDICTIONS.by_label(
+            out,
+            "result",
+            [
+                ("hit", load(&self.predictions_hit)),
+                ("miss", load(&self.predictions_missed)),
+            ],
+        );
         EVICTIONS.single(out, load(&self.evictions));
         QUEUE_REJECTIONS.single(out, load(&self.queue_rejections));
         UPSTREAM_ERRORS.single(out, load(&self.upstream_errors));
@@ -626,6 +660,16 @@ kvgate_resident_hits_total 4
 # TYPE kvgate_ram_cache_loads_total counter
 kvgate_ram_cache_loads_total{result="hit"} 10
 kvgate_ram_cache_loads_total{result="miss"} 11
+# HELP kvgate_prefill_ahead_total Next speakers whose cache was extended while another character generated.
+# TYPE kvgate_prefill_ahead_total counter
+kvgate_prefill_ahead_total 12
+# HELP kvgate_prefill_ahead_tokens_total Prompt tokens read ahead for next speakers.
+# TYPE kvgate_prefill_ahead_tokens_total counter
+kvgate_prefill_ahead_tokens_total 13
+# HELP kvgate_next_speaker_predictions_total Guesses at a group chat's next speaker, by whether that character spoke next.
+# TYPE kvgate_next_speaker_predictions_total counter
+kvgate_next_speaker_predictions_total{result="hit"} 14
+kvgate_next_speaker_predictions_total{result="miss"} 15
 # HELP kvgate_evictions_total Slots taken from one tenant for another.
 # TYPE kvgate_evictions_total counter
 kvgate_evictions_total 5
@@ -683,6 +727,10 @@ kvgate_upstreams{state="down"} 1
         add(&m.resident_hits, 4);
         add(&m.ram_hits, 10);
         add(&m.ram_misses, 11);
+        add(&m.ahead_prefills, 12);
+        add(&m.ahead_tokens, 13);
+        add(&m.predictions_hit, 14);
+        add(&m.predictions_missed, 15);
         add(&m.evictions, 5);
         add(&m.queue_rejections, 6);
         add(&m.upstream_errors, 7);

@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 use tracing::{debug, info, warn};
 
 use crate::app::App;
+use crate::fleet::ahead;
 use crate::http::body::{boxed, full, ProxyBody};
 use crate::http::sse::{Observed, StreamEnd};
 use crate::identity::{self, Api, Identity};
@@ -32,7 +33,7 @@ use crate::slots::ram;
 use crate::slots::table::{Outcome, Want};
 use crate::store::hooks::Restore;
 use crate::store::meta::now_unix;
-use crate::tenant::Tenant;
+use crate::tenant::{Kind, Tenant};
 use crate::upstream::Upstream;
 
 use super::client::Client;
@@ -69,6 +70,8 @@ struct Turn {
     /// Whether what the grant took from an owner is already saved (done at
     /// once for several answers).
     taken_over: bool,
+    /// The prefill ahead this turn may set off once its first token is out.
+    ahead: Option<ahead::Job>,
 }
 
 /// Serves one completion: the top of the phases.
@@ -110,7 +113,7 @@ pub(crate) async fn completion(
     }
     let want = turn.want(&upstream)?;
     turn.chat_switch(app, &upstream, client).await?;
-    let (lease, turn) = turn.acquire(&upstream, want, client).await?;
+    let (lease, mut turn) = turn.acquire(&upstream, want, client).await?;
     upstream
         .shared
         .metrics
@@ -253,6 +256,7 @@ impl Turn {
             answers,
             siblings: Vec::new(),
             taken_over: false,
+            ahead: None,
         })
     }
 
@@ -347,14 +351,19 @@ impl Turn {
         Ok(())
     }
 
-    /// The slot is ours: remember the prompt, tell the monitors and the log.
-    fn begin(&self, upstream: &Upstream, lease: &Lease, client: &Client) {
+    /// The slot is ours: remember the prompt, tell the monitors and the log,
+    /// and get the next speaker's prefill ahead ready.
+    fn begin(&mut self, upstream: &Upstream, lease: &Lease, client: &Client) {
         let (slot, identity) = (lease.slot(), &self.identity);
         upstream.note_activity(false);
         lease.stamp_used(now_unix());
         let prompt = self.body.get("prompt").and_then(Value::as_str);
         let memory = &upstream.shared.memory;
         memory.remember_prompt(&identity.tenant, identity.prompt_hash, prompt);
+        if identity.tenant.is_character() {
+            upstream.score_prediction(&identity.tenant);
+        }
+        self.ahead = self.ahead_job(upstream, prompt.is_some());
         upstream.emit("slot_assigned", || {
             json!({
                 "slot": slot,
@@ -373,6 +382,34 @@ impl Turn {
             resident = lease.grant().resident,
             "completion"
         );
+    }
+
+    /// What prefill ahead needs of this turn, when it may follow it: a named
+    /// character's new message in a text-completion chat kvgate remembers.
+    fn ahead_job(&self, upstream: &Upstream, has_prompt: bool) -> Option<ahead::Job> {
+        let identity = &self.identity;
+        let wanted = has_prompt
+            && self.client_slot.is_none()
+            && identity.tenant.is_character()
+            && matches!(identity.kind, Kind::Normal | Kind::Regenerate | Kind::Swipe)
+            && upstream.shared.settings.get().prefill_ahead;
+        if !wanted {
+            return None;
+        }
+        let prompt = upstream.shared.memory.last_prompt(&identity.tenant)?;
+        let user = identity.user.clone();
+        Some(ahead::Job {
+            speaker: identity.tenant.clone(),
+            prompt,
+            members: identity
+                .roster
+                .iter()
+                .filter(|m| Some(*m) != user.as_ref())
+                .cloned()
+                .collect(),
+            user,
+            first_token: Arc::default(),
+        })
     }
 
     /// Prepare: the previous owner's unsaved messages go to disk, then the
@@ -530,6 +567,11 @@ fn relay(
     // Once the first token is out, the prompt is processed: a good moment
     // for background saves of other slots (see `fleet::save_behind`).
     observed.notify_on_first_byte(Arc::clone(&upstream.save_behind_kick));
+    let mut turn = turn;
+    if let Some(job) = turn.ahead.take() {
+        observed.notify_on_first_byte(Arc::clone(&job.first_token));
+        upstream.ahead.offer(job);
+    }
     let slot = lease.slot();
     let cache = match (lease.grant(), restored) {
         (g, _) if g.resident => "resident",

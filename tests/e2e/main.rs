@@ -6,6 +6,7 @@ mod hardening;
 mod idle_save;
 mod instances;
 mod persistence;
+mod prefill_ahead;
 mod ram_cache;
 mod shared_prefix;
 mod smoke;

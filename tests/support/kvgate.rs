@@ -456,8 +456,11 @@ pub fn test_config(upstream: &str) -> Config {
         shutdown_grace: Duration::from_secs(5),
         // Off unless a test is about idle saves: a save appearing after a
         // test's pause would be a race with what it checks.
+        // Prefill ahead is off too: its requests would race with what a
+        // test counts. Tests about either turn it on.
         cache: kvgate::config::CacheSettings {
             idle_save_s: 0,
+            prefill_ahead: false,
             ..kvgate::config::CacheSettings::default()
         },
         // The fake llama-server has no RAM prompt cache, and tests about

@@ -15,9 +15,9 @@ use super::llama::free_port;
 
 /// The kvgate binary with the environment's settings (`KVGATE_*`,
 /// `KV_SAVE_DIR`, `LLAMA_SERVER`) removed: a test's arguments say it all.
-/// Idle saves are off (`KVGATE_IDLE_SAVE=0`; an `--idle-save` argument
-/// wins), as in `test_config`: a save appearing after a test's pause would
-/// race with what it checks.
+/// Idle saves and prefill ahead are off (`KVGATE_IDLE_SAVE=0`,
+/// `KVGATE_PREFILL_AHEAD=false`; arguments win), as in `test_config`: a save
+/// or a request appearing by itself would race with what a test checks.
 pub fn kvgate_command() -> std::process::Command {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kvgate"));
     for (key, _) in std::env::vars_os() {
@@ -27,6 +27,7 @@ pub fn kvgate_command() -> std::process::Command {
         }
     }
     cmd.env("KVGATE_IDLE_SAVE", "0");
+    cmd.env("KVGATE_PREFILL_AHEAD", "false");
     cmd
 }
 

@@ -1,0 +1,198 @@
+//! Prefill ahead: while one character of a group chat generates, the
+//! character likely to speak next gets a slot with its cache extended by
+//! what has been said since it last spoke, so its turn reads only the
+//! current speaker's reply.
+//!
+//! In SillyTavern's default group mode each speaker's prompt starts with
+//! its own card, so no speaker's cache holds another's prompt: llama-server
+//! alone (and kvgate without this) evaluates, on each turn, every message
+//! said since that speaker last spoke. Here, once the current speaker's
+//! first token is out (its prompt is read, so its time to first token is
+//! paid):
+//! 1. the next speaker is guessed from the current prompt
+//!    ([`crate::identity::next_speaker::predict`]: SillyTavern's round of
+//!    answers to a user message); no guess at the end of a round;
+//! 2. its next prompt's beginning is composed from its own last prompt and
+//!    the current one ([`crate::identity::next_speaker::anticipate`]);
+//! 3. it takes a slot as its own turn would (never the current speaker's,
+//!    never one a request waits for; its cache comes back from
+//!    llama-server's RAM or from disk first), and llama-server reads that
+//!    beginning with a one-token completion.
+//!
+//! It runs only for named characters of text-completion chats, only when
+//! nothing waits for a slot, and costs the running generation the time to
+//! read the new messages (llama-server batches them with its decoding). A
+//! wrong guess costs that and nothing else: the guessed character's cache
+//! is only extended. Counted in `kvgate_prefill_ahead_*` and the
+//! `prefill_ahead` event.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::sync::Notify;
+use tracing::debug;
+
+use crate::identity::content;
+use crate::identity::next_speaker::{anticipate, predict};
+use crate::observe::metrics;
+use crate::session;
+use crate::slots::ram;
+use crate::slots::table::{Outcome, Want};
+use crate::store::hooks::Restore;
+use crate::sync::Unpoisoned;
+use crate::tenant::{Kind, Tenant};
+use crate::upstream::Upstream;
+
+/// How long a job waits for its generation's first token.
+const FIRST_TOKEN_WAIT: Duration = Duration::from_secs(120);
+/// How long it waits for a slot: only one that is free or idle right now.
+const SLOT_WAIT: Duration = Duration::from_millis(1);
+/// Longest prefill ahead.
+const EVALUATE_LIMIT: Duration = Duration::from_secs(120);
+
+/// A turn that may be followed by a prefill ahead.
+#[derive(Debug)]
+pub(crate) struct Job {
+    /// The character generating now.
+    pub speaker: Tenant,
+    /// Its prompt.
+    pub prompt: Arc<str>,
+    /// The chat's characters (not the user).
+    pub members: Vec<String>,
+    /// The user's name in the prompt, when known.
+    pub user: Option<String>,
+    /// Notified when the generation's first token is out.
+    pub first_token: Arc<Notify>,
+}
+
+/// The latest job of an upstream (an older one is moot).
+#[derive(Debug, Default)]
+pub(crate) struct Ahead {
+    job: std::sync::Mutex<Option<Job>>,
+    kick: Notify,
+}
+
+impl Ahead {
+    /// Offers the job of a turn that just started.
+    pub(crate) fn offer(&self, job: Job) {
+        *self.job.lock_unpoisoned() = Some(job);
+        self.kick.notify_one();
+    }
+
+    fn take(&self) -> Option<Job> {
+        self.job.lock_unpoisoned().take()
+    }
+}
+
+/// Runs until `shutdown` resolves.
+pub(crate) async fn run(upstream: Arc<Upstream>, shutdown: impl std::future::Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = upstream.ahead.kick.notified() => {}
+        }
+        let Some(job) = upstream.ahead.take() else {
+            continue;
+        };
+        let first = tokio::time::timeout(FIRST_TOKEN_WAIT, job.first_token.notified());
+        tokio::select! {
+            _ = &mut shutdown => return,
+            r = first => if r.is_err() { continue },
+        }
+        if !upstream.shared.settings.get().prefill_ahead {
+            continue;
+        }
+        // A newer turn started meanwhile: its job is the one that counts.
+        if upstream.ahead.job.lock_unpoisoned().is_some() {
+            continue;
+        }
+        let _running = upstream.shared.tasks.start();
+        prefill(&upstream, job).await;
+    }
+}
+
+/// Steps 1 to 3 of the module docs for one job.
+async fn prefill(upstream: &Arc<Upstream>, job: Job) {
+    let (Some(chat), Some(name)) = (job.speaker.chat(), job.speaker.character()) else {
+        return;
+    };
+    let Some(next) = predict(&job.prompt, name, &job.members, job.user.as_deref()) else {
+        return;
+    };
+    let tenant = Tenant::Character {
+        chat: chat.to_string(),
+        name: next.name,
+    };
+    upstream.note_prediction(&tenant);
+    let memory = &upstream.shared.memory;
+    let Some(prompt) = memory
+        .last_prompt(&tenant)
+        .and_then(|last| anticipate(&last, &job.prompt))
+    else {
+        return;
+    };
+    if upstream.pool.queued() > 0 {
+        return;
+    }
+    let body = json!({ "prompt": prompt });
+    let text: Arc<str> = Arc::from(content::prompt_text(&body));
+    let want = Want::Prompt {
+        tenant: tenant.clone(),
+        text,
+    };
+    let Ok(lease) = upstream.pool.acquire(want, SLOT_WAIT).await else {
+        return;
+    };
+    let started = Instant::now();
+    let slot = lease.slot();
+    let grant = lease.grant().clone();
+    let work = {
+        let upstream = Arc::clone(upstream);
+        async move {
+            session::take_over(&upstream, &lease).await;
+            if !grant.resident && grant.from_ram.is_none() {
+                let r = session::restore(&upstream, &lease, &tenant, Some(&prompt), None).await;
+                if matches!(r, Restore::Failed(_)) {
+                    lease.release(Outcome::Untouched);
+                    return;
+                }
+            }
+            let read = upstream
+                .client
+                .evaluate(slot, &prompt, EVALUATE_LIMIT)
+                .await;
+            let Ok(timings) = read else {
+                // The slot's contents are unknown.
+                lease.release(Outcome::Failed);
+                return;
+            };
+            if let Some(expect) = grant.from_ram {
+                if ram::came_back(expect, timings.cache_n, timings.prompt_n) == Some(false) {
+                    metrics::inc(&upstream.shared.metrics.ram_misses);
+                    lease.ram_missed();
+                }
+            }
+            // Not a message of the character's: what the slot holds is
+            // longer, but nothing new is unsaved.
+            lease.apply(Outcome::Generated(Kind::Impersonate));
+            lease.release(Outcome::Untouched);
+            let m = &upstream.shared.metrics;
+            metrics::inc(&m.ahead_prefills);
+            metrics::add(&m.ahead_tokens, timings.prompt_n.unwrap_or(0));
+            upstream.emit("prefill_ahead", || {
+                json!({
+                    "slot": slot,
+                    "chat": tenant.chat(),
+                    "character": tenant.character(),
+                    "mentioned": next.mentioned,
+                    "evaluated": timings.prompt_n,
+                    "ms": started.elapsed().as_secs_f64() * 1000.0,
+                })
+            });
+            debug!(slot, %tenant, evaluated = ?timings.prompt_n, "prefilled ahead");
+        }
+    };
+    let _ = session::detached(upstream, work).await;
+}

@@ -1,0 +1,98 @@
+//! Prefill ahead against a REAL llama-server: while one member of a
+//! SillyTavern group chat generates, the member the user's message names
+//! next gets its cache extended, so its own turn is resident and reads only
+//! the reply before it.
+
+use crate::support::kvgate::{turn_through, Kvgate};
+use crate::support::llama::{LlamaOpts, LlamaServer};
+use crate::support::st_chat::GroupChat;
+
+/// One round: the user's message, then each speaker in order.
+async fn round(
+    kv: &Kvgate,
+    chat: &mut GroupChat,
+    message: &str,
+    speakers: &[&str],
+) -> Vec<(hyper::HeaderMap, serde_json::Value)> {
+    chat.push("User", message);
+    let mut answers = Vec::new();
+    for s in speakers {
+        answers.push(turn_through(&kv.url, chat, s).await);
+        // The prefill ahead set off by this turn is done before the next.
+        kv.wait_idle().await;
+    }
+    answers
+}
+
+#[tokio::test]
+async fn the_member_named_next_is_resident_and_reads_only_the_reply_before_it() {
+    let Some(llama) = LlamaServer::start(LlamaOpts::default()).await else {
+        return;
+    };
+    let kv = Kvgate::start_saving(&llama.base_url, &llama.save_dir, |c| {
+        c.ram_cache = true;
+        c.cache.prefill_ahead = true;
+    })
+    .await;
+    let mut chat = GroupChat::demo(3);
+    let names = chat.names();
+    let (a, b, c) = (names[0].as_str(), names[1].as_str(), names[2].as_str());
+    // Everyone speaks once (3 characters on 2 slots), so each has a last
+    // prompt kvgate remembers.
+    round(
+        &kv,
+        &mut chat,
+        &format!("{a}, {b}, {c}: good evening!"),
+        &[a, b, c],
+    )
+    .await;
+    let before = kv.metric("kvgate_prefill_ahead_total").await;
+
+    // The user names the last speaker, then the first: while the former
+    // answers, the latter (whose slot was taken) is brought back and
+    // extended with everything said since it spoke.
+    let answers = round(&kv, &mut chat, &format!("{c}, and you {a}?"), &[c, a]).await;
+    assert_eq!(kv.metric("kvgate_prefill_ahead_total").await, before + 1);
+    let (h, last) = &answers[1];
+    assert_eq!(h["x-kvgate-cache"], "resident", "{h:?}");
+    let prompt_n = last["timings"]["prompt_n"].as_u64().unwrap();
+    let cache_n = last["timings"]["cache_n"].as_u64().unwrap();
+    // Only the reply before it (a short scripted line and the tag) is left.
+    assert!(
+        prompt_n < 40 && cache_n > 500,
+        "prompt_n={prompt_n} cache_n={cache_n}"
+    );
+    // Every guess came true: the second and third speakers of the first
+    // round, and this one (the end of a round is not guessed).
+    let hits = "kvgate_next_speaker_predictions_total{result=\"hit\"}";
+    let misses = "kvgate_next_speaker_predictions_total{result=\"miss\"}";
+    assert_eq!((kv.metric(hits).await, kv.metric(misses).await), (3, 0));
+}
+
+#[tokio::test]
+async fn off_by_setting_nothing_is_read_ahead() {
+    let Some(llama) = LlamaServer::start(LlamaOpts::default()).await else {
+        return;
+    };
+    let kv = Kvgate::start_saving(&llama.base_url, &llama.save_dir, |c| {
+        c.ram_cache = true;
+        c.cache.prefill_ahead = false;
+    })
+    .await;
+    let mut chat = GroupChat::demo(3);
+    let names = chat.names();
+    let (a, b, c) = (names[0].as_str(), names[1].as_str(), names[2].as_str());
+    round(
+        &kv,
+        &mut chat,
+        &format!("{a}, {b}, {c}: good evening!"),
+        &[a, b, c],
+    )
+    .await;
+    let answers = round(&kv, &mut chat, &format!("{c}, and you {a}?"), &[c, a]).await;
+    assert_eq!(kv.metric("kvgate_prefill_ahead_total").await, 0);
+    let (h, last) = &answers[1];
+    assert_ne!(h["x-kvgate-cache"], "resident");
+    // Without it, the turn reads everything said since it last spoke.
+    assert!(last["timings"]["prompt_n"].as_u64().unwrap() > 40);
+}
