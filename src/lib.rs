@@ -73,6 +73,7 @@ mod admin;
 
 mod fleet;
 mod gateway;
+mod lookahead;
 mod session;
 mod sync;
 

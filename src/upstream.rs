@@ -9,9 +9,9 @@ use std::sync::Arc;
 
 use tokio::sync::Notify;
 
-use crate::fleet::ahead::Ahead;
 use crate::live::Live;
 use crate::llama::client::{LlamaClient, SlotInfo};
+use crate::lookahead::Ahead;
 use crate::observe::metrics::Gauges;
 use crate::shared::Shared;
 use crate::slots::lease::Pool;

@@ -30,17 +30,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tokio::sync::Notify;
 use tracing::debug;
 
 use crate::identity::content;
 use crate::identity::next_speaker::{anticipate, predict};
+use crate::lookahead::Job;
 use crate::observe::metrics;
 use crate::session;
 use crate::slots::ram;
 use crate::slots::table::{Outcome, Want};
 use crate::store::hooks::Restore;
-use crate::sync::Unpoisoned;
 use crate::tenant::{Kind, Tenant};
 use crate::upstream::Upstream;
 
@@ -50,40 +49,15 @@ const FIRST_TOKEN_WAIT: Duration = Duration::from_secs(120);
 const SLOT_WAIT: Duration = Duration::from_millis(1);
 /// Longest prefill ahead.
 const EVALUATE_LIMIT: Duration = Duration::from_secs(120);
-
-/// A turn that may be followed by a prefill ahead.
-#[derive(Debug)]
-pub(crate) struct Job {
-    /// The character generating now.
-    pub speaker: Tenant,
-    /// Its prompt.
-    pub prompt: Arc<str>,
-    /// The chat's characters (not the user).
-    pub members: Vec<String>,
-    /// The user's name in the prompt, when known.
-    pub user: Option<String>,
-    /// Notified when the generation's first token is out.
-    pub first_token: Arc<Notify>,
-}
-
-/// The latest job of an upstream (an older one is moot).
-#[derive(Debug, Default)]
-pub(crate) struct Ahead {
-    job: std::sync::Mutex<Option<Job>>,
-    kick: Notify,
-}
-
-impl Ahead {
-    /// Offers the job of a turn that just started.
-    pub(crate) fn offer(&self, job: Job) {
-        *self.job.lock_unpoisoned() = Some(job);
-        self.kick.notify_one();
-    }
-
-    fn take(&self) -> Option<Job> {
-        self.job.lock_unpoisoned().take()
-    }
-}
+/// Prompt tokens prefill ahead leaves for the turn itself to read, at
+/// least. llama-server on CPU reads a batch of fewer than 64 new tokens an
+/// order of magnitude slower per token than one of 64 (measured on the
+/// pinned build: 63 tokens 788 ms, 64 tokens 91 ms, 128 tokens 173 ms):
+/// leaving only the last reply, often shorter, would make the turn slower
+/// than reading everything.
+const LEFT_FOR_THE_TURN: usize = 64;
+/// Longest wait for llama-server's tokenizer.
+const TOKENIZE_LIMIT: Duration = Duration::from_secs(10);
 
 /// Runs until `shutdown` resolves.
 pub(crate) async fn run(upstream: Arc<Upstream>, shutdown: impl std::future::Future<Output = ()>) {
@@ -91,7 +65,7 @@ pub(crate) async fn run(upstream: Arc<Upstream>, shutdown: impl std::future::Fut
     loop {
         tokio::select! {
             _ = &mut shutdown => return,
-            _ = upstream.ahead.kick.notified() => {}
+            _ = upstream.ahead.offered() => {}
         }
         let Some(job) = upstream.ahead.take() else {
             continue;
@@ -105,7 +79,7 @@ pub(crate) async fn run(upstream: Arc<Upstream>, shutdown: impl std::future::Fut
             continue;
         }
         // A newer turn started meanwhile: its job is the one that counts.
-        if upstream.ahead.job.lock_unpoisoned().is_some() {
+        if upstream.ahead.is_offered() {
             continue;
         }
         let _running = upstream.shared.tasks.start();
@@ -159,10 +133,17 @@ async fn prefill(upstream: &Arc<Upstream>, job: Job) {
                     return;
                 }
             }
-            let read = upstream
-                .client
-                .evaluate(slot, &prompt, EVALUATE_LIMIT)
-                .await;
+            // Token ids, so that exactly the last `LEFT_FOR_THE_TURN` are left.
+            let Ok(mut tokens) = upstream.client.tokenize(&prompt, TOKENIZE_LIMIT).await else {
+                lease.release(Outcome::Untouched);
+                return;
+            };
+            tokens.truncate(tokens.len().saturating_sub(LEFT_FOR_THE_TURN));
+            if tokens.is_empty() {
+                lease.release(Outcome::Untouched);
+                return;
+            }
+            let read = upstream.client.evaluate(slot, tokens, EVALUATE_LIMIT).await;
             let Ok(timings) = read else {
                 // The slot's contents are unknown.
                 lease.release(Outcome::Failed);

@@ -305,16 +305,17 @@ impl LlamaClient {
         }
     }
 
-    /// Has llama-server read `prompt` into `slot`, with a one-token
-    /// completion (a preload, a prefill ahead); returns how much of the
-    /// prompt it took from the slot's cache and how much it read, or why it
-    /// failed.
+    /// Has llama-server read `prompt` (a string or token ids) into `slot`,
+    /// with a one-token completion (a preload, a prefill ahead); returns how
+    /// much of the prompt it took from the slot's cache and how much it
+    /// read, or why it failed.
     pub async fn evaluate(
         &self,
         slot: usize,
-        prompt: &str,
+        prompt: impl Into<Value>,
         limit: Duration,
     ) -> Result<Reading, String> {
+        let prompt: Value = prompt.into();
         let body = serde_json::json!({
             "prompt": prompt,
             "n_predict": 1,

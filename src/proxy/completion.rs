@@ -20,12 +20,12 @@ use serde_json::{json, Value};
 use tracing::{debug, info, warn};
 
 use crate::app::App;
-use crate::fleet::ahead;
 use crate::http::body::{boxed, full, ProxyBody};
 use crate::http::sse::{Observed, StreamEnd};
 use crate::identity::{self, Api, Identity};
 use crate::llama::client::Driven;
 use crate::llama::slot_route::{beyond_kvgate, body_id_slot, without_bom, wrap_slot_id};
+use crate::lookahead as ahead;
 use crate::observe::metrics;
 use crate::session;
 use crate::slots::lease::Lease;

@@ -1,7 +1,7 @@
 //! Prefill ahead against a REAL llama-server: while one member of a
 //! SillyTavern group chat generates, the member the user's message names
 //! next gets its cache extended, so its own turn is resident and reads only
-//! the reply before it.
+//! the reply before it (and the 64 tokens left on purpose).
 
 use crate::support::kvgate::{turn_through, Kvgate};
 use crate::support::llama::{LlamaOpts, LlamaServer};
@@ -57,11 +57,14 @@ async fn the_member_named_next_is_resident_and_reads_only_the_reply_before_it() 
     assert_eq!(h["x-kvgate-cache"], "resident", "{h:?}");
     let prompt_n = last["timings"]["prompt_n"].as_u64().unwrap();
     let cache_n = last["timings"]["cache_n"].as_u64().unwrap();
-    // Only the reply before it (a short scripted line and the tag) is left.
+    // Left to read: the 64 tokens prefill ahead leaves on purpose (fewer
+    // would hit llama-server's slow path for small batches on CPU) and the
+    // reply before it (a short scripted line and the tag).
     assert!(
-        prompt_n < 40 && cache_n > 500,
+        (64..64 + 40).contains(&prompt_n) && cache_n > 500,
         "prompt_n={prompt_n} cache_n={cache_n}"
     );
+    assert!(kv.metric("kvgate_prefill_ahead_tokens_total").await > 0);
     // Every guess came true: the second and third speakers of the first
     // round, and this one (the end of a round is not guessed).
     let hits = "kvgate_next_speaker_predictions_total{result=\"hit\"}";
