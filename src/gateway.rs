@@ -207,6 +207,9 @@ impl Gateway {
 
         shutdown.await;
         info!("shutting down: no new connections; letting streams finish");
+        app.shared
+            .draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let _ = stop_tx.send(true);
         resume.abort();
         for task in front_tasks {

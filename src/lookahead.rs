@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 
 use crate::sync::Unpoisoned;
+use crate::tasks::TaskGuard;
 use crate::tenant::Tenant;
 
 /// A turn that may be followed by a prefill ahead.
@@ -22,6 +23,10 @@ pub(crate) struct Job {
     pub user: Option<String>,
     /// Notified when the generation's first token is out.
     pub first_token: Arc<Notify>,
+    /// Counts the job as kvgate's own work from its offer to its end, so
+    /// "kvgate is idle" (tests, shutdown) includes a prefill about to start.
+    #[allow(dead_code)] // held for its Drop
+    pub running: TaskGuard,
 }
 
 /// The latest job of an upstream (an older one is moot).
@@ -51,5 +56,11 @@ impl Ahead {
     /// Waits until a job is offered.
     pub(crate) async fn offered(&self) {
         self.kick.notified().await;
+    }
+
+    /// Wakes [`Ahead::offered`] again (the job it announced is still to be
+    /// taken).
+    pub(crate) fn kick_again(&self) {
+        self.kick.notify_one();
     }
 }

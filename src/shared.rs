@@ -41,6 +41,9 @@ pub struct Shared {
     pub memory: Memory,
     /// Bytes of completion bodies held in memory, all requests together.
     pub body_budget: BodyBudget,
+    /// Set when kvgate starts shutting down: work of its own (prefill
+    /// ahead) no longer starts.
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -48,6 +51,7 @@ impl Shared {
     pub fn new(cfg: Config, settings: CacheSettings, store: Option<Arc<CacheStore>>) -> Shared {
         let metrics = Arc::new(Metrics::default());
         Shared {
+            draining: std::sync::atomic::AtomicBool::new(false),
             body_budget: BodyBudget::new(cfg.max_body_bytes_in_flight),
             cfg,
             settings: Arc::new(Live::new(settings)),

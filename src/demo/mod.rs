@@ -6,8 +6,9 @@
 //! does (instance `main`, see [`crate::instances`]), and replays a scripted SillyTavern group chat of
 //! 3 characters through kvgate's front port. With more characters than
 //! slots, slots change hands: a character coming back is loaded from
-//! llama-server's RAM prompt cache. Before the last round llama-server
-//! restarts, and every character comes back from disk. Each turn prints the
+//! llama-server's RAM prompt cache, or brought into a slot ahead of its
+//! turn (prefill ahead). Before the last round llama-server restarts, and
+//! every character comes back from disk. Each turn prints the
 //! speaker, the slot, where its cache came from (the file restored),
 //! llama-server's `cache_n` / `prompt_n`, the time to first token and the
 //! saves made during the turn; the end prints the shutdown saves and a
@@ -410,7 +411,7 @@ impl Restart {
             out,
             format_args!(
                 "\nllama-server restarts (instance main is stopped, with its saves, and started): \
-                 its slots and its RAM cache are empty, so each character comes back from disk.\n"
+                 its slots and its RAM cache are empty, so each character comes back from disk (on its turn, or ahead of it).\n"
             ),
         );
         let failed = |e: InstanceError| DemoError::LlamaServer(e.to_string());
@@ -448,7 +449,7 @@ fn print_table_head(out: &mut (dyn Write + Send)) {
         format_args!(
             "\ncache_n: prompt tokens llama-server took from the slot's KV cache; prompt_n: the ones it had to read.\n\
              Indented: the saves kvgate made during the turn.\n\
-             cache came from: the slot itself, llama-server's RAM cache (another character had taken the slot), or a file restored from disk.\n\
+             cache came from: the slot (it stayed there, or kvgate brought it in and read the new messages while the previous speaker answered), llama-server's RAM cache (another character had taken the slot), or a file restored from disk.\n\
              \n{:>4}  {:<7} {:>4}  {:>7}  {:>8}  {:>9}  cache came from\n",
             "turn", "speaker", "slot", "cache_n", "prompt_n", "1st token"
         ),

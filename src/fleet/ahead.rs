@@ -26,6 +26,7 @@
 //! is only extended. Counted in `kvgate_prefill_ahead_*` and the
 //! `prefill_ahead` event.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -56,6 +57,8 @@ const EVALUATE_LIMIT: Duration = Duration::from_secs(120);
 /// leaving only the last reply, often shorter, would make the turn slower
 /// than reading everything.
 const LEFT_FOR_THE_TURN: usize = 64;
+/// Longest wait for save-behind's holds before taking a slot.
+const SAVE_BEHIND_WAIT: Duration = Duration::from_secs(1);
 /// Longest wait for llama-server's tokenizer.
 const TOKENIZE_LIMIT: Duration = Duration::from_secs(10);
 
@@ -73,17 +76,33 @@ pub(crate) async fn run(upstream: Arc<Upstream>, shutdown: impl std::future::Fut
         let first = tokio::time::timeout(FIRST_TOKEN_WAIT, job.first_token.notified());
         tokio::select! {
             _ = &mut shutdown => return,
+            // A newer turn started before this one's first token (this one's
+            // client went away): the newer job is the one that counts.
+            _ = upstream.ahead.offered() => {
+                upstream.ahead.kick_again();
+                continue;
+            }
             r = first => if r.is_err() { continue },
         }
-        if !upstream.shared.settings.get().prefill_ahead {
+        let draining = upstream.shared.draining.load(Ordering::Relaxed);
+        if draining || !upstream.shared.settings.get().prefill_ahead {
             continue;
         }
         // A newer turn started meanwhile: its job is the one that counts.
         if upstream.ahead.is_offered() {
             continue;
         }
-        let _running = upstream.shared.tasks.start();
         prefill(&upstream, job).await;
+    }
+}
+
+/// Waits (a little) for the slots save-behind holds to be free again: it
+/// starts at the same first token, and the slot it saves is usually the one
+/// the next speaker takes.
+async fn after_save_behind(upstream: &Upstream) {
+    let deadline = Instant::now() + SAVE_BEHIND_WAIT;
+    while Instant::now() < deadline && upstream.pool.read(|t| t.slots().iter().any(|s| s.held)) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -107,6 +126,7 @@ async fn prefill(upstream: &Arc<Upstream>, job: Job) {
     else {
         return;
     };
+    after_save_behind(upstream).await;
     if upstream.pool.queued() > 0 {
         return;
     }
@@ -150,9 +170,14 @@ async fn prefill(upstream: &Arc<Upstream>, job: Job) {
                 return;
             };
             if let Some(expect) = grant.from_ram {
-                if ram::came_back(expect, timings.cache_n, timings.prompt_n) == Some(false) {
-                    metrics::inc(&upstream.shared.metrics.ram_misses);
-                    lease.ram_missed();
+                let m = &upstream.shared.metrics;
+                match ram::came_back(expect, timings.cache_n, timings.prompt_n) {
+                    Some(true) => metrics::inc(&m.ram_hits),
+                    Some(false) => {
+                        metrics::inc(&m.ram_misses);
+                        lease.ram_missed();
+                    }
+                    None => {}
                 }
             }
             // Not a message of the character's: what the slot holds is

@@ -47,14 +47,15 @@ pub fn predict(
     };
     let round_start = user.and_then(|u| tags.iter().rposition(|t| t.name == u));
     let in_round = round_start.map_or(tags, |i| &tags[i + 1..]);
+    let i = round_start?;
     let open: Vec<&String> = members
         .iter()
-        .filter(|m| m.as_str() != speaker && !in_round.iter().any(|t| t.name == m.as_str()))
+        .filter(|m| !m.is_empty() && m.as_str() != speaker)
+        .filter(|m| !in_round.iter().any(|t| t.name == m.as_str()))
         .collect();
-    if open.is_empty() || round_start.is_none() {
+    if open.is_empty() {
         return None;
     }
-    let i = round_start?;
     let message = &history[tags[i].end..tags.get(i + 1).map_or(history.len(), |t| t.start)];
     if let Some((_, name)) = open
         .iter()

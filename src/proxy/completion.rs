@@ -409,6 +409,7 @@ impl Turn {
                 .collect(),
             user,
             first_token: Arc::default(),
+            running: upstream.shared.tasks.start(),
         })
     }
 
@@ -568,7 +569,8 @@ fn relay(
     // for background saves of other slots (see `fleet::save_behind`).
     observed.notify_on_first_byte(Arc::clone(&upstream.save_behind_kick));
     let mut turn = turn;
-    if let Some(job) = turn.ahead.take() {
+    // Only a generation under way is worth preparing the next one for.
+    if let Some(job) = turn.ahead.take().filter(|_| parts.status.is_success()) {
         observed.notify_on_first_byte(Arc::clone(&job.first_token));
         upstream.ahead.offer(job);
     }

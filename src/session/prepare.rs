@@ -28,10 +28,14 @@ pub(crate) async fn take_over(upstream: &Upstream, lease: &Lease) {
         || json!({"slot": slot, "chat": ev.tenant.chat(), "character": ev.tenant.character(), "usage": ev.usage}),
     );
     if ev.usage >= 1 && ev.tenant.is_character() && ev.live {
-        upstream
+        let saved = upstream
             .hooks
             .save(slot, &ev.tenant, SaveKind::Eviction, None)
             .await;
+        if saved.is_some() {
+            // What llama-server stashes in RAM is on disk too.
+            lease.ram_evicted_saved();
+        }
     }
 }
 
@@ -74,6 +78,11 @@ pub(crate) async fn load_file(
 /// What a restore means for the slot: it holds the restored cache (nothing
 /// unsaved), or, after a failure, nothing (llama-server cleared it).
 fn record_restore(lease: &Lease, r: &Restore) {
+    if !matches!(r, Restore::Skipped) {
+        // The restore replaced (or cleared) what the slot held before the
+        // generation could have llama-server stash it in RAM.
+        lease.ram_forget_evicted();
+    }
     match r {
         Restore::Restored { file, .. } => lease.mark_restored(file),
         Restore::Failed(reason) => {

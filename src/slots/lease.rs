@@ -325,7 +325,25 @@ impl Lease {
     /// The turn this lease was granted for went to llama-server's RAM
     /// cache and found nothing there: stop relying on it.
     pub(crate) fn ram_missed(&self) {
-        self.change_mine(|t, _| t.ram_missed());
+        let epoch = self.grant.ram_epoch;
+        self.change_mine(|t, _| t.ram_missed(epoch));
+    }
+
+    /// The cache this grant evicted was not stashed in RAM after all (a
+    /// restore replaced it first).
+    pub(crate) fn ram_forget_evicted(&self) {
+        if let Some(ev) = &self.grant.evicted {
+            let tenant = ev.tenant.clone();
+            self.change_mine(|t, _| t.ram_forget(&tenant));
+        }
+    }
+
+    /// The cache this grant evicted was saved before it went to RAM.
+    pub(crate) fn ram_evicted_saved(&self) {
+        if let Some(ev) = &self.grant.evicted {
+            let tenant = ev.tenant.clone();
+            self.change_mine(|t, _| t.ram_mark_saved(&tenant));
+        }
     }
 
     /// The slot holds nothing (a failed restore cleared it).

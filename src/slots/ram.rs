@@ -36,6 +36,12 @@ use crate::tenant::Tenant;
 /// likely gone from llama-server's RAM too.
 pub const MAX_ENTRIES: usize = 64;
 
+/// The least share of a new prompt a stashed cache must hold for kvgate to
+/// send the turn to RAM. llama-server loads a RAM entry only when the new
+/// prompt keeps at least a quarter of it; below half, a disk restore (which
+/// picks the save sharing the most tokens) is the better bet.
+pub const MIN_SHARE: f32 = 0.5;
+
 /// One cache llama-server stashed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Stashed {
@@ -65,6 +71,9 @@ impl Stashed {
 pub struct RamCache {
     /// Whether to rely on it (kvgate's setting, until a miss).
     trusted: bool,
+    /// Counts llama-server restarts: a miss judged on a turn granted before
+    /// the latest one says nothing about the fresh cache.
+    epoch: u64,
     /// Oldest first.
     entries: VecDeque<Stashed>,
 }
@@ -80,6 +89,7 @@ impl RamCache {
     pub fn new(trusted: bool) -> Self {
         RamCache {
             trusted,
+            epoch: 0,
             entries: VecDeque::new(),
         }
     }
@@ -113,10 +123,32 @@ impl RamCache {
         self.entries.remove(i)
     }
 
+    /// The current restart count (see [`RamCache::missed`]).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// `t`'s stashed cache is on disk too: nothing of it is unsaved.
+    pub fn mark_saved(&mut self, t: &Tenant) {
+        for e in self.entries.iter_mut().filter(|e| e.tenants.contains(t)) {
+            e.usage = 0;
+        }
+    }
+
     /// Forgets `t`'s entry: its cache is in a slot again by another way (a
-    /// restore, a load); llama-server's stale copy would lose to it.
+    /// restore, a load), or llama-server never stashed it (a restore
+    /// overwrote the slot); llama-server's stale copy would lose anyway.
     pub fn forget(&mut self, t: &Tenant) {
         self.entries.retain(|e| !e.tenants.contains(t));
+    }
+
+    /// The share of `prompt` `t`'s stashed cache holds (see
+    /// [`Stashed::share_of`]); 0 when none is stashed.
+    pub fn share_of(&self, t: &Tenant, prompt: &str) -> f32 {
+        self.entries
+            .iter()
+            .find(|e| e.tenants.contains(t))
+            .map_or(0.0, |e| e.share_of(prompt))
     }
 
     /// Whether kvgate believes RAM holds `t`'s cache.
@@ -129,10 +161,14 @@ impl RamCache {
         self.entries.clear();
     }
 
-    /// A turn sent to RAM found nothing there: stop relying on it (the
-    /// cache is off, too small, or cleared) until a restart
-    /// ([`RamCache::restarted`]).
-    pub fn missed(&mut self) {
+    /// A turn granted in `epoch` and sent to RAM found nothing there: stop
+    /// relying on it (the cache is off, too small, or cleared) until a
+    /// restart ([`RamCache::restarted`]). A turn granted before the latest
+    /// restart says nothing about the fresh cache.
+    pub fn missed(&mut self, epoch: u64) {
+        if epoch != self.epoch {
+            return;
+        }
         self.trusted = false;
         self.entries.clear();
     }
@@ -142,6 +178,7 @@ impl RamCache {
     pub fn restarted(&mut self, configured: bool) {
         self.entries.clear();
         self.trusted = configured;
+        self.epoch += 1;
     }
 }
 
@@ -203,7 +240,7 @@ mod tests {
     fn a_miss_stops_trust_until_a_restart() {
         let mut ram = RamCache::default();
         ram.stash(stashed(&["Alice"], 0));
-        ram.missed();
+        ram.missed(ram.epoch());
         assert!(!ram.trusted());
         assert!(ram.take(&t("Alice")).is_none());
         ram.stash(stashed(&["Bob"], 0));
@@ -215,6 +252,23 @@ mod tests {
         assert!(ram.trusted());
         ram.stash(stashed(&["Bob"], 0));
         assert!(ram.holds(&t("Bob")));
+    }
+
+    #[test]
+    fn a_miss_from_before_a_restart_does_not_count() {
+        let mut ram = RamCache::default();
+        let before = ram.epoch();
+        ram.restarted(true);
+        ram.missed(before);
+        assert!(ram.trusted());
+    }
+
+    #[test]
+    fn a_saved_stash_has_nothing_unsaved() {
+        let mut ram = RamCache::default();
+        ram.stash(stashed(&["Alice"], 3));
+        ram.mark_saved(&t("Alice"));
+        assert_eq!(ram.take(&t("Alice")).map(|e| e.usage), Some(0));
     }
 
     #[test]

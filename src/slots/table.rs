@@ -44,7 +44,7 @@ use std::sync::Arc;
 
 use super::content::SIMILARITY;
 use super::content::{extends, extends_by, reuse, shares, MOVE_GAIN_BYTES};
-use super::ram::{RamCache, Stashed};
+use super::ram::{RamCache, Stashed, MIN_SHARE};
 use crate::tenant::{Kind, Tenant};
 
 /// Index of a llama-server slot (`id_slot`).
@@ -113,6 +113,8 @@ pub struct Grant {
     /// prompt cache (see [`super::ram`]): no disk restore. The share of the
     /// prompt kvgate expects cached there, in percent, to tell a miss.
     pub from_ram: Option<u8>,
+    /// [`RamCache::epoch`] at grant time, for [`SlotTable::ram_missed`].
+    pub ram_epoch: u64,
 }
 
 /// How a lease ended; decides what the table believes about the slot.
@@ -285,10 +287,22 @@ impl SlotTable {
         &self.ram
     }
 
-    /// A turn sent to llama-server's RAM cache came back with little
-    /// cached: stop relying on it until llama-server restarts.
-    pub fn ram_missed(&mut self) {
-        self.ram.missed();
+    /// A turn granted in `epoch` and sent to llama-server's RAM cache came
+    /// back with little cached: stop relying on it until llama-server
+    /// restarts.
+    pub fn ram_missed(&mut self, epoch: u64) {
+        self.ram.missed(epoch);
+    }
+
+    /// llama-server did not stash `t`'s cache after all (a restore
+    /// overwrote the slot before the generation).
+    pub fn ram_forget(&mut self, t: &Tenant) {
+        self.ram.forget(t);
+    }
+
+    /// `t`'s cache, stashed in RAM, was saved before it left its slot.
+    pub fn ram_mark_saved(&mut self, t: &Tenant) {
+        self.ram.mark_saved(t);
     }
 
     /// At most `n` waiting requests per known client.
@@ -783,11 +797,16 @@ impl SlotTable {
             s.last_used = self.tick;
         }
         let mut from_ram = None;
+        // Whether llama-server will stash what the slot holds in RAM: only a
+        // completion replacing most of a live cache does.
+        let mut stash = false;
         let (resident, evicted) = match want {
             Want::Hold(_) => (s.live, None),
             Want::Prompt { tenant, text } if !tenant.is_character() => {
                 if s.holds_character() {
-                    (false, s.take_over(Some(tenant.clone())))
+                    let ev = s.take_over(Some(tenant.clone()));
+                    stash = held.swaps_through_ram(text);
+                    (false, ev)
                 } else {
                     let resident = shares(s.prompt.as_deref(), text) > SIMILARITY && s.live;
                     s.owner = Some(tenant.clone());
@@ -820,10 +839,12 @@ impl SlotTable {
             // character's from RAM when it has it (see `super::ram`).
             Want::Prompt { tenant: t, text } if t.is_character() => {
                 let ev = s.take_over(Some(t.clone()));
-                if let Some(expect) = held.ram_load_share(text) {
+                stash = held.swaps_through_ram(text);
+                let share = self.ram.holds(t).then(|| self.ram.share_of(t, text));
+                if stash && share.is_some_and(|x| x >= MIN_SHARE) {
                     if let Some(back) = self.ram.take(t) {
                         s.usage = back.usage;
-                        from_ram = Some(percent(expect.min(back.share_of(text))));
+                        from_ram = share.map(percent);
                     }
                 }
                 (false, ev)
@@ -839,11 +860,12 @@ impl SlotTable {
             }
             Want::Pinned(_) => (false, s.take_over(None)),
         };
-        if let Some(ev) = &evicted {
+        if let Some(ev) = evicted.as_ref().filter(|_| stash) {
             if ev.live && ev.tenant.is_character() {
                 self.ram.stash(held.stashed(ev.usage));
             }
         }
+        let ram_epoch = self.ram.epoch();
         let s = &mut self.slots[slot];
         if let Want::Prompt { text, .. } = want {
             s.prompt = Some(Arc::clone(text));
@@ -855,6 +877,7 @@ impl SlotTable {
             evicted,
             usage: s.usage,
             from_ram,
+            ram_epoch,
         }
     }
 
@@ -939,13 +962,13 @@ impl Held {
         }
     }
 
-    /// Whether llama-server will look in its RAM cache for a generation of
-    /// `text` on this slot, and if so the share of `text` it expects from
-    /// there. It looks only when the slot is not empty (llama.cpp #28139)
-    /// and would keep less than half of what it holds.
-    fn ram_load_share(&self, text: &str) -> Option<f32> {
+    /// Whether a generation of `text` on this slot swaps through
+    /// llama-server's RAM cache: it stashes the slot's cache and looks for
+    /// the new prompt's there only when the slot is not empty (llama.cpp
+    /// #28139) and the prompt keeps less than half of what it holds.
+    fn swaps_through_ram(&self, text: &str) -> bool {
         if !self.live {
-            return None;
+            return false;
         }
         let kept = match self.prompt.as_deref() {
             Some(p) if !p.is_empty() => reuse(Some(p), text) as f32 / p.len() as f32,
@@ -953,7 +976,7 @@ impl Held {
             // comes first, so little of it is kept.
             _ => 0.0,
         };
-        (kept < RAM_LOOKUP_KEEP).then_some(1.0)
+        kept < RAM_LOOKUP_KEEP
     }
 
     /// The stash entry for this cache, `usage` messages not on disk.

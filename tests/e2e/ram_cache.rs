@@ -90,3 +90,32 @@ async fn without_llama_servers_ram_cache_a_miss_turns_disk_restores_back_on() {
     assert!(cache_n > 500, "cache_n={cache_n}");
     assert_eq!(kv.metric(MISSES).await, 1);
 }
+
+#[tokio::test]
+async fn a_cache_replaced_by_a_disk_restore_is_not_believed_in_ram() {
+    let Some((mut llama, kv)) = over(&[]).await else {
+        return;
+    };
+    let mut chat = GroupChat::demo(3);
+    rotate(&kv, &mut chat).await;
+    // llama-server restarts: slots and RAM are empty; every character has
+    // a save (each was saved before its slot changed hands, or now).
+    llama.restart().await;
+    kv.wait_all_lost(std::time::Duration::from_secs(10)).await;
+    let names = chat.names();
+    for name in &names {
+        let (h, _) = turn_through(&kv.url, &mut chat, name).await;
+        assert_eq!(
+            h["x-kvgate-cache"], "disk",
+            "{name} after the restart: {h:?}"
+        );
+    }
+    kv.wait_idle().await;
+    // The third was restored over the first's cache: llama-server stashed
+    // nothing, so the first comes back from disk, not from a RAM miss.
+    let (h, last) = turn_through(&kv.url, &mut chat, &names[0]).await;
+    kv.wait_idle().await;
+    assert_eq!(h["x-kvgate-cache"], "disk", "{h:?}");
+    assert!(last["timings"]["cache_n"].as_u64().unwrap() > 500);
+    assert_eq!(kv.metric(MISSES).await, 0);
+}

@@ -946,7 +946,7 @@ mod ram_cache {
         finish(&mut t, &b2, Kind::Normal);
         let a3 = take(&mut t, said("A", "one two three four five"));
         assert!(a3.from_ram.is_some());
-        t.ram_missed();
+        t.ram_missed(a3.ram_epoch);
         finish(&mut t, &a3, Kind::Normal);
         let b3 = take(&mut t, said("B", "one two three four five six"));
         assert_eq!(b3.from_ram, None, "after a miss kvgate restores from disk");
@@ -976,6 +976,30 @@ mod ram_cache {
         assert!(!t.ram().holds(&ch("A")));
         t.mark_restored(load.slot, "a.bin");
         t.release(load.slot, load.lease, Outcome::Untouched);
-        assert!(t.ram().holds(&ch("B")));
+        // A load is a restore: it overwrites B's cache, llama-server stashes
+        // nothing.
+        assert!(!t.ram().holds(&ch("B")));
+    }
+
+    #[test]
+    fn a_prompt_that_moved_on_too_far_restores_from_disk() {
+        let mut t = SlotTable::new(1, 8);
+        let a = take(&mut t, said("A", "one"));
+        finish(&mut t, &a, Kind::Normal);
+        let b = take(&mut t, said("B", "one two"));
+        finish(&mut t, &b, Kind::Normal);
+        assert!(t.ram().holds(&ch("A")));
+        // The front end trimmed A's chat: what RAM holds is under half of
+        // the new prompt, so a disk restore (the save sharing the most) is
+        // the better bet.
+        let long = format!("{}\nA:", "x".repeat(400));
+        let a2 = take(
+            &mut t,
+            Want::Prompt {
+                tenant: ch("A"),
+                text: Arc::from(long),
+            },
+        );
+        assert_eq!(a2.from_ram, None);
     }
 }
