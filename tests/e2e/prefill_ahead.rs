@@ -24,28 +24,31 @@ async fn round(
     answers
 }
 
-#[tokio::test]
-async fn the_member_named_next_is_resident_and_reads_only_the_reply_before_it() {
-    let Some(llama) = LlamaServer::start(LlamaOpts::default()).await else {
-        return;
-    };
+/// llama-server (2 slots) and kvgate (prefill ahead `on` or off), after a
+/// first round of a 3-member group in which everyone spoke once (3
+/// characters on 2 slots), so that kvgate remembers each one's last prompt.
+async fn after_a_first_round(on: bool) -> Option<(LlamaServer, Kvgate, GroupChat)> {
+    let llama = LlamaServer::start(LlamaOpts::default()).await?;
     let kv = Kvgate::start_saving(&llama.base_url, &llama.save_dir, |c| {
         c.ram_cache = true;
-        c.cache.prefill_ahead = true;
+        c.cache.prefill_ahead = on;
     })
     .await;
     let mut chat = GroupChat::demo(3);
     let names = chat.names();
-    let (a, b, c) = (names[0].as_str(), names[1].as_str(), names[2].as_str());
-    // Everyone speaks once (3 characters on 2 slots), so each has a last
-    // prompt kvgate remembers.
-    round(
-        &kv,
-        &mut chat,
-        &format!("{a}, {b}, {c}: good evening!"),
-        &[a, b, c],
-    )
-    .await;
+    let greeting = format!("{}, {}, {}: good evening!", names[0], names[1], names[2]);
+    let all: Vec<&str> = names.iter().map(String::as_str).collect();
+    round(&kv, &mut chat, &greeting, &all).await;
+    Some((llama, kv, chat))
+}
+
+#[tokio::test]
+async fn the_member_named_next_is_resident_and_reads_only_the_reply_before_it() {
+    let Some((_llama, kv, mut chat)) = after_a_first_round(true).await else {
+        return;
+    };
+    let names = chat.names();
+    let (a, c) = (names[0].as_str(), names[2].as_str());
     let before = kv.metric("kvgate_prefill_ahead_total").await;
 
     // The user names the last speaker, then the first: while the former
@@ -76,24 +79,11 @@ async fn the_member_named_next_is_resident_and_reads_only_the_reply_before_it() 
 
 #[tokio::test]
 async fn off_by_setting_nothing_is_read_ahead() {
-    let Some(llama) = LlamaServer::start(LlamaOpts::default()).await else {
+    let Some((_llama, kv, mut chat)) = after_a_first_round(false).await else {
         return;
     };
-    let kv = Kvgate::start_saving(&llama.base_url, &llama.save_dir, |c| {
-        c.ram_cache = true;
-        c.cache.prefill_ahead = false;
-    })
-    .await;
-    let mut chat = GroupChat::demo(3);
     let names = chat.names();
-    let (a, b, c) = (names[0].as_str(), names[1].as_str(), names[2].as_str());
-    round(
-        &kv,
-        &mut chat,
-        &format!("{a}, {b}, {c}: good evening!"),
-        &[a, b, c],
-    )
-    .await;
+    let (a, c) = (names[0].as_str(), names[2].as_str());
     let answers = round(&kv, &mut chat, &format!("{c}, and you {a}?"), &[c, a]).await;
     assert_eq!(kv.metric("kvgate_prefill_ahead_total").await, 0);
     let (h, last) = &answers[1];

@@ -880,13 +880,18 @@ mod ram_cache {
         }
     }
 
+    /// A turn of `name` that completes.
+    fn speak(t: &mut SlotTable, name: &str, history: &str) -> Grant {
+        let g = take(t, said(name, history));
+        finish(t, &g, Kind::Normal);
+        g
+    }
+
     #[test]
     fn a_character_whose_slot_was_taken_comes_back_from_ram() {
         let mut t = SlotTable::new(2, 8);
-        let a = take(&mut t, said("A", "one"));
-        finish(&mut t, &a, Kind::Normal);
-        let b = take(&mut t, said("B", "one two"));
-        finish(&mut t, &b, Kind::Normal);
+        let a = speak(&mut t, "A", "one");
+        let b = speak(&mut t, "B", "one two");
         // C takes A's slot: A goes to RAM with its unsaved message; C was
         // never anywhere, so it has nothing to load.
         let c = take(&mut t, said("C", "one two three"));
@@ -912,12 +917,9 @@ mod ram_cache {
     #[test]
     fn an_empty_slot_never_loads_from_ram() {
         let mut t = SlotTable::new(2, 8);
-        let a = take(&mut t, said("A", "one"));
-        finish(&mut t, &a, Kind::Normal);
-        let b = take(&mut t, said("B", "one two"));
-        finish(&mut t, &b, Kind::Normal);
-        let c = take(&mut t, said("C", "one two three"));
-        finish(&mut t, &c, Kind::Normal);
+        speak(&mut t, "A", "one");
+        let b = speak(&mut t, "B", "one two");
+        speak(&mut t, "C", "one two three");
         // B's slot is erased: llama-server skips its RAM lookup for an
         // explicit id_slot on an empty slot (llama.cpp #28139).
         let erase = take(&mut t, Want::Pinned(b.slot));
@@ -930,10 +932,8 @@ mod ram_cache {
     #[test]
     fn after_a_restart_or_a_miss_nothing_comes_from_ram() {
         let mut t = SlotTable::new(1, 8);
-        let a = take(&mut t, said("A", "one"));
-        finish(&mut t, &a, Kind::Normal);
-        let b = take(&mut t, said("B", "one two"));
-        finish(&mut t, &b, Kind::Normal);
+        speak(&mut t, "A", "one");
+        speak(&mut t, "B", "one two");
         t.invalidate_all();
         let a2 = take(&mut t, said("A", "one two three"));
         assert_eq!(a2.from_ram, None, "a restart empties llama-server's RAM");
@@ -956,10 +956,8 @@ mod ram_cache {
     fn off_by_setting() {
         let mut t = SlotTable::new(1, 8);
         t.set_ram_cache(false);
-        let a = take(&mut t, said("A", "one"));
-        finish(&mut t, &a, Kind::Normal);
-        let b = take(&mut t, said("B", "one two"));
-        finish(&mut t, &b, Kind::Normal);
+        speak(&mut t, "A", "one");
+        speak(&mut t, "B", "one two");
         let a2 = take(&mut t, said("A", "one two three"));
         assert_eq!(a2.from_ram, None);
     }
@@ -967,10 +965,8 @@ mod ram_cache {
     #[test]
     fn an_admin_load_restores_from_disk_and_forgets_the_ram_copy() {
         let mut t = SlotTable::new(1, 8);
-        let a = take(&mut t, said("A", "one"));
-        finish(&mut t, &a, Kind::Normal);
-        let b = take(&mut t, said("B", "one two"));
-        finish(&mut t, &b, Kind::Normal);
+        speak(&mut t, "A", "one");
+        speak(&mut t, "B", "one two");
         let load = take(&mut t, want("A"));
         assert_eq!(load.from_ram, None);
         assert!(!t.ram().holds(&ch("A")));
@@ -984,10 +980,8 @@ mod ram_cache {
     #[test]
     fn a_prompt_that_moved_on_too_far_restores_from_disk() {
         let mut t = SlotTable::new(1, 8);
-        let a = take(&mut t, said("A", "one"));
-        finish(&mut t, &a, Kind::Normal);
-        let b = take(&mut t, said("B", "one two"));
-        finish(&mut t, &b, Kind::Normal);
+        speak(&mut t, "A", "one");
+        speak(&mut t, "B", "one two");
         assert!(t.ram().holds(&ch("A")));
         // The front end trimmed A's chat: what RAM holds is under half of
         // the new prompt, so a disk restore (the save sharing the most) is
