@@ -441,12 +441,13 @@ async fn replay(way: Way, script: &[Turn], restart_at: usize, gap: Duration) -> 
         );
         let line = format!(
             "kvgate's own work: {} restores from disk, {} from llama-server's RAM ({} misses); \
-             {} prefills ahead reading {} tokens; next speaker guessed right {} times, wrong {} times",
+             {} prefills ahead reading {} tokens ({} gave way to a turn); next speaker guessed right {} times, wrong {} times",
             g(&m.restores),
             g(&m.ram_hits),
             g(&m.ram_misses),
             g(&m.ahead_prefills),
             g(&m.ahead_tokens),
+            g(&m.ahead_yielded),
             g(&m.predictions_hit),
             g(&m.predictions_missed),
         );

@@ -47,6 +47,8 @@ pub struct Upstream {
     /// Counts generations starting and ending, so the idle-save task can
     /// tell that llama-server stayed quiet.
     activity: AtomicU64,
+    /// Counts generations starting, so prefill ahead can give way.
+    starts: AtomicU64,
     /// State every upstream shares.
     pub shared: Arc<Shared>,
     /// Held while a request takes several slots at once (a completion with
@@ -104,6 +106,7 @@ impl Upstream {
             save_behind_kick: Arc::default(),
             idle_kick: Notify::new(),
             activity: AtomicU64::new(0),
+            starts: AtomicU64::new(0),
             shared,
             several_slots: tokio::sync::Mutex::new(()),
             last_eviction: AtomicU64::new(0),
@@ -132,7 +135,14 @@ impl Upstream {
         self.activity.fetch_add(1, Ordering::Relaxed);
         if ended {
             self.idle_kick.notify_one();
+        } else {
+            self.starts.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// How many generations have started (see [`Upstream::note_activity`]).
+    pub fn starts(&self) -> u64 {
+        self.starts.load(Ordering::Relaxed)
     }
 
     /// The activity count (see [`Upstream::note_activity`]).

@@ -21,7 +21,9 @@
 //!
 //! It runs only for named characters of text-completion chats, only when
 //! nothing waits for a slot, and costs the running generation the time to
-//! read the new messages (llama-server batches them with its decoding). A
+//! read the new messages (llama-server batches them with its decoding). It
+//! gives way to any turn that starts meanwhile: its request is dropped and
+//! llama-server cancels it at its next batch, keeping what it read. A
 //! wrong guess costs that and nothing else: the guessed character's cache
 //! is only extended. Counted in `kvgate_prefill_ahead_*` and the
 //! `prefill_ahead` event.
@@ -57,6 +59,8 @@ const EVALUATE_LIMIT: Duration = Duration::from_secs(120);
 /// leaving only the last reply, often shorter, would make the turn slower
 /// than reading everything.
 const LEFT_FOR_THE_TURN: usize = 64;
+/// How often a prefill ahead checks whether a turn wants to go first.
+const YIELD_POLL: Duration = Duration::from_millis(5);
 /// Longest wait for save-behind's holds before taking a slot.
 const SAVE_BEHIND_WAIT: Duration = Duration::from_secs(1);
 /// Longest wait for llama-server's tokenizer.
@@ -93,6 +97,14 @@ pub(crate) async fn run(upstream: Arc<Upstream>, shutdown: impl std::future::Fut
             continue;
         }
         prefill(&upstream, job).await;
+    }
+}
+
+/// Resolves when a turn starts (the upstream's count of starts moves past
+/// `seen`) or waits for a slot.
+async fn a_turn_arrives(upstream: &Upstream, seen: u64) {
+    while upstream.starts() == seen && upstream.pool.queued() == 0 {
+        tokio::time::sleep(YIELD_POLL).await;
     }
 }
 
@@ -163,7 +175,20 @@ async fn prefill(upstream: &Arc<Upstream>, job: Job) {
                 lease.release(Outcome::Untouched);
                 return;
             }
-            let read = upstream.client.evaluate(slot, tokens, EVALUATE_LIMIT).await;
+            // A turn that arrives meanwhile goes first: the request is
+            // dropped, llama-server cancels it at its next batch, and the
+            // slot keeps the prefix read so far (still the character's).
+            let starts = upstream.starts();
+            let read = tokio::select! {
+                r = upstream.client.evaluate(slot, tokens, EVALUATE_LIMIT) => r,
+                _ = a_turn_arrives(&upstream, starts) => {
+                    lease.apply(Outcome::Generated(Kind::Impersonate));
+                    lease.release(Outcome::Untouched);
+                    metrics::inc(&upstream.shared.metrics.ahead_yielded);
+                    debug!(slot, %tenant, "prefill ahead gave way to a turn");
+                    return;
+                }
+            };
             let Ok(timings) = read else {
                 // The slot's contents are unknown.
                 lease.release(Outcome::Failed);

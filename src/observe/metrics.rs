@@ -205,6 +205,10 @@ const AHEAD_PREFILLS: Family = Family::counter(
     "kvgate_prefill_ahead_total",
     "Next speakers whose cache was extended while another character generated.",
 );
+const AHEAD_YIELDED: Family = Family::counter(
+    "kvgate_prefill_ahead_yielded_total",
+    "Prefills ahead cut short because a turn started.",
+);
 const AHEAD_TOKENS: Family = Family::counter(
     "kvgate_prefill_ahead_tokens_total",
     "Prompt tokens read ahead for next speakers.",
@@ -297,6 +301,8 @@ pub struct Metrics {
     pub ahead_prefills: AtomicU64,
     /// Prompt tokens they read.
     pub ahead_tokens: AtomicU64,
+    /// Prefills ahead that gave way to a turn.
+    pub ahead_yielded: AtomicU64,
     /// Next-speaker guesses that came true.
     pub predictions_hit: AtomicU64,
     /// Next-speaker guesses that did not.
@@ -335,6 +341,7 @@ impl Default for Metrics {
             ram_misses: z(),
             ahead_prefills: z(),
             ahead_tokens: z(),
+            ahead_yielded: z(),
             predictions_hit: z(),
             predictions_missed: z(),
             evictions: z(),
@@ -515,6 +522,7 @@ impl Metrics {
         );
         AHEAD_PREFILLS.single(out, load(&self.ahead_prefills));
         AHEAD_TOKENS.single(out, load(&self.ahead_tokens));
+        AHEAD_YIELDED.single(out, load(&self.ahead_yielded));
         PREDICTIONS.by_label(
             out,
             "result",
@@ -666,6 +674,9 @@ kvgate_prefill_ahead_total 12
 # HELP kvgate_prefill_ahead_tokens_total Prompt tokens read ahead for next speakers.
 # TYPE kvgate_prefill_ahead_tokens_total counter
 kvgate_prefill_ahead_tokens_total 13
+# HELP kvgate_prefill_ahead_yielded_total Prefills ahead cut short because a turn started.
+# TYPE kvgate_prefill_ahead_yielded_total counter
+kvgate_prefill_ahead_yielded_total 16
 # HELP kvgate_next_speaker_predictions_total Guesses at a group chat's next speaker, by whether that character spoke next.
 # TYPE kvgate_next_speaker_predictions_total counter
 kvgate_next_speaker_predictions_total{result="hit"} 14
@@ -729,6 +740,7 @@ kvgate_upstreams{state="down"} 1
         add(&m.ram_misses, 11);
         add(&m.ahead_prefills, 12);
         add(&m.ahead_tokens, 13);
+        add(&m.ahead_yielded, 16);
         add(&m.predictions_hit, 14);
         add(&m.predictions_missed, 15);
         add(&m.evictions, 5);

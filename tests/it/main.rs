@@ -7,6 +7,7 @@ mod idle_save;
 mod instances;
 mod limits;
 mod persistence;
+mod prefill_ahead;
 mod proxy;
 mod reliability;
 mod slot_props;
