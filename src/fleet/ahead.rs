@@ -35,12 +35,12 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tracing::debug;
 
+use super::unless_shutdown;
 use crate::identity::content;
 use crate::identity::next_speaker::{anticipate, predict};
 use crate::lookahead::Job;
 use crate::observe::metrics;
 use crate::session;
-use crate::slots::ram;
 use crate::slots::table::{Outcome, Want};
 use crate::store::hooks::Restore;
 use crate::tenant::{Kind, Tenant};
@@ -69,24 +69,32 @@ const TOKENIZE_LIMIT: Duration = Duration::from_secs(10);
 /// Runs until `shutdown` resolves.
 pub(crate) async fn run(upstream: Arc<Upstream>, shutdown: impl std::future::Future<Output = ()>) {
     tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => return,
-            _ = upstream.ahead.offered() => {}
-        }
+    while unless_shutdown(upstream.ahead.offered(), &mut shutdown)
+        .await
+        .is_some()
+    {
         let Some(job) = upstream.ahead.take() else {
             continue;
         };
+        // A newer turn offered before this one's first token (this one's
+        // client went away) is the one that counts.
         let first = tokio::time::timeout(FIRST_TOKEN_WAIT, job.first_token.notified());
-        tokio::select! {
-            _ = &mut shutdown => return,
-            // A newer turn started before this one's first token (this one's
-            // client went away): the newer job is the one that counts.
-            _ = upstream.ahead.offered() => {
-                upstream.ahead.kick_again();
+        let cue = async {
+            tokio::select! {
+                _ = upstream.ahead.offered() => false,
+                r = first => r.is_ok(),
+            }
+        };
+        match unless_shutdown(cue, &mut shutdown).await {
+            None => return,
+            // A newer job, or no first token in time.
+            Some(false) => {
+                if upstream.ahead.is_offered() {
+                    upstream.ahead.kick_again();
+                }
                 continue;
             }
-            r = first => if r.is_err() { continue },
+            Some(true) => {}
         }
         let draining = upstream.shared.draining.load(Ordering::Relaxed);
         if draining || !upstream.shared.settings.get().prefill_ahead {
@@ -158,7 +166,7 @@ async fn prefill(upstream: &Arc<Upstream>, job: Job) {
         let upstream = Arc::clone(upstream);
         async move {
             session::take_over(&upstream, &lease).await;
-            if !grant.resident && grant.from_ram.is_none() {
+            if grant.needs_restore() {
                 let r = session::restore(&upstream, &lease, &tenant, Some(&prompt), None).await;
                 if matches!(r, Restore::Failed(_)) {
                     lease.release(Outcome::Untouched);
@@ -194,17 +202,7 @@ async fn prefill(upstream: &Arc<Upstream>, job: Job) {
                 lease.release(Outcome::Failed);
                 return;
             };
-            if let Some(expect) = grant.from_ram {
-                let m = &upstream.shared.metrics;
-                match ram::came_back(expect, timings.cache_n, timings.prompt_n) {
-                    Some(true) => metrics::inc(&m.ram_hits),
-                    Some(false) => {
-                        metrics::inc(&m.ram_misses);
-                        lease.ram_missed();
-                    }
-                    None => {}
-                }
-            }
+            session::judge_ram_load(&upstream, &lease, timings.cache_n, timings.prompt_n);
             // Not a message of the character's: what the slot holds is
             // longer, but nothing new is unsaved.
             lease.apply(Outcome::Generated(Kind::Impersonate));

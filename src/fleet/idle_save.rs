@@ -14,6 +14,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::unless_shutdown;
 use crate::session::save_dirty_while;
 use crate::store::meta::SaveKind;
 use crate::upstream::Upstream;
@@ -24,11 +25,10 @@ pub(crate) async fn run(upstream: Arc<Upstream>, shutdown: impl std::future::Fut
         return;
     }
     tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => return,
-            _ = upstream.idle_kick.notified() => {}
-        }
+    while unless_shutdown(upstream.idle_kick.notified(), &mut shutdown)
+        .await
+        .is_some()
+    {
         // Quiet for the whole delay: no generation started or ended, and
         // nothing leased or waiting, at its end.
         loop {
@@ -37,9 +37,9 @@ pub(crate) async fn run(upstream: Arc<Upstream>, shutdown: impl std::future::Fut
                 break;
             }
             let before = upstream.activity();
-            tokio::select! {
-                _ = &mut shutdown => return,
-                _ = tokio::time::sleep(Duration::from_secs(delay)) => {}
+            let pause = tokio::time::sleep(Duration::from_secs(delay));
+            if unless_shutdown(pause, &mut shutdown).await.is_none() {
+                return;
             }
             let generated = upstream.activity() != before;
             if generated && !upstream.pool.is_idle() {

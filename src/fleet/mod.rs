@@ -10,3 +10,18 @@ pub(crate) mod idle_save;
 pub(crate) mod monitor;
 pub(crate) mod placement;
 pub(crate) mod save_behind;
+
+use std::future::Future;
+use std::pin::Pin;
+
+/// `work`'s output, or `None` once `shutdown` resolves first: how the
+/// tasks wait for their cue, so that each stops at kvgate's shutdown.
+pub(crate) async fn unless_shutdown<T>(
+    work: impl Future<Output = T>,
+    shutdown: &mut Pin<&mut impl Future<Output = ()>>,
+) -> Option<T> {
+    tokio::select! {
+        _ = shutdown => None,
+        out = work => Some(out),
+    }
+}

@@ -17,6 +17,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::unless_shutdown;
 use crate::session::save_dirty_slots;
 use crate::store::meta::SaveKind;
 use crate::upstream::Upstream;
@@ -32,11 +33,11 @@ pub(crate) async fn run(upstream: Arc<Upstream>, shutdown: impl std::future::Fut
         return;
     }
     tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => return,
-            _ = upstream.save_behind_kick.notified() => {}
-        }
+    let kick = &upstream.save_behind_kick;
+    while unless_shutdown(kick.notified(), &mut shutdown)
+        .await
+        .is_some()
+    {
         if upstream.under_eviction_pressure(PRESSURE_WINDOW_S) {
             // A slot that is busy is left alone: its owner is generating and
             // will be dirty again afterwards anyway.

@@ -29,7 +29,6 @@ use crate::lookahead as ahead;
 use crate::observe::metrics;
 use crate::session;
 use crate::slots::lease::Lease;
-use crate::slots::ram;
 use crate::slots::table::{Outcome, Want};
 use crate::store::hooks::Restore;
 use crate::store::meta::now_unix;
@@ -428,10 +427,9 @@ impl Turn {
         if resident {
             metrics::inc(&upstream.shared.metrics.resident_hits);
         }
-        // A cache coming back from llama-server's RAM needs no disk restore.
-        let from_ram = lease.grant().from_ram.is_some();
-        let needs_restore =
-            !resident && !from_ram && self.client_slot.is_none() && self.tenant().is_character();
+        let needs_restore = lease.grant().needs_restore()
+            && self.client_slot.is_none()
+            && self.tenant().is_character();
         let take_over = lease.grant().evicted.is_some() && !self.taken_over;
         if !take_over && !needs_restore {
             return Ok((self, lease, None));
@@ -629,8 +627,9 @@ async fn finish(
         upstream.monitor_kick.notify_one();
     }
     report(upstream, slot, turn, &end, outcome);
-    if let (Some(expect), Outcome::Generated(_)) = (lease.grant().from_ram, outcome) {
-        judge_ram_load(upstream, &lease, turn, expect, &end);
+    if let Outcome::Generated(_) = outcome {
+        let summary = end.summary();
+        session::judge_ram_load(upstream, &lease, summary.cache_n(), summary.prompt_n());
     }
     lease.apply(outcome);
     if let Outcome::Generated(_) = outcome {
@@ -638,33 +637,6 @@ async fn finish(
     }
     lease.release(Outcome::Untouched);
     upstream.note_activity(true);
-}
-
-/// A turn sent to llama-server's RAM cache: count whether its cache came
-/// back; after a miss, kvgate restores from disk again (see
-/// [`crate::slots::ram`]).
-fn judge_ram_load(upstream: &Upstream, lease: &Lease, turn: &Turn, expect: u8, end: &StreamEnd) {
-    let summary = end.summary();
-    let m = &upstream.shared.metrics;
-    match ram::came_back(expect, summary.cache_n(), summary.prompt_n()) {
-        Some(true) => metrics::inc(&m.ram_hits),
-        Some(false) => {
-            metrics::inc(&m.ram_misses);
-            lease.ram_missed();
-            let tenant = turn.tenant();
-            warn!(
-                slot = lease.slot(),
-                cache_n = summary.cache_n(),
-                prompt_n = summary.prompt_n(),
-                "llama-server's RAM prompt cache did not have {tenant}'s cache; restoring from disk from now on until it restarts"
-            );
-            upstream.emit(
-                "ram_cache_miss",
-                || json!({"slot": lease.slot(), "chat": tenant.chat(), "character": tenant.character()}),
-            );
-        }
-        None => {}
-    }
 }
 
 /// Metrics, the `generation_finished` event and a debug line for a turn.

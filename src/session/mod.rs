@@ -22,7 +22,7 @@ pub(crate) mod run;
 pub(crate) mod save;
 pub(crate) mod siblings;
 
-pub(crate) use prepare::{restore, take_over};
+pub(crate) use prepare::{judge_ram_load, restore, take_over};
 pub(crate) use run::{acquire, detached, Detached};
 pub(crate) use save::{
     autosave, chat_switch, save_dirty_slots, save_dirty_while, save_owner, OwnerSave,

@@ -8,6 +8,7 @@ use tracing::warn;
 
 use crate::observe::metrics;
 use crate::slots::lease::Lease;
+use crate::slots::ram;
 use crate::store::hooks::{Generation, Restore};
 use crate::store::meta::SaveKind;
 use crate::tenant::Tenant;
@@ -36,6 +37,42 @@ pub(crate) async fn take_over(upstream: &Upstream, lease: &Lease) {
             // What llama-server stashes in RAM is on disk too.
             lease.ram_evicted_saved();
         }
+    }
+}
+
+/// After a generation whose grant sent the tenant to llama-server's RAM
+/// cache (`from_ram`), judges from its `timings` whether the cache came
+/// back: counts it, and after a miss has kvgate restore from disk until
+/// llama-server restarts (see [`crate::slots::ram`]). Other grants: nothing.
+pub(crate) fn judge_ram_load(
+    upstream: &Upstream,
+    lease: &Lease,
+    cache_n: Option<u64>,
+    prompt_n: Option<u64>,
+) {
+    let Some(expect) = lease.grant().from_ram else {
+        return;
+    };
+    let m = &upstream.shared.metrics;
+    match ram::came_back(expect, cache_n, prompt_n) {
+        Some(true) => metrics::inc(&m.ram_hits),
+        Some(false) => {
+            metrics::inc(&m.ram_misses);
+            lease.ram_missed();
+            let (slot, tenant) = (lease.slot(), lease.state().owner);
+            let name = tenant.as_ref().map(ToString::to_string).unwrap_or_default();
+            warn!(
+                slot,
+                ?cache_n,
+                ?prompt_n,
+                "llama-server's RAM prompt cache did not have {name}'s cache; restoring from disk from now on until it restarts"
+            );
+            upstream.emit("ram_cache_miss", || {
+                let t = tenant.as_ref();
+                json!({"slot": slot, "chat": t.and_then(Tenant::chat), "character": t.and_then(Tenant::character)})
+            });
+        }
+        None => {}
     }
 }
 

@@ -142,18 +142,17 @@ impl RamCache {
         self.entries.retain(|e| !e.tenants.contains(t));
     }
 
-    /// The share of `prompt` `t`'s stashed cache holds (see
-    /// [`Stashed::share_of`]); 0 when none is stashed.
-    pub fn share_of(&self, t: &Tenant, prompt: &str) -> f32 {
+    /// `t`'s stashed cache, if kvgate believes RAM holds it.
+    pub fn peek(&self, t: &Tenant) -> Option<&Stashed> {
         self.entries
             .iter()
             .find(|e| e.tenants.contains(t))
-            .map_or(0.0, |e| e.share_of(prompt))
+            .filter(|_| self.trusted)
     }
 
     /// Whether kvgate believes RAM holds `t`'s cache.
     pub fn holds(&self, t: &Tenant) -> bool {
-        self.trusted && self.entries.iter().any(|e| e.tenants.contains(t))
+        self.peek(t).is_some()
     }
 
     /// llama-server restarted: its RAM is empty.

@@ -117,6 +117,14 @@ pub struct Grant {
     pub ram_epoch: u64,
 }
 
+impl Grant {
+    /// Whether the tenant's cache must come from disk before it generates:
+    /// it is not in the slot, and llama-server's RAM cache won't bring it.
+    pub fn needs_restore(&self) -> bool {
+        !self.resident && self.from_ram.is_none()
+    }
+}
+
 /// How a lease ended; decides what the table believes about the slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -840,12 +848,10 @@ impl SlotTable {
             Want::Prompt { tenant: t, text } if t.is_character() => {
                 let ev = s.take_over(Some(t.clone()));
                 stash = held.swaps_through_ram(text);
-                let share = self.ram.holds(t).then(|| self.ram.share_of(t, text));
-                if stash && share.is_some_and(|x| x >= MIN_SHARE) {
-                    if let Some(back) = self.ram.take(t) {
-                        s.usage = back.usage;
-                        from_ram = share.map(percent);
-                    }
+                let share = self.ram.peek(t).map(|e| e.share_of(text));
+                if let Some(share) = share.filter(|x| stash && *x >= MIN_SHARE) {
+                    s.usage = self.ram.take(t).map_or(s.usage, |back| back.usage);
+                    from_ram = Some(percent(share));
                 }
                 (false, ev)
             }

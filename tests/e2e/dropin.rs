@@ -6,6 +6,7 @@
 
 use serde_json::{json, Value};
 
+use crate::support::kvgate::saving_over_llama;
 use crate::support::kvgate::{json_body, post_json, spawn_post, Kvgate};
 use crate::support::llama::{LlamaOpts, LlamaServer};
 
@@ -119,15 +120,9 @@ async fn post_route(kv: &Kvgate, path: &str, body: &Value) -> (u16, hyper::Heade
 
 #[tokio::test]
 async fn anthropic_messages_and_openai_responses_are_pinned_saved_and_restored() {
-    let Some(llama) = LlamaServer::start(LlamaOpts {
-        slots: 1,
-        ..LlamaOpts::default()
-    })
-    .await
-    else {
+    let Some((llama, kv)) = saving_over_llama(1, |_| {}).await else {
         return;
     };
-    let kv = Kvgate::start_saving(&llama.base_url, &llama.save_dir, |_| {}).await;
     let story = shared();
     let messages = |who: &str| {
         json!({

@@ -8,6 +8,7 @@
 
 use serde_json::Value;
 
+use crate::support::kvgate::saving_over_llama;
 use crate::support::kvgate::{post_json, sse_events, Kvgate};
 use crate::support::llama::{LlamaOpts, LlamaServer};
 use crate::support::st_chat::GroupChat;
@@ -70,15 +71,9 @@ async fn speakers_sharing_a_prefix_share_a_slot_and_evaluate_no_more_than_direct
 
 #[tokio::test]
 async fn a_speaker_whose_cache_went_with_another_comes_back_from_that_save() {
-    let Some(llama) = LlamaServer::start(LlamaOpts {
-        slots: 1,
-        ..LlamaOpts::default()
-    })
-    .await
-    else {
+    let Some((llama, kv)) = saving_over_llama(1, |_| {}).await else {
         return;
     };
-    let kv = Kvgate::start_saving(&llama.base_url, &llama.save_dir, |_| {}).await;
     let url = format!("{}/completion", kv.url);
     let mut chat = GroupChat::demo(2);
     chat.join = true;

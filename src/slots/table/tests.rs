@@ -23,6 +23,16 @@ fn take(t: &mut SlotTable, w: Want) -> Grant {
         .expect("granted at once")
 }
 
+/// [`take`] for a request of client `by`.
+fn take_by(t: &mut SlotTable, w: Want, by: &Option<ClientTag>) -> Grant {
+    let (ticket, grants) = t.enqueue_by(w, by.clone()).expect("enqueue");
+    grants
+        .into_iter()
+        .find(|(k, _)| *k == ticket)
+        .map(|(_, g)| g)
+        .expect("granted at once")
+}
+
 fn finish(t: &mut SlotTable, g: &Grant, kind: Kind) -> Vec<(Ticket, Grant)> {
     t.release(g.slot, g.lease, Outcome::Generated(kind))
 }
@@ -171,8 +181,7 @@ fn a_freed_slot_goes_to_the_client_holding_fewest() {
     let mut t = SlotTable::new(2, 8);
     let greedy = Some(ClientTag::from("client-greedy"));
     let other = Some(ClientTag::from("client-other"));
-    let (t1, g) = t.enqueue_by(want("A"), greedy.clone()).unwrap();
-    let a = g.into_iter().find(|(k, _)| *k == t1).unwrap().1;
+    let a = take_by(&mut t, want("A"), &greedy);
     t.enqueue_by(want("B"), greedy.clone()).unwrap();
     // The greedy client queues first, the other client after it.
     let (greedy_next, _) = t.enqueue_by(want("C"), greedy.clone()).unwrap();
@@ -194,13 +203,10 @@ fn a_freed_slot_goes_to_the_client_holding_fewest() {
     let greedy_tag = greedy.clone().unwrap();
     assert!(!t.shown_to(d.slot, &greedy_tag));
     // Another client's lease hides it again; an erase forgets it.
-    let (tk, g) = t.enqueue_by(Want::Pinned(d.slot), greedy.clone()).unwrap();
-    let pinned = g.into_iter().find(|(k, _)| *k == tk).map(|(_, g)| g);
-    if let Some(p) = pinned {
-        assert!(!t.shown_to(d.slot, &me), "someone else works in it");
-        t.release(p.slot, p.lease, Outcome::Cleared);
-        assert!(!t.shown_to(d.slot, &me), "erased: nobody's");
-    }
+    let p = take_by(&mut t, Want::Pinned(d.slot), &greedy);
+    assert!(!t.shown_to(d.slot, &me), "someone else works in it");
+    t.release(p.slot, p.lease, Outcome::Cleared);
+    assert!(!t.shown_to(d.slot, &me), "erased: nobody's");
 }
 
 #[test]
@@ -208,8 +214,7 @@ fn a_clients_queued_residents_step_back_for_an_older_newcomer() {
     let mut t = SlotTable::new(1, 8);
     let greedy = Some(ClientTag::from("client-greedy"));
     let other = Some(ClientTag::from("client-other"));
-    let (t1, g) = t.enqueue_by(want("A"), greedy.clone()).unwrap();
-    let a = g.into_iter().find(|(k, _)| *k == t1).unwrap().1;
+    let a = take_by(&mut t, want("A"), &greedy);
     // The other client's newcomer waits first, then the greedy client's
     // next turn for its resident character.
     let (newcomer, _) = t.enqueue_by(want("B"), other.clone()).unwrap();
