@@ -207,6 +207,17 @@ pub enum Source {
     Anonymous,
 }
 
+impl Source {
+    /// The name events and the `X-Kvgate-Identity` header use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Explicit => "explicit",
+            Source::Inferred => "inferred",
+            Source::Anonymous => "anonymous",
+        }
+    }
+}
+
 /// The resolved identity of one request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Identity {
@@ -232,6 +243,11 @@ pub struct Identity {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Reading {
     character: Option<String>,
+    /// The character was read off an ordinary `Name: text` line (a
+    /// continue), weak evidence: a card's `Scenario:` line reads the same.
+    /// Such a name counts only when kvgate already knows it as a speaker of
+    /// that chat.
+    needs_known_speaker: bool,
     kind: Option<Kind>,
     user: Option<String>,
     roster: Vec<String>,
@@ -240,7 +256,8 @@ struct Reading {
 
 /// Resolves the identity of a completion request. `explicit` must already
 /// have been taken out of `body`. `previous_prompt` returns the prompt hash of
-/// the tenant's last request, if kvgate remembers one.
+/// the tenant's last request, if kvgate remembers one (so it also tells which
+/// characters kvgate has seen speak in a chat).
 pub fn resolve(
     api: Api,
     body: &Value,
@@ -249,37 +266,27 @@ pub fn resolve(
     previous_prompt: impl Fn(&Tenant) -> Option<u64>,
 ) -> Identity {
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    let (reading, anon_basis) = read_body(api, body, stream, policy);
+    let (mut reading, anon_basis) = read_body(api, body, stream, policy);
     // The prompt's text is built once: placement compares it, and its hash
     // tells a swipe (the same prompt again) from a new message.
     let content: Arc<str> = Arc::from(content::prompt_text(body));
     let prompt_hash = fnv1a64(content.as_bytes());
+    if explicit.character.is_none() && !is_known_speaker(&reading, explicit, &previous_prompt) {
+        // A name read off an ordinary line that kvgate has never seen speak
+        // in this chat, such as a card's "Scenario: …" at the end of a
+        // prompt whose history SillyTavern dropped: nobody's turn rather
+        // than a character named "Scenario".
+        reading.character = None;
+        reading.kind = None;
+    }
     let (character, source) = match (&explicit.character, &reading.character) {
         (Some(c), _) => (Some(c.clone()), Source::Explicit),
         (None, Some(c)) => (Some(c.clone()), Source::Inferred),
         (None, None) => (None, Source::Anonymous),
     };
-    let mut roster = reading.roster.clone();
-    if let Some(c) = &character {
-        if !roster.contains(c) {
-            roster.push(c.clone());
-        }
-    }
-    roster.sort();
-    roster.dedup();
-
+    let roster = roster_with(&reading.roster, character.as_deref());
     let tenant = match character {
-        Some(name) => {
-            let chat = explicit
-                .chat
-                .clone()
-                .or(reading.chat.clone())
-                .unwrap_or_else(|| roster_key(&roster));
-            Tenant::Character {
-                chat: cap_key(&chat),
-                name: cap_key(&name),
-            }
-        }
+        Some(name) => character_tenant(&name, &roster, explicit, &reading),
         None => Tenant::Anonymous {
             key: anonymous_key(&anon_basis, policy.anonymous.prefix_chars),
         },
@@ -307,6 +314,55 @@ pub fn resolve(
         roster,
         prompt_hash,
         content,
+    }
+}
+
+/// False only for a character read off weak evidence
+/// ([`Reading::needs_known_speaker`]) that kvgate has never served in the
+/// chat it would belong to.
+fn is_known_speaker(
+    reading: &Reading,
+    explicit: &Explicit,
+    previous_prompt: &impl Fn(&Tenant) -> Option<u64>,
+) -> bool {
+    match &reading.character {
+        Some(name) if reading.needs_known_speaker => {
+            let roster = roster_with(&reading.roster, Some(name));
+            previous_prompt(&character_tenant(name, &roster, explicit, reading)).is_some()
+        }
+        _ => true,
+    }
+}
+
+/// The roster with the speaker in it, sorted and deduplicated.
+fn roster_with(roster: &[String], character: Option<&str>) -> Vec<String> {
+    let mut roster = roster.to_vec();
+    if let Some(c) = character {
+        if !roster.iter().any(|n| n == c) {
+            roster.push(c.to_string());
+        }
+    }
+    roster.sort();
+    roster.dedup();
+    roster
+}
+
+/// A named character's tenant: the explicit chat, else the chat the body
+/// names, else the roster's key.
+fn character_tenant(
+    name: &str,
+    roster: &[String],
+    explicit: &Explicit,
+    reading: &Reading,
+) -> Tenant {
+    let chat = explicit
+        .chat
+        .clone()
+        .or(reading.chat.clone())
+        .unwrap_or_else(|| roster_key(roster));
+    Tenant::Character {
+        chat: cap_key(&chat),
+        name: cap_key(name),
     }
 }
 
@@ -475,12 +531,13 @@ fn read_text(prompt: &str, stops: &[String], stream: bool, rules: &TextRules) ->
         }
         None => {
             let continued = if rules.detect_continue && !stop_names.is_empty() {
-                continued_speaker(prompt, rules, stream).filter(|n| !stop_set.contains(*n))
+                continued_speaker(prompt, rules, stream).filter(|(n, _)| !stop_set.contains(*n))
             } else {
                 None
             };
-            if let Some(name) = continued {
+            if let Some((name, doubled)) = continued {
                 r.character = Some(name.to_string());
+                r.needs_known_speaker = !doubled;
                 r.user = stop_names.first().cloned();
                 r.kind = Some(Kind::Continue);
             } else if !stream && rules.non_stream_is_quiet {
@@ -503,7 +560,12 @@ const CONTINUE_SCAN_LINES: usize = 64;
 /// A non-streaming request is only taken as a continue when the evidence is
 /// strong (the doubled form, or the speaker line is the last line): a quiet
 /// prompt appended after the chat would otherwise pass for a continue.
-fn continued_speaker<'a>(prompt: &'a str, rules: &TextRules, stream: bool) -> Option<&'a str> {
+/// Returns the name and whether it came in the doubled form.
+fn continued_speaker<'a>(
+    prompt: &'a str,
+    rules: &TextRules,
+    stream: bool,
+) -> Option<(&'a str, bool)> {
     for (i, line) in prompt.rsplit('\n').take(CONTINUE_SCAN_LINES).enumerate() {
         let Some((name, rest)) = line.split_once(':') else {
             continue;
@@ -511,7 +573,7 @@ fn continued_speaker<'a>(prompt: &'a str, rules: &TextRules, stream: bool) -> Op
         if let Some(name) = valid_name(name, rules) {
             let doubled = rest.strip_prefix(name).is_some_and(|r| r.starts_with(':'));
             if doubled || rest.is_empty() || rest.starts_with(' ') {
-                return (stream || doubled || i == 0).then_some(name);
+                return (stream || doubled || i == 0).then_some((name, doubled));
             }
         }
     }

@@ -1,6 +1,8 @@
 //! `POST /preload`, `GET /preload/{id}`, `DELETE /preload/{id}`: group
 //! warm-up jobs (the jobs themselves are [`super::preload_jobs`]'s).
 
+use std::collections::HashMap;
+
 use hyper::StatusCode;
 use serde_json::{json, Value};
 
@@ -10,7 +12,7 @@ use crate::http::error::ApiError;
 use crate::identity::cap_key;
 use crate::tenant::Tenant;
 
-use super::preload_jobs::{Preloads, Progress, TooMany, MAX_ACTIVE};
+use super::preload_jobs::{Preloads, Progress, Prompts, TooMany, MAX_ACTIVE};
 use super::request::{json_ok, named_upstream, one_upstream, Answer};
 
 /// A job id from the path.
@@ -51,11 +53,7 @@ pub(crate) fn start_preload(
         .ok_or_else(|| {
             ApiError::bad_request("\"characters\" must be a non-empty array of names")
         })?;
-    let prompt = match body.get("prompt") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(p)) => Some(p.clone()),
-        Some(_) => return Err(ApiError::bad_request("\"prompt\" must be a string")),
-    };
+    let prompts = read_prompts(body, &characters)?;
     // The group goes where its first character is, or would go.
     let upstream = match named_upstream(query, body)? {
         Some(_) => one_upstream(app, query, body)?,
@@ -70,7 +68,7 @@ pub(crate) fn start_preload(
             .ok_or_else(|| ApiError::unavailable("kvgate has no upstream"))?,
     };
     let id = preloads
-        .start(&upstream, chat.to_string(), characters, prompt)
+        .start(&upstream, chat.to_string(), characters, prompts)
         .map_err(|TooMany| {
             ApiError::unavailable(format!(
                 "{MAX_ACTIVE} preload jobs are already working: wait for one to finish \
@@ -81,6 +79,44 @@ pub(crate) fn start_preload(
         StatusCode::ACCEPTED,
         &json!({ "id": id, "upstream": upstream.name }),
     ))
+}
+
+/// The prompts to evaluate for characters without a save: `prompts` maps a
+/// character to its own (in SillyTavern's "swap character cards" mode each
+/// member's prompt starts with its own card, so one shared prompt would warm
+/// the wrong prefix); `prompt` serves the others.
+fn read_prompts(body: &Value, characters: &[String]) -> Result<Prompts, ApiError> {
+    let shared = match body.get("prompt") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(p)) => Some(p.clone()),
+        Some(_) => return Err(ApiError::bad_request("\"prompt\" must be a string")),
+    };
+    let mut own = HashMap::new();
+    match body.get("prompts") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(map)) => {
+            for (name, prompt) in map {
+                let name = cap_key(name.trim());
+                if !characters.contains(&name) {
+                    return Err(ApiError::bad_request(format!(
+                        "\"prompts\" names {name:?}, which is not in \"characters\""
+                    )));
+                }
+                let Value::String(prompt) = prompt else {
+                    return Err(ApiError::bad_request(
+                        "\"prompts\" must map character names to prompt strings",
+                    ));
+                };
+                own.insert(name, prompt.clone());
+            }
+        }
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "\"prompts\" must map character names to prompt strings",
+            ))
+        }
+    }
+    Ok(Prompts { shared, own })
 }
 
 /// `GET /preload/{id}`: a job's progress.

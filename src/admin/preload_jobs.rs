@@ -33,6 +33,25 @@ pub(crate) const MAX_ACTIVE: usize = 8;
 /// ones are forgotten when a new job starts.
 pub(crate) const KEEP_FINISHED: usize = 64;
 
+/// What to evaluate for a character without a save: its own prompt, else
+/// the shared one, else the last prompt kvgate saw for it.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Prompts {
+    /// One prompt for every character (`"prompt"`).
+    pub(crate) shared: Option<String>,
+    /// Each character's own (`"prompts"`), by name.
+    pub(crate) own: HashMap<String, String>,
+}
+
+impl Prompts {
+    fn for_character(&self, name: &str) -> Option<&str> {
+        self.own
+            .get(name)
+            .or(self.shared.as_ref())
+            .map(String::as_str)
+    }
+}
+
 /// Why a job was not started: [`MAX_ACTIVE`] jobs are working.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct TooMany;
@@ -121,7 +140,7 @@ impl Preloads {
         upstream: &Arc<Upstream>,
         chat: String,
         characters: Vec<String>,
-        prompt: Option<String>,
+        prompts: Prompts,
     ) -> Result<u64, TooMany> {
         let mut jobs = self.jobs.lock_unpoisoned();
         let (active, finished): (Vec<_>, Vec<_>) = jobs.iter().partition(|(_, j)| j.is_active());
@@ -151,7 +170,7 @@ impl Preloads {
         let upstream2 = Arc::clone(upstream);
         let job2 = Arc::clone(&job);
         let handle =
-            tokio::spawn(async move { run(upstream2, job2, chat, characters, prompt).await });
+            tokio::spawn(async move { run(upstream2, job2, chat, characters, prompts).await });
         *job.handle.lock_unpoisoned() = Some(handle);
         Ok(id)
     }
@@ -196,7 +215,7 @@ async fn run(
     job: Arc<Job>,
     chat: String,
     characters: Vec<String>,
-    prompt: Option<String>,
+    prompts: Prompts,
 ) {
     for character in characters {
         let p = update(&job, |p| p.current = Some(character.clone()));
@@ -204,7 +223,12 @@ async fn run(
         let limit = Duration::from_secs(upstream.shared.settings.get().preload_timeout_s);
         let result = tokio::time::timeout(
             limit,
-            preload_one(&upstream, &chat, &character, prompt.as_deref()),
+            preload_one(
+                &upstream,
+                &chat,
+                &character,
+                prompts.for_character(&character),
+            ),
         )
         .await;
         let p = update(&job, |p| {
@@ -272,7 +296,7 @@ async fn preload_one(
     let Some(prompt) = prompt else {
         lease.release(Outcome::Untouched);
         return Err(
-            "no save and no prompt known for this character (send one in \"prompt\")".into(),
+            "no save and no prompt known for this character (send one in \"prompts\")".into(),
         );
     };
     // On an error the lease is dropped: the slot's contents are unknown.

@@ -21,8 +21,23 @@ use super::preload_jobs::Preloads;
 use super::request::{json_ok, query_param, read_json, selected, Answer};
 use super::{files, instances, observe, preload, saves, settings, slots, status};
 
-/// The seed plugin's path prefix, accepted in front of every route.
-pub(crate) const PLUGIN_PREFIX: &str = "/api/plugins/kv-cache-manager";
+/// The seed plugin's path prefixes, accepted in front of every route: the
+/// one the plugin serves, and the underscore spelling its README documents.
+pub(crate) const PLUGIN_PREFIXES: [&str; 2] = [
+    "/api/plugins/kv-cache-manager",
+    "/api/plugins/kv_cache-manager",
+];
+
+/// `path` without a seed plugin prefix (only a whole path segment counts).
+fn strip_plugin_prefix(path: &str) -> &str {
+    PLUGIN_PREFIXES
+        .iter()
+        .find_map(|prefix| {
+            path.strip_prefix(prefix)
+                .filter(|rest| rest.is_empty() || rest.starts_with('/'))
+        })
+        .unwrap_or(path)
+}
 
 /// The resources the side port serves (a known one with the wrong method
 /// is a 405, anything else a 404).
@@ -105,7 +120,7 @@ async fn answer(state: &AdminState, cors: &Cors, req: Request<Incoming>) -> Answ
     authorize(&state.app, &req)?;
     let method = req.method().clone();
     let full_path = req.uri().path().to_string();
-    let path = full_path.strip_prefix(PLUGIN_PREFIX).unwrap_or(&full_path);
+    let path = strip_plugin_prefix(&full_path);
     let query = req.uri().query().map(str::to_string);
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     if segments[0] == "instances" && state.app.shared.cfg.admin_key.is_none() {
@@ -225,5 +240,28 @@ async fn dispatch(
         Route::PutSettings => settings::put_settings(shared, body).await,
         Route::Events => Ok(observe::events(shared)),
         Route::Metrics => Ok(observe::metrics(app)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::strip_plugin_prefix;
+
+    #[test]
+    fn both_plugin_prefixes_are_taken_off_whole_segments_only() {
+        assert_eq!(
+            strip_plugin_prefix("/api/plugins/kv-cache-manager/files"),
+            "/files"
+        );
+        assert_eq!(
+            strip_plugin_prefix("/api/plugins/kv_cache-manager/files"),
+            "/files"
+        );
+        assert_eq!(strip_plugin_prefix("/api/plugins/kv_cache-manager"), "");
+        assert_eq!(
+            strip_plugin_prefix("/api/plugins/kv-cache-managerx/files"),
+            "/api/plugins/kv-cache-managerx/files"
+        );
+        assert_eq!(strip_plugin_prefix("/files"), "/files");
     }
 }

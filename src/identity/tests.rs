@@ -213,9 +213,19 @@ fn continue_in_sillytavern_1_12_form() {
         &["\nUser:"],
         true,
     );
-    let id = resolve_text(&b);
+    // Alice has spoken in this chat before: kvgate knows her.
+    let alice = Tenant::Character {
+        chat: "Alice+User".into(),
+        name: "Alice".into(),
+    };
+    let id = resolve(Api::Text, &b, &Explicit::default(), &st(), |t| {
+        (t == &alice).then_some(1)
+    });
     assert_eq!(character(&id), ("Alice+User", "Alice"));
     assert_eq!(id.kind, Kind::Continue);
+    // A name kvgate has never seen speak is not taken from a plain line.
+    let id = resolve_text(&b);
+    assert!(matches!(id.tenant, Tenant::Anonymous { .. }), "{id:?}");
     // Non-streaming, a multi-line message, no doubled name: not enough
     // evidence, so it is a quiet prompt.
     let b = body(
@@ -224,6 +234,29 @@ fn continue_in_sillytavern_1_12_form() {
         false,
     );
     assert_eq!(resolve_text(&b).kind, Kind::Quiet);
+}
+
+/// Seen with the real SillyTavern 1.18.0 in "join character cards" mode with
+/// a context smaller than the cards: every history line and the speaker tag
+/// were dropped, and the prompt ended with a card's `Scenario:` line and the
+/// chat separator. That is nobody's continue, and no character is named
+/// "Scenario".
+#[test]
+fn a_card_line_at_the_end_of_a_trimmed_prompt_names_no_speaker() {
+    let prompt = "Write Bob's next reply in a fictional chat between Alice, Bob, Carol and User.\n\
+                  Alice is a cartographer.\nBob is a smith.\nCarol is a bard.\n\
+                  Scenario: a tavern by the sea, late at night\n***";
+    let b = body(prompt, &["\nUser:", "\nAlice:", "\nCarol:"], true);
+    let id = resolve_text(&b);
+    assert!(matches!(id.tenant, Tenant::Anonymous { .. }), "{id:?}");
+    assert_eq!(id.kind, Kind::Normal);
+    assert_eq!(id.source, Source::Anonymous);
+    // The doubled form SillyTavern 1.18 writes for a continue is evidence
+    // enough on its own.
+    let b = body("User: Hi\nAlice:Alice: Well, I was", &["\nUser:"], true);
+    let id = resolve_text(&b);
+    assert_eq!(character(&id), ("Alice+User", "Alice"));
+    assert_eq!(id.kind, Kind::Continue);
 }
 
 #[test]

@@ -587,11 +587,18 @@ fn relay(
         cache,
         &upstream.name,
     );
-    let (status, tenant) = (parts.status, turn.tenant());
-    upstream.emit(
-        "generation_started",
-        || json!({"slot": slot, "chat": tenant.chat(), "character": tenant.character(), "status": status.as_u16()}),
-    );
+    let (status, identity) = (parts.status, &turn.identity);
+    upstream.emit("generation_started", || {
+        json!({
+            "slot": slot,
+            "chat": identity.tenant.chat(),
+            "character": identity.tenant.character(),
+            "kind": identity.kind.as_str(),
+            "source": identity.source.as_str(),
+            "cache": cache,
+            "status": status.as_u16(),
+        })
+    });
     let guard = upstream.shared.tasks.start();
     let upstream = Arc::clone(upstream);
     tokio::spawn(async move {

@@ -1,7 +1,7 @@
 //! What kvgate reads from and adds to a completion's headers: the explicit
 //! identity (`X-Kvgate-Chat`, `-Character`, `-Kind`, raw or percent-encoded
-//! UTF-8) and the response headers naming the slot, character, restored
-//! file and upstream.
+//! UTF-8) and the response headers naming the slot, chat, character, kind,
+//! where the identity came from, the restored file and the upstream.
 
 use hyper::header::{HeaderMap, HeaderValue};
 use serde_json::Value;
@@ -15,6 +15,14 @@ use super::failure::Failure;
 pub const H_SLOT: &str = "x-kvgate-slot";
 /// Response header: the character (percent-encoded UTF-8) when known.
 pub const H_CHARACTER: &str = "x-kvgate-character";
+/// Response header: the chat key (percent-encoded UTF-8) when a character
+/// is known.
+pub const H_CHAT: &str = "x-kvgate-chat";
+/// Response header: the generation kind kvgate read (`normal`, `swipe`, …).
+pub const H_KIND: &str = "x-kvgate-kind";
+/// Response header: where the identity came from: `explicit` (headers or the
+/// `kvgate` body object), `inferred` (the policy) or `anonymous`.
+pub const H_IDENTITY: &str = "x-kvgate-identity";
 /// Response header: the upstream (its name) that served the completion.
 pub const H_UPSTREAM: &str = "x-kvgate-upstream";
 /// Response header: the file restored before the generation.
@@ -63,7 +71,8 @@ pub(crate) fn explicit_identity(
     Ok(from_headers.or(from_body))
 }
 
-/// Names the slot, the character, the restored file and the upstream.
+/// Names the slot, the chat and character, the kind, the identity's source,
+/// the restored file and the upstream.
 pub(crate) fn add_identity_headers(
     headers: &mut HeaderMap,
     slot: usize,
@@ -74,6 +83,16 @@ pub(crate) fn add_identity_headers(
 ) {
     headers.insert(H_SLOT, HeaderValue::from(slot));
     headers.insert(H_CACHE, HeaderValue::from_static(cache));
+    headers.insert(H_KIND, HeaderValue::from_static(identity.kind.as_str()));
+    headers.insert(
+        H_IDENTITY,
+        HeaderValue::from_static(identity.source.as_str()),
+    );
+    if let Some(chat) = identity.tenant.chat() {
+        if let Ok(v) = HeaderValue::from_str(&percent_encode(chat)) {
+            headers.insert(H_CHAT, v);
+        }
+    }
     if let Some(name) = identity.tenant.character() {
         if let Ok(v) = HeaderValue::from_str(&percent_encode(name)) {
             headers.insert(H_CHARACTER, v);

@@ -28,6 +28,8 @@ const ROSTER: [&str; 3] = ["Alice", "Bob", "Carol"];
 const CHAT: &str = "Alice+Bob+Carol+User";
 /// The seed plugin's prefix, which the admin port also serves.
 const PLUGIN: &str = "/api/plugins/kv-cache-manager";
+/// The prefix the seed plugin's README documents (it serves [`PLUGIN`]).
+const PLUGIN_README: &str = "/api/plugins/kv_cache-manager";
 
 /// A group turn in the admin tests' chat.
 fn turn(speaker: &str, history: &str) -> Value {
