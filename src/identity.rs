@@ -33,7 +33,8 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::hash::{fnv1a64, Fnv1a64};
-use crate::policy::{Policy, TextRules};
+use crate::policy::template::{Filled, Template};
+use crate::policy::{ChatRules, Policy, TextRules};
 use crate::tenant::{Kind, Tenant, UnknownKind};
 
 /// Which API shape the body has.
@@ -383,7 +384,7 @@ fn read_body(api: Api, body: &Value, stream: bool, policy: &Policy) -> (Reading,
         Api::Chat => {
             let messages = body.get("messages");
             (
-                read_chat(body, policy),
+                read_chat(body, policy, stream),
                 chat_prefix(messages, policy.anonymous.prefix_chars),
             )
         }
@@ -586,8 +587,25 @@ fn usable_name(s: &str) -> bool {
     !s.is_empty() && s.len() <= MAX_INFERRED_NAME_BYTES && !s.chars().any(char::is_control)
 }
 
-fn read_chat(body: &Value, policy: &Policy) -> Reading {
+fn read_chat(body: &Value, policy: &Policy, stream: bool) -> Reading {
     let rules = &policy.chat;
+    let messages = body
+        .get("messages")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let mut r = read_chat_names(body, messages, rules);
+    read_chat_templates(messages, rules, &mut r);
+    if r.kind.is_none() && !stream && rules.non_stream_is_quiet {
+        r.kind = Some(Kind::Quiet);
+    }
+    r
+}
+
+/// What OpenAI-style fields say: `name`s of messages (the roster, the user),
+/// the policy's `character_fields` / `chat_fields`, and the name of a final
+/// assistant message (a prefill being continued).
+fn read_chat_names(body: &Value, messages: &[Value], rules: &ChatRules) -> Reading {
     let string_field = |names: &[String]| {
         names.iter().find_map(|f| {
             body.get(f)
@@ -597,17 +615,6 @@ fn read_chat(body: &Value, policy: &Policy) -> Reading {
                 .map(str::to_string)
         })
     };
-    let messages = body
-        .get("messages")
-        .and_then(Value::as_array)
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    fn name_of(m: &Value) -> Option<&str> {
-        m.get("name")
-            .and_then(Value::as_str)
-            .map(str::trim)
-            .filter(|s| usable_name(s))
-    }
     let mut r = Reading {
         chat: string_field(&rules.chat_fields),
         ..Reading::default()
@@ -637,6 +644,104 @@ fn read_chat(body: &Value, policy: &Policy) -> Reading {
         }
     }
     r
+}
+
+fn name_of(m: &Value) -> Option<&str> {
+    m.get("name")
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .filter(|s| usable_name(s))
+}
+
+/// The text of a message: its `content` string, or its text parts joined.
+fn message_text(m: &Value) -> Option<std::borrow::Cow<'_, str>> {
+    match m.get("content")? {
+        Value::String(s) => Some(s.as_str().into()),
+        Value::Array(parts) => Some(
+            parts
+                .iter()
+                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .collect::<Vec<_>>()
+                .join("\n")
+                .into(),
+        ),
+        _ => None,
+    }
+}
+
+/// How many messages from each end the templates are looked for in: the
+/// main prompt and the group's first line are near the start, the nudges at
+/// the end; the history between holds only what characters wrote.
+const TEMPLATE_SCAN_MESSAGES: usize = 8;
+
+/// What the client's own prompt templates say (SillyTavern's group nudge,
+/// main prompt, new-group-chat line, impersonation and continue prompts):
+/// the speaker, the user, the members, the kind. Fills only what the names
+/// left open.
+fn read_chat_templates(messages: &[Value], rules: &ChatRules, r: &mut Reading) {
+    let t = &rules.templates;
+    if t.speaker.is_empty()
+        && t.roster.is_empty()
+        && t.impersonate.is_empty()
+        && t.continued.is_empty()
+    {
+        return;
+    }
+    // The messages near either end, last first (a nudge at the end wins).
+    let n = messages.len();
+    let near: Vec<std::borrow::Cow<'_, str>> = messages
+        .iter()
+        .enumerate()
+        .rev()
+        .filter(|(i, _)| *i + TEMPLATE_SCAN_MESSAGES >= n || *i < TEMPLATE_SCAN_MESSAGES)
+        .filter_map(|(_, m)| message_text(m))
+        .collect();
+    let first_fill = |templates: &[Template]| {
+        templates
+            .iter()
+            .find_map(|t| near.iter().find_map(|text| t.find(text)))
+    };
+    if let Some(f) = first_fill(&t.impersonate) {
+        r.kind = Some(Kind::Impersonate);
+        r.user = f.user.filter(|u| usable_name(u)).or(r.user.take());
+    } else if r.kind.is_none() && first_fill(&t.continued).is_some() {
+        r.kind = Some(Kind::Continue);
+    }
+    // The speaker from the first template that names one (the nudge), the
+    // user from the first that names one (the main prompt).
+    let fills: Vec<Filled> = t
+        .speaker
+        .iter()
+        .filter_map(|t| near.iter().find_map(|text| t.find(text)))
+        .collect();
+    if r.character.is_none() {
+        r.character = fills
+            .iter()
+            .find_map(|f| f.char.clone().filter(|c| usable_name(c)));
+    }
+    if r.user.is_none() {
+        r.user = fills
+            .iter()
+            .find_map(|f| f.user.clone().filter(|u| usable_name(u)));
+    }
+    if let Some(group) = first_fill(&t.roster).and_then(|f| f.group) {
+        // The members SillyTavern lists for every speaker of the group, so
+        // the chat key does not change as members first speak.
+        let mut names = Names::default();
+        for name in group.split(rules.roster_separator.as_str()).map(str::trim) {
+            if usable_name(name) && !names.add(name) {
+                break;
+            }
+        }
+        if let Some(u) = &r.user {
+            names.add(u);
+        }
+        r.roster = names.list;
+    } else if let Some(u) = &r.user {
+        if !r.roster.contains(u) {
+            r.roster.push(u.clone());
+        }
+    }
 }
 
 pub mod content;

@@ -9,6 +9,10 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+pub mod template;
+
+use template::Template;
+
 /// The policies shipped in `policies/`, by name.
 const BUILTIN: &[(&str, &str)] = &[
     ("sillytavern", include_str!("../policies/sillytavern.toml")),
@@ -83,6 +87,51 @@ pub struct ChatRules {
     pub character_fields: Vec<String>,
     /// Top-level body fields (strings) naming the chat, tried in order.
     pub chat_fields: Vec<String>,
+    /// Templates whose `{{char}}` is the speaker (and `{{user}}` the user),
+    /// tried in order, each from the last message to the first: a group
+    /// nudge at the end wins over a main prompt at the start.
+    pub speaker_prompts: Vec<String>,
+    /// Templates whose `{{group}}` lists the chat's members.
+    pub roster_prompts: Vec<String>,
+    /// How `{{group}}` separates the members' names.
+    pub roster_separator: String,
+    /// Templates that mark an impersonation (`{{user}}` is the user).
+    pub impersonate_prompts: Vec<String>,
+    /// Templates that mark a continue.
+    pub continue_prompts: Vec<String>,
+    /// A non-streaming request whose kind nothing else tells is quiet.
+    pub non_stream_is_quiet: bool,
+    /// The templates above, parsed by [`Policy::validate`].
+    #[serde(skip)]
+    pub templates: ChatTemplates,
+}
+
+/// [`ChatRules`]' templates, parsed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ChatTemplates {
+    /// From `speaker_prompts`.
+    pub speaker: Vec<Template>,
+    /// From `roster_prompts`.
+    pub roster: Vec<Template>,
+    /// From `impersonate_prompts`.
+    pub impersonate: Vec<Template>,
+    /// From `continue_prompts`.
+    pub continued: Vec<Template>,
+}
+
+impl ChatRules {
+    fn parse_templates(&mut self) -> Result<(), String> {
+        let parse = |list: &[String]| -> Result<Vec<Template>, String> {
+            list.iter().map(|t| Template::parse(t)).collect()
+        };
+        self.templates = ChatTemplates {
+            speaker: parse(&self.speaker_prompts)?,
+            roster: parse(&self.roster_prompts)?,
+            impersonate: parse(&self.impersonate_prompts)?,
+            continued: parse(&self.continue_prompts)?,
+        };
+        Ok(())
+    }
 }
 
 impl Default for ChatRules {
@@ -91,6 +140,13 @@ impl Default for ChatRules {
             assistant_name: true,
             character_fields: Vec::new(),
             chat_fields: Vec::new(),
+            speaker_prompts: Vec::new(),
+            roster_prompts: Vec::new(),
+            roster_separator: ", ".into(),
+            impersonate_prompts: Vec::new(),
+            continue_prompts: Vec::new(),
+            non_stream_is_quiet: false,
+            templates: ChatTemplates::default(),
         }
     }
 }
@@ -144,12 +200,21 @@ impl Policy {
     }
 
     /// Checks ranges that serde can't.
-    pub fn validate(self) -> Result<Self, PolicyError> {
+    pub fn validate(mut self) -> Result<Self, PolicyError> {
         if self.text.max_name_chars == 0 || self.text.max_name_chars > 1000 {
             return Err(PolicyError::Invalid(
                 self.name,
                 "text.max_name_chars must be 1..=1000".into(),
             ));
+        }
+        if self.chat.roster_separator.is_empty() {
+            return Err(PolicyError::Invalid(
+                self.name,
+                "chat.roster_separator must not be empty".into(),
+            ));
+        }
+        if let Err(e) = self.chat.parse_templates() {
+            return Err(PolicyError::Invalid(self.name, format!("chat: {e}")));
         }
         Ok(self)
     }

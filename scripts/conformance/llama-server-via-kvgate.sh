@@ -128,13 +128,33 @@ PY
 if [[ "${CONF_KVGATE_WAIT_UPSTREAM:-}" == 1 ]]; then wait_for_upstream; fi
 
 kv_args=(--listen "$listen" --upstream "http://127.0.0.1:$private_port"
-         --save-dir "$save_path" --admin-listen "127.0.0.1:$admin_port")
+         --save-dir "$save_path")
 if [[ -n "$api_key" ]]; then kv_args+=(--upstream-api-key "$api_key"); fi
 # shellcheck disable=SC2206 # a word list on purpose
 kv_args+=(${CONF_KVGATE_ARGS:-})
 # kvgate's log goes to the suite's output too, so a failing test shows it.
-setpriv --pdeathsig KILL "$CONF_KVGATE" "${kv_args[@]}" > >(tee "$scratch/kvgate.log") 2>&1 &
-kvgate_pid=$!
+start_kvgate() {
+  setpriv --pdeathsig KILL "$CONF_KVGATE" "${kv_args[@]}" --admin-listen "127.0.0.1:$admin_port" \
+    > >(tee -a "$scratch/kvgate.log") 2>&1 &
+  kvgate_pid=$!
+}
+# The admin port is free when chosen, but another program on the machine may
+# bind it before kvgate does (seen once while other test runs shared the
+# machine): kvgate then exits at once, naming the address. Choose again.
+start_kvgate
+for _ in 1 2 3; do
+  for _ in $(seq 50); do
+    kill -0 "$kvgate_pid" 2>/dev/null || break
+    grep -q "kvgate listening" "$scratch/kvgate.log" 2>/dev/null && break 2
+    sleep 0.02
+  done
+  kill -0 "$kvgate_pid" 2>/dev/null && break
+  grep -q "cannot listen on 127.0.0.1:$admin_port" "$scratch/kvgate.log" || break
+  wait "$kvgate_pid" 2>/dev/null || true
+  read -r _ admin_port < <(free_ports)
+  echo "via-kvgate: the admin port was taken; kvgate again with admin port $admin_port"
+  start_kvgate
+done
 
 stop() {
   kill -TERM "$kvgate_pid" 2>/dev/null || true

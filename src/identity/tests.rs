@@ -328,6 +328,80 @@ fn chat_completion_prefill_names_the_speaker() {
     assert_eq!(id.user.as_deref(), Some("User"));
 }
 
+/// A Chat Completion body as SillyTavern 1.19 builds it with its default
+/// prompts (`public/scripts/openai.js`, the Default preset): the main prompt
+/// naming the speaker, the card, the new-chat line (listing the members in a
+/// group), the history with names in the content ("Default" names behaviour
+/// in a group), then the nudges at the end.
+fn st_chat_body(speaker: &str, group: bool, tail: &[&str], stream: bool) -> Value {
+    let mut messages = vec![
+        json!({"role": "system", "content": format!(
+            "Write {speaker}'s next reply in a fictional chat between {speaker} and User.")}),
+        json!({"role": "system", "content": format!("{speaker} is a character.")}),
+        json!({"role": "system", "content": if group {
+            "[Start a new group chat. Group members: Alice, Bob, Carol]"
+        } else {
+            "[Start a new Chat]"
+        }}),
+        json!({"role": "assistant", "content": if group { "Alice: Hello!" } else { "Hello!" }}),
+        json!({"role": "user", "content": "Hi all"}),
+    ];
+    messages.extend(tail.iter().map(|t| json!({"role": "system", "content": t})));
+    json!({"messages": messages, "stream": stream, "model": "x"})
+}
+
+#[test]
+fn chat_completion_speaker_roster_and_kind_come_from_sillytavern_prompts() {
+    let nudge = |c: &str| format!("[Write the next reply only as {c}.]");
+    let resolve_chat = |b: &Value| resolve(Api::Chat, b, &Explicit::default(), &st(), |_| None);
+    // Every member of a group gets the text-completion key of the group.
+    for speaker in ["Alice", "Bob", "Carol"] {
+        let id = resolve_chat(&st_chat_body(speaker, true, &[&nudge(speaker)], true));
+        assert_eq!(character(&id), (GROUP, speaker));
+        assert_eq!(id.kind, Kind::Normal);
+        assert_eq!(id.source, Source::Inferred);
+        assert_eq!(id.user.as_deref(), Some("User"));
+    }
+    // The nudge at the end wins over a main prompt naming someone else.
+    let mut b = st_chat_body("Alice", true, &[&nudge("Carol")], true);
+    b["messages"][0]["content"] =
+        json!("Write Alice's next reply in a fictional chat between Alice and User.");
+    assert_eq!(character(&resolve_chat(&b)).1, "Carol");
+    // A 1:1 chat.
+    let id = resolve_chat(&st_chat_body("Alice", false, &[], true));
+    assert_eq!(character(&id), ("Alice+User", "Alice"));
+    assert_eq!(id.kind, Kind::Normal);
+    // Impersonate (no group nudge) and continue.
+    let imp = "[Write your next reply from the point of view of User, using the chat history \
+               so far as a guideline for the writing style of User. Don't write as Bob or system. \
+               Don't describe actions of Bob.]";
+    let id = resolve_chat(&st_chat_body("Bob", true, &[imp], true));
+    assert_eq!(character(&id), (GROUP, "Bob"));
+    assert_eq!(id.kind, Kind::Impersonate);
+    let cont = "[Continue your last message without repeating its original content.]";
+    let id = resolve_chat(&st_chat_body("Bob", true, &[&nudge("Bob"), cont], true));
+    assert_eq!(character(&id), (GROUP, "Bob"));
+    assert_eq!(id.kind, Kind::Continue);
+    // Quiet prompts are sent without streaming.
+    let id = resolve_chat(&st_chat_body("Bob", true, &[&nudge("Bob")], false));
+    assert_eq!(id.kind, Kind::Quiet);
+    // The same body again is a swipe.
+    let b = st_chat_body("Bob", true, &[&nudge("Bob")], true);
+    let first = resolve_chat(&b);
+    let again = resolve(Api::Chat, &b, &Explicit::default(), &st(), |_| {
+        Some(first.prompt_hash)
+    });
+    assert_eq!(again.kind, Kind::Swipe);
+}
+
+#[test]
+fn chat_completion_prompts_are_not_read_by_the_generic_policy() {
+    let b = st_chat_body("Bob", true, &["[Write the next reply only as Bob.]"], true);
+    let generic = Policy::load("generic").unwrap();
+    let id = resolve(Api::Chat, &b, &Explicit::default(), &generic, |_| None);
+    assert!(matches!(id.tenant, Tenant::Anonymous { .. }), "{id:?}");
+}
+
 #[test]
 fn chat_completion_without_names_is_anonymous_by_prefix_and_policy_fields_work() {
     let b = json!({
