@@ -289,10 +289,24 @@ impl Persistence {
                 let tokens = r.n_restored.unwrap_or(0);
                 metrics::inc(&self.shared.metrics.restores);
                 metrics::add_time(&self.shared.metrics.restore_micros, started.elapsed());
-                self.emit(
-                    "restored",
-                    || json!({"slot": slot, "chat": chat, "character": character, "file": file, "tokens": tokens, "shared_prefix": shared_prefix, "ms": started.elapsed().as_secs_f64() * 1000.0}),
-                );
+                // Where the save came from, for a client telling its user
+                // ("restored Alice from yesterday's other chat").
+                let saved = self.store.get(file);
+                self.emit("restored", || {
+                    json!({
+                        "slot": slot,
+                        "chat": chat,
+                        "character": character,
+                        "file": file,
+                        "tokens": tokens,
+                        "shared_prefix": shared_prefix,
+                        "ms": started.elapsed().as_secs_f64() * 1000.0,
+                        "saved_chat": saved.as_ref().map(|m| m.chat.as_str()),
+                        "saved_at": saved.as_ref().map(|m| m.created),
+                        "save_kind": saved.as_ref().map(|m| m.kind.as_str()),
+                        "tag": saved.as_ref().and_then(|m| m.tag.as_deref()),
+                    })
+                });
                 info!(slot, %tenant, %file, tokens, ?shared_prefix, "restored");
                 Restore::Restored {
                     file: file.to_string(),
