@@ -11,7 +11,7 @@ use tokio::io::AsyncWriteExt;
 use crate::support::kvgate::{EventTap, Saving};
 use crate::support::prometheus::parse_exposition;
 
-use super::{say, setup, slot_of, ROSTER};
+use super::{say, setup, slot_of, CHAT, ROSTER};
 
 /// A 3-character group chat on 2 slots: the third evicts the first, the
 /// first comes back, evicts the second and is restored.
@@ -138,6 +138,32 @@ async fn events_follow_a_scripted_group_chat_in_order() {
             );
         }
         assert!(fin["ttft_ms"].is_number(), "{fin}");
+        // What kvgate read of the turn, in the event and the headers alike.
+        let started = mine
+            .iter()
+            .find(|(_, e)| e["type"] == "generation_started")
+            .unwrap()
+            .1;
+        let header = |k: &str| h[k].to_str().unwrap().to_string();
+        assert_eq!(started["kind"], "normal", "{started}");
+        assert_eq!(started["source"], "inferred", "{started}");
+        assert_eq!(started["chat"], CHAT, "{started}");
+        assert_eq!(started["cache"], header("x-kvgate-cache"), "{started}");
+        assert_eq!(header("x-kvgate-kind"), "normal");
+        assert_eq!(header("x-kvgate-identity"), "inferred");
+        assert_eq!(header("x-kvgate-chat"), CHAT);
+        if let Some((_, restored)) = mine.iter().find(|(_, e)| e["type"] == "restored") {
+            // Where the save came from, for a client's "restored from" toast.
+            assert_eq!(restored["saved_chat"], CHAT, "{restored}");
+            assert!(
+                restored["saved_at"]
+                    .as_u64()
+                    .is_some_and(|t| t > 1_700_000_000),
+                "{restored}"
+            );
+            assert!(restored["save_kind"].is_string(), "{restored}");
+            assert_eq!(started["cache"], "disk", "{started}");
+        }
         if let Some(who) = evicted[i] {
             // The evicted character's cache went to disk before the slot
             // was overwritten: in this turn, or behind an earlier one.

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use kvgate::store::{SaveKind, SaveMeta};
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::support::kvgate::{
     assert_api_error, preload_id, preload_succeeded, saves_in as saves, EventTap,
@@ -128,6 +128,40 @@ async fn preload_restores_saves_or_evaluates_the_last_prompt() {
         .iter()
         .any(|m| m.character == "Zed" && m.chat == "solo" && m.kind == SaveKind::Preload));
 
+    // Each member its own prompt ("swap character cards": each prompt
+    // starts with the member's own card), the shared one for the rest.
+    let own = |who: &str| format!("{who}'s card.\nUser: hi\n{who}:");
+    let before = s.fake.completions().len();
+    let (status, v) = admin(
+        &s.kv,
+        "POST",
+        "/preload",
+        Some(json!({
+            "chat": "trio",
+            "characters": ["Xan", "Yul", "Wim"],
+            "prompts": {"Xan": own("Xan"), "Yul": own("Yul")},
+            "prompt": "Shared card.\nUser: hi\nWim:",
+        })),
+    )
+    .await;
+    assert_eq!(status, 202, "{v}");
+    let p =
+        s.kv.wait_preload(&preload_id(&v), Duration::from_secs(10))
+            .await;
+    assert_eq!(preload_succeeded(&p).len(), 3, "{p}");
+    let evaluated: Vec<Value> = s.fake.completions()[before..]
+        .iter()
+        .map(|c| c["prompt"].clone())
+        .collect();
+    assert_eq!(
+        evaluated,
+        vec![
+            json!(own("Xan")),
+            json!(own("Yul")),
+            json!("Shared card.\nUser: hi\nWim:")
+        ]
+    );
+
     // The monitor saw the progress.
     tap.wait_for("preload_progress", 1).await;
 }
@@ -166,6 +200,10 @@ async fn preload_reports_failures_and_refuses_bad_requests() {
         json!({"chat": "x", "characters": [1]}),
         json!({"chat": 5, "characters": ["Alice"]}),
         json!({"chat": "x", "characters": ["Alice"], "prompt": 3}),
+        json!({"chat": "x", "characters": ["Alice"], "prompts": ["p"]}),
+        json!({"chat": "x", "characters": ["Alice"], "prompts": {"Alice": 3}}),
+        // A prompt for someone the job does not warm up is a mistake.
+        json!({"chat": "x", "characters": ["Alice"], "prompts": {"Bob": "p"}}),
     ] {
         let (status, v) = admin(&s.kv, "POST", "/preload", Some(body.clone())).await;
         assert_eq!(status, 400, "{body}: {v}");
