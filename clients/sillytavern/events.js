@@ -15,7 +15,7 @@ const MAX_DELAY_MS = 30_000;
  * Reads SSE messages from a response body, calling `onData(text)` with each
  * message's joined `data:` lines. Resolves when the stream ends.
  */
-async function readMessages(body, onData) {
+export async function readMessages(body, onData) {
     const reader = body.pipeThrough(new TextDecoderStream()).getReader();
     let buffer = '';
     for (;;) {

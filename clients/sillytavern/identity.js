@@ -131,7 +131,7 @@ function identityHeaders(identity) {
  * written as JSON (which is YAML). The user's own keys win over ours.
  * Returns null when the text is not readable YAML, so we change nothing.
  */
-function mergeYaml(text, ours) {
+export function mergeYaml(text, ours) {
     const source = String(text ?? '').trim();
     let parsed = null;
     if (source) {
