@@ -17,12 +17,17 @@
 //    generateRaw, a dry run) gets nothing and is left to kvgate.
 //    - llama.cpp Text Completion: ST's server forwards the whole body to
 //      kvgate's /completion, so a top-level "kvgate" object arrives as is.
+//      kvgate removes the member before llama-server sees the body.
 //    - Chat Completion, Custom (OpenAI-compatible) source: ST's server builds
-//      the upstream body from known fields plus the YAML the browser sends
-//      in custom_include_body, so the "kvgate" object is merged into that
-//      text (the user's own content kept); if it can't be read, into
-//      custom_include_headers as X-Kvgate-* headers.
-//    kvgate removes the "kvgate" member before llama-server sees the body.
+//      the upstream request from known fields plus the YAML the browser
+//      sends in custom_include_headers and custom_include_body
+//      (src/endpoints/backends/chat-completions.js, mergeObjectWithYaml), so
+//      the identity is merged into that request's copy of the headers YAML
+//      as X-Kvgate-* headers (percent-encoded UTF-8), the user's own entries
+//      kept. Headers, because any server ignores headers it does not know,
+//      where a strict OpenAI-style server may refuse an unknown body field
+//      if the user points the Custom source elsewhere. If the headers YAML
+//      can't be read, the "kvgate" object goes into the body YAML instead.
 //
 // Regenerate vs swipe: a 1:1 chat's interceptor sees 'regenerate' or
 // 'swipe' as they are. A group's regenerate (regenerateGroup: the options
@@ -100,17 +105,17 @@ export function stampChatCompletion(data) {
     if (!identity || data?.chat_completion_source !== 'custom') {
         return;
     }
-    const body = mergeYaml(data.custom_include_body, { kvgate: identity });
-    if (body !== null) {
-        data.custom_include_body = body;
-        return;
-    }
     const headers = mergeYaml(data.custom_include_headers, identityHeaders(identity));
     if (headers !== null) {
         data.custom_include_headers = headers;
         return;
     }
-    console.warn('[kvgate] custom_include_body and custom_include_headers are not readable YAML; no identity sent');
+    const body = mergeYaml(data.custom_include_body, { kvgate: identity });
+    if (body !== null) {
+        data.custom_include_body = body;
+        return;
+    }
+    console.warn('[kvgate] custom_include_headers and custom_include_body are not readable YAML; no identity sent');
 }
 
 /** The identity as kvgate's headers (percent-encoded: header values are Latin-1). */

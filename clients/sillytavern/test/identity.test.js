@@ -59,36 +59,46 @@ test('the switch turns it off', () => {
     assert.equal(params.kvgate, undefined);
 });
 
-test('chat completion: merged into the custom include body, the user\'s keys kept and winning', () => {
+test('chat completion: merged into the custom include headers, the user\'s entries kept and winning', () => {
     noteGeneration('continue');
-    const data = { chat_completion_source: 'custom', custom_include_body: '{"top_k": 7, "kvgate": {"chat": "mine"}}' };
+    const data = { chat_completion_source: 'custom', custom_include_headers: '{"X-Title": "mine", "X-Kvgate-Kind": "quiet"}', custom_include_body: '{"top_k": 7}' };
     stampChatCompletion(data);
-    assert.deepEqual(JSON.parse(data.custom_include_body), { top_k: 7, kvgate: { chat: 'mine' } });
-
-    noteGeneration('continue');
-    const plain = { chat_completion_source: 'custom', custom_include_body: '' };
-    stampChatCompletion(plain);
-    assert.deepEqual(JSON.parse(plain.custom_include_body).kvgate.kind, 'continue');
+    assert.deepEqual(JSON.parse(data.custom_include_headers), {
+        'X-Kvgate-Character': 'Alice',
+        'X-Kvgate-Kind': 'quiet',
+        'X-Kvgate-Chat': encodeURIComponent('Alice - 2026-01-02@03h04m05s'),
+        'X-Title': 'mine',
+    });
+    assert.equal(data.custom_include_body, '{"top_k": 7}', 'the body is left alone');
 });
 
-test('chat completion: a list of mappings gets ours first', () => {
-    assert.deepEqual(JSON.parse(mergeYaml('[{"a": 1}, {"b": 2}]', { kvgate: { kind: 'normal' } })),
-        [{ kvgate: { kind: 'normal' } }, { a: 1 }, { b: 2 }]);
-});
-
-test('chat completion: unreadable body YAML → percent-encoded headers, body untouched', () => {
+test('chat completion: names are percent-encoded UTF-8 in headers', () => {
     state.characters.push({ name: 'Алиса', avatar: 'a.png', chat: 'Алиса - 1' });
     state.characterId = state.characters.length - 1;
     noteGeneration('impersonate');
-    const data = { chat_completion_source: 'custom', custom_include_body: 'a: [unclosed', custom_include_headers: '' };
+    const data = { chat_completion_source: 'custom', custom_include_headers: '' };
     stampChatCompletion(data);
-    assert.equal(data.custom_include_body, 'a: [unclosed');
     assert.deepEqual(JSON.parse(data.custom_include_headers), {
         'X-Kvgate-Character': encodeURIComponent('Алиса'),
         'X-Kvgate-Kind': 'impersonate',
         'X-Kvgate-Chat': encodeURIComponent('Алиса - 1'),
     });
     state.characters.pop();
+});
+
+test('chat completion: unreadable headers YAML → the body object, the user\'s keys kept', () => {
+    noteGeneration('swipe');
+    const data = { chat_completion_source: 'custom', custom_include_headers: 'a: [unclosed', custom_include_body: '{"top_k": 7}' };
+    stampChatCompletion(data);
+    assert.equal(data.custom_include_headers, 'a: [unclosed');
+    assert.deepEqual(JSON.parse(data.custom_include_body), {
+        kvgate: { character: 'Alice', kind: 'swipe', chat: 'Alice - 2026-01-02@03h04m05s' }, top_k: 7,
+    });
+});
+
+test('chat completion: a list of mappings gets ours first', () => {
+    assert.deepEqual(JSON.parse(mergeYaml('[{"a": 1}, {"b": 2}]', { kvgate: { kind: 'normal' } })),
+        [{ kvgate: { kind: 'normal' } }, { a: 1 }, { b: 2 }]);
 });
 
 test('chat completion from another source gets nothing', () => {
