@@ -102,8 +102,8 @@ async function toastRestored(event) {
     try {
         const save = await findSave(event.character, event.file);
         if (save) {
-            const other = save.chat !== event.chat ? `, from another chat: ${describeChat(save.chat)}` : '';
-            from = `saved ${when(save.created)}${other}`;
+            const chat = save.chat === event.chat ? `this chat (${describeChat(save.chat)})` : `another chat: ${describeChat(save.chat)}`;
+            from = `saved ${when(save.created)} in ${chat}`;
         }
     } catch {
         // The toast still names the file.

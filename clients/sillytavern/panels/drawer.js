@@ -2,8 +2,10 @@
 // extensions): this chat's indicator and actions, the slot list, kvgate's
 // live settings, and the connection settings with "Test connection".
 //
-// Stable hooks for UI tests (ids are in settings.html; each control also
-// has data-kvgate="<same name without the prefix>"):
+// Stable hooks for UI tests: the ids below (in settings.html); each element
+// also carries a data-kvgate name (the id without "kvgate_", hyphenated).
+// Preset the admin URL in extension_settings.kvgate.adminUrl (settings.json)
+// to keep the page from trying the default http://127.0.0.1:8090 first.
 //   #kvgate_settings            the drawer's root
 //   #kvgate_drawer_header       the drawer's toggle (click to open)
 //   #kvgate_stream_state        event stream dot, data-state="connecting|connected|down"

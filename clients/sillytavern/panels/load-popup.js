@@ -6,7 +6,7 @@
 //
 // Stable hooks for UI tests:
 //   #kvgate_load_popup                     the popup's content
-//   #kvgate_load_search                    search by chat or character (server-side)
+//   #kvgate_load_search                    search by chat (or group name) or character
 //   #kvgate_load_selected                  what is picked, data-count="<n>"
 //   [data-kvgate="load-chat"]              a chat (<details>), data-chat="<key>",
 //                                          data-current="true" for this chat
@@ -19,7 +19,7 @@ import { currentChatKey, describeChat } from '../chat.js';
 import { refresh } from '../model.js';
 import { tell, tellError } from '../notify.js';
 import { el, when } from '../format.js';
-import { popups } from '../st.js';
+import { popups, st } from '../st.js';
 
 /** Chats in display order: this chat first, then by their newest save. */
 function ordered(chats, currentKey) {
@@ -65,11 +65,27 @@ class LoadPicker {
         this.showSelection();
     }
 
+    /**
+     * GET /saves?q=: kvgate matches the chat key or the character. A group
+     * chat's key holds no group name, so a search that names a group asks
+     * for everything and filters here by what the list shows.
+     */
     async fetch() {
+        const q = this.search.value.trim();
+        const needle = q.toLowerCase();
+        const namesGroup = q !== '' && st().groups.some(g => String(g.name).toLowerCase().includes(needle));
         this.list.textContent = 'Loading…';
         try {
-            const answer = await api.saves(this.search.value.trim());
-            this.draw(answer?.chats ?? []);
+            const answer = await api.saves(namesGroup ? '' : q);
+            let chats = answer?.chats ?? [];
+            if (namesGroup) {
+                chats = chats
+                    .map(c => describeChat(c.chat).toLowerCase().includes(needle)
+                        ? c
+                        : { ...c, characters: c.characters.filter(ch => ch.character.toLowerCase().includes(needle)) })
+                    .filter(c => c.characters.length);
+            }
+            this.draw(chats);
         } catch (e) {
             this.list.textContent = e.message;
         }

@@ -22,7 +22,7 @@
 //   #kvgate_preload_bar                    a <progress> (value done, max total)
 //   #kvgate_preload_current                the member being worked on
 //   #kvgate_preload_done, #kvgate_preload_failed
-//                                          lists; items [data-kvgate="preload-done"|"preload-failed"]
+//                                          lists; items [data-kvgate="preload-done-item"|"preload-failed-item"]
 //                                          with data-character
 //   the popup's "Close" button closes it.
 
@@ -83,8 +83,8 @@ class PreloadRun {
 
         this.bar = withHook(el('progress', { id: 'kvgate_preload_bar', value: 0, max: 1 }), 'preload-bar');
         this.current = withHook(el('div', { id: 'kvgate_preload_current' }), 'preload-current');
-        this.done = withHook(el('ul', { id: 'kvgate_preload_done', className: 'kvgate-preload-results' }), 'preload-done-list');
-        this.failed = withHook(el('ul', { id: 'kvgate_preload_failed', className: 'kvgate-preload-results kvgate-failed' }), 'preload-failed-list');
+        this.done = withHook(el('ul', { id: 'kvgate_preload_done', className: 'kvgate-preload-results' }), 'preload-done');
+        this.failed = withHook(el('ul', { id: 'kvgate_preload_failed', className: 'kvgate-preload-results kvgate-failed' }), 'preload-failed');
         this.progress = withHook(el('div', { id: 'kvgate_preload_progress', className: 'kvgate-preload-progress' },
             this.bar, this.current, this.done, this.failed), 'preload-progress', { state: 'idle' });
 
@@ -216,9 +216,9 @@ class PreloadRun {
         this.bar.value = p.done ?? 0;
         this.current.textContent = p.current ? `${p.current} (${(p.done ?? 0) + 1} of ${p.total})` : '';
         this.done.replaceChildren(...(p.succeeded ?? []).map(s =>
-            withHook(el('li', { textContent: `${s.character}: ${s.result ?? 'ok'}` }), 'preload-done', { character: s.character })));
+            withHook(el('li', { textContent: `${s.character}: ${s.result ?? 'ok'}` }), 'preload-done-item', { character: s.character })));
         this.failed.replaceChildren(...(p.failed ?? []).map(f =>
-            withHook(el('li', { textContent: `${f.character}: ${f.reason}` }), 'preload-failed', { character: f.character })));
+            withHook(el('li', { textContent: `${f.character}: ${f.reason}` }), 'preload-failed-item', { character: f.character })));
         if (p.state !== 'running') {
             this.finished = true;
             this.unfollow();
