@@ -22,6 +22,15 @@
 // went to another must find its cache again (llama-server's cache_n); every
 // reply must land in SillyTavern's chat with no error toast, and the page
 // must reach nothing but SillyTavern's own server.
+//
+// What kvgate can tell without the companion extension (README
+// "Identity"): SillyTavern sends no chat, character or generation type, so
+// kvgate reads them off the body. A swipe is the character's previous
+// prompt again, which a regenerate is too: kvgate calls both a swipe. An
+// impersonation is written with the card of a member SillyTavern picks at
+// random, and kvgate runs it as that member. Two chats with the same roster
+// (two 1:1 chats with Alice) share a chat key. The runs check what kvgate
+// can tell; KNOWN_MISREADINGS lists where it reads SillyTavern 1.19 wrong.
 
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
@@ -241,6 +250,11 @@ async function sillyTavernRun(api) {
     await browser.screenshot('solo-chat');
 
     checkComebacks(run, kv.events.list, turns);
+    // kvgate ran no generation SillyTavern did not ask for (prefill ahead
+    // is not a generation_started) and named every one.
+    assert.equal(kv.events.of('generation_started').length, turns.length, 'generations kvgate started');
+    for (const t of (await st.readProbe(page)).toasts) run.log(`toast ${t.cls}: ${t.text}`);
+    run.log(`kvgate events: ${summarize(kv.events.list)}`);
     browser.assertClean();
     if (recorder) {
       const gens = recorder.requests.filter((r) => r.method === 'POST' && /completion/.test(r.path));
@@ -248,6 +262,13 @@ async function sillyTavernRun(api) {
     }
     run.log(`${turns.length} generations checked`);
   });
+}
+
+/** `type×count` of a list of kvgate events, for the log. */
+function summarize(events) {
+  const n = new Map();
+  for (const e of events) n.set(e.type, (n.get(e.type) ?? 0) + 1);
+  return [...n].map(([t, c]) => `${t}x${c}`).join(' ');
 }
 
 /**

@@ -100,7 +100,7 @@ export class Run {
       for (const p of this.bulky) fs.rmSync(p, { recursive: true, force: true });
     }
     console.log(`${this.name}: ${failed ? 'FAILED, logs' : 'logs'} in ${this.dir}` +
-      (keep ? '' : ' (data roots, saves and model removed)'));
+      (keep ? '' : ' (bulky parts removed: data roots, saves, browser profile)'));
     if (errors.length) throw new AggregateError(errors, `${this.name}: cleanup failed`);
   }
 }
