@@ -9,6 +9,9 @@
 
 import { setTimeout as sleep } from 'node:timers/promises';
 
+/** A regexp matching exactly `text`. */
+const exactly = (text) => new RegExp(`^${text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}$`);
+
 /**
  * The page-side recorder. Installed once the app is up; keeps
  * `window.__kvgateProbe = {requests, received, toasts, started}`:
@@ -187,7 +190,7 @@ export async function openGroup(page, groupId, { greetings = 0, timeoutMs = 3000
  */
 export async function openCharacter(page, name, { timeoutMs = 30000 } = {}) {
   await openCharacterList(page);
-  await page.locator('#rm_print_characters_block .character_select', { has: page.locator('.ch_name', { hasText: new RegExp(`^${name}$`) }) }).click();
+  await page.locator('#rm_print_characters_block .character_select', { has: page.locator('.ch_name', { hasText: exactly(name) }) }).click();
   await page.waitForFunction((n) => {
     const c = SillyTavern.getContext();
     return !c.groupId && c.name2 === n && c.chat.length >= 1 && document.querySelectorAll('#chat .mes').length >= 1;
@@ -254,7 +257,7 @@ export async function triggerMember(page, name) {
   if (!(await page.locator('#rm_group_members').isVisible())) {
     await page.locator('#rightNavDrawerIcon').click();
   }
-  const member = page.locator('#rm_group_members .group_member', { has: page.locator('.ch_name', { hasText: new RegExp(`^${name}$`) }) });
+  const member = page.locator('#rm_group_members .group_member', { has: page.locator('.ch_name', { hasText: exactly(name) }) });
   await member.locator('[data-action="speak"]').click();
 }
 
