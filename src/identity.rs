@@ -621,10 +621,16 @@ fn read_chat_names(body: &Value, messages: &[Value], rules: &ChatRules) -> Readi
     };
     let mut names = Names::default();
     for m in messages {
+        let role = m.get("role").and_then(Value::as_str);
+        // Only those who speak in the chat: SillyTavern names its example
+        // dialogue's system messages `example_user` / `example_assistant`.
+        if !matches!(role, Some("user" | "assistant")) {
+            continue;
+        }
         if let Some(n) = name_of(m) {
             // A name beyond the roster's bound is not the user's either:
             // the user is someone the chat key counts.
-            if names.add(n) && m.get("role").and_then(Value::as_str) == Some("user") {
+            if names.add(n) && role == Some("user") {
                 r.user = Some(n.to_string());
             }
         }

@@ -1,4 +1,4 @@
-//! Identity tests on real SillyTavern 1.18.0 bodies (the recorded group chat
+//! Identity tests on real SillyTavern bodies (1.18.0 and 1.19.0 recordings
 //! in `tests/fixtures/`) and on hand-built bodies in the shapes SillyTavern's
 //! code produces for cases the recording lacks (instruct, quiet, chat
 //! completion, 1.12's continue).
@@ -392,6 +392,99 @@ fn chat_completion_speaker_roster_and_kind_come_from_sillytavern_prompts() {
         Some(first.prompt_hash)
     });
     assert_eq!(again.kind, Kind::Swipe);
+}
+
+const RECORDING_CHAT: &str = include_str!("../../tests/fixtures/st-1.19.0-chat-completions.jsonl");
+
+/// Replays a recording through `resolve` as kvgate does, remembering each
+/// tenant's last prompt (so a swipe is the same prompt again): (seq, label,
+/// identity) per request.
+fn replay(recording: &str, api: Api) -> Vec<(u64, String, Identity)> {
+    let mut last: std::collections::HashMap<Tenant, u64> = Default::default();
+    recording
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("fixture line is JSON"))
+        .map(|v| {
+            let id = resolve(api, &v["body"], &Explicit::default(), &st(), |t| {
+                last.get(t).copied()
+            });
+            last.insert(id.tenant.clone(), id.prompt_hash);
+            (
+                v["seq"].as_u64().unwrap(),
+                v["label"].as_str().unwrap_or_default().to_string(),
+                id,
+            )
+        })
+        .collect()
+}
+
+/// The Chat Completion (Custom source) traffic of the real SillyTavern
+/// 1.19.0 with its default prompts, recorded by the UI tests (`tests/ui/`),
+/// which checked each generation's speaker against SillyTavern's own chat.
+#[test]
+fn recorded_chat_completion_turns_of_sillytavern_1_19_are_named() {
+    let expected: [(u64, &str, &str, Kind); 14] = [
+        (2, GROUP, "Alice", Kind::Normal),
+        (3, GROUP, "Bob", Kind::Normal),
+        (4, GROUP, "Carol", Kind::Normal),
+        (5, GROUP, "Carol", Kind::Normal),
+        (6, GROUP, "Alice", Kind::Normal),
+        (7, GROUP, "Bob", Kind::Normal),
+        (8, GROUP, "Bob", Kind::Normal),
+        (9, GROUP, "Carol", Kind::Normal),
+        (10, GROUP, "Alice", Kind::Normal),
+        (11, GROUP, "Bob", Kind::Normal),
+        (12, GROUP, "Bob", Kind::Swipe),
+        (13, GROUP, "Bob", Kind::Continue),
+        (14, GROUP, "Alice", Kind::Impersonate),
+        (15, "Alice+User", "Alice", Kind::Normal),
+    ];
+    let got = replay(RECORDING_CHAT, Api::Chat);
+    assert_eq!(got.len(), expected.len());
+    for ((seq, label, id), (want_seq, chat, name, kind)) in got.iter().zip(expected) {
+        assert_eq!(*seq, want_seq);
+        assert_eq!(character(id), (chat, name), "request {seq} ({label})");
+        assert_eq!(id.kind, kind, "request {seq} ({label})");
+        assert_eq!(id.source, Source::Inferred, "request {seq} ({label})");
+        assert_eq!(id.user.as_deref(), Some("User"), "request {seq} ({label})");
+    }
+}
+
+const RECORDING_TEXT_1_19: &str =
+    include_str!("../../tests/fixtures/st-1.19.0-text-completions.jsonl");
+
+/// The Text Completion (llama.cpp) traffic of the real SillyTavern 1.19.0,
+/// recorded by the UI tests: the same chat as the Chat Completion recording,
+/// and the same chat keys.
+#[test]
+fn recorded_text_completion_turns_of_sillytavern_1_19_are_named() {
+    use Kind::*;
+    let expected: [(u64, &str, &str, Kind); 14] = [
+        (9, GROUP, "Alice", Normal),
+        (14, GROUP, "Bob", Normal),
+        (19, GROUP, "Carol", Normal),
+        (23, GROUP, "Carol", Normal),
+        (26, GROUP, "Alice", Normal),
+        (29, GROUP, "Bob", Normal),
+        (33, GROUP, "Bob", Normal),
+        (36, GROUP, "Carol", Normal),
+        (39, GROUP, "Alice", Normal),
+        (42, GROUP, "Bob", Normal),
+        (43, GROUP, "Bob", Swipe),
+        (47, GROUP, "Bob", Continue),
+        // A group's impersonation uses a random member's card: Carol's here
+        // (the prompt starts "Write Carol's next reply").
+        (51, GROUP, "Carol", Impersonate),
+        (63, "Alice+User", "Alice", Normal),
+    ];
+    let got = replay(RECORDING_TEXT_1_19, Api::Text);
+    assert_eq!(got.len(), expected.len());
+    for ((seq, label, id), (want_seq, chat, name, kind)) in got.iter().zip(expected) {
+        assert_eq!(*seq, want_seq);
+        assert_eq!(character(id), (chat, name), "request {seq} ({label})");
+        assert_eq!(id.kind, kind, "request {seq} ({label})");
+        assert_eq!(id.source, Source::Inferred, "request {seq} ({label})");
+    }
 }
 
 #[test]
