@@ -61,13 +61,11 @@ const COMEBACK_MIN_CACHED = 100;
 // shows up as a failure asking to remove the entry) and prints them.
 // Each is reported with the request SillyTavern sent.
 const KNOWN_MISREADINGS = {
-  chat: {
-    // ST's Chat Completion prompt carries the card's example dialogue as
-    // system messages named "example_user" / "example_assistant"; kvgate
-    // counts those names into the roster of a 1:1 chat (the group's key
-    // comes out right).
-    'solo-chat': { chat: 'Alice+User+example_assistant+example_user' },
-  },
+  // None at present. (Until commit 2979213 the Chat Completion 1:1 chat's
+  // key was 'Alice+User+example_assistant+example_user': SillyTavern sends
+  // the card's example dialogue as system messages named "example_user" /
+  // "example_assistant", and kvgate counted those names into the roster.)
+  // Shape: { chat: { 'solo-chat': { chat: '<what kvgate says>' } } }
 };
 
 const RUNS = {
