@@ -72,6 +72,15 @@ fn demo() -> ExitCode {
         Ok(c) => c,
         Err(e) => return clap_exit(&e, "kvgate demo --help"),
     };
+    if let Some(path) = &cli.write_model {
+        return match kvgate::demo::write_model(path) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("kvgate demo: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
         .with_writer(std::io::stderr)

@@ -86,6 +86,11 @@ pub struct DemoCli {
     /// run with the same DIR starts from the first run's saves.
     #[arg(long, value_name = "DIR")]
     pub keep: Option<PathBuf>,
+    /// Only write the demo's tiny random-weight model to PATH (whole or not
+    /// at all) and exit: tests and scripts use it as a model that loads
+    /// fast. Runs no llama-server.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["llama_server", "keep"])]
+    pub write_model: Option<PathBuf>,
     /// Log filter for stderr (tracing's EnvFilter syntax); `info` shows
     /// kvgate's and llama-server's logs.
     #[arg(
@@ -204,6 +209,20 @@ impl Summary {
 /// `kill_on_drop`, which fires when the runtime is dropped.
 pub async fn run(opts: Options) -> Result<Summary, DemoError> {
     run_with(opts, &mut std::io::stdout()).await
+}
+
+/// Writes the demo's tiny model to `path`, through a temporary file beside
+/// it renamed into place, so a reader never sees half a model.
+pub fn write_model(path: &Path) -> Result<(), DemoError> {
+    let mut temp = path.as_os_str().to_owned();
+    temp.push(format!(".{}.tmp", std::process::id()));
+    let temp = PathBuf::from(temp);
+    let written =
+        write_tiny_model(&temp, &model_spec()).and_then(|()| std::fs::rename(&temp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    written.map_err(io(format!("writing {}", path.display())))
 }
 
 /// [`run`], printing to `out`.

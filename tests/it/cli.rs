@@ -454,3 +454,33 @@ fn the_front_port_serves_every_address_given() {
     let _ = child.kill();
     child.wait().unwrap();
 }
+
+/// `kvgate demo --write-model PATH` writes only the tiny model (a GGUF file,
+/// whole) and starts nothing; the browser tests take their model from it.
+#[test]
+fn demo_write_model_writes_a_whole_gguf_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    let (code, err) = kvgate(&["demo", "--write-model", path.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    let bytes = std::fs::read(&path).unwrap();
+    assert_eq!(&bytes[..4], b"GGUF");
+    assert!(bytes.len() > 1_000_000, "{} bytes", bytes.len());
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        names,
+        [std::ffi::OsString::from("tiny.gguf")],
+        "no temporary left"
+    );
+    // Into a folder that does not exist: a clear error, no file.
+    let missing = dir.path().join("no/such/dir/tiny.gguf");
+    let (code, err) = kvgate(&["demo", "--write-model", missing.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("writing"), "{err}");
+    // It stands alone.
+    let (code, err) = kvgate(&["demo", "--write-model", "x.gguf", "--keep", "d"]);
+    assert_eq!(code, Some(64), "{err}");
+}

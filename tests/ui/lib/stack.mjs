@@ -215,23 +215,19 @@ export function kvgateBin() {
 let modelPromise = null;
 /**
  * The tiny random-weight model (one token per byte, 11 MB): KVGATE_UI_MODEL,
- * else written once per test process by `kvgate demo --keep DIR`. The demo
- * writes the model before it starts llama-server; given `/bin/false` as
- * llama-server it stops right there (exit 1, "llama-server failed to
- * start"), which is the cheap way to get only the model (the full demo
- * replays a chat for ~50 s). The file is checked for the GGUF magic.
+ * else written once per test process by `kvgate demo --write-model PATH`
+ * (whole or not at all). The file is checked for the GGUF magic.
  */
 export function tinyModel() {
   modelPromise ??= (async () => {
     if (process.env.KVGATE_UI_MODEL) return process.env.KVGATE_UI_MODEL;
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'kvgate-ui-model-'));
     process.on('exit', () => fs.rmSync(dir, { recursive: true, force: true }));
-    const r = spawnSync(kvgateBin(), ['demo', '--llama-server', '/bin/false', '--keep', dir],
-      { encoding: 'utf8' });
     const model = path.join(dir, 'demo-model.gguf');
+    const r = spawnSync(kvgateBin(), ['demo', '--write-model', model], { encoding: 'utf8' });
     const magic = fs.existsSync(model) ? fs.readFileSync(model).subarray(0, 4).toString() : '';
-    if (magic !== 'GGUF') {
-      throw new Error(`kvgate demo wrote no model in ${dir}: ${r.stdout}${r.stderr}`);
+    if (r.status !== 0 || magic !== 'GGUF') {
+      throw new Error(`kvgate demo --write-model wrote no model at ${model} (exit ${r.status}): ${r.stdout}${r.stderr}`);
     }
     return model;
   })();
