@@ -344,10 +344,12 @@ function webpackCacheDir(version) {
  * Starts `node server.js --port P --dataRoot ROOT --configPath ROOT/config.yaml`
  * in the package folder and waits until `/csrf-token` answers (the page's
  * first call). Copies a cached webpack bundle into the root first, and
- * caches the one this start built if there was none. Returns
+ * caches the one this start built if there was none. `port`: the port to
+ * listen on (default: a free one), for a test that must know SillyTavern's
+ * origin before it starts (kvgate's --admin-cors-origin). Returns
  * `{url, origin, proc}`.
  */
-export async function startSillyTavern(run, data, { name = 'sillytavern', timeoutMs = 90000 } = {}) {
+export async function startSillyTavern(run, data, { name = 'sillytavern', timeoutMs = 90000, port = null } = {}) {
   const dir = sillyTavernDir();
   const version = sillyTavernVersion();
   const cache = webpackCacheDir(version);
@@ -356,7 +358,7 @@ export async function startSillyTavern(run, data, { name = 'sillytavern', timeou
   if (cached && !fs.existsSync(bundle)) {
     fs.cpSync(path.join(cache, '_webpack'), bundle, { recursive: true });
   }
-  const port = await freePort();
+  port ??= await freePort();
   const proc = startProcess(run, name, process.execPath,
     ['server.js', '--port', String(port), '--dataRoot', data.root, '--configPath', data.configPath],
     { cwd: dir, env: { NODE_ENV: 'production', FORCE_COLOR: '0' }, graceMs: 5000 });

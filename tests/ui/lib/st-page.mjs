@@ -19,7 +19,8 @@ const exactly = (text) => new RegExp(`^${text.replace(/[.*+?^${}()|[\]\\]/g, '\\
  *     TEXT_/CHAT_COMPLETION_SETTINGS_READY (the body, just before it goes
  *     out): {api, type (of the Generate call), name2 (the character it
  *     generates for: in a group the drafted member), group, chatId, tail
- *     (the prompt's last 160 characters, or the last 2 messages), stop}
+ *     (the prompt's last 160 characters, or the last 2 messages), head
+ *     (a text prompt's first 400 characters), stop}
  *   received: MESSAGE_RECEIVED (message id, type, speaker)
  *   toasts: every toastr toast shown ({cls, text})
  */
@@ -40,7 +41,10 @@ function probeScript() {
       api, type: lastType, name1: c.name1, name2: c.name2, group: c.groupId ?? null, chatId: c.chatId ?? null,
       stop: body.stop ?? body.stopping_strings ?? null,
     };
-    if (typeof body.prompt === 'string') entry.tail = body.prompt.slice(-160);
+    if (typeof body.prompt === 'string') {
+      entry.tail = body.prompt.slice(-160);
+      entry.head = body.prompt.slice(0, 400);
+    }
     if (Array.isArray(body.messages)) {
       entry.tail = body.messages.slice(-2).map((m) => ({ role: m.role, name: m.name, content: String(m.content).slice(-160) }));
       entry.messages = body.messages.length;
@@ -277,6 +281,29 @@ export function continueLast(page) { return optionsMenu(page, '#option_continue'
 
 /** Options → "Impersonate": the AI writes the user's next message into the box. */
 export function impersonate(page) { return optionsMenu(page, '#option_impersonate'); }
+
+/**
+ * Options → "Regenerate": the last reply again. In a group SillyTavern
+ * deletes the last round's replies and runs the group again as a normal
+ * turn (group-chats.js regenerateGroup); in a 1:1 chat a 'regenerate'.
+ */
+export function regenerate(page) { return optionsMenu(page, '#option_regenerate'); }
+
+/**
+ * Options → "Start new chat" → Yes: a new chat (a new chat file) with the
+ * same character or group, opened with the greeting(s). Resolves once the
+ * page shows a chat other than the one before.
+ */
+export async function startNewChat(page, { greetings = 1, timeoutMs = 30000 } = {}) {
+  const before = await page.evaluate(() => SillyTavern.getContext().chatId);
+  await optionsMenu(page, '#option_start_new_chat');
+  await page.locator('dialog.popup[open] .popup-button-ok').click();
+  await page.waitForFunction(([was, n]) => {
+    const c = SillyTavern.getContext();
+    return c.chatId && c.chatId !== was && c.chat.length >= n && document.querySelectorAll('#chat .mes').length >= n;
+  }, [before, greetings], { timeout: timeoutMs });
+  return page.evaluate(() => SillyTavern.getContext().chatId);
+}
 
 /** The chat box's text. */
 export function inputText(page) {
