@@ -3,7 +3,7 @@
 /** "03/12/2026, 14:02:31 (5 min ago)" for Unix seconds. */
 export function when(seconds) {
     const date = new Date(seconds * 1000);
-    const minutes = Math.round((Date.now() - date.getTime()) / 60_000);
+    const minutes = Math.floor((Date.now() - date.getTime()) / 60_000);
     let ago;
     if (minutes < 1) {
         ago = 'just now';

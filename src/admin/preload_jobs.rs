@@ -232,7 +232,10 @@ async fn run(
         )
         .await;
         let p = update(&job, |p| {
+            // Done with this one: nobody is current until the next starts,
+            // so "current" and "done" never count the same character.
             p.done += 1;
+            p.current = None;
             match result {
                 Ok(Ok(what)) => p
                     .succeeded
