@@ -418,36 +418,43 @@ fn replay(recording: &str, api: Api) -> Vec<(u64, String, Identity)> {
         .collect()
 }
 
+/// Replays `recording` and checks each request's (seq, chat, character,
+/// kind), all inferred, with the user named.
+fn assert_replay(recording: &str, api: Api, expected: &[(u64, &str, &str, Kind)]) {
+    let got = replay(recording, api);
+    assert_eq!(got.len(), expected.len());
+    for ((seq, label, id), (want_seq, chat, name, kind)) in got.iter().zip(expected) {
+        assert_eq!(seq, want_seq);
+        assert_eq!(character(id), (*chat, *name), "request {seq} ({label})");
+        assert_eq!(id.kind, *kind, "request {seq} ({label})");
+        assert_eq!(id.source, Source::Inferred, "request {seq} ({label})");
+        assert_eq!(id.user.as_deref(), Some("User"), "request {seq} ({label})");
+    }
+}
+
 /// The Chat Completion (Custom source) traffic of the real SillyTavern
 /// 1.19.0 with its default prompts, recorded by the UI tests (`tests/ui/`),
 /// which checked each generation's speaker against SillyTavern's own chat.
 #[test]
 fn recorded_chat_completion_turns_of_sillytavern_1_19_are_named() {
-    let expected: [(u64, &str, &str, Kind); 14] = [
-        (2, GROUP, "Alice", Kind::Normal),
-        (3, GROUP, "Bob", Kind::Normal),
-        (4, GROUP, "Carol", Kind::Normal),
-        (5, GROUP, "Carol", Kind::Normal),
-        (6, GROUP, "Alice", Kind::Normal),
-        (7, GROUP, "Bob", Kind::Normal),
-        (8, GROUP, "Bob", Kind::Normal),
-        (9, GROUP, "Carol", Kind::Normal),
-        (10, GROUP, "Alice", Kind::Normal),
-        (11, GROUP, "Bob", Kind::Normal),
-        (12, GROUP, "Bob", Kind::Swipe),
-        (13, GROUP, "Bob", Kind::Continue),
-        (14, GROUP, "Alice", Kind::Impersonate),
-        (15, "Alice+User", "Alice", Kind::Normal),
+    use Kind::*;
+    let expected = [
+        (2, GROUP, "Alice", Normal),
+        (3, GROUP, "Bob", Normal),
+        (4, GROUP, "Carol", Normal),
+        (5, GROUP, "Carol", Normal),
+        (6, GROUP, "Alice", Normal),
+        (7, GROUP, "Bob", Normal),
+        (8, GROUP, "Bob", Normal),
+        (9, GROUP, "Carol", Normal),
+        (10, GROUP, "Alice", Normal),
+        (11, GROUP, "Bob", Normal),
+        (12, GROUP, "Bob", Swipe),
+        (13, GROUP, "Bob", Continue),
+        (14, GROUP, "Alice", Impersonate),
+        (15, "Alice+User", "Alice", Normal),
     ];
-    let got = replay(RECORDING_CHAT, Api::Chat);
-    assert_eq!(got.len(), expected.len());
-    for ((seq, label, id), (want_seq, chat, name, kind)) in got.iter().zip(expected) {
-        assert_eq!(*seq, want_seq);
-        assert_eq!(character(id), (chat, name), "request {seq} ({label})");
-        assert_eq!(id.kind, kind, "request {seq} ({label})");
-        assert_eq!(id.source, Source::Inferred, "request {seq} ({label})");
-        assert_eq!(id.user.as_deref(), Some("User"), "request {seq} ({label})");
-    }
+    assert_replay(RECORDING_CHAT, Api::Chat, &expected);
 }
 
 const RECORDING_TEXT_1_19: &str =
@@ -459,7 +466,7 @@ const RECORDING_TEXT_1_19: &str =
 #[test]
 fn recorded_text_completion_turns_of_sillytavern_1_19_are_named() {
     use Kind::*;
-    let expected: [(u64, &str, &str, Kind); 14] = [
+    let expected = [
         (9, GROUP, "Alice", Normal),
         (14, GROUP, "Bob", Normal),
         (19, GROUP, "Carol", Normal),
@@ -477,14 +484,7 @@ fn recorded_text_completion_turns_of_sillytavern_1_19_are_named() {
         (51, GROUP, "Carol", Impersonate),
         (63, "Alice+User", "Alice", Normal),
     ];
-    let got = replay(RECORDING_TEXT_1_19, Api::Text);
-    assert_eq!(got.len(), expected.len());
-    for ((seq, label, id), (want_seq, chat, name, kind)) in got.iter().zip(expected) {
-        assert_eq!(*seq, want_seq);
-        assert_eq!(character(id), (chat, name), "request {seq} ({label})");
-        assert_eq!(id.kind, kind, "request {seq} ({label})");
-        assert_eq!(id.source, Source::Inferred, "request {seq} ({label})");
-    }
+    assert_replay(RECORDING_TEXT_1_19, Api::Text, &expected);
 }
 
 #[test]
