@@ -179,6 +179,7 @@ fn route<'a>(method: &Method, segments: &[&'a str], path: &str) -> Result<Route<
         (&Method::GET, ["instances"]) => R::Instances(Action::List, ""),
         (&Method::POST, ["instances"]) => R::Instances(Action::Create, ""),
         (&Method::GET, ["instances", id]) => R::Instances(Action::Show, id),
+        (&Method::GET, ["instances", id, "log"]) => R::Instances(Action::Log, id),
         (&Method::POST, ["instances", id, "start"]) => R::Instances(Action::Start, id),
         (&Method::POST, ["instances", id, "stop"]) => R::Instances(Action::Stop, id),
         (&Method::DELETE, ["instances", id]) => R::Instances(Action::Delete, id),
