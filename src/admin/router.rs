@@ -221,7 +221,7 @@ async fn dispatch(
 ) -> Answer {
     let (app, shared) = (&state.app, &state.app.shared);
     match route {
-        Route::Health => Ok(json_ok(&status::health(app))),
+        Route::Health => Ok(json_ok(&status::health(app).await)),
         Route::Upstreams => Ok(json_ok(&status::upstreams(app))),
         Route::Slots => query_param(query, "upstream")
             .and_then(|name| selected(app, name))

@@ -37,6 +37,38 @@ async fn health_reports_kvgate_and_llama_server() {
         s.dir.canonicalize().unwrap()
     );
 
+    // The save directory's disk use: every plain file in it, counted and
+    // added up; a save adds its file and sidecar.
+    let on_disk = |dir: &Path| -> (u64, u64) {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_type().unwrap().is_file())
+            .fold((0, 0), |(n, b), e| (n + 1, b + e.metadata().unwrap().len()))
+    };
+    let disk = &v["disk"];
+    assert_eq!(
+        (disk["files"].as_u64(), disk["bytes"].as_u64()),
+        {
+            let (n, b) = on_disk(&s.dir);
+            (Some(n), Some(b))
+        },
+        "{v}"
+    );
+    assert!(disk["free_bytes"].as_u64().is_some_and(|f| f > 0), "{v}");
+    say(&s, "Alice", "User: hi").await;
+    let (status, r) = admin(&s.kv, "POST", "/save", Some(json!({}))).await;
+    assert_eq!(status, 200, "{r}");
+    let after = s.kv.admin_get("/health").await;
+    let (n, b) = on_disk(&s.dir);
+    assert_eq!(after["disk"]["files"].as_u64(), Some(n), "{after}");
+    assert_eq!(after["disk"]["bytes"].as_u64(), Some(b), "{after}");
+    assert!(
+        n >= disk["files"].as_u64().unwrap() + 2 && b > disk["bytes"].as_u64().unwrap(),
+        "a save and its sidecar: {disk} → {}",
+        after["disk"]
+    );
+
     // llama-server goes away, and comes back.
     s.fake.kill().await;
     poll(&s.kv, "/health", "upstream down", |v| {
