@@ -9,7 +9,7 @@ use std::time::Duration;
 use kvgate::store::now_unix;
 use serde_json::json;
 
-use crate::support::kvgate::{assert_api_error, spawn_post};
+use crate::support::kvgate::{assert_api_error, spawn_post, EventTap};
 
 use super::{admin, names, poll, say, setup, slot_of, turn, CHAT};
 
@@ -104,6 +104,7 @@ async fn unknown_admin_paths_and_methods_are_refused() {
 #[tokio::test]
 async fn slots_show_owners_counters_busy_and_the_queue_without_blocking() {
     let s = setup(2, |_| {}).await;
+    let tap = EventTap::open(&s.kv).await;
     let v = s.kv.admin_get("/slots").await;
     let sl = v["slots"].as_array().expect("slots");
     assert_eq!(sl.len(), 2, "{v}");
@@ -159,6 +160,10 @@ async fn slots_show_owners_counters_busy_and_the_queue_without_blocking() {
     .await;
     let alice = spawn_post(&url, turn("Alice", "User: hi\nBob: yo"));
     let v = poll(&s.kv, "/slots", "one request queued", |v| v["queued"] == 1).await;
+    // Joining the queue is told live, so a dashboard needn't poll.
+    let queue = tap.wait_for("queue", 1).await;
+    assert_eq!(queue[0]["queued"], 1, "{queue:?}");
+    assert_eq!(queue[0]["upstream"], "upstream-1", "{queue:?}");
     assert_eq!(v["slots"][0]["busy"], true, "{v}");
     assert_eq!(v["slots"][1]["busy"], true, "{v}");
     assert_eq!(v["slots"][1]["character"], "Bob", "{v}");
@@ -183,6 +188,10 @@ async fn slots_show_owners_counters_busy_and_the_queue_without_blocking() {
     s.kv.wait_idle().await;
     let v = s.kv.admin_get("/slots").await;
     assert_eq!(v["queued"], 0, "{v}");
+    // So is leaving it; requests granted at once are never queued.
+    let queue = tap.of("queue");
+    assert_eq!(queue.len(), 2, "{queue:?}");
+    assert_eq!(queue[1]["queued"], 0, "{queue:?}");
     assert!(
         v["slots"]
             .as_array()
