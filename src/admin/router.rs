@@ -1,7 +1,8 @@
 //! One admin request in: the browser rules ([`super::browser`]: Host,
-//! Origin, content type, CORS), the admin key, then the route (a pure match
-//! of method and path), the body when the route takes one, and the resource
-//! that answers.
+//! Origin, content type, CORS), the dashboard's page and files (served
+//! without the key: [`super::dashboard`]), the admin key, then the route (a
+//! pure match of method and path), the body when the route takes one, and
+//! the resource that answers.
 
 use std::sync::Arc;
 
@@ -19,7 +20,7 @@ use super::browser::{self, BrowserRules, Cors};
 use super::instances::Action;
 use super::preload_jobs::Preloads;
 use super::request::{json_ok, query_param, read_json, selected, Answer};
-use super::{files, instances, observe, preload, saves, settings, slots, status};
+use super::{dashboard, files, instances, observe, preload, saves, settings, slots, status};
 
 /// The seed plugin's path prefixes, accepted in front of every route: the
 /// one the plugin serves, and the underscore spelling its README documents.
@@ -113,6 +114,11 @@ pub(crate) async fn handle(state: AdminState, req: Request<Incoming>) -> Respons
 }
 
 async fn answer(state: &AdminState, cors: &Cors, req: Request<Incoming>) -> Answer {
+    // The page holds no data and a browser opening a URL can't send the
+    // key: it is served before the key check (the Host rule still held).
+    if let Some(found) = dashboard::lookup(req.method(), req.uri().path()) {
+        return found.map(dashboard::response);
+    }
     let has_body = !req.body().is_end_stream();
     state
         .browser
