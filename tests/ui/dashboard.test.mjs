@@ -234,6 +234,11 @@ test('the dashboard shows kvgate live and acts through its admin API', { timeout
   await row.waitFor();
   assert.equal(await row.getAttribute('data-tag'), TAG);
   assert.match(await row.innerText(), new RegExp(`${TAG}\\s+manual`));
+  // The search asks kvgate (GET /saves?q=): nothing matches a stranger.
+  await page.fill('#saves-search', 'Mallory');
+  await page.locator('#saves-list .empty', { hasText: 'No save matches “Mallory”' }).waitFor();
+  await page.fill('#saves-search', holder.toLowerCase());
+  await row.waitFor();
   await shot(browser, 'saves');
 
   // ---- clear the slots, then load the bookmark into one
