@@ -358,3 +358,24 @@ test('the dashboard shows kvgate live and acts through its admin API', { timeout
   assert.ok(api.some((r) => new URL(r.url).pathname === '/events' && r.headers['x-admin-key'] === KEY), 'the event stream carries the key');
   browser.assertClean();
 }));
+
+// Most kvgates listen on loopback without a key: the page opens at once,
+// asks for nothing, and says why the instances API is off instead of
+// calling it (no refusal in the console either).
+test('without an admin key the dashboard opens at once and explains instances', { timeout: 120_000 }, () => withRun('dashboard-keyless', async (run) => {
+  const kv = await startKvgate(run, { slots: 2, ctx: 2048 });
+  const browser = await openBrowser(run, { allowedOrigins: [kv.adminUrl], viewport: { width: 1280, height: 800 } });
+  const { page } = browser;
+  await page.goto(`${kv.adminUrl}/`);
+  await page.locator('body[data-ready="true"]').waitFor();
+  await page.locator('#conn[data-state="connected"]').waitFor();
+  assert.equal(await page.locator('dialog[open]').count(), 0, 'no key asked for');
+  assert.ok(await page.locator('#forget-key').isHidden());
+  await page.locator('[data-upstream="main"] tr.slot-row').nth(1).waitFor();
+  await page.click('#nav-instances');
+  const notice = page.locator('#instances-list .notice');
+  await notice.waitFor();
+  assert.match(await notice.innerText(), /without an admin key.*--admin-key/);
+  assert.ok(await page.locator('#instance-create').isDisabled());
+  browser.assertClean();
+}));

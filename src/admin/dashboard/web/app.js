@@ -205,6 +205,7 @@ async function boot() {
 
     await reachKvgate();
     byId('boot-error').hidden = true;
+    instances.setKeyless(!api.key.get());
     document.body.dataset.ready = 'true';
     showTab(location.hash.slice(1));
     follow({ onEvent, onState: setConnection, onUnauthorized: askForKey });

@@ -9,6 +9,7 @@ import { ask, busy, byId, fill, h, toast } from './dom.js';
 import { basename, count, duration, when } from './format.js';
 
 let list = [];
+let keyless = false;
 const logsOpen = new Set();
 const logs = new Map(); // id → {lines, total}
 
@@ -19,14 +20,31 @@ export function init() {
     });
 }
 
+/**
+ * kvgate answered without any key, so it has none: the instances API
+ * (which starts processes) refuses to work, and is not asked.
+ */
+export function setKeyless(value) {
+    keyless = value;
+}
+
+function refused(message) {
+    fill(byId('instances-list'), h('p', { class: 'notice', role: 'status' }, message));
+    byId('instance-create').disabled = true;
+}
+
 /** Reads the instances (and the logs shown) and redraws. */
 export async function refresh() {
+    if (keyless) {
+        refused('kvgate runs without an admin key, and the instances API starts processes, so it needs one: '
+            + 'start kvgate with --admin-key or --admin-key-file.');
+        return;
+    }
     try {
         list = (await api.instances()).instances ?? [];
     } catch (e) {
         if (e.status === 401) {
-            fill(byId('instances-list'), h('p', { class: 'notice', role: 'status' }, e.message));
-            byId('instance-create').disabled = true;
+            refused(e.message);
             return;
         }
         throw e;
