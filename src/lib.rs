@@ -12,7 +12,8 @@
 //! - `proxy/`: the front port. Passthrough, a client's own slot actions, and
 //!   the completion path as named phases over one `Turn`.
 //! - `admin/`: the side port, one file per resource (files, saves and load,
-//!   slots, preload and its jobs, instances, settings, events and metrics).
+//!   slots, preload and its jobs, instances, settings, events and metrics),
+//!   and the web dashboard built into the binary.
 //! - `instances/`: llama-server processes kvgate runs (`--model`, the admin
 //!   API's `/instances`): their spec, records and supervisor.
 //! - [`app`]: the application: policy, clients, shared state, the upstreams.

@@ -1,6 +1,6 @@
 //! `/instances`: the llama-server processes kvgate runs (create, list,
-//! show, start, stop, delete), behind the admin key since they start
-//! processes.
+//! show, start, stop, delete, the tail of their output), behind the admin
+//! key since they start processes.
 
 use hyper::StatusCode;
 use serde_json::Value;
@@ -26,6 +26,8 @@ pub(crate) enum Action {
     Stop,
     /// `DELETE /instances/{id}`.
     Delete,
+    /// `GET /instances/{id}/log`.
+    Log,
 }
 
 /// The instances API needs an admin key: it starts processes.
@@ -49,6 +51,7 @@ pub(crate) async fn act(instances: &Instances, action: Action, id: &str, body: &
         Action::Start => instances.start(id).await,
         Action::Stop => instances.stop(id).await,
         Action::Delete => instances.delete(id).await,
+        Action::Log => instances.log(id),
     };
     done.map(|v| json_ok(&v)).map_err(instance_error)
 }

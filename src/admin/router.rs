@@ -1,7 +1,8 @@
 //! One admin request in: the browser rules ([`super::browser`]: Host,
-//! Origin, content type, CORS), the admin key, then the route (a pure match
-//! of method and path), the body when the route takes one, and the resource
-//! that answers.
+//! Origin, content type, CORS), the dashboard's page and files (served
+//! without the key: [`super::dashboard`]), the admin key, then the route (a
+//! pure match of method and path), the body when the route takes one, and
+//! the resource that answers.
 
 use std::sync::Arc;
 
@@ -19,7 +20,7 @@ use super::browser::{self, BrowserRules, Cors};
 use super::instances::Action;
 use super::preload_jobs::Preloads;
 use super::request::{json_ok, query_param, read_json, selected, Answer};
-use super::{files, instances, observe, preload, saves, settings, slots, status};
+use super::{dashboard, files, instances, observe, preload, saves, settings, slots, status};
 
 /// The seed plugin's path prefixes, accepted in front of every route: the
 /// one the plugin serves, and the underscore spelling its README documents.
@@ -113,6 +114,11 @@ pub(crate) async fn handle(state: AdminState, req: Request<Incoming>) -> Respons
 }
 
 async fn answer(state: &AdminState, cors: &Cors, req: Request<Incoming>) -> Answer {
+    // The page holds no data and a browser opening a URL can't send the
+    // key: it is served before the key check (the Host rule still held).
+    if let Some(found) = dashboard::lookup(req.method(), req.uri().path()) {
+        return found.map(dashboard::response);
+    }
     let has_body = !req.body().is_end_stream();
     state
         .browser
@@ -179,6 +185,7 @@ fn route<'a>(method: &Method, segments: &[&'a str], path: &str) -> Result<Route<
         (&Method::GET, ["instances"]) => R::Instances(Action::List, ""),
         (&Method::POST, ["instances"]) => R::Instances(Action::Create, ""),
         (&Method::GET, ["instances", id]) => R::Instances(Action::Show, id),
+        (&Method::GET, ["instances", id, "log"]) => R::Instances(Action::Log, id),
         (&Method::POST, ["instances", id, "start"]) => R::Instances(Action::Start, id),
         (&Method::POST, ["instances", id, "stop"]) => R::Instances(Action::Stop, id),
         (&Method::DELETE, ["instances", id]) => R::Instances(Action::Delete, id),
@@ -220,7 +227,7 @@ async fn dispatch(
 ) -> Answer {
     let (app, shared) = (&state.app, &state.app.shared);
     match route {
-        Route::Health => Ok(json_ok(&status::health(app))),
+        Route::Health => Ok(json_ok(&status::health(app).await)),
         Route::Upstreams => Ok(json_ok(&status::upstreams(app))),
         Route::Slots => query_param(query, "upstream")
             .and_then(|name| selected(app, name))

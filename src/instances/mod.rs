@@ -11,9 +11,12 @@
 //! ([`records::INSTANCES_FILE`], written atomically) and come back with kvgate, in
 //! the state they were left in. Every change of state goes through a
 //! `starting`/`stopping` status that refuses concurrent changes (409), so no
-//! lock is held while a process starts or stops.
+//! lock is held while a process starts or stops. Each change of status is
+//! told on the event stream (`instance`), and each instance keeps the tail
+//! of its llama-server's output ([`log`]).
 
 pub mod flags;
+pub mod log;
 pub mod records;
 pub mod spec;
 pub mod supervisor;
@@ -32,6 +35,7 @@ use crate::session;
 use crate::store::meta::{now_unix, SaveKind};
 use crate::sync::Unpoisoned;
 
+use log::LogTail;
 use records::Record;
 pub use records::{INSTANCES_FILE, MAIN_ID};
 use spec::{check_spec, parse_create, port_free, recheck, InstanceSpec};
@@ -108,6 +112,8 @@ struct Instance {
     error: Option<String>,
     /// The running process.
     process: Option<Supervisor>,
+    /// What its llama-server printed last, across starts and stops.
+    log: Arc<LogTail>,
 }
 
 /// Every instance kvgate runs.
@@ -163,6 +169,7 @@ impl Instances {
                     },
                     error: refused.map(|why| format!("refused: {why}")),
                     process: None,
+                    log: Arc::default(),
                 });
             }
         }
@@ -216,6 +223,7 @@ impl Instances {
     /// Starts the `--model` instance; kvgate does not serve without it.
     pub async fn start_main(&self, spec: InstanceSpec) -> Result<(), InstanceError> {
         self.list().push(Instance::starting(MAIN_ID.into(), spec));
+        self.announce(MAIN_ID);
         self.launch(MAIN_ID).await
     }
 
@@ -254,8 +262,10 @@ impl Instances {
             list.push(Instance::starting(id.clone(), spec));
             id
         };
+        self.announce(&id);
         if let Err(e) = self.launch(&id).await {
             self.list().retain(|i| i.id != id);
+            self.announce(&id);
             return Err(e);
         }
         if let Some(i) = self.list().iter_mut().find(|i| i.id == id) {
@@ -267,6 +277,7 @@ impl Instances {
                 self.halt(&id).await;
             }
             self.list().retain(|i| i.id != id);
+            self.announce(&id);
             return Err(e);
         }
         self.show(&id)
@@ -318,6 +329,19 @@ impl Instances {
         Ok(v)
     }
 
+    /// `GET /instances/{id}/log`: the last lines its llama-server printed
+    /// (kept across restarts, stops and failed starts; see [`log`]).
+    pub fn log(&self, id: &str) -> Result<Value, InstanceError> {
+        let tail = self
+            .list()
+            .iter()
+            .find(|i| i.id == id)
+            .map(|i| Arc::clone(&i.log))
+            .ok_or_else(|| InstanceError::NotFound(id.into()))?;
+        let (lines, total) = tail.lines();
+        Ok(json!({"id": id, "lines": lines, "total": total}))
+    }
+
     /// `POST /instances/{id}/start`: starts a stopped or failed instance
     /// (a running one is left alone).
     pub async fn start(&self, id: &str) -> Result<Value, InstanceError> {
@@ -352,6 +376,7 @@ impl Instances {
             }
             i.wanted = false;
         }
+        self.announce(id);
         self.persist(None)?;
         self.show(id)
     }
@@ -379,9 +404,11 @@ impl Instances {
             if let Some(i) = self.list().iter_mut().find(|i| i.id == id) {
                 i.status = Status::Stopped;
             }
+            self.announce(id);
             return Err(e);
         }
         self.list().retain(|i| i.id != id);
+        self.announce(id);
         info!(instance = id, "instance deleted");
         Ok(shown)
     }
@@ -423,28 +450,56 @@ impl Instances {
         allowed: impl Fn(Status) -> Result<bool, Status>,
         next: Status,
     ) -> Result<Option<Status>, InstanceError> {
-        let mut list = self.list();
-        let i = list
-            .iter_mut()
-            .find(|i| i.id == id)
-            .ok_or_else(|| InstanceError::NotFound(id.into()))?;
-        match allowed(i.status) {
-            Ok(true) => Ok(Some(std::mem::replace(&mut i.status, next))),
-            Ok(false) => Ok(None),
-            Err(s) => Err(InstanceError::Busy(id.into(), s.as_str())),
+        let previous = {
+            let mut list = self.list();
+            let i = list
+                .iter_mut()
+                .find(|i| i.id == id)
+                .ok_or_else(|| InstanceError::NotFound(id.into()))?;
+            match allowed(i.status) {
+                Ok(true) => Some(std::mem::replace(&mut i.status, next)),
+                Ok(false) => None,
+                Err(s) => return Err(InstanceError::Busy(id.into(), s.as_str())),
+            }
+        };
+        if previous.is_some() {
+            self.announce(id);
         }
+        Ok(previous)
+    }
+
+    /// Tells the event stream where instance `id` is now (`deleted` once
+    /// it is gone), so a dashboard follows changes made by anyone.
+    fn announce(&self, id: &str) {
+        let now = self
+            .list()
+            .iter()
+            .find(|i| i.id == id)
+            .map(|i| (i.status.as_str(), i.error.clone()));
+        let (status, error) = now.unwrap_or(("deleted", None));
+        self.app.shared.events.emit(
+            "instance",
+            || json!({"id": id, "status": status, "error": error}),
+        );
     }
 
     /// Starts the process of `id` (in status `starting`) and adds it to the
     /// app; on failure the instance is `failed` with the reason.
     async fn launch(&self, id: &str) -> Result<(), InstanceError> {
-        let spec = {
+        let launched = self.launch_process(id).await;
+        self.announce(id);
+        launched
+    }
+
+    /// What [`Instances::launch`] does, before it tells the event stream.
+    async fn launch_process(&self, id: &str) -> Result<(), InstanceError> {
+        let (spec, log) = {
             let list = self.list();
             let i = list
                 .iter()
                 .find(|i| i.id == id)
                 .ok_or_else(|| InstanceError::NotFound(id.into()))?;
-            i.spec.clone()
+            (i.spec.clone(), Arc::clone(&i.log))
         };
         // An API-created instance is checked again at every start: its
         // record may predate today's rules. (The `--model` one runs what
@@ -455,7 +510,7 @@ impl Instances {
             recheck(&spec).map_err(|e| InstanceError::BadRequest(format!("refused: {e}")))
         };
         let process = match checked {
-            Ok(spec) => self.run_process(&spec).await,
+            Ok(spec) => self.run_process(&spec, log).await,
             Err(e) => Err(e),
         };
         let started = match process {
@@ -515,22 +570,29 @@ impl Instances {
         }
     }
 
-    async fn run_process(&self, spec: &InstanceSpec) -> Result<Supervisor, InstanceError> {
+    async fn run_process(
+        &self,
+        spec: &InstanceSpec,
+        log: Arc<LogTail>,
+    ) -> Result<Supervisor, InstanceError> {
         let dir = self.dir.clone().ok_or(InstanceError::NoSaveDir)?;
         if let Some(p) = spec.port {
             port_free(p).map_err(InstanceError::BadRequest)?;
         }
         let binary = supervisor::find_binary(self.app.shared.cfg.llama_server.as_deref())
             .map_err(|e| InstanceError::Start(e.to_string()))?;
-        Supervisor::start(supervisor::Spec {
-            binary,
-            model: spec.model.clone(),
-            slots: spec.slots,
-            ctx: spec.ctx,
-            save_dir: dir,
-            args: spec.args.clone(),
-            port: spec.port,
-        })
+        Supervisor::start(
+            supervisor::Spec {
+                binary,
+                model: spec.model.clone(),
+                slots: spec.slots,
+                ctx: spec.ctx,
+                save_dir: dir,
+                args: spec.args.clone(),
+                port: spec.port,
+            },
+            log,
+        )
         .await
         .map_err(|e| InstanceError::Start(e.to_string()))
     }
@@ -606,6 +668,7 @@ impl Instance {
             status: Status::Starting,
             error: None,
             process: None,
+            log: Arc::default(),
         }
     }
 

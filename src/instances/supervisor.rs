@@ -20,7 +20,10 @@ use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::sync::Unpoisoned;
+use super::log::LogTail;
+
+/// Lines of llama-server's output a start error quotes.
+const ERROR_LINES: usize = 20;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -175,13 +178,13 @@ fn command(spec: &Spec, port: u16) -> Command {
 fn spawn(
     spec: &Spec,
     port: u16,
-    tail: &Arc<std::sync::Mutex<Vec<String>>>,
+    log: &Arc<LogTail>,
 ) -> Result<(Child, Vec<tokio::task::JoinHandle<()>>), SupervisorError> {
     let mut child = command(spec, port)
         .spawn()
         .map_err(|e| SupervisorError::Start(format!("{}: {e}", spec.binary.display())))?;
     // The child's output goes to kvgate's log; the last lines are kept for
-    // error messages.
+    // the admin API and error messages.
     let mut readers = Vec::new();
     for stream in [
         child
@@ -193,16 +196,12 @@ fn spawn(
     .into_iter()
     .flatten()
     {
-        let tail = Arc::clone(tail);
+        let log = Arc::clone(log);
         readers.push(tokio::spawn(async move {
             let mut lines = BufReader::new(stream).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 info!(target: "llama-server", "{line}");
-                let mut t = tail.lock_unpoisoned();
-                t.push(line);
-                if t.len() > 20 {
-                    t.remove(0);
-                }
+                log.push(&line);
             }
         }));
     }
@@ -210,14 +209,15 @@ fn spawn(
 }
 
 /// Starts llama-server and waits until it is healthy; when it is not,
-/// the error carries its last lines of output.
+/// the error carries its last lines of output (of this start only).
 async fn start_healthy(
     spec: &Spec,
     port: u16,
     url: &str,
-    tail: &Arc<std::sync::Mutex<Vec<String>>>,
+    log: &Arc<LogTail>,
 ) -> Result<Child, SupervisorError> {
-    let (mut child, readers) = spawn(spec, port, tail)?;
+    let mark = log.mark();
+    let (mut child, readers) = spawn(spec, port, log)?;
     let Err(e) = healthy(url, &mut child, Duration::from_secs(300)).await else {
         return Ok(child);
     };
@@ -227,7 +227,7 @@ async fn start_healthy(
     for r in readers {
         let _ = tokio::time::timeout(Duration::from_secs(2), r).await;
     }
-    let last = tail.lock_unpoisoned().join("\n");
+    let last = log.since(mark, ERROR_LINES).join("\n");
     Err(SupervisorError::Start(format!(
         "{e}; its last lines:\n{last}"
     )))
@@ -284,14 +284,14 @@ async fn stop_child(child: &mut Child, grace: Duration) {
 impl Supervisor {
     /// Starts llama-server and waits until it is healthy; then keeps it
     /// running (restarting it with backoff) until [`Supervisor::stop`].
-    pub async fn start(spec: Spec) -> Result<Supervisor, SupervisorError> {
+    /// Its output goes to `log` as well as kvgate's log.
+    pub async fn start(spec: Spec, log: Arc<LogTail>) -> Result<Supervisor, SupervisorError> {
         let port = match spec.port {
             Some(p) => p,
             None => free_port()?,
         };
         let url = format!("http://127.0.0.1:{port}");
-        let tail = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let mut child = start_healthy(&spec, port, &url, &tail).await?;
+        let mut child = start_healthy(&spec, port, &url, &log).await?;
         info!(%url, model = %spec.model.display(), slots = spec.slots, "llama-server is up");
         let state = Arc::new(State::default());
         state.up(&child);
@@ -320,7 +320,7 @@ impl Supervisor {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = until_stop(&mut stopped) => return,
                     }
-                    match spawn(&spec, port, &tail) {
+                    match spawn(&spec, port, &log) {
                         Ok((mut c, _)) => {
                             let up = tokio::select! {
                                 r = healthy(&url2, &mut c, Duration::from_secs(300)) => Some(r),

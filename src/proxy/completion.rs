@@ -133,7 +133,9 @@ pub(crate) async fn completion(
             for sibling in std::mem::take(&mut turn.siblings) {
                 sibling.release(outcome);
             }
+            let slot = lease.slot();
             lease.release(outcome);
+            released(&upstream, slot, &turn);
             return Err(f);
         }
     };
@@ -643,7 +645,19 @@ async fn finish(
         session::autosave(upstream, &lease, &identity.tenant).await;
     }
     lease.release(Outcome::Untouched);
+    released(upstream, slot, turn);
     upstream.note_activity(true);
+}
+
+/// Tells the event stream that the turn is over and its slot free for the
+/// next request: `generation_finished` comes before the autosave, which
+/// may take a while and holds the slot meanwhile.
+fn released(upstream: &Upstream, slot: usize, turn: &Turn) {
+    let tenant = &turn.identity.tenant;
+    upstream.emit(
+        "slot_released",
+        || json!({"slot": slot, "chat": tenant.chat(), "character": tenant.character()}),
+    );
 }
 
 /// Metrics, the `generation_finished` event and a debug line for a turn.

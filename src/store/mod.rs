@@ -9,6 +9,7 @@
 //! - [`persist`]: the hooks for real: saves and restores through
 //!   llama-server's slot actions into the store.
 //! - [`reserved`]: the names kvgate keeps for itself (pure).
+//! - [`usage`]: the directory's size and its filesystem's free space.
 
 pub(crate) mod atomic;
 pub mod hooks;
@@ -18,6 +19,7 @@ pub mod meta;
 pub mod names;
 pub mod persist;
 pub mod reserved;
+pub mod usage;
 
 pub use atomic::temp_token;
 pub use hooks::{CacheHooks, Generation, NoCache, Restore};

@@ -100,6 +100,16 @@ async fn instances_are_created_listed_stopped_started_resumed_and_deleted() {
     assert_eq!(listed["slots_free"], 2, "{list}");
     assert_eq!(listed["restarts"], 0, "{list}");
     assert!(listed["uptime_s"].is_u64(), "{list}");
+    // llama-server's own output, kept by kvgate for the dashboard.
+    let (status, log) = call(&kv, "GET", "/instances/llama-1/log", None).await;
+    assert_eq!(status, 200, "{log}");
+    let listening = |log: &Value| {
+        log["lines"].as_array().is_some_and(|l| {
+            l.iter()
+                .any(|x| x.as_str().unwrap_or("").contains("listening"))
+        })
+    };
+    assert!(listening(&log), "{log}");
     // Its port is taken now: a second instance can't have it.
     let (status, e) = call(
         &kv,
@@ -121,6 +131,10 @@ async fn instances_are_created_listed_stopped_started_resumed_and_deleted() {
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["status"], "stopped", "{v}");
     assert!(!alive(first_pid), "llama-server {first_pid} still runs");
+    // Its output outlives it.
+    let (_, after) = call(&kv, "GET", "/instances/llama-1/log", None).await;
+    assert!(listening(&after), "{after}");
+    assert!(after["total"].as_u64() >= log["total"].as_u64(), "{after}");
     let saved: Vec<_> = saves_in(dir.path())
         .into_iter()
         .filter(|m| m.character == alice)

@@ -1,8 +1,10 @@
 //! The instances API's refusals, against a kvgate whose llama-server binary
 //! is a script that fails: every bad request gets a clear llama.cpp-style
 //! error with the right status, and nothing is left behind (no instance, no
-//! record, no process). Running instances are tested against the real
-//! llama-server in `tests/e2e/instances.rs`.
+//! record, no process); a failed start keeps llama-server's output in the
+//! instance's log, and every change of status is told on `/events`.
+//! Running instances are tested against the real llama-server in
+//! `tests/e2e/instances.rs`.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -10,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 
 use crate::support::fake_llama::FakeLlama;
-use crate::support::kvgate::{assert_api_error, Kvgate};
+use crate::support::kvgate::{assert_api_error, EventTap, Kvgate};
 
 const KEY: &str = "instances-test-key";
 
@@ -341,5 +343,91 @@ async fn a_recorded_instance_with_a_refused_flag_is_kept_but_not_run() {
     assert_eq!(ids, ["llama-1", "llama-2", "llama-7"], "{back:?}");
     assert_eq!(back[0]["args"], json!(["--tools", "all"]));
     assert_eq!(back[2], records[2]);
+    kv.stop().await;
+}
+
+#[tokio::test]
+async fn a_failed_start_keeps_its_output_in_the_log_and_each_change_is_told() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin_dir = tempfile::tempdir().unwrap();
+    let model = fake_model(bin_dir.path());
+    let record = json!([{"id": "llama-1", "model": model, "slots": 1, "ctx": 256,
+        "port": null, "args": [], "running": false, "created": 1}]);
+    let file = dir.path().join(kvgate::instances::INSTANCES_FILE);
+    std::fs::write(&file, serde_json::to_vec(&record).unwrap()).unwrap();
+    let fake = FakeLlama::builder().save_dir(dir.path()).build().await;
+    let kv = with_binary(&fake, dir.path(), failing_binary(bin_dir.path())).await;
+    let tap = EventTap::open_with(&kv, &[("x-admin-key", KEY)]).await;
+
+    let (status, v) = kv
+        .admin_json("GET", "/instances/llama-1/log", Some(KEY), None)
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v, json!({"id": "llama-1", "lines": [], "total": 0}));
+
+    for round in 1..=2u64 {
+        let (status, v) = kv
+            .admin_json("POST", "/instances/llama-1/start", Some(KEY), None)
+            .await;
+        assert_eq!(status, 500, "{v}");
+        // The error quotes this start's lines only.
+        let message = error_message(&v);
+        assert_eq!(message.matches("this model is broken").count(), 1, "{v}");
+        let (status, log) = kv
+            .admin_json("GET", "/instances/llama-1/log", Some(KEY), None)
+            .await;
+        assert_eq!(status, 200, "{log}");
+        // Kept across starts: both of each run's lines (stdout and stderr
+        // are read side by side, so in either order).
+        assert_eq!(log["total"], 2 * round, "{log}");
+        let lines: Vec<&str> = log["lines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l.as_str().unwrap())
+            .collect();
+        assert_eq!(lines.len() as u64, 2 * round, "{log}");
+        for line in ["loading the model", "error: this model is broken"] {
+            assert_eq!(
+                lines.iter().filter(|l| **l == line).count() as u64,
+                round,
+                "{log}"
+            );
+        }
+    }
+    let told: Vec<(String, String)> = tap
+        .wait_for("instance", 4)
+        .await
+        .iter()
+        .map(|e| {
+            assert_eq!(e["id"], "llama-1", "{e}");
+            (
+                e["status"].as_str().unwrap().to_string(),
+                e["error"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    let statuses: Vec<&str> = told.iter().map(|(s, _)| s.as_str()).collect();
+    assert_eq!(statuses, ["starting", "failed", "starting", "failed"]);
+    assert!(told[1].1.contains("this model is broken"), "{told:?}");
+
+    let (status, v) = kv
+        .admin_json("GET", "/instances/llama-9/log", Some(KEY), None)
+        .await;
+    assert_api_error(status, &v, "log of no instance");
+    assert_eq!(status, 404, "{v}");
+    let (status, _) = kv
+        .admin_json("GET", "/instances/llama-1/log", None, None)
+        .await;
+    assert_eq!(status, 401);
+
+    // Deleted: told too.
+    let (status, v) = kv
+        .admin_json("DELETE", "/instances/llama-1", Some(KEY), None)
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let told = tap.wait_for("instance", 6).await;
+    assert_eq!(told[4]["status"], "stopping", "{told:?}");
+    assert_eq!(told[5]["status"], "deleted", "{told:?}");
     kv.stop().await;
 }

@@ -758,7 +758,12 @@ struct Seen {
 
 impl EventTap {
     pub async fn open(kv: &Kvgate) -> EventTap {
-        let resp = send("GET", &format!("{}/events", kv.admin_url), &[], "").await;
+        EventTap::open_with(kv, &[]).await
+    }
+
+    /// [`EventTap::open`] with `headers` (an admin key).
+    pub async fn open_with(kv: &Kvgate, headers: &[(&str, &str)]) -> EventTap {
+        let resp = send("GET", &format!("{}/events", kv.admin_url), headers, "").await;
         assert_eq!(resp.status(), 200);
         let ct = content_type(&resp);
         assert!(ct.starts_with("text/event-stream"), "content-type {ct:?}");

@@ -9,7 +9,7 @@ use std::time::Duration;
 use kvgate::store::now_unix;
 use serde_json::json;
 
-use crate::support::kvgate::{assert_api_error, spawn_post};
+use crate::support::kvgate::{assert_api_error, spawn_post, EventTap};
 
 use super::{admin, names, poll, say, setup, slot_of, turn, CHAT};
 
@@ -35,6 +35,38 @@ async fn health_reports_kvgate_and_llama_server() {
     assert_eq!(
         Path::new(dir).canonicalize().unwrap(),
         s.dir.canonicalize().unwrap()
+    );
+
+    // The save directory's disk use: every plain file in it, counted and
+    // added up; a save adds its file and sidecar.
+    let on_disk = |dir: &Path| -> (u64, u64) {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_type().unwrap().is_file())
+            .fold((0, 0), |(n, b), e| (n + 1, b + e.metadata().unwrap().len()))
+    };
+    let disk = &v["disk"];
+    assert_eq!(
+        (disk["files"].as_u64(), disk["bytes"].as_u64()),
+        {
+            let (n, b) = on_disk(&s.dir);
+            (Some(n), Some(b))
+        },
+        "{v}"
+    );
+    assert!(disk["free_bytes"].as_u64().is_some_and(|f| f > 0), "{v}");
+    say(&s, "Alice", "User: hi").await;
+    let (status, r) = admin(&s.kv, "POST", "/save", Some(json!({}))).await;
+    assert_eq!(status, 200, "{r}");
+    let after = s.kv.admin_get("/health").await;
+    let (n, b) = on_disk(&s.dir);
+    assert_eq!(after["disk"]["files"].as_u64(), Some(n), "{after}");
+    assert_eq!(after["disk"]["bytes"].as_u64(), Some(b), "{after}");
+    assert!(
+        n >= disk["files"].as_u64().unwrap() + 2 && b > disk["bytes"].as_u64().unwrap(),
+        "a save and its sidecar: {disk} → {}",
+        after["disk"]
     );
 
     // llama-server goes away, and comes back.
@@ -72,6 +104,7 @@ async fn unknown_admin_paths_and_methods_are_refused() {
 #[tokio::test]
 async fn slots_show_owners_counters_busy_and_the_queue_without_blocking() {
     let s = setup(2, |_| {}).await;
+    let tap = EventTap::open(&s.kv).await;
     let v = s.kv.admin_get("/slots").await;
     let sl = v["slots"].as_array().expect("slots");
     assert_eq!(sl.len(), 2, "{v}");
@@ -127,6 +160,10 @@ async fn slots_show_owners_counters_busy_and_the_queue_without_blocking() {
     .await;
     let alice = spawn_post(&url, turn("Alice", "User: hi\nBob: yo"));
     let v = poll(&s.kv, "/slots", "one request queued", |v| v["queued"] == 1).await;
+    // Joining the queue is told live, so a dashboard needn't poll.
+    let queue = tap.wait_for("queue", 1).await;
+    assert_eq!(queue[0]["queued"], 1, "{queue:?}");
+    assert_eq!(queue[0]["upstream"], "upstream-1", "{queue:?}");
     assert_eq!(v["slots"][0]["busy"], true, "{v}");
     assert_eq!(v["slots"][1]["busy"], true, "{v}");
     assert_eq!(v["slots"][1]["character"], "Bob", "{v}");
@@ -151,6 +188,10 @@ async fn slots_show_owners_counters_busy_and_the_queue_without_blocking() {
     s.kv.wait_idle().await;
     let v = s.kv.admin_get("/slots").await;
     assert_eq!(v["queued"], 0, "{v}");
+    // So is leaving it; requests granted at once are never queued.
+    let queue = tap.of("queue");
+    assert_eq!(queue.len(), 2, "{queue:?}");
+    assert_eq!(queue[1]["queued"], 0, "{queue:?}");
     assert!(
         v["slots"]
             .as_array()

@@ -4,6 +4,7 @@
 //! the admin port go through `support::kvgate`).
 
 mod browser;
+mod dashboard;
 mod files;
 mod health_slots;
 mod keys;

@@ -1,5 +1,6 @@
 //! Watching kvgate: the `/events` stream of a scripted group chat,
-//! `restored_from`, a stalled monitor that holds nothing up, failed saves and
+//! `restored_from`, the slot released after a turn's autosave, a stalled
+//! monitor that holds nothing up, failed saves and
 //! restores as events and metrics, and `/metrics` as Prometheus text (read
 //! with `support::prometheus`, whose checks are tested here too).
 
@@ -216,6 +217,40 @@ async fn restored_from_names_the_file_a_slot_came_from() {
     assert_eq!(sl[*slot]["character"], "Alice");
     assert_eq!(sl[*slot]["restored_from"], file, "{sl:?}");
     assert_eq!(sl[*slot]["usage"], 1, "{sl:?}");
+}
+
+#[tokio::test]
+async fn a_turns_slot_is_released_after_its_autosave_and_said_so() {
+    let s = setup(1, |c| c.cache.save_every = 1).await;
+    let tap = EventTap::open(&s.kv).await;
+    say(&s, "Alice", "User: Hello!").await;
+    let events = tap.until("slot_released", 1).await;
+    let types: Vec<&str> = events
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .filter(|t| *t != "queue")
+        .collect();
+    // The autosave holds the slot after the generation has finished.
+    assert_eq!(
+        types,
+        [
+            "slot_assigned",
+            "generation_started",
+            "generation_finished",
+            "saved",
+            "slot_released"
+        ],
+        "{events:#?}"
+    );
+    let released = events.last().unwrap();
+    assert_eq!(
+        (&released["slot"], &released["chat"], &released["character"]),
+        (&0.into(), &CHAT.into(), &"Alice".into()),
+        "{released}"
+    );
+    // When it is told, the slot is free for the next request.
+    let sl = s.kv.admin_slots().await;
+    assert_eq!(sl[0]["busy"], false, "{sl:?}");
 }
 
 /// Turns of the stalled-monitor test. Overflowing every buffer between the

@@ -244,12 +244,15 @@ export async function getJson(url, init) {
 /**
  * Starts kvgate running llama-server with the tiny model:
  * `--model M --slots N --ctx C --save-dir DIR`, both ports on free loopback
- * ports. Waits until kvgate knows llama-server's slots (its /upstreams shows
- * the upstream up with N slots). Returns
- * `{frontUrl, adminUrl, saveDir, proc, events}` with `events` the live
- * `/events` reader (see `watchEvents`), started before any request.
+ * ports, with `adminKey` as its admin key if given (in the environment, not
+ * on the command line). Waits until kvgate knows llama-server's slots (its
+ * /upstreams shows the upstream up with N slots). Returns
+ * `{frontUrl, adminUrl, saveDir, proc, events, adminHeaders, admin}` with
+ * `events` the live `/events` reader (see `watchEvents`), started before
+ * any request, and `admin(method, path, body?)` an admin API call with the
+ * key, resolving to `{status, body}`.
  */
-export async function startKvgate(run, { slots = 2, ctx = 2048, args = [], llamaArgs = [] } = {}) {
+export async function startKvgate(run, { slots = 2, ctx = 2048, args = [], llamaArgs = [], adminKey = null } = {}) {
   const model = await tinyModel();
   const [front, admin] = [await freePort(), await freePort()];
   const saveDir = run.mkdir('saves', { bulky: true });
@@ -265,17 +268,33 @@ export async function startKvgate(run, { slots = 2, ctx = 2048, args = [], llama
   ];
   if (llamaArgs.length) argv.push('--', ...llamaArgs);
   const proc = startProcess(run, 'kvgate', kvgateBin(), argv, {
-    env: { KVGATE_LOG: process.env.KVGATE_LOG || 'info' },
+    env: {
+      KVGATE_LOG: process.env.KVGATE_LOG || 'info',
+      ...(adminKey ? { KVGATE_ADMIN_KEY: adminKey } : {}),
+    },
   });
   const adminUrl = `http://127.0.0.1:${admin}`;
   const frontUrl = `http://127.0.0.1:${front}`;
+  const adminHeaders = adminKey ? { 'x-admin-key': adminKey } : {};
   await waitUntil('kvgate to know llama-server\'s slots', async () => {
-    const { upstreams } = await getJson(`${adminUrl}/upstreams`);
+    const { upstreams } = await getJson(`${adminUrl}/upstreams`, { headers: adminHeaders });
     return upstreams?.[0]?.up && upstreams[0].slots === slots;
   }, { timeoutMs: 60000, proc });
-  const events = await watchEvents(run, adminUrl);
+  const events = await watchEvents(run, adminUrl, { headers: adminHeaders });
   run.log(`kvgate up: front ${frontUrl}, admin ${adminUrl}, ${slots} slots x ${ctx} tokens`);
-  return { frontUrl, adminUrl, saveDir, proc, events };
+  const adminCall = async (method, path, body) => {
+    const res = await fetch(`${adminUrl}${path}`, {
+      method,
+      headers: { ...adminHeaders, ...(body !== undefined ? { 'content-type': 'application/json' } : {}) },
+      body: body !== undefined ? JSON.stringify(body) : undefined,
+      signal: AbortSignal.timeout(60000),
+    });
+    const text = await res.text();
+    let parsed = null;
+    try { parsed = text ? JSON.parse(text) : null; } catch { parsed = text; }
+    return { status: res.status, body: parsed };
+  };
+  return { frontUrl, adminUrl, saveDir, proc, events, adminHeaders, admin: adminCall };
 }
 
 /**
@@ -285,14 +304,15 @@ export async function startKvgate(run, { slots = 2, ctx = 2048, args = [], llama
  * with the first event (from `events.list[from]` on) matching `pred`;
  * `events.mark()` is the current length, to look only at later events.
  * Resolves once the stream is open, so no event after it is missed.
+ * `headers`: sent with the request (the admin key).
  */
-export async function watchEvents(run, adminUrl) {
+export async function watchEvents(run, adminUrl, { headers = {} } = {}) {
   const list = [];
   const waiters = new Set();
   const controller = new AbortController();
   const file = run.path('events.jsonl');
   const res = await fetch(`${adminUrl}/events`, {
-    headers: { accept: 'text/event-stream' },
+    headers: { accept: 'text/event-stream', ...headers },
     signal: controller.signal,
   });
   if (!res.ok || !res.body) throw new Error(`${adminUrl}/events: HTTP ${res.status}`);
