@@ -60,7 +60,7 @@ cargo build --release --locked
 export KVGATE_BIN="$PWD/target/release/kvgate"
 
 log "Chromium $KVGATE_CHROMIUM, SillyTavern ${KVGATE_SILLYTAVERN_VERSION:-?} in $KVGATE_SILLYTAVERN, llama-server $KVGATE_LLAMA_SERVER"
-if (( $# == 0 )); then set -- tests/ui/; fi
+if (( $# == 0 )); then set -- tests/ui/*.test.mjs; fi
 start=$SECONDS
 status=0
 node --test --test-concurrency=1 "$@" || status=$?

@@ -3,13 +3,20 @@
 //! object) or, failing that, from the active [`Policy`]'s inference rules.
 //!
 //! Pure: takes the parsed body and header values, returns an [`Identity`].
-//! The one piece of history it needs (the tenant's previous prompt, to tell a
-//! swipe from a new message) is passed in by the caller.
+//! The one piece of history it needs (the tenant's previous prompt: to tell a
+//! swipe from a new message, and whether kvgate has seen a name speak in a
+//! chat before) is passed in by the caller.
+//!
+//! Text completion is read off the `\nName:` tail and the stop strings;
+//! chat completion off the client's own prompt templates, which the policy
+//! lists (`[chat]`; read back by [`crate::policy::template`]), and the `name`
+//! of user and assistant messages.
 //!
 //! # What inferred chat keys can and cannot tell apart
 //! SillyTavern sends no chat id. The inferred chat key is the sorted roster:
 //! the speaker plus every `\nName:` stop string (the user and the other group
-//! members). It is the same for every speaker of one group chat, in "swap
+//! members); over chat completion, the members the group's first line lists
+//! plus the user. It is the same for every speaker of one group chat, in "swap
 //! character cards" mode too, and it does not depend on the history, which
 //! SillyTavern trims from the front once the context is full. It cannot tell
 //! apart two chats with the same roster (two 1:1 chats with Alice under the
@@ -249,6 +256,9 @@ struct Reading {
     /// Such a name counts only when kvgate already knows it as a speaker of
     /// that chat.
     needs_known_speaker: bool,
+    /// The roster came from a line listing the members, the speaker among
+    /// them: it is complete as it is.
+    roster_names_speaker: bool,
     kind: Option<Kind>,
     user: Option<String>,
     roster: Vec<String>,
@@ -285,7 +295,10 @@ pub fn resolve(
         (None, Some(c)) => (Some(c.clone()), Source::Inferred),
         (None, None) => (None, Source::Anonymous),
     };
-    let roster = roster_with(&reading.roster, character.as_deref());
+    let speaker = character
+        .as_deref()
+        .filter(|_| !reading.roster_names_speaker);
+    let roster = roster_with(&reading.roster, speaker);
     let tenant = match character {
         Some(name) => character_tenant(&name, &roster, explicit, &reading),
         None => Tenant::Anonymous {
@@ -675,10 +688,14 @@ fn message_text(m: &Value) -> Option<std::borrow::Cow<'_, str>> {
     }
 }
 
-/// How many messages from each end the templates are looked for in: the
-/// main prompt and the group's first line are near the start, the nudges at
-/// the end; the history between holds only what characters wrote.
-const TEMPLATE_SCAN_MESSAGES: usize = 8;
+/// Where the templates are looked for: the messages before the chat's
+/// history begins (the main prompt, the card, examples, the group's first
+/// line), at most [`TEMPLATE_LEADING_MESSAGES`] of them, and the last
+/// [`TEMPLATE_TRAILING_MESSAGES`] (the nudges). The history between holds
+/// only what characters wrote, however long it grows.
+const TEMPLATE_LEADING_MESSAGES: usize = 64;
+/// See [`TEMPLATE_LEADING_MESSAGES`].
+const TEMPLATE_TRAILING_MESSAGES: usize = 8;
 
 /// What the client's own prompt templates say (SillyTavern's group nudge,
 /// main prompt, new-group-chat line, impersonation and continue prompts):
@@ -693,13 +710,24 @@ fn read_chat_templates(messages: &[Value], rules: &ChatRules, r: &mut Reading) {
     {
         return;
     }
-    // The messages near either end, last first (a nudge at the end wins).
+    // The messages before the history and the last few, last first (a
+    // nudge at the end wins).
     let n = messages.len();
+    let history_starts = messages
+        .iter()
+        .take(TEMPLATE_LEADING_MESSAGES)
+        .position(|m| {
+            matches!(
+                m.get("role").and_then(Value::as_str),
+                Some("user" | "assistant")
+            )
+        })
+        .unwrap_or(TEMPLATE_LEADING_MESSAGES);
     let near: Vec<std::borrow::Cow<'_, str>> = messages
         .iter()
         .enumerate()
         .rev()
-        .filter(|(i, _)| *i + TEMPLATE_SCAN_MESSAGES >= n || *i < TEMPLATE_SCAN_MESSAGES)
+        .filter(|(i, _)| *i + TEMPLATE_TRAILING_MESSAGES >= n || *i < history_starts)
         .filter_map(|(_, m)| message_text(m))
         .collect();
     let first_fill = |templates: &[Template]| {
@@ -739,6 +767,10 @@ fn read_chat_templates(messages: &[Value], rules: &ChatRules, r: &mut Reading) {
                 break;
             }
         }
+        // The line names the speaker even when its name holds the separator
+        // ("Smith, John" splits in two, alike for every speaker): adding it
+        // whole as well would give that one speaker a chat key of its own.
+        r.roster_names_speaker = r.character.as_deref().is_some_and(|c| group.contains(c));
         if let Some(u) = &r.user {
             names.add(u);
         }

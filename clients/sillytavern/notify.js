@@ -11,7 +11,9 @@ const TITLE = 'kvgate';
 
 /** An answer to a user's action. level: 'success' | 'info' | 'warning' | 'error'. */
 export function tell(level, message, title = TITLE, options = {}) {
-    toasts()[level](message, title, options);
+    // Messages hold client-chosen names (characters, chats, tags): text,
+    // never HTML, whatever toastr's page-wide default is.
+    toasts()[level](message, title, { ...options, escapeHtml: true });
 }
 
 /** A failed action: kvgate's error.message (AdminError) or the exception's. */

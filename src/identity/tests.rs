@@ -363,9 +363,7 @@ fn chat_completion_speaker_roster_and_kind_come_from_sillytavern_prompts() {
         assert_eq!(id.user.as_deref(), Some("User"));
     }
     // The nudge at the end wins over a main prompt naming someone else.
-    let mut b = st_chat_body("Alice", true, &[&nudge("Carol")], true);
-    b["messages"][0]["content"] =
-        json!("Write Alice's next reply in a fictional chat between Alice and User.");
+    let b = st_chat_body("Alice", true, &[&nudge("Carol")], true);
     assert_eq!(character(&resolve_chat(&b)).1, "Carol");
     // A 1:1 chat.
     let id = resolve_chat(&st_chat_body("Alice", false, &[], true));
@@ -382,9 +380,10 @@ fn chat_completion_speaker_roster_and_kind_come_from_sillytavern_prompts() {
     let id = resolve_chat(&st_chat_body("Bob", true, &[&nudge("Bob"), cont], true));
     assert_eq!(character(&id), (GROUP, "Bob"));
     assert_eq!(id.kind, Kind::Continue);
-    // Quiet prompts are sent without streaming.
+    // Not streaming is SillyTavern's Chat Completion default: still a turn.
     let id = resolve_chat(&st_chat_body("Bob", true, &[&nudge("Bob")], false));
-    assert_eq!(id.kind, Kind::Quiet);
+    assert_eq!(character(&id), (GROUP, "Bob"));
+    assert_eq!(id.kind, Kind::Normal);
     // The same body again is a swipe.
     let b = st_chat_body("Bob", true, &[&nudge("Bob")], true);
     let first = resolve_chat(&b);
@@ -485,6 +484,42 @@ fn recorded_text_completion_turns_of_sillytavern_1_19_are_named() {
         (63, "Alice+User", "Alice", Normal),
     ];
     assert_replay(RECORDING_TEXT_1_19, Api::Text, &expected);
+}
+
+/// The group's first line sits after the persona, the cards and every
+/// example block, and before a history of any length: it is found there, so
+/// every member keeps the group's key, also one whose name holds the
+/// separator.
+#[test]
+fn chat_completion_roster_is_found_after_long_preambles_and_kept_whole() {
+    let group = "[Start a new group chat. Group members: Alice, Smith, John, Bob]";
+    let body = |speaker: &str| {
+        let mut messages = vec![json!({"role": "system", "content": format!(
+            "Write {speaker}'s next reply in a fictional chat between {speaker} and User.")})];
+        messages.extend(
+            (0..20).map(|i| json!({"role": "system", "content": format!("Example line {i}.")})),
+        );
+        messages.push(json!({"role": "system", "content": group}));
+        for i in 0..40 {
+            messages.push(json!({"role": "user", "content": format!("message {i}")}));
+            messages.push(json!({"role": "assistant", "content": format!("Bob: reply {i}")}));
+        }
+        messages.push(json!({"role": "system", "content": format!("[Write the next reply only as {speaker}.]")}));
+        json!({"messages": messages, "stream": false})
+    };
+    // "Smith, John" reads as two names on the line, alike for every speaker.
+    let key = "Alice+Bob+John+Smith+User";
+    for speaker in ["Alice", "Smith, John", "Bob"] {
+        let id = resolve(
+            Api::Chat,
+            &body(speaker),
+            &Explicit::default(),
+            &st(),
+            |_| None,
+        );
+        assert_eq!(character(&id), (key, speaker));
+        assert_eq!(id.kind, Kind::Normal);
+    }
 }
 
 #[test]

@@ -11,8 +11,9 @@
 //! Pure. A template is literal text and placeholders `{{char}}`, `{{user}}`,
 //! `{{group}}`; it must start and end with text, and placeholders must be
 //! separated by text, so each one is captured up to the next literal piece.
-//! Matching is bounded: at most [`MAX_STARTS`] starting points per text, each
-//! a linear scan, so a hostile message costs linear time.
+//! Matching is bounded: at most [`MAX_STARTS`] starting points per text, and
+//! from each a look of at most [`MAX_CAPTURE_BYTES`] for what follows a
+//! placeholder, so a hostile message costs little whatever its length.
 
 /// Most places a template's first piece is tried from, per text.
 pub const MAX_STARTS: usize = 8;
@@ -131,7 +132,9 @@ impl Template {
                     let Some(Piece::Text(next)) = pieces.next() else {
                         return None;
                     };
-                    let end = text.find(next.as_str())?;
+                    // A capture is short: look for what follows it only
+                    // within reach, so a long message costs little per try.
+                    let end = within(text, MAX_CAPTURE_BYTES + next.len()).find(next.as_str())?;
                     let name = text[..end].trim();
                     if name.is_empty()
                         || name.len() > MAX_CAPTURE_BYTES
@@ -150,6 +153,18 @@ impl Template {
         }
         Some(filled)
     }
+}
+
+/// The first `max` bytes of `text` (fewer, to end on a character boundary).
+fn within(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 #[cfg(test)]
