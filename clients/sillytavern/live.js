@@ -3,14 +3,16 @@
 //
 // Events (src/observe/events.rs and their emitters in src/): every one has
 // "type", "seq", "time_ms" and, for a slot's or upstream's, "upstream".
-//   restored        slot, chat, character, file, tokens, shared_prefix, ms
+//   restored        slot, chat, character, file, tokens, shared_prefix, ms,
+//                   and where the save came from: saved_chat, saved_at
+//                   (Unix seconds), save_kind, tag
 //   restore_failed  slot, chat, character, file, reason
 //   saved           slot, chat, character, kind, file, tag, tokens, bytes, ms
 //   save_failed     slot, chat, character, kind, reason
 //   slot_assigned, evicted, generation_started, generation_finished,
-//   prefill_ahead, ram_cache_miss, preload_progress, upstream_up, upstream_down
+//   slot_released, queue, prefill_ahead, ram_cache_miss, preload_progress,
+//   upstream_up, upstream_down, instance
 
-import * as api from './api.js';
 import { chatCharacters, currentChatKey, describeChat } from './chat.js';
 import { followEvents } from './events.js';
 import { when } from './format.js';
@@ -19,7 +21,8 @@ import { news } from './notify.js';
 /** Events after which the slot picture is stale. */
 const SLOT_EVENTS = new Set([
     'slot_assigned', 'evicted', 'restored', 'restore_failed', 'saved', 'save_failed',
-    'generation_finished', 'prefill_ahead', 'preload_progress', 'upstream_up', 'upstream_down',
+    'generation_finished', 'slot_released', 'prefill_ahead', 'preload_progress',
+    'upstream_up', 'upstream_down', 'instance',
 ]);
 
 /**
@@ -83,31 +86,19 @@ function aboutThisChat(event) {
     return chatCharacters().some(c => c.name === event.character);
 }
 
-/** The save `file` of `character` as /saves lists it, with its chat; null if not found. */
-async function findSave(character, file) {
-    const answer = await api.saves(character);
-    for (const chat of answer?.chats ?? []) {
-        for (const c of chat.characters ?? []) {
-            const save = (c.saves ?? []).find(s => s.file === file);
-            if (save) {
-                return { ...save, chat: chat.chat };
-            }
-        }
+/** "saved 03/12/2026, 14:02 (5 min ago) in this chat (…)", from the event itself. */
+function savedFrom(event) {
+    if (!event.saved_chat || !event.saved_at) {
+        return '';
     }
-    return null;
+    const chat = event.saved_chat === event.chat
+        ? `this chat (${describeChat(event.saved_chat)})`
+        : `another chat: ${describeChat(event.saved_chat)}`;
+    return `saved ${when(event.saved_at)} in ${chat}`;
 }
 
-async function toastRestored(event) {
-    let from = '';
-    try {
-        const save = await findSave(event.character, event.file);
-        if (save) {
-            const chat = save.chat === event.chat ? `this chat (${describeChat(save.chat)})` : `another chat: ${describeChat(save.chat)}`;
-            from = `saved ${when(save.created)} in ${chat}`;
-        }
-    } catch {
-        // The toast still names the file.
-    }
+function toastRestored(event) {
+    const from = savedFrom(event);
     news('info', `${event.character}: cache restored from ${event.file}${from ? ` (${from})` : ''}, ${event.tokens} tokens.`);
 }
 
