@@ -11,7 +11,7 @@
 //   save_failed     slot, chat, character, kind, reason
 //   slot_assigned, evicted, generation_started, generation_finished,
 //   slot_released, queue, prefill_ahead, ram_cache_miss, preload_progress,
-//   upstream_up, upstream_down, instance
+//   upstream_up, upstream_down, instance, slots_cleared, file_deleted
 
 import { chatCharacters, currentChatKey, describeChat } from './chat.js';
 import { followEvents } from './events.js';
@@ -22,7 +22,7 @@ import { news } from './notify.js';
 const SLOT_EVENTS = new Set([
     'slot_assigned', 'evicted', 'restored', 'restore_failed', 'saved', 'save_failed',
     'generation_finished', 'slot_released', 'prefill_ahead', 'preload_progress',
-    'upstream_up', 'upstream_down', 'instance',
+    'upstream_up', 'upstream_down', 'instance', 'slots_cleared',
 ]);
 
 /**

@@ -84,6 +84,10 @@ pub(crate) fn delete_file(shared: &Shared, raw: &str) -> Answer {
     match store.delete(&name) {
         Ok(()) => {
             info!(file = %name, "deleted by the admin API");
+            // Other open dashboards and extensions refresh their saves.
+            shared
+                .events
+                .emit("file_deleted", || json!({ "file": name }));
             Ok(json_ok(&json!({
                 "success": true,
                 "message": format!("File {name} deleted successfully"),

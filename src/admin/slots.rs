@@ -144,6 +144,8 @@ pub(crate) async fn clear(app: &App, query: Option<&str>, body: &Value) -> Answe
         let (c, e) = session::manual::clear(upstream, erase)
             .await
             .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        // Other open dashboards and extensions refresh their slots.
+        upstream.emit("slots_cleared", || json!({"slots": c, "erased": e}));
         // With one upstream the lists stay plain slot ids, as before.
         let tag = |slot: usize| {
             if several {

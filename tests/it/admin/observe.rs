@@ -452,3 +452,29 @@ fn the_metrics_parser_rejects_what_it_should() {
         assert!(r.is_err(), "accepted {bad:?}");
     }
 }
+
+/// A clear and a deletion made through the admin API are events too, so
+/// every other open dashboard or extension refreshes.
+#[tokio::test]
+async fn clearing_slots_and_deleting_a_file_are_events() {
+    let s = setup(2, |_| {}).await;
+    let tap = EventTap::open(&s.kv).await;
+    say(&s, "Alice", "User: Hello!").await;
+    let (status, v) = super::admin(&s.kv, "POST", "/save", Some(serde_json::json!({}))).await;
+    assert_eq!(status, 200, "{v}");
+    let file = v["saved"][0]["file"].as_str().expect("a save").to_string();
+    let (status, v) =
+        super::admin(&s.kv, "POST", "/slots/clear", Some(serde_json::json!({}))).await;
+    assert_eq!(status, 200, "{v}");
+    let cleared = tap.wait_for("slots_cleared", 1).await;
+    assert_eq!(cleared[0]["slots"], v["cleared"], "{cleared:?}");
+    assert_eq!(
+        cleared[0]["upstream"],
+        s.kv.upstream.name.as_str(),
+        "{cleared:?}"
+    );
+    let (status, v) = super::admin(&s.kv, "DELETE", &format!("/files/{file}"), None).await;
+    assert_eq!(status, 200, "{v}");
+    let deleted = tap.wait_for("file_deleted", 1).await;
+    assert_eq!(deleted[0]["file"], file.as_str(), "{deleted:?}");
+}

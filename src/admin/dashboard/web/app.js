@@ -46,6 +46,8 @@ const TOUCHES = {
     upstream_up: ['live', 'instances', 'saves'],
     upstream_down: ['live', 'instances'],
     instance: ['live', 'instances'],
+    slots_cleared: ['live'],
+    file_deleted: ['health', 'saves'],
 };
 
 function onEvent(ev) {
