@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -24,6 +24,9 @@ use super::log::LogTail;
 
 /// Lines of llama-server's output a start error quotes.
 const ERROR_LINES: usize = 20;
+/// Longest line of llama-server's output kept (bytes); the rest of a longer
+/// line is read and dropped.
+const MAX_OUTPUT_LINE_BYTES: u64 = 4096;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -197,15 +200,55 @@ fn spawn(
     .flatten()
     {
         let log = Arc::clone(log);
-        readers.push(tokio::spawn(async move {
-            let mut lines = BufReader::new(stream).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                info!(target: "llama-server", "{line}");
-                log.push(&line);
-            }
-        }));
+        readers.push(tokio::spawn(forward_output(stream, log)));
     }
     Ok((child, readers))
+}
+
+/// Forwards llama-server's output to kvgate's log and the instance's tail,
+/// to its end. A line that is not UTF-8 (a random model's token pieces) is
+/// shown lossily and a huge one is cut, but the pipe is always drained: a
+/// reader that stopped would leave llama-server blocked writing to it.
+async fn forward_output(stream: Box<dyn tokio::io::AsyncRead + Unpin + Send>, log: Arc<LogTail>) {
+    let mut reader = BufReader::new(stream);
+    let mut raw = Vec::new();
+    while read_line_capped(&mut reader, &mut raw).await {
+        let line = String::from_utf8_lossy(&raw);
+        let line = line.trim_end_matches(['\n', '\r']);
+        info!(target: "llama-server", "{line}");
+        log.push(line);
+    }
+}
+
+/// Reads one line into `raw` (cleared first), keeping at most
+/// [`MAX_OUTPUT_LINE_BYTES`] and skipping the rest of a longer line; false at
+/// the end of the output.
+async fn read_line_capped<R: AsyncBufRead + Unpin>(reader: &mut R, raw: &mut Vec<u8>) -> bool {
+    raw.clear();
+    match (&mut *reader)
+        .take(MAX_OUTPUT_LINE_BYTES)
+        .read_until(b'\n', raw)
+        .await
+    {
+        Ok(0) | Err(_) => return false,
+        Ok(_) => {}
+    }
+    if raw.ends_with(b"\n") || (raw.len() as u64) < MAX_OUTPUT_LINE_BYTES {
+        return true;
+    }
+    let mut rest = Vec::new();
+    loop {
+        rest.clear();
+        match (&mut *reader)
+            .take(MAX_OUTPUT_LINE_BYTES)
+            .read_until(b'\n', &mut rest)
+            .await
+        {
+            Ok(0) | Err(_) => return true,
+            Ok(_) if rest.ends_with(b"\n") => return true,
+            Ok(_) => {}
+        }
+    }
 }
 
 /// Starts llama-server and waits until it is healthy; when it is not,
@@ -376,5 +419,29 @@ impl Supervisor {
     pub async fn stop(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn output_lines_that_are_not_utf8_or_too_long_do_not_stop_the_reader() {
+        let long = "x".repeat(MAX_OUTPUT_LINE_BYTES as usize * 3);
+        let mut out = b"first\n\xbd\xff piece\n".to_vec();
+        out.extend_from_slice(long.as_bytes());
+        out.extend_from_slice(b"\nlast");
+        let mut reader = BufReader::new(out.as_slice());
+        let mut raw = Vec::new();
+        let mut lines = Vec::new();
+        while read_line_capped(&mut reader, &mut raw).await {
+            lines.push(String::from_utf8_lossy(&raw).trim_end().to_string());
+        }
+        assert_eq!(lines.len(), 4, "{lines:?}");
+        assert_eq!(lines[0], "first");
+        assert_eq!(lines[1], "\u{fffd}\u{fffd} piece");
+        assert_eq!(lines[2].len(), MAX_OUTPUT_LINE_BYTES as usize);
+        assert_eq!(lines[3], "last");
     }
 }
