@@ -282,29 +282,31 @@ pub fn resolve(
     // tells a swipe (the same prompt again) from a new message.
     let content: Arc<str> = Arc::from(content::prompt_text(body));
     let prompt_hash = fnv1a64(content.as_bytes());
-    if explicit.character.is_none() && !is_known_speaker(&reading, explicit, &previous_prompt) {
+    let (character, mut source) = match (&explicit.character, &reading.character) {
+        (Some(c), _) => (Some(c.as_str()), Source::Explicit),
+        (None, Some(c)) => (Some(c.as_str()), Source::Inferred),
+        (None, None) => (None, Source::Anonymous),
+    };
+    let speaker = character.filter(|_| !reading.roster_names_speaker);
+    let mut roster = roster_with(&reading.roster, speaker);
+    let mut tenant = character.map(|name| character_tenant(name, &roster, explicit, &reading));
+    let weak = source == Source::Inferred && reading.needs_known_speaker;
+    if weak
+        && tenant
+            .as_ref()
+            .is_some_and(|t| previous_prompt(t).is_none())
+    {
         // A name read off an ordinary line that kvgate has never seen speak
         // in this chat, such as a card's "Scenario: …" at the end of a
         // prompt whose history SillyTavern dropped: nobody's turn rather
         // than a character named "Scenario".
-        reading.character = None;
+        (source, tenant) = (Source::Anonymous, None);
+        roster = roster_with(&reading.roster, None);
         reading.kind = None;
     }
-    let (character, source) = match (&explicit.character, &reading.character) {
-        (Some(c), _) => (Some(c.clone()), Source::Explicit),
-        (None, Some(c)) => (Some(c.clone()), Source::Inferred),
-        (None, None) => (None, Source::Anonymous),
-    };
-    let speaker = character
-        .as_deref()
-        .filter(|_| !reading.roster_names_speaker);
-    let roster = roster_with(&reading.roster, speaker);
-    let tenant = match character {
-        Some(name) => character_tenant(&name, &roster, explicit, &reading),
-        None => Tenant::Anonymous {
-            key: anonymous_key(&anon_basis, policy.anonymous.prefix_chars),
-        },
-    };
+    let tenant = tenant.unwrap_or_else(|| Tenant::Anonymous {
+        key: anonymous_key(&anon_basis, policy.anonymous.prefix_chars),
+    });
     let kind = explicit.kind.unwrap_or_else(|| {
         let quiet =
             !stream && matches!(source, Source::Anonymous) && policy.text.non_stream_is_quiet;
@@ -328,23 +330,6 @@ pub fn resolve(
         roster,
         prompt_hash,
         content,
-    }
-}
-
-/// False only for a character read off weak evidence
-/// ([`Reading::needs_known_speaker`]) that kvgate has never served in the
-/// chat it would belong to.
-fn is_known_speaker(
-    reading: &Reading,
-    explicit: &Explicit,
-    previous_prompt: &impl Fn(&Tenant) -> Option<u64>,
-) -> bool {
-    match &reading.character {
-        Some(name) if reading.needs_known_speaker => {
-            let roster = roster_with(&reading.roster, Some(name));
-            previous_prompt(&character_tenant(name, &roster, explicit, reading)).is_some()
-        }
-        _ => true,
     }
 }
 
