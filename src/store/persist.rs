@@ -289,10 +289,11 @@ impl Persistence {
                 let tokens = r.n_restored.unwrap_or(0);
                 metrics::inc(&self.shared.metrics.restores);
                 metrics::add_time(&self.shared.metrics.restore_micros, started.elapsed());
-                // Where the save came from, for a client telling its user
-                // ("restored Alice from yesterday's other chat").
-                let saved = self.store.get(file);
                 self.emit("restored", || {
+                    // Where the save came from, for a client telling its
+                    // user ("restored Alice from yesterday's other chat");
+                    // looked up only when someone listens.
+                    let saved = self.store.get(file);
                     json!({
                         "slot": slot,
                         "chat": chat,
